@@ -1,0 +1,24 @@
+.PHONY: run test lint format bench worker install
+
+# Install the runtime dependencies (in .venv) and serve the API (HOST, PORT, RELOAD, WORKERS).
+run:
+	@bash scripts/venv.sh requirements.txt
+	.venv/bin/python run.py
+
+# Install the dev dependencies, make sure Redis is up for the tests, run the whole suite.
+test:
+	@bash scripts/test.sh
+
+lint:
+	@bash scripts/venv.sh requirements-dev.txt
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+	.venv/bin/mypy
+
+format:
+	.venv/bin/ruff format src tests bench
+	.venv/bin/ruff check --fix src tests bench
+
+bench:
+	@bash scripts/venv.sh requirements-dev.txt
+	PYTHONPATH=src .venv/bin/python -m bench

@@ -1,0 +1,1 @@
+"""Authentication (JWT) and the caller's identity and roles."""

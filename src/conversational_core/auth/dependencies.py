@@ -1,0 +1,69 @@
+"""The caller's identity as a FastAPI dependency: `CurrentUser`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from conversational_core.auth.tokens import TokenVerifier
+from conversational_core.errors import BadRequest, Forbidden, Unauthorized
+
+ON_BEHALF_HEADER = "x-on-behalf-of"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling and for whom.
+
+    `user_id` is the user whose conversations the request acts on: the token's `sub`, or for a
+    token with role `service` the user named in the `X-On-Behalf-Of` header.
+    """
+
+    user_id: str
+    subject: str
+    roles: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        return "service" in self.roles
+
+    @property
+    def may_write_any_role(self) -> bool:
+        """May add `system`, `assistant` and `tool` messages."""
+        return self.is_admin or self.is_service
+
+
+# Declared for the OpenAPI document (the "Authorize" button of /docs); errors are ours.
+_bearer = HTTPBearer(auto_error=False, description="A JWT signed with the configured key.")
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise Unauthorized("Expected 'Authorization: Bearer <token>'.")
+        raise Unauthorized("Missing bearer token.")
+    verifier: TokenVerifier = request.state.verifier
+    claims = await verifier.verify(credentials.credentials.strip())
+    user_id = claims.sub
+    on_behalf = request.headers.get(ON_BEHALF_HEADER)
+    if on_behalf is not None:
+        if "service" not in claims.roles:
+            raise Forbidden("X-On-Behalf-Of needs a token with the 'service' role.")
+        on_behalf = on_behalf.strip()
+        if not on_behalf or len(on_behalf) > 256:
+            raise BadRequest("X-On-Behalf-Of must name a user id (1-256 characters).")
+        user_id = on_behalf
+    return Principal(user_id=user_id, subject=claims.sub, roles=claims.roles)
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]

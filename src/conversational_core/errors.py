@@ -1,0 +1,172 @@
+"""One error hierarchy and one set of handlers: every error leaves as RFC 9457 problem+json.
+
+Nothing of an exception's text, a dependency's message or a stack trace reaches the client unless
+the error class was written to be shown (:class:`AppError` subclasses carry client-safe text).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class AppError(Exception):
+    """An error whose `detail` is written for the client."""
+
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.detail = detail or _TITLES.get(self.status, "Error")
+        self.headers = headers or {}
+        self.errors = errors
+        super().__init__(self.detail)
+
+
+class BadRequest(AppError):
+    status, code = 400, "bad-request"
+
+
+class Unauthorized(AppError):
+    status, code = 401, "unauthorized"
+
+    def __init__(self, detail: str = "Missing, invalid or expired bearer token.") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class Forbidden(AppError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(AppError):
+    status, code = 404, "not-found"
+
+
+class Conflict(AppError):
+    status, code = 409, "conflict"
+
+
+class PreconditionFailed(AppError):
+    status, code = 412, "precondition-failed"
+
+    def __init__(
+        self, detail: str = "The resource changed since the ETag given in If-Match."
+    ) -> None:
+        super().__init__(detail)
+
+
+class PayloadTooLarge(AppError):
+    status, code = 413, "payload-too-large"
+
+
+class UnsupportedMediaType(AppError):
+    status, code = 415, "unsupported-media-type"
+
+
+class Unprocessable(AppError):
+    status, code = 422, "validation-error"
+
+
+class StoreUnavailable(AppError):
+    """The store (Redis or the embedded database) cannot be reached right now."""
+
+    status, code = 503, "store-unavailable"
+
+    def __init__(self, detail: str = "The store is unavailable; retry shortly.") -> None:
+        super().__init__(detail, headers={"Retry-After": "2"})
+
+
+def problem_body(
+    status: int, detail: str, *, code: str | None = None, errors: list[dict[str, Any]] | None = None
+) -> bytes:
+    body: dict[str, Any] = {
+        "type": f"https://conversational-core.dev/problems/{code or 'http-' + str(status)}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return orjson.dumps(body)
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    return Response(
+        problem_body(status, detail, code=code, errors=errors),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str, Any]]]:
+    errors: list[dict[str, Any]] = []
+    malformed = False
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            malformed = True
+        loc = [str(p) for p in err.get("loc", ())]
+        # Never echo the rejected input back (it may be large or sensitive); the pointer is enough.
+        errors.append({"loc": loc, "type": err.get("type", "invalid"), "msg": err.get("msg", "")})
+    if malformed:
+        return 400, "The request body is not valid JSON.", errors
+    return 422, "The request has invalid fields.", errors
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def app_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AppError)
+        return problem_response(
+            exc.status, exc.detail, code=exc.code, errors=exc.errors, headers=exc.headers
+        )
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        status, detail, errors = _validation_errors(exc)
+        return problem_response(status, detail, code="validation-error", errors=errors)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
+        return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(AppError, app_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    # Anything else propagates to EdgeMiddleware, which answers a bare 500 problem (with the
+    # request id) and logs the traceback.

@@ -1,0 +1,59 @@
+"""Small HTTP helpers shared by the resource endpoints: JSON responses, ETags, idempotency keys."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from conversational_core.errors import BadRequest, PreconditionFailed
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_ETAG = re.compile(r'^(?:W/)?"([cm])(\d{1,18})"$')
+
+
+def json_response(
+    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """orjson straight to bytes: records are dataclasses, which orjson encodes natively."""
+    return Response(
+        orjson.dumps(body), status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+def expected_version(if_match: str | None, kind: str) -> int | None:
+    """The version an `If-Match` header asks for (None when absent or `*`).
+
+    A tag this service could not have issued for this kind of object can never match: 412.
+    """
+    if if_match is None:
+        return None
+    value = if_match.strip()
+    if value == "*":
+        return None
+    match = _ETAG.match(value)
+    if match is None or match.group(1) != kind:
+        raise PreconditionFailed()
+    return int(match.group(2))
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise BadRequest("Idempotency-Key must be 1-255 visible ASCII characters.")
+    return value
+
+
+def fingerprint(model: BaseModel, *extra: str) -> str:
+    """A stable digest of a request body (whitespace and key order do not matter)."""
+    digest = hashlib.sha256(
+        orjson.dumps(model.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    )
+    for part in extra:
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:32]

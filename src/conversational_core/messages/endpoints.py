@@ -1,0 +1,105 @@
+"""HTTP routes of the message resource (thin: parse, call the service, shape the reply)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from starlette.responses import Response
+
+from conversational_core.auth.dependencies import CurrentUser
+from conversational_core.http import expected_version, fingerprint, idempotency_key, json_response
+from conversational_core.messages.schemas import (
+    MessageCreate,
+    MessageList,
+    MessageOut,
+    MessageUpdate,
+)
+from conversational_core.messages.service import MessageService
+from conversational_core.schemas import ID_PATTERN
+from conversational_core.storage.base import Idempotency
+
+router = APIRouter(prefix="/conversations/{conversation_id}/messages", tags=["messages"])
+
+ConversationId = Annotated[str, Path(pattern=ID_PATTERN)]
+MessageId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+def _service(request: Request) -> MessageService:
+    service: MessageService = request.state.messages
+    return service
+
+
+@router.post("", status_code=201, response_model=MessageOut)
+async def create_message(
+    request: Request,
+    principal: CurrentUser,
+    conversation_id: ConversationId,
+    body: MessageCreate,
+    idem_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Response:
+    key = idempotency_key(idem_key)
+    idem = None
+    if key is not None:
+        idem = Idempotency(key, fingerprint(body), request.state.settings.IDEMPOTENCY_TTL_SECONDS)
+    message, replayed = await _service(request).create(principal, conversation_id, body, idem)
+    headers = {
+        "Location": f"/conversations/{conversation_id}/messages/{message.id}",
+        "ETag": message.etag,
+    }
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(message, 201, headers)
+
+
+@router.get("", response_model=MessageList)
+async def list_messages(
+    request: Request,
+    principal: CurrentUser,
+    conversation_id: ConversationId,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    order: Literal["asc", "desc"] = "asc",
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+    after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    before: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+) -> Response:
+    page = await _service(request).list(
+        principal,
+        conversation_id,
+        limit=limit,
+        order=order,
+        cursor=cursor,
+        after=after,
+        before=before,
+    )
+    return json_response({"items": page.items, "next_cursor": page.next_cursor})
+
+
+@router.get("/{message_id}", response_model=MessageOut)
+async def get_message(
+    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+) -> Response:
+    message = await _service(request).get(principal, conversation_id, message_id)
+    return json_response(message, headers={"ETag": message.etag})
+
+
+@router.put("/{message_id}", response_model=MessageOut)
+async def update_message(
+    request: Request,
+    principal: CurrentUser,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    body: MessageUpdate,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:
+    expected = expected_version(if_match, "m")
+    message = await _service(request).update(principal, conversation_id, message_id, body, expected)
+    return json_response(message, headers={"ETag": message.etag})
+
+
+@router.delete("/{message_id}", status_code=204)
+async def delete_message(
+    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+) -> Response:
+    await _service(request).delete(principal, conversation_id, message_id)
+    return Response(status_code=204)

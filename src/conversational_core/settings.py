@@ -1,0 +1,194 @@
+"""Every setting of the service, read once from the environment (and an optional `.env`).
+
+Names are the ones of the HTTP contract (`shared/API.md`, Configuration) so that operators and
+tests can rely on them. An invalid value stops start-up with a message naming the variable
+(see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Used when JWT_SECRET is unset in development so that `run.py token` works out of the box.
+# ENVIRONMENT=production refuses it (and any secret shorter than 32 bytes).
+DEV_JWT_SECRET = "conversational-core-development-secret-do-not-use-in-production"
+
+_RATE_RE = re.compile(r"^\s*\d+\s*/\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ConfigError(ValueError):
+    """Raised with an operator-readable message when the configuration is invalid."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import orjson
+
+            return orjson.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Server (the seed's names).
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=1, le=65535)
+    RELOAD: bool = False
+    WORKERS: int = Field(1, ge=1, le=64)
+    ENVIRONMENT: Environment = Environment.DEVELOPMENT
+    DEBUG: bool = False
+    LOG_LEVEL: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    CORS_ALLOW_CREDENTIALS: bool = False
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    SENTRY_DSN: str | None = None
+    DOCS_ENABLED: bool = True
+
+    # Storage.
+    REDIS_URL: str | None = None
+    REDIS_KEY_PREFIX: str = Field("cc", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+    REDIS_SOCKET_TIMEOUT: float = Field(2.0, gt=0, le=60)
+    REDIS_CONNECT_TIMEOUT: float = Field(1.0, gt=0, le=60)
+    REDIS_MAX_CONNECTIONS: int = Field(128, ge=1, le=10_000)
+    DATA_DIR: Path = Path("data")
+
+    # Auth.
+    JWT_SECRET: str | None = None
+    JWT_PUBLIC_KEY: str | None = None
+    JWT_JWKS_URL: str | None = None
+    JWT_ALGORITHMS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["HS256"])
+    JWT_AUDIENCE: str | None = None
+    JWT_ISSUER: str | None = None
+    JWT_LEEWAY_SECONDS: int = Field(30, ge=0, le=600)
+    JWT_JWKS_CACHE_SECONDS: int = Field(300, ge=10, le=86_400)
+
+    # Limits (every request body, field and page has a bound).
+    MAX_BODY_BYTES: int = Field(1_048_576, ge=1_024, le=64 * 1_048_576)
+    MAX_MESSAGE_CHARS: int = Field(100_000, ge=1, le=10_000_000)
+    MAX_SYSTEM_PROMPT_CHARS: int = Field(32_000, ge=1, le=1_000_000)
+    IDEMPOTENCY_TTL_SECONDS: int = Field(86_400, ge=60, le=30 * 86_400)
+
+    # AI replies.
+    LLM_PROVIDER: Literal["openai", "anthropic", "dev"] | None = None
+    LLM_BASE_URL: str | None = None
+    LLM_API_KEY: str | None = None
+    LLM_MODEL: str | None = None
+
+    # Rate limits ("600/minute" or "off").
+    RATE_LIMIT: str = "600/minute"
+    AI_RATE_LIMIT: str = "60/minute"
+
+    @field_validator("CORS_ORIGINS", "ALLOWED_HOSTS", "JWT_ALGORITHMS", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("JWT_ALGORITHMS")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {"HS256", "RS256", "ES256"}
+        bad = [alg for alg in value if alg not in allowed]
+        if bad or not value:
+            raise ValueError(f"must be a non-empty list of {sorted(allowed)}, got {value}")
+        return value
+
+    @field_validator("RATE_LIMIT", "AI_RATE_LIMIT")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if value.strip().lower() != "off" and not _RATE_RE.match(value):
+            raise ValueError("must look like '600/minute' (second|minute|hour|day) or 'off'")
+        return value.strip()
+
+    @field_validator(
+        "REDIS_URL",
+        "SENTRY_DSN",
+        "JWT_SECRET",
+        "JWT_PUBLIC_KEY",
+        "JWT_JWKS_URL",
+        "JWT_AUDIENCE",
+        "JWT_ISSUER",
+        "LLM_BASE_URL",
+        "LLM_API_KEY",
+        "LLM_MODEL",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistency(self) -> Settings:
+        hs = "HS256" in self.JWT_ALGORITHMS
+        asym = any(alg != "HS256" for alg in self.JWT_ALGORITHMS)
+        if asym and not (self.JWT_PUBLIC_KEY or self.JWT_JWKS_URL):
+            raise ConfigError(
+                "JWT_ALGORITHMS includes RS256/ES256 but neither JWT_PUBLIC_KEY nor JWT_JWKS_URL "
+                "is set"
+            )
+        if self.ENVIRONMENT is Environment.PRODUCTION:
+            if hs and (
+                self.JWT_SECRET is None
+                or self.JWT_SECRET == DEV_JWT_SECRET
+                or len(self.JWT_SECRET.encode()) < 32
+            ):
+                raise ConfigError(
+                    "JWT_SECRET: ENVIRONMENT=production refuses the development signing key; "
+                    "set JWT_SECRET to a random secret of at least 32 bytes (or drop HS256 from "
+                    "JWT_ALGORITHMS)"
+                )
+            if self.CORS_ALLOW_CREDENTIALS and "*" in self.CORS_ORIGINS:
+                raise ConfigError(
+                    "CORS_ORIGINS: ENVIRONMENT=production refuses a wildcard origin together "
+                    "with CORS_ALLOW_CREDENTIALS=true; list the allowed origins"
+                )
+        return self
+
+    @property
+    def jwt_secret(self) -> str:
+        """The HS256 key in force: the configured one, or the development key."""
+        return self.JWT_SECRET or DEV_JWT_SECRET
+
+    @property
+    def is_production(self) -> bool:
+        return self.ENVIRONMENT is Environment.PRODUCTION
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one message that names each variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "configuration"
+            message = error["msg"]
+            if isinstance(error.get("ctx", {}).get("error"), ConfigError):
+                problems.append(str(error["ctx"]["error"]))
+            else:
+                problems.append(f"{name.upper()}: {message}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real Redis (own key prefix per test) and the embedded store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import uuid_utils
+
+from conversational_core.app import create_app
+from conversational_core.settings import Settings, load_settings
+from conversational_core.storage.base import Store
+from conversational_core.storage.redis import RedisStore, build_client
+from conversational_core.storage.sqlite import open_sqlite_store
+from tests.fixtures.app import app_client
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def make_settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {"ENVIRONMENT": "test", "REDIS_URL": None, "LOG_LEVEL": "WARNING"}
+    base.update(overrides)
+    return load_settings(**base)
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    prefix = f"test-{uuid_utils.uuid4().hex[:12]}"
+    client = build_client(REDIS_URL, socket_timeout=5, connect_timeout=2, max_connections=200)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - environment problem, not a test result
+        pytest.fail(f"tests need Redis at {REDIS_URL} (make test starts one): {exc!r}")
+    store = RedisStore(client, prefix)
+    yield store
+    # Remove only what this test made: its own prefix.
+    cleaner = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in cleaner.scan_iter(match=f"{prefix}:*", count=1000)]
+    if keys:
+        await cleaner.unlink(*keys)
+    await cleaner.aclose()
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_sqlite_store(tmp_path / "data") as store:
+        yield store
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request: pytest.FixtureRequest) -> Store:
+    fixture: Store = request.getfixturevalue(f"{request.param}_store")
+    return fixture
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def client(store: Store, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(create_app(settings, store=store)) as http:
+        yield http

@@ -1,0 +1,150 @@
+"""The conversation resource over HTTP, on both stores."""
+
+from __future__ import annotations
+
+import httpx
+
+from conversational_core.settings import Settings
+from tests.fixtures.app import auth
+
+
+async def test_create_get_update_delete(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    created = await client.post(
+        "/conversations",
+        headers=alice,
+        json={
+            "title": "Trip",
+            "metadata": {"topic": "travel", "n": 1},
+            "system_prompt": "Be brief.",
+            "model": "gpt-x",
+            "temperature": 0.3,
+            "max_tokens": 256,
+        },
+    )
+    assert created.status_code == 201, created.text
+    conv = created.json()
+    assert created.headers["location"] == f"/conversations/{conv['id']}"
+    assert created.headers["etag"]
+    assert conv["user_id"] == "alice" and conv["message_count"] == 0
+    assert conv["title"] == "Trip" and conv["metadata"] == {"topic": "travel", "n": 1}
+    assert conv["temperature"] == 0.3 and conv["max_tokens"] == 256
+    assert conv["created_at"].endswith("Z")
+
+    got = await client.get(f"/conversations/{conv['id']}", headers=alice)
+    assert got.status_code == 200 and got.json() == conv
+    assert got.headers["etag"] == created.headers["etag"]
+
+    updated = await client.put(
+        f"/conversations/{conv['id']}",
+        headers=alice,
+        json={"title": "Trip to Rome", "temperature": None},
+    )
+    assert updated.status_code == 200
+    body = updated.json()
+    assert body["title"] == "Trip to Rome" and body["temperature"] is None
+    assert body["system_prompt"] == "Be brief."  # untouched fields stay
+    assert updated.headers["etag"] != created.headers["etag"]
+
+    listed = await client.get("/conversations", headers=alice)
+    assert [c["id"] for c in listed.json()["items"]] == [conv["id"]]
+
+    assert (await client.delete(f"/conversations/{conv['id']}", headers=alice)).status_code == 204
+    assert (await client.get(f"/conversations/{conv['id']}", headers=alice)).status_code == 404
+    second = await client.delete(f"/conversations/{conv['id']}", headers=alice)
+    assert second.status_code == 404
+    assert second.headers["content-type"] == "application/problem+json"
+
+
+async def test_if_match(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    created = await client.post("/conversations", headers=alice, json={"title": "a"})
+    cid, etag = created.json()["id"], created.headers["etag"]
+    ok = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": etag}, json={"title": "b"}
+    )
+    assert ok.status_code == 200
+    stale = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": etag}, json={"title": "c"}
+    )
+    assert stale.status_code == 412
+    assert stale.headers["content-type"] == "application/problem+json"
+    garbage = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": '"zz"'}, json={"title": "c"}
+    )
+    assert garbage.status_code == 412
+    assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["title"] == "b"
+
+
+async def test_idempotent_create(client: httpx.AsyncClient, settings: Settings) -> None:
+    headers = {**auth(settings, "alice"), "Idempotency-Key": "create-1"}
+    first = await client.post("/conversations", headers=headers, json={"title": "x"})
+    retry = await client.post("/conversations", headers=headers, json={"title": "x"})
+    assert first.status_code == retry.status_code == 201
+    assert retry.json() == first.json()
+    assert retry.headers["idempotent-replayed"] == "true"
+    listed = (await client.get("/conversations", headers=auth(settings, "alice"))).json()
+    assert len(listed["items"]) == 1
+    other_body = await client.post("/conversations", headers=headers, json={"title": "y"})
+    assert other_body.status_code == 422
+
+
+async def test_list_pagination_and_limits(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    ids = [
+        (await client.post("/conversations", headers=alice, json={})).json()["id"] for _ in range(7)
+    ]
+    await client.post("/conversations", headers=auth(settings, "bob"), json={})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, str | int] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await client.get("/conversations", headers=alice, params=params)).json()
+        seen.extend(c["id"] for c in page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"cursor": "not-a-cursor"}):
+        response = await client.get("/conversations", headers=alice, params=bad)
+        assert response.status_code in (400, 422), bad
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_validation_errors_are_problems(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    alice = auth(settings, "alice")
+    cases = [
+        {"title": "x" * 201},
+        {"title": 5},
+        {"temperature": 3},
+        {"max_tokens": "many"},
+        {"metadata": {"nested": {"a": 1}}},
+        {"metadata": {f"k{i}": i for i in range(17)}},
+        {"metadata": {"k": "v" * 513}},
+        {"unknown_field": 1},
+        {"system_prompt": "x" * (settings.MAX_SYSTEM_PROMPT_CHARS + 1)},
+        [1, 2],
+    ]
+    for body in cases:
+        response = await client.post("/conversations", headers=alice, json=body)
+        assert response.status_code == 422, (body, response.text)
+        problem = response.json()
+        assert response.headers["content-type"] == "application/problem+json"
+        assert problem["status"] == 422 and problem["errors"], body
+        assert set(problem) >= {"type", "title", "status", "detail"}
+    malformed = await client.post(
+        "/conversations",
+        headers={**alice, "Content-Type": "application/json"},
+        content=b'{"title": ',
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["status"] == 400
+    not_json = await client.post(
+        "/conversations", headers={**alice, "Content-Type": "text/plain"}, content=b"hello"
+    )
+    assert not_json.status_code == 415
+    assert (await client.get("/conversations", headers=alice)).json()["items"] == []

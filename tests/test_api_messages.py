@@ -1,0 +1,201 @@
+"""The message resource over HTTP, on both stores."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from conversational_core.settings import Settings
+from tests.fixtures.app import auth
+
+
+async def _conversation(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    response = await client.post("/conversations", headers=headers, json={"title": "t"})
+    assert response.status_code == 201
+    cid: str = response.json()["id"]
+    return cid
+
+
+async def test_message_crud(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    created = await client.post(
+        f"/conversations/{cid}/messages",
+        headers=alice,
+        json={"content": "Hello", "metadata": {"lang": "en"}, "respond": False},
+    )
+    assert created.status_code == 201, created.text
+    msg = created.json()
+    assert created.headers["location"] == f"/conversations/{cid}/messages/{msg['id']}"
+    assert msg["role"] == "user" and msg["content"] == "Hello" and msg["status"] == "completed"
+    assert msg["conversation_id"] == cid and msg["metadata"] == {"lang": "en"}
+    assert msg["reply_message_id"] is None
+
+    got = await client.get(f"/conversations/{cid}/messages/{msg['id']}", headers=alice)
+    assert got.json() == msg
+    etag = got.headers["etag"]
+
+    edited = await client.put(
+        f"/conversations/{cid}/messages/{msg['id']}",
+        headers={**alice, "If-Match": etag},
+        json={"content": "Hi"},
+    )
+    assert edited.status_code == 200 and edited.json()["content"] == "Hi"
+    assert edited.json()["metadata"] == {"lang": "en"}
+    stale = await client.put(
+        f"/conversations/{cid}/messages/{msg['id']}",
+        headers={**alice, "If-Match": etag},
+        json={"content": "Yo"},
+    )
+    assert stale.status_code == 412
+    conv = (await client.get(f"/conversations/{cid}", headers=alice)).json()
+    assert conv["message_count"] == 1
+
+    deleted = await client.delete(f"/conversations/{cid}/messages/{msg['id']}", headers=alice)
+    assert deleted.status_code == 204
+    again = await client.delete(f"/conversations/{cid}/messages/{msg['id']}", headers=alice)
+    assert again.status_code == 404
+    assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["message_count"] == 0
+
+
+async def test_deleting_a_conversation_takes_its_messages(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    mid = (
+        await client.post(
+            f"/conversations/{cid}/messages", headers=alice, json={"content": "x", "respond": False}
+        )
+    ).json()["id"]
+    assert (await client.delete(f"/conversations/{cid}", headers=alice)).status_code == 204
+    assert (
+        await client.get(f"/conversations/{cid}/messages/{mid}", headers=alice)
+    ).status_code == 404
+    assert (await client.get(f"/conversations/{cid}/messages", headers=alice)).status_code == 404
+    posted = await client.post(
+        f"/conversations/{cid}/messages", headers=alice, json={"content": "x"}
+    )
+    assert posted.status_code == 404
+
+
+async def test_hundred_concurrent_appends(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    responses = await asyncio.gather(
+        *(
+            client.post(
+                f"/conversations/{cid}/messages",
+                headers=alice,
+                json={"content": f"m{i}", "respond": False},
+            )
+            for i in range(100)
+        )
+    )
+    assert all(r.status_code == 201 for r in responses)
+    page = (
+        await client.get(f"/conversations/{cid}/messages", headers=alice, params={"limit": 200})
+    ).json()
+    assert len(page["items"]) == 100
+    assert len({m["id"] for m in page["items"]}) == 100
+    assert {m["content"] for m in page["items"]} == {f"m{i}" for i in range(100)}
+    assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["message_count"] == 100
+
+
+async def test_idempotency_key_retry_creates_nothing(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    headers = {**alice, "Idempotency-Key": "msg-42"}
+    body = {"content": "pay once", "respond": False}
+    first, retry = [
+        await client.post(f"/conversations/{cid}/messages", headers=headers, json=body)
+        for _ in range(2)
+    ]
+    assert first.status_code == retry.status_code == 201
+    assert retry.json() == first.json()
+    assert retry.headers["idempotent-replayed"] == "true"
+    items = (await client.get(f"/conversations/{cid}/messages", headers=alice)).json()["items"]
+    assert len(items) == 1
+    mismatch = await client.post(
+        f"/conversations/{cid}/messages",
+        headers=headers,
+        json={"content": "different", "respond": False},
+    )
+    assert mismatch.status_code == 422
+    bad_key = await client.post(
+        f"/conversations/{cid}/messages", headers={**alice, "Idempotency-Key": "x" * 300}, json=body
+    )
+    assert bad_key.status_code == 400
+
+
+async def test_pagination_over_http(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    ids = []
+    for i in range(12):
+        r = await client.post(
+            f"/conversations/{cid}/messages",
+            headers=alice,
+            json={"content": str(i), "respond": False},
+        )
+        ids.append(r.json()["id"])
+
+    async def walk(**params: str | int) -> list[str]:
+        seen: list[str] = []
+        query: dict[str, str | int] = {"limit": 5, **params}
+        while True:
+            page = (
+                await client.get(f"/conversations/{cid}/messages", headers=alice, params=query)
+            ).json()
+            seen.extend(m["id"] for m in page["items"])
+            if page["next_cursor"] is None:
+                return seen
+            query = {
+                "limit": 5,
+                "cursor": page["next_cursor"],
+                **({"order": params["order"]} if "order" in params else {}),
+            }
+
+    assert await walk() == ids
+    assert await walk(order="desc") == ids[::-1]
+    assert await walk(after=ids[3]) == ids[4:]
+    # `before` walks back through history: the page right before the anchor, then earlier ones.
+    assert await walk(before=ids[8]) == ids[3:8] + ids[:3]
+    before = (
+        await client.get(
+            f"/conversations/{cid}/messages", headers=alice, params={"before": ids[8], "limit": 3}
+        )
+    ).json()
+    assert [m["id"] for m in before["items"]] == ids[5:8]
+    unknown = await client.get(
+        f"/conversations/{cid}/messages", headers=alice, params={"after": "0" * 36}
+    )
+    assert unknown.status_code == 400
+    both = await client.get(
+        f"/conversations/{cid}/messages", headers=alice, params={"after": ids[0], "before": ids[5]}
+    )
+    assert both.status_code == 400
+    for bad in ({"limit": 0}, {"limit": 201}, {"order": "sideways"}, {"cursor": "!!"}):
+        response = await client.get(f"/conversations/{cid}/messages", headers=alice, params=bad)
+        assert response.status_code in (400, 422)
+
+
+async def test_message_validation(client: httpx.AsyncClient, settings: Settings) -> None:
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    url = f"/conversations/{cid}/messages"
+    for body in (
+        {"content": ""},
+        {"content": 1},
+        {"role": "wizard", "content": "x"},
+        {"content": "x", "respond": "maybe"},
+        {},
+        {"content": "x" * (settings.MAX_MESSAGE_CHARS + 1)},
+    ):
+        response = await client.post(url, headers=alice, json=body)
+        assert response.status_code == 422, body
+        assert response.headers["content-type"] == "application/problem+json"
+    assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["message_count"] == 0

@@ -1,0 +1,178 @@
+"""Token verification: allow-listed algorithms, keys per family, claims, JWKS."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from conversational_core.app import create_app
+from conversational_core.settings import Settings
+from conversational_core.storage.base import Store
+from tests.conftest import make_settings
+from tests.fixtures.app import app_client
+
+
+def _token(key: Any, alg: str, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": "alice", "iat": now, "exp": now + 600, **claims}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key, algorithm=alg)
+
+
+async def _status(store: Store, settings: Settings, token: str) -> int:
+    async with app_client(create_app(settings, store=store)) as client:
+        response = await client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
+        return response.status_code
+
+
+@pytest.fixture
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+async def test_hs256_claims(sqlite_store: Store) -> None:
+    settings = make_settings(JWT_SECRET="s" * 40, JWT_AUDIENCE="core", JWT_ISSUER="https://idp")
+    good = {"aud": "core", "iss": "https://idp"}
+    assert await _status(sqlite_store, settings, _token("s" * 40, "HS256", **good)) == 200
+    rejected = {
+        "wrong key": _token("t" * 40, "HS256", **good),
+        "expired": _token("s" * 40, "HS256", exp=int(time.time()) - 3600, **good),
+        "no exp": _token("s" * 40, "HS256", exp=None, **good),
+        "no sub": _token("s" * 40, "HS256", sub=None, **good),
+        "wrong audience": _token("s" * 40, "HS256", aud="other", iss="https://idp"),
+        "no audience": _token("s" * 40, "HS256", iss="https://idp"),
+        "wrong issuer": _token("s" * 40, "HS256", aud="core", iss="https://evil"),
+        "not yet valid": _token("s" * 40, "HS256", nbf=int(time.time()) + 3600, **good),
+        "alg none": jwt.encode(
+            {"sub": "alice", "exp": int(time.time()) + 600, **good}, None, algorithm="none"
+        ),
+        "garbage": "abc.def.ghi",
+    }
+    for name, token in rejected.items():
+        assert await _status(sqlite_store, settings, token) == 401, name
+
+
+async def test_roles_claim_must_be_a_list_of_strings(sqlite_store: Store) -> None:
+    settings = make_settings(JWT_SECRET="s" * 40)
+    assert await _status(sqlite_store, settings, _token("s" * 40, "HS256", roles="admin")) == 401
+    assert await _status(sqlite_store, settings, _token("s" * 40, "HS256", roles=["admin"])) == 200
+
+
+async def test_rs256_public_key_and_algorithm_confusion(
+    sqlite_store: Store, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    pem = _public_pem(rsa_key)
+    settings = make_settings(JWT_ALGORITHMS="RS256", JWT_PUBLIC_KEY=pem)
+    assert await _status(sqlite_store, settings, _token(rsa_key, "RS256")) == 200
+    # HS256 signed with the public key as secret: the classic confusion attack.
+    forged = jwt.api_jws.PyJWS()
+    forged._algorithms["HS256"].prepare_key = lambda key: key  # type: ignore[method-assign]
+    header_payload = {"sub": "alice", "exp": int(time.time()) + 600}
+    confused = forged.encode(json.dumps(header_payload).encode(), pem.encode(), algorithm="HS256")
+    assert await _status(sqlite_store, settings, confused) == 401
+    # HS256 is not in this allow-list at all, even with the right development secret.
+    assert await _status(sqlite_store, settings, _token(settings.jwt_secret, "HS256")) == 401
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert await _status(sqlite_store, settings, _token(other, "RS256")) == 401
+
+
+class _Jwks:
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = []
+        self.hits = 0
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[str, _Jwks]]:
+    state = _Jwks()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.hits += 1
+            body = json.dumps({"keys": state.keys}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", state
+    server.shutdown()
+    server.server_close()
+
+
+async def test_jwks_rs256_and_es256(
+    sqlite_store: Store, rsa_key: rsa.RSAPrivateKey, jwks_server: tuple[str, _Jwks]
+) -> None:
+    url, state = jwks_server
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_jwk = json.loads(RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    ec_jwk = json.loads(ECAlgorithm.to_jwk(ec_key.public_key()))
+    state.keys = [
+        {**rsa_jwk, "kid": "r1", "alg": "RS256", "use": "sig"},
+        {**ec_jwk, "kid": "e1", "alg": "ES256", "use": "sig"},
+    ]
+    settings = make_settings(JWT_ALGORITHMS="RS256,ES256", JWT_JWKS_URL=url)
+    async with app_client(create_app(settings, store=sqlite_store)) as client:
+
+        async def status(token: str) -> int:
+            r = await client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
+            return r.status_code
+
+        rs = jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60}, rsa_key, "RS256", headers={"kid": "r1"}
+        )
+        es = jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60}, ec_key, "ES256", headers={"kid": "e1"}
+        )
+        assert await status(rs) == 200
+        assert await status(es) == 200
+        assert state.hits == 1  # fetched once, then cached
+        # A token whose header names the RSA key but claims ES256 is refused.
+        mixed = jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60}, ec_key, "ES256", headers={"kid": "r1"}
+        )
+        assert await status(mixed) == 401
+        unknown = jwt.encode(
+            {"sub": "a", "exp": int(time.time()) + 60}, rsa_key, "RS256", headers={"kid": "nope"}
+        )
+        assert await status(unknown) == 401
+
+
+async def test_token_command_output_is_accepted(sqlite_store: Store) -> None:
+    from conversational_core.auth.tokens import issue_token
+
+    settings = make_settings()
+    token = issue_token(settings, "alice", ["admin"])
+    claims = jwt.decode(token, settings.jwt_secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["roles"] == ["admin"]
+    assert await _status(sqlite_store, settings, token) == 200
+
+
+def test_verifier_does_not_accept_unlisted_algorithms() -> None:
+    with pytest.raises(ValueError, match="JWT_ALGORITHMS"):
+        make_settings(JWT_ALGORITHMS="HS512")

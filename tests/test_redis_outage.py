@@ -1,0 +1,61 @@
+"""Redis going away and coming back: 503 with Retry-After, then 2xx again without a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conversational_core.app import create_app
+from tests.conftest import make_settings
+from tests.fixtures.app import app_client, auth
+from tests.fixtures.redis_server import RedisProcess
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis_restart
+async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
+    settings = make_settings(
+        REDIS_URL=own_redis.url, REDIS_SOCKET_TIMEOUT=1.0, REDIS_CONNECT_TIMEOUT=0.5
+    )
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings)) as client:
+        cid = (await client.post("/conversations", headers=alice, json={})).json()["id"]
+        assert (await client.get("/health")).status_code == 200
+
+        own_redis.stop()
+        for method, url, body in [
+            ("GET", "/conversations", None),
+            ("POST", f"/conversations/{cid}/messages", {"content": "x", "respond": False}),
+            ("GET", f"/conversations/{cid}", None),
+        ]:
+            response = await client.request(method, url, headers=alice, json=body)
+            assert response.status_code == 503, (url, response.text)
+            assert response.headers["retry-after"]
+            assert response.headers["content-type"] == "application/problem+json"
+            assert "127.0.0.1" not in response.text and "Error" not in response.json()["detail"]
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.headers["retry-after"]
+        assert health.json()["status"] == "unavailable"
+
+        own_redis.start()  # a fresh, empty server on the same port (nothing is kept on disk)
+        assert (await client.get("/health")).status_code == 200
+        created = await client.post("/conversations", headers=alice, json={"title": "back"})
+        assert created.status_code == 201
+        cid2 = created.json()["id"]
+        posted = await client.post(
+            f"/conversations/{cid2}/messages",
+            headers=alice,
+            json={"content": "hello again", "respond": False},
+        )
+        assert posted.status_code == 201  # Lua scripts were reloaded after the restart
+        listed = await client.get(f"/conversations/{cid2}/messages", headers=alice)
+        assert [m["content"] for m in listed.json()["items"]] == ["hello again"]

@@ -1,0 +1,68 @@
+"""Configuration: invalid values stop start-up with a message naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conversational_core.settings import DEV_JWT_SECRET, ConfigError
+from tests.conftest import make_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": 70000}, "PORT"),
+        ({"WORKERS": 0}, "WORKERS"),
+        ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+        ({"AI_RATE_LIMIT": "5 per minute"}, "AI_RATE_LIMIT"),
+        ({"JWT_ALGORITHMS": "none"}, "JWT_ALGORITHMS"),
+        ({"JWT_ALGORITHMS": "RS256"}, "JWT_PUBLIC_KEY"),
+        ({"LLM_PROVIDER": "magic"}, "LLM_PROVIDER"),
+        ({"ENVIRONMENT": "staging-ish"}, "ENVIRONMENT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ],
+)
+def test_invalid_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        make_settings(**overrides)
+
+
+def test_production_refuses_development_key_and_wildcard_credentials() -> None:
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        make_settings(ENVIRONMENT="production")
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        make_settings(ENVIRONMENT="production", JWT_SECRET=DEV_JWT_SECRET)
+    with pytest.raises(ConfigError, match="JWT_SECRET"):
+        make_settings(ENVIRONMENT="production", JWT_SECRET="short")
+    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+        make_settings(
+            ENVIRONMENT="production",
+            JWT_SECRET="k" * 40,
+            CORS_ORIGINS="*",
+            CORS_ALLOW_CREDENTIALS=True,
+        )
+    ok = make_settings(
+        ENVIRONMENT="production",
+        JWT_SECRET="k" * 40,
+        CORS_ORIGINS="https://a.example,https://b.example",
+    )
+    assert ok.CORS_ORIGINS == ["https://a.example", "https://b.example"]
+
+
+def test_run_py_refuses_to_start_with_a_readable_message() -> None:
+    env = {**os.environ, "PORT": "not-a-port", "REDIS_URL": ""}
+    result = subprocess.run(
+        [sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "PORT" in result.stderr
+    assert "Traceback" not in result.stderr
