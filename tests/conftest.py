@@ -14,15 +14,23 @@ import uuid_utils
 from conversational_core.app import create_app
 from conversational_core.settings import Settings, load_settings
 from conversational_core.storage.base import Store
+from conversational_core.storage.factory import Backend
 from conversational_core.storage.redis import RedisStore, build_client
-from conversational_core.storage.sqlite import open_sqlite_store
+from conversational_core.storage.redis_events import RedisEventHub
+from conversational_core.storage.redis_queue import RedisJobQueue
+from conversational_core.storage.sqlite import SqliteStore, open_sqlite_store
 from tests.fixtures.app import app_client
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def make_settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"ENVIRONMENT": "test", "REDIS_URL": None, "LOG_LEVEL": "WARNING"}
+    base: dict[str, object] = {
+        "ENVIRONMENT": "test",
+        "REDIS_URL": None,
+        "LOG_LEVEL": "WARNING",
+        "DEV_PROVIDER_DELAY_MS": 0,
+    }
     base.update(overrides)
     return load_settings(**base)
 
@@ -63,7 +71,26 @@ def settings() -> Settings:
     return make_settings()
 
 
+def backend_for(store: Store, settings: Settings) -> Backend:
+    """The event hub and job queue that go with a store, as open_backend would build them."""
+    if isinstance(store, RedisStore):
+        return Backend(
+            store,
+            RedisEventHub(store, REDIS_URL, client_buffer=settings.SSE_CLIENT_BUFFER),
+            RedisJobQueue(store, lease_seconds=settings.JOB_LEASE_SECONDS),
+        )
+    assert isinstance(store, SqliteStore)
+    return Backend(store, store.events, store.jobs)
+
+
 @pytest.fixture
-async def client(store: Store, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with app_client(create_app(settings, store=store)) as http:
+async def backend(store: Store, settings: Settings) -> AsyncIterator[Backend]:
+    active = backend_for(store, settings)
+    yield active
+    await active.events.close()
+
+
+@pytest.fixture
+async def client(backend: Backend, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(create_app(settings, backend=backend)) as http:
         yield http

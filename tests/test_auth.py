@@ -18,7 +18,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from conversational_core.app import create_app
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
-from tests.conftest import make_settings
+from tests.conftest import backend_for, make_settings
 from tests.fixtures.app import app_client
 
 
@@ -30,7 +30,7 @@ def _token(key: Any, alg: str, **claims: Any) -> str:
 
 
 async def _status(store: Store, settings: Settings, token: str) -> int:
-    async with app_client(create_app(settings, store=store)) as client:
+    async with app_client(create_app(settings, backend=backend_for(store, settings))) as client:
         response = await client.get("/conversations", headers={"Authorization": f"Bearer {token}"})
         return response.status_code
 
@@ -137,7 +137,9 @@ async def test_jwks_rs256_and_es256(
         {**ec_jwk, "kid": "e1", "alg": "ES256", "use": "sig"},
     ]
     settings = make_settings(JWT_ALGORITHMS="RS256,ES256", JWT_JWKS_URL=url)
-    async with app_client(create_app(settings, store=sqlite_store)) as client:
+    async with app_client(
+        create_app(settings, backend=backend_for(sqlite_store, settings))
+    ) as client:
 
         async def status(token: str) -> int:
             r = await client.get("/conversations", headers={"Authorization": f"Bearer {token}"})

@@ -1,11 +1,12 @@
-"""The application factory. Nothing connects at import time: the lifespan builds the store, the
-token verifier and the services, hands them to requests as typed state, and closes them."""
+"""The application factory. Nothing connects at import time: the lifespan opens the backend
+(store, event hub, job queue), the token verifier and — unless WORKER_IN_API is off — a reply
+worker, hands them to requests as typed state, and closes them in reverse order."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 
@@ -19,9 +20,11 @@ from conversational_core.messages.endpoints import router as messages_router
 from conversational_core.messages.service import MessageService
 from conversational_core.observability.logging import configure_logging
 from conversational_core.observability.middleware import EdgeMiddleware
+from conversational_core.replies.endpoints import router as replies_router
+from conversational_core.replies.worker import run_worker
 from conversational_core.settings import Settings, load_settings
-from conversational_core.storage.base import Store
-from conversational_core.storage.factory import open_store
+from conversational_core.storage.base import EventHub, JobQueue, Store
+from conversational_core.storage.factory import Backend, open_backend
 
 
 class State(TypedDict):
@@ -29,32 +32,38 @@ class State(TypedDict):
 
     settings: Settings
     store: Store
+    events: EventHub
+    jobs: JobQueue
     verifier: TokenVerifier
     conversations: ConversationService
     messages: MessageService
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
-    """Build the ASGI app. `store` lets tests inject an already-open store."""
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """Build the ASGI app. `backend` lets tests inject an already-open one."""
     settings = settings or load_settings()
     configure_logging(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
         async with contextlib.AsyncExitStack() as stack:
-            active = (
-                store
-                if store is not None
-                else await stack.enter_async_context(open_store(settings))
-            )
+            active: Backend
+            if backend is not None:
+                active = backend
+            else:
+                active = await stack.enter_async_context(open_backend(settings))
             verifier = TokenVerifier(settings)
             stack.push_async_callback(verifier.aclose)
+            if settings.WORKER_IN_API:
+                await stack.enter_async_context(run_worker(settings, active))
             yield State(
                 settings=settings,
-                store=active,
+                store=active.store,
+                events=active.events,
+                jobs=active.jobs,
                 verifier=verifier,
-                conversations=ConversationService(active, settings),
-                messages=MessageService(active, settings),
+                conversations=ConversationService(active.store, settings),
+                messages=MessageService(active.store, settings),
             )
 
     docs = settings.DOCS_ENABLED
@@ -71,5 +80,30 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.include_router(health_router)
     app.include_router(conversations_router)
     app.include_router(messages_router)
+    app.include_router(replies_router)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
+    _declare_bearer_auth(app)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Every operation but the operational ones needs a bearer JWT (the "Authorize" button of
+    /docs). Declared here because the auth dependency reads the header itself."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/health"):
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -22,8 +22,47 @@ def _serve(settings: Settings) -> None:
         http="httptools",
         log_config=None,  # Loguru takes over (observability/logging.py)
         server_header=False,
+        access_log=False,  # one access line per request is the middleware's job
         timeout_graceful_shutdown=30,
     )
+
+
+def _worker(settings: Settings) -> int:
+    """Reply workers as a process of their own (Redis only): runs until SIGTERM/SIGINT."""
+    import asyncio
+    import signal
+
+    from loguru import logger
+
+    from conversational_core.observability.logging import configure_logging
+    from conversational_core.replies.worker import run_worker
+    from conversational_core.storage.factory import open_backend
+
+    if not settings.REDIS_URL:
+        print(
+            "conversational-core: the worker needs REDIS_URL; with the embedded store the API "
+            "process runs its own worker",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with open_backend(settings) as backend, run_worker(settings, backend) as worker:
+            logger.info(
+                "worker {} started (concurrency {})", worker.name, settings.WORKER_CONCURRENCY
+            )
+            await stop.wait()
+            logger.info("worker {} stopping", worker.name)
+
+    import uvloop
+
+    uvloop.run(main())
+    return 0
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> None:
@@ -37,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.py", description="Conversational Core")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the HTTP API (the default)")
+    commands.add_parser("worker", help="run reply workers in this process (needs REDIS_URL)")
     token = commands.add_parser("token", help="print a token signed with the configured key")
     token.add_argument("--sub", required=True, help="the user id")
     token.add_argument("--roles", nargs="*", help="roles, e.g. admin or service")
@@ -50,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         _token(settings, args)
+    elif args.command == "worker":
+        return _worker(settings)
     else:
         _serve(settings)
     return 0

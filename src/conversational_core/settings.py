@@ -91,6 +91,31 @@ class Settings(BaseSettings):
     LLM_BASE_URL: str | None = None
     LLM_API_KEY: str | None = None
     LLM_MODEL: str | None = None
+    LLM_TIMEOUT_SECONDS: float = Field(60.0, gt=0, le=3600)
+    LLM_MAX_RETRIES: int = Field(3, ge=0, le=10)
+    LLM_RETRY_BASE_SECONDS: float = Field(0.5, ge=0, le=60)
+    LLM_RETRY_MAX_SECONDS: float = Field(30.0, ge=0, le=600)
+    # Prompt budget: the context window of a model (per-model overrides as a JSON object).
+    LLM_CONTEXT_TOKENS: int = Field(8192, ge=256, le=10_000_000)
+    LLM_MODEL_CONTEXT_TOKENS: dict[str, int] = Field(default_factory=dict)
+    LLM_MAX_OUTPUT_TOKENS: int = Field(1024, ge=1, le=1_000_000)
+    LLM_HISTORY_MESSAGES: int = Field(200, ge=1, le=10_000)
+    DEV_PROVIDER_DELAY_MS: int = Field(30, ge=0, le=10_000)
+
+    # Workers and the job queue.
+    WORKER_IN_API: bool = True
+    WORKER_CONCURRENCY: int = Field(16, ge=1, le=10_000)
+    JOB_LEASE_SECONDS: float = Field(15.0, ge=0.5, le=3600)
+    JOB_MAX_TRIES: int = Field(3, ge=1, le=100)
+    REPLY_FLUSH_MS: int = Field(100, ge=10, le=60_000)
+
+    # Events (SSE).
+    EVENTS_MAX_LEN: int = Field(10_000, ge=10, le=10_000_000)
+    EVENTS_TTL_SECONDS: int = Field(86_400, ge=60, le=30 * 86_400)
+    SSE_KEEPALIVE_SECONDS: float = Field(15.0, gt=0, le=300)
+    SSE_MAX_CONNECTION_SECONDS: float = Field(3600.0, gt=0, le=86_400)
+    SSE_CLIENT_BUFFER: int = Field(1000, ge=10, le=1_000_000)
+    SSE_RETRY_MS: int = Field(2000, ge=0, le=600_000)
 
     # Rate limits ("600/minute" or "off").
     RATE_LIMIT: str = "600/minute"
@@ -150,6 +175,20 @@ class Settings(BaseSettings):
                 "JWT_ALGORITHMS includes RS256/ES256 but neither JWT_PUBLIC_KEY nor JWT_JWKS_URL "
                 "is set"
             )
+        if self.LLM_PROVIDER in ("openai", "anthropic") and not self.LLM_MODEL:
+            raise ConfigError(f"LLM_MODEL is required with LLM_PROVIDER={self.LLM_PROVIDER}")
+        if self.LLM_PROVIDER == "anthropic" and not self.LLM_API_KEY:
+            raise ConfigError("LLM_API_KEY is required with LLM_PROVIDER=anthropic")
+        if self.LLM_PROVIDER == "openai" and not (self.LLM_API_KEY or self.LLM_BASE_URL):
+            raise ConfigError(
+                "LLM_API_KEY is required with LLM_PROVIDER=openai (or set LLM_BASE_URL for a "
+                "local OpenAI-compatible server)"
+            )
+        if self.REDIS_URL is None and self.WORKERS > 1:
+            raise ConfigError(
+                "WORKERS: more than one process needs REDIS_URL (the embedded store's events "
+                "and job queue live in one process)"
+            )
         if self.ENVIRONMENT is Environment.PRODUCTION:
             if hs and (
                 self.JWT_SECRET is None
@@ -172,6 +211,14 @@ class Settings(BaseSettings):
     def jwt_secret(self) -> str:
         """The HS256 key in force: the configured one, or the development key."""
         return self.JWT_SECRET or DEV_JWT_SECRET
+
+    @property
+    def llm_model(self) -> str:
+        """The default model: LLM_MODEL, or "dev" for the development provider."""
+        return self.LLM_MODEL or "dev"
+
+    def context_tokens(self, model: str) -> int:
+        return self.LLM_MODEL_CONTEXT_TOKENS.get(model, self.LLM_CONTEXT_TOKENS)
 
     @property
     def is_production(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
@@ -72,7 +73,10 @@ async def list_messages(
         after=after,
         before=before,
     )
-    return json_response({"items": page.items, "next_cursor": page.next_cursor})
+    # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
+    body = b'{"items":[' + b",".join(page.items.json_items()) + b'],"next_cursor":'
+    body += orjson.dumps(page.next_cursor) + b"}"
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{message_id}", response_model=MessageOut)
@@ -103,3 +107,11 @@ async def delete_message(
 ) -> Response:
     await _service(request).delete(principal, conversation_id, message_id)
     return Response(status_code=204)
+
+
+@router.post("/{message_id}/cancel", response_model=MessageOut)
+async def cancel_reply(
+    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+) -> Response:
+    message = await _service(request).cancel(principal, conversation_id, message_id)
+    return json_response(message, headers={"ETag": message.etag})

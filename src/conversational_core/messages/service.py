@@ -20,9 +20,11 @@ from conversational_core.errors import (
 )
 from conversational_core.messages.schemas import MessageCreate, MessageUpdate
 from conversational_core.settings import Settings
+from conversational_core.storage import events
 from conversational_core.storage.base import (
     Idempotency,
     MessageQuery,
+    MessageSlice,
     Store,
     UnknownAnchor,
 )
@@ -31,7 +33,7 @@ from conversational_core.storage.models import Message, MessageStatus, Role, new
 
 @dataclass(slots=True)
 class MessagePage:
-    items: list[Message]
+    items: MessageSlice
     next_cursor: str | None
 
 
@@ -94,9 +96,25 @@ class MessageService:
             created_at=now,
             updated_at=now,
         )
-        # AI replies (`respond`) are scheduled by the replies issue; until then no reply is made.
+        messages = [message]
+        reply_id = None
+        if body.role is Role.USER and body.respond:
+            # The assistant message exists from the start (pending) and is queued with the user
+            # message in one atomic step.
+            reply = Message(
+                id=new_id(),
+                conversation_id=conversation_id,
+                role=Role.ASSISTANT,
+                content="",
+                status=MessageStatus.PENDING,
+                metadata={},
+                created_at=now,
+                updated_at=now,
+            )
+            message.reply_message_id = reply_id = reply.id
+            messages.append(reply)
         stored, replayed = await self._store.append_messages(
-            conversation_id, write_owner(principal), [message], now, idempotency
+            conversation_id, write_owner(principal), messages, now, idempotency, reply_id
         )
         return stored[0], replayed
 
@@ -140,7 +158,7 @@ class MessageService:
             # the first.
             edge = page.seqs[0] if query.backward else page.seqs[-1]
             next_cursor = _encode_cursor(descending, query.backward, edge)
-        return MessagePage(page.items, next_cursor)
+        return MessagePage(page, next_cursor)
 
     async def update(
         self,
@@ -181,6 +199,39 @@ class MessageService:
                 return stored
             if expected_version is not None:
                 raise PreconditionFailed()
+
+    async def cancel(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
+        """Cancel a reply that is pending or being written: 409 once it has ended."""
+        owner = write_owner(principal)
+        current = await self._store.get_message(conversation_id, owner, message_id)
+        if current.role is not Role.ASSISTANT:
+            raise Conflict("Only an assistant reply can be cancelled.")
+        if current.status.is_final:
+            raise Conflict(f"The reply has already ended ({current.status.value}).")
+        # First stop the writer (no delta passes after this), then record exactly the text
+        # its clients received.
+        published = await self._store.stop_reply(conversation_id, message_id)
+        while True:
+            if current.status.is_final:
+                raise Conflict(f"The reply has already ended ({current.status.value}).")
+            cancelled = current.replace(
+                status=MessageStatus.CANCELLED,
+                content=current.content if published is None else published,
+                updated_at=utcnow(),
+                version=current.version + 1,
+            )
+            stored = await self._store.replace_message(
+                conversation_id,
+                owner,
+                cancelled,
+                current,
+                event=events.MESSAGE_CANCELLED,
+                dequeue=True,
+                stop=True,
+            )
+            if stored is not None:
+                return stored
+            current = await self._store.get_message(conversation_id, owner, message_id)
 
     async def delete(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
         return await self._store.delete_message(conversation_id, read_owner(principal), message_id)

@@ -36,7 +36,14 @@ def configure_logging(settings: Settings) -> None:
         backtrace=False,
         diagnose=False,  # never print local variables (they may hold tokens or message text)
     )
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    # The standard library's level follows LOG_LEVEL: a root logger at level 0 would make
+    # uvicorn wrap the app in its per-message trace logger, a large cost on every request.
+    std_level = (
+        logging.getLevelName(settings.LOG_LEVEL)
+        if settings.LOG_LEVEL not in ("TRACE", "SUCCESS")
+        else (5 if settings.LOG_LEVEL == "TRACE" else logging.INFO)
+    )
+    logging.basicConfig(handlers=[InterceptHandler()], level=std_level, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
         std = logging.getLogger(name)
         std.handlers = [InterceptHandler()]

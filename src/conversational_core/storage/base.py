@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,11 +81,39 @@ class MessageQuery:
     backward: bool = False
 
 
-@dataclass(slots=True)
 class MessageSlice:
-    items: list[Message]
-    seqs: list[int]
-    has_more: bool
+    """A page of messages. A backend that holds the messages' JSON may hand it over as `raw`:
+    then the messages are decoded only if someone asks for `items`, and an HTTP page is
+    assembled from the stored bytes (the hot path of reading a conversation)."""
+
+    __slots__ = ("_items", "has_more", "raw", "seqs")
+
+    def __init__(
+        self,
+        items: list[Message] | None,
+        seqs: list[int],
+        has_more: bool,
+        raw: list[bytes] | None = None,
+    ) -> None:
+        if items is None and raw is None:
+            raise ValueError("a slice needs items or raw JSON")
+        self._items = items
+        self.seqs = seqs
+        self.has_more = has_more
+        self.raw = raw
+
+    @property
+    def items(self) -> list[Message]:
+        if self._items is None:
+            assert self.raw is not None
+            self._items = [Message.from_json(doc) for doc in self.raw]
+        return self._items
+
+    def json_items(self) -> list[bytes]:
+        """Each message as JSON, in page order."""
+        if self.raw is not None:
+            return self.raw
+        return [message.to_json() for message in self.items]
 
 
 class UnknownAnchor(Exception):
@@ -150,11 +180,15 @@ class Store(ABC):
         messages: list[Message],
         now: str,
         idempotency: Idempotency | None = None,
+        reply_id: str | None = None,
     ) -> tuple[list[Message], bool]:
         """Append messages at the end of the conversation in one atomic step (a user message and
         the assistant message that will hold its reply go together), bump `message_count` and the
-        conversation's activity. Returns the messages and whether this was an idempotent replay
-        (then the messages stored by the first request are returned and nothing is written)."""
+        conversation's activity, and emit `message.created` for each. With `reply_id` (one of
+        `messages`, a pending assistant message) the reply is put on the conversation's reply
+        queue and the job queue is told, in the same step: never a message without its job.
+        Returns the messages and whether this was an idempotent replay (then the messages stored
+        by the first request are returned and nothing is written)."""
 
     @abstractmethod
     async def get_message(
@@ -175,13 +209,133 @@ class Store(ABC):
         owner: str | None,
         message: Message,
         expected: Message,
+        *,
+        event: str | None = "message.updated",
+        dequeue: bool = False,
+        stop: bool = False,
+        restart: bool = False,
     ) -> Message | None:
         """Compare-and-set: store `message` if the stored one still equals `expected`; returns
         the stored message, or None when it changed meanwhile (the caller re-reads and retries,
-        or answers 412 when the client asked for a specific version)."""
+        or answers 412 when the client asked for a specific version).
+
+        In the same atomic step: emit `event` (with the new message) unless None; `dequeue`
+        removes the message from the conversation's reply queue (the reply has ended); `stop`
+        makes every later :meth:`publish_delta` for it return False (the reply was cancelled);
+        `restart` forgets the text published so far (a new attempt starts from nothing)."""
 
     @abstractmethod
     async def delete_message(
         self, conversation_id: str, owner: str | None, message_id: str
     ) -> Message:
-        """Delete one message; returns it as it was."""
+        """Delete one message; returns it as it was. Emits `message.deleted`; a reply that was
+        pending or streaming leaves the reply queue and its generation stops (publish_delta
+        returns False)."""
+
+    # Events and replies --------------------------------------------------------------------
+
+    @abstractmethod
+    async def publish_delta(self, conversation_id: str, message_id: str, delta: str) -> bool:
+        """Emit `message.delta` for a reply being written. False (and nothing emitted) when the
+        reply was cancelled or deleted, or its conversation deleted: the writer must stop.
+        The store keeps the concatenation of a reply's published deltas (see stop_reply)."""
+
+    @abstractmethod
+    async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
+        """Refuse every later delta of the reply (atomically), and return exactly the text its
+        deltas published so far (None when none was published)."""
+
+    @abstractmethod
+    async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
+        """Retained events of a conversation strictly after the id `after` (from the oldest
+        retained one when None), oldest first, at most `limit`. A malformed id raises
+        ValueError."""
+
+    @abstractmethod
+    async def last_event_id(self, conversation_id: str) -> str | None:
+        """The id of the newest event of the conversation, or None when it has none."""
+
+    @abstractmethod
+    async def reply_queue_head(self, conversation_id: str) -> str | None:
+        """The id of the oldest reply of the conversation still to be written (or being
+        written), or None. Replies of one conversation are written one after the other."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a conversation's stream: `id` orders events within the conversation."""
+
+    id: str
+    type: str
+    data: bytes  # a JSON object
+
+
+class SlowConsumer(Exception):
+    """The client's buffer overflowed; it should reconnect with Last-Event-ID."""
+
+
+class EventHub(ABC):
+    """Fans out conversation events to the clients connected to this process."""
+
+    @abstractmethod
+    def subscribe(
+        self, conversation_id: str, after: str | None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Event]]:
+        """Live events of one conversation for one client, strictly after `after` (retained ones
+        first, then live ones, without gaps or duplicates); when `after` is None, only events
+        that happen from now on. Iteration raises :class:`SlowConsumer` when the client fell
+        further behind than its buffer allows, and ends when the hub closes."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop fanning out and end every subscription."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A signal that a conversation has replies to write. `id` acknowledges it."""
+
+    id: str
+    conversation_id: str
+
+
+class JobQueue(ABC):
+    """Durable signals of work, plus per-conversation leases so that one worker at a time writes
+    a conversation's replies, in order.
+
+    Protocol of a worker: :meth:`take` jobs; for each, :meth:`acquire` the conversation's lease
+    (if another worker holds it, leave the job unacknowledged: it is delivered again after the
+    lease time should that worker die); write replies while :meth:`Store.reply_queue_head`
+    gives one, calling :meth:`renew` at least every third of the lease time; then
+    :meth:`release` (False: new replies arrived meanwhile, keep going) and :meth:`ack`."""
+
+    @abstractmethod
+    async def take(self, consumer: str, count: int, wait_seconds: float) -> list[Job]:
+        """Up to `count` jobs: new ones, or ones whose worker stopped renewing for longer than
+        the lease time. Waits up to `timeout` seconds when there are none."""
+
+    @abstractmethod
+    async def acquire(self, conversation_id: str, token: str) -> bool:
+        """Take the conversation's lease (False when another holder has it)."""
+
+    @abstractmethod
+    async def renew(self, conversation_id: str, token: str, job: Job) -> bool:
+        """Extend the lease and keep the job from being handed to another worker; False when
+        the lease was lost."""
+
+    @abstractmethod
+    async def release(self, conversation_id: str, token: str) -> bool:
+        """Give the lease back if the conversation has no reply left to write (atomically with
+        that check); False, keeping the lease, when it has."""
+
+    @abstractmethod
+    async def ack(self, job: Job) -> None:
+        """The job is done: forget it."""
+
+    @abstractmethod
+    async def stats(self) -> tuple[int, float]:
+        """(jobs waiting or running, age in seconds of the oldest one), for metrics."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""

@@ -15,6 +15,20 @@ Layout (`DATA_DIR/conversational-core.db`):
     messages       (conversation_id, seq) primary key, id (unique per conversation),
                    doc (the exact JSON of Message.to_json()); deleted with their conversation
     idempotency    scope, fingerprint, body (JSON of the first result), expires_at (epoch s)
+    reply_queue    (conversation_id, position) primary key, message_id: the replies still to
+                   write, oldest first (position is the reply's seq); deleted with their
+                   conversation
+
+Events, jobs and the state of replies being written live in this process's memory (see
+`storage/memory.py`): `store.events` (a MemoryEventLog, which is also the process's EventHub) and
+`store.jobs` (a MemoryJobQueue). A write's events are published, and a queued reply signalled,
+right after its COMMIT and before the next operation starts (still under the store's lock), so
+that events are in commit order and never emitted for a write that rolled back. `publish_delta`
+writes nothing to the file: it checks in memory that the reply was neither stopped nor deleted
+(the first delta of a reply this process does not know yet costs one primary-key read).
+Consequence: the embedded store supports one process (one uvicorn worker, the reply worker in
+the API process); several processes on one file would keep their data consistent but would not
+see each other's events, jobs or cancellations.
 
 Concurrency. aiosqlite runs every statement of a connection on one worker thread, so a single
 connection gives no parallelism to lose, and it spares us cross-connection locking inside one
@@ -38,7 +52,8 @@ import contextlib
 import dataclasses
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -47,8 +62,10 @@ import orjson
 from loguru import logger
 
 from conversational_core.errors import Conflict, NotFound, PreconditionFailed, StoreUnavailable
+from conversational_core.storage import events as ev
 from conversational_core.storage.base import (
     ConversationCursor,
+    Event,
     Idempotency,
     IdempotencyMismatch,
     MessageQuery,
@@ -57,6 +74,7 @@ from conversational_core.storage.base import (
     UnknownAnchor,
     encode_conversation_cursor,
 )
+from conversational_core.storage.memory import MemoryEventLog, MemoryJobQueue, recover
 from conversational_core.storage.models import (
     CONVERSATION_MUTABLE,
     Conversation,
@@ -77,7 +95,11 @@ _PURGE_INTERVAL_S: Final = 60.0
 
 # Bumped when the schema changes incompatibly; a file written by a newer version is refused
 # rather than misread.
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2  # 2: reply_queue
+
+# How long a stopped (cancelled) reply keeps refusing deltas (Redis: the stop flag's TTL); far
+# longer than any reply takes to notice.
+_STOP_TTL_S: Final = 86_400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -109,6 +131,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at);
+
+CREATE TABLE IF NOT EXISTS reply_queue (
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    position        INTEGER NOT NULL,
+    message_id      TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, position)
+);
 """
 
 # The conversation's columns that are not in its `data` JSON (they change on their own).
@@ -225,13 +254,40 @@ async def _run_many(db: aiosqlite.Connection, sql: str, params: Iterable[Sequenc
 class SqliteStore(Store):
     backend = "sqlite"
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        *,
+        events: MemoryEventLog | None = None,
+        on_reply: Callable[[str], None] | None = None,
+        lease_seconds: float = 15.0,
+    ) -> None:
+        """`events` receives every event (a default log when None); `on_reply` is called with
+        the conversation id after a commit that queued a reply (default: `self.jobs.signal`)."""
         self._db: aiosqlite.Connection | None = db
         self._lock = asyncio.Lock()
         self._last_purge = float("-inf")
+        self.events = events if events is not None else MemoryEventLog()
+        self.jobs = MemoryJobQueue(self.reply_queue_head, lease_seconds=lease_seconds)
+        self._on_reply = on_reply if on_reply is not None else self.jobs.signal
+        # Effects of the operation in progress, run once it has committed (see _session).
+        self._effects: list[Callable[[], None]] = []
+        # Replies known to exist (conversation id -> message id -> deltas published since the
+        # reply (re)started): publish_delta's fast path. Dropped when the message or its
+        # conversation is deleted, so that the next delta finds it gone.
+        self._replies: dict[str, dict[str, list[str]]] = {}
+        # Stopped replies (conversation id, message id) -> until when (monotonic), oldest first.
+        self._stopped: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(
+        cls,
+        path: Path,
+        *,
+        events: MemoryEventLog | None = None,
+        on_reply: Callable[[str], None] | None = None,
+        lease_seconds: float = 15.0,
+    ) -> SqliteStore:
         """Connect to (creating if needed) the database at `path` and ensure the schema."""
         # isolation_level=None: the sqlite3 module must not open transactions behind our back;
         # every transaction here is an explicit BEGIN.
@@ -259,7 +315,7 @@ class SqliteStore(Store):
         except BaseException:
             await db.close()
             raise
-        return cls(db)
+        return cls(db, events=events, on_reply=on_reply, lease_seconds=lease_seconds)
 
     # Plumbing ------------------------------------------------------------------------------------
 
@@ -271,25 +327,49 @@ class SqliteStore(Store):
 
         `IMMEDIATE` for read-modify-write, `DEFERRED` for several reads that must agree (another
         process may write between them), None for a single statement (atomic by itself).
+
+        Effects registered with :meth:`_after_commit` run once the operation has committed,
+        still under the lock (so in commit order); they are dropped if it fails.
         """
         async with self._lock:
             db = self._db
             if db is None:
                 raise StoreUnavailable()
-            with _guard():
-                if mode is None:
-                    yield db
-                    return
-                await self._begin(db, mode)
-                try:
-                    yield db
-                    await _run(db, "COMMIT")
-                except BaseException:
-                    # Also on cancellation: the ROLLBACK is queued on the worker thread before
-                    # any later statement, so the next holder of the lock starts clean.
-                    with contextlib.suppress(sqlite3.Error, ValueError):
-                        await db.rollback()
-                    raise
+            self._effects = []
+            try:
+                with _guard():
+                    if mode is None:
+                        yield db
+                    else:
+                        await self._begin(db, mode)
+                        try:
+                            yield db
+                            await _run(db, "COMMIT")
+                        except BaseException:
+                            # Also on cancellation: the ROLLBACK is queued on the worker thread
+                            # before any later statement, so the next holder of the lock starts
+                            # clean.
+                            with contextlib.suppress(sqlite3.Error, ValueError):
+                                await db.rollback()
+                            raise
+                effects, self._effects = self._effects, []
+                for effect in effects:
+                    try:
+                        effect()
+                    except Exception:  # a bug; the write itself is done, report it as such
+                        logger.exception("effect of a committed write failed")
+            finally:
+                self._effects = []
+
+    def _after_commit(self, effect: Callable[[], None]) -> None:
+        self._effects.append(effect)
+
+    def _emit(self, conversation_id: str, type: str, data: bytes) -> None:
+        """Publish an event once the current operation has committed."""
+        self._after_commit(lambda: self._publish(conversation_id, type, data))
+
+    def _publish(self, conversation_id: str, type: str, data: bytes) -> None:
+        self.events.publish(conversation_id, type, data)
 
     @staticmethod
     async def _begin(db: aiosqlite.Connection, mode: TransactionMode) -> None:
@@ -463,6 +543,7 @@ class SqliteStore(Store):
                     conversation_id,
                 ),
             )
+            self._emit(conversation_id, ev.CONVERSATION_UPDATED, ev.conversation_data(updated))
         return updated
 
     async def delete_conversation(self, conversation_id: str, owner: str | None) -> Conversation:
@@ -477,7 +558,19 @@ class SqliteStore(Store):
                 "DELETE FROM idempotency WHERE scope >= ? AND scope < ?",
                 (f"m:{conversation_id}:", f"m:{conversation_id};"),
             )
+            # Its reply queue goes by ON DELETE CASCADE; its replies stop (publish_delta finds
+            # them gone) and its event log goes once connected clients have the deletion.
+            self._emit(
+                conversation_id,
+                ev.CONVERSATION_DELETED,
+                ev.conversation_deleted_data(conversation_id),
+            )
+            self._after_commit(lambda: self._forget_conversation(conversation_id))
         return _conversation_from_row(row)
+
+    def _forget_conversation(self, conversation_id: str) -> None:
+        self._replies.pop(conversation_id, None)
+        self.events.forget(conversation_id)
 
     # Messages ------------------------------------------------------------------------------------
 
@@ -488,7 +581,13 @@ class SqliteStore(Store):
         messages: list[Message],
         now: str,
         idempotency: Idempotency | None = None,
+        reply_id: str | None = None,
     ) -> tuple[list[Message], bool]:
+        reply_index: int | None = None
+        if reply_id is not None:
+            reply_index = next((i for i, m in enumerate(messages) if m.id == reply_id), None)
+            if reply_index is None:  # a caller bug: Redis would queue an id with no message
+                raise ValueError("reply_id is not one of the messages")
         docs = [m.to_json().decode() for m in messages]
         scope = f"m:{conversation_id}:{owner or '*'}:{idempotency.key}" if idempotency else ""
         async with self._session("IMMEDIATE") as db:
@@ -520,8 +619,19 @@ class SqliteStore(Store):
                 " updated_at = ?, activity_ms = MAX(activity_ms, ?) WHERE id = ?",
                 (n, n, now, rfc3339_to_ms(now), conversation_id),
             )
+            if reply_index is not None:
+                await _run(
+                    db,
+                    "INSERT INTO reply_queue (conversation_id, position, message_id)"
+                    " VALUES (?, ?, ?)",
+                    (conversation_id, last_seq + reply_index + 1, reply_id),
+                )
             if idempotency is not None:
                 await self._remember(db, scope, idempotency, "[" + ",".join(docs) + "]")
+            for m in messages:
+                self._emit(conversation_id, ev.MESSAGE_CREATED, ev.message_data(m))
+            if reply_index is not None:
+                self._after_commit(lambda: self._on_reply(conversation_id))
         return messages, False
 
     async def get_message(
@@ -577,8 +687,9 @@ class SqliteStore(Store):
         if query.backward:
             # Read nearest-first from the anchor; the page is returned in list order.
             rows.reverse()
+        # The stored documents are exactly Message.to_json(): handed over undecoded.
         return MessageSlice(
-            [Message.from_json(r[1]) for r in rows], [int(r[0]) for r in rows], has_more
+            None, [int(r[0]) for r in rows], has_more, raw=[str(r[1]).encode() for r in rows]
         )
 
     async def replace_message(
@@ -587,10 +698,16 @@ class SqliteStore(Store):
         owner: str | None,
         message: Message,
         expected: Message,
+        *,
+        event: str | None = ev.MESSAGE_UPDATED,
+        dequeue: bool = False,
+        stop: bool = False,
+        restart: bool = False,
     ) -> Message | None:
-        async with self._session() as db:
-            # The compare-and-set is one statement, so atomic without a transaction: it writes
-            # only if the conversation is visible to `owner` and the stored JSON is `expected`.
+        # Without `dequeue` the write is one statement, atomic by itself; with it, a transaction.
+        async with self._session("IMMEDIATE" if dequeue else None) as db:
+            # The compare-and-set: it writes only if the conversation is visible to `owner` and
+            # the stored JSON is `expected`.
             changed = await _run(
                 db,
                 "UPDATE messages SET doc = ? WHERE conversation_id = ? AND id = ? AND doc = ?"
@@ -607,6 +724,19 @@ class SqliteStore(Store):
                 ),
             )
             if changed:
+                if dequeue:
+                    await _run(
+                        db,
+                        "DELETE FROM reply_queue WHERE conversation_id = ? AND message_id = ?",
+                        (conversation_id, message.id),
+                    )
+                self._after_commit(
+                    lambda: self._reply_changed(
+                        conversation_id, message.id, stop=stop, restart=restart, dequeue=dequeue
+                    )
+                )
+                if event is not None:
+                    self._emit(conversation_id, event, ev.message_data(message))
                 return message
             # Not written: missing (or not owned) or changed meanwhile. Redis answers
             # "Message not found." for a missing conversation here too.
@@ -619,6 +749,22 @@ class SqliteStore(Store):
         if row is None or not _owned(row[0], owner):
             raise NotFound("Message not found.")
         return None
+
+    def _reply_changed(
+        self, conversation_id: str, message_id: str, *, stop: bool, restart: bool, dequeue: bool
+    ) -> None:
+        if stop:
+            self._stop(conversation_id, message_id)
+        if dequeue:
+            # The reply has ended: forget its text (a later delta re-checks that it exists).
+            replies = self._replies.get(conversation_id)
+            if replies is not None:
+                replies.pop(message_id, None)
+                if not replies:
+                    del self._replies[conversation_id]
+        elif restart:
+            # A new attempt starts from nothing; the message exists (it was just written).
+            self._replies.setdefault(conversation_id, {})[message_id] = []
 
     async def delete_message(
         self, conversation_id: str, owner: str | None, message_id: str
@@ -644,15 +790,121 @@ class SqliteStore(Store):
                 "UPDATE conversations SET message_count = message_count - 1 WHERE id = ?",
                 (conversation_id,),
             )
+            await _run(
+                db,
+                "DELETE FROM reply_queue WHERE conversation_id = ? AND message_id = ?",
+                (conversation_id, message_id),
+            )
+            self._after_commit(lambda: self._forget_reply(conversation_id, message_id))
+            self._emit(conversation_id, ev.MESSAGE_DELETED, ev.message_deleted_data(message_id))
         return Message.from_json(row[1])
+
+    def _forget_reply(self, conversation_id: str, message_id: str) -> None:
+        # Its next delta (if it was being written) finds it gone in the file and is refused.
+        replies = self._replies.get(conversation_id)
+        if replies is not None:
+            replies.pop(message_id, None)
+            if not replies:
+                del self._replies[conversation_id]
+        self._stopped.pop((conversation_id, message_id), None)
+
+    # Events and replies --------------------------------------------------------------------
+
+    def _stop(self, conversation_id: str, message_id: str) -> None:
+        now = time.monotonic()
+        key = (conversation_id, message_id)
+        self._stopped[key] = now + _STOP_TTL_S
+        self._stopped.move_to_end(key)
+        # Same TTL for all, so the oldest entries expire first.
+        while self._stopped:
+            first_key, until = next(iter(self._stopped.items()))
+            if until > now:
+                break
+            del self._stopped[first_key]
+
+    def _is_stopped(self, conversation_id: str, message_id: str) -> bool:
+        until = self._stopped.get((conversation_id, message_id))
+        return until is not None and until > time.monotonic()
+
+    async def publish_delta(self, conversation_id: str, message_id: str, delta: str) -> bool:
+        # Called for every token: no write to the file, and usually no read either.
+        if self._is_stopped(conversation_id, message_id):
+            return False
+        replies = self._replies.get(conversation_id)
+        parts = replies.get(message_id) if replies is not None else None
+        if parts is not None:
+            parts.append(delta)
+            self._publish(conversation_id, ev.MESSAGE_DELTA, ev.delta_data(message_id, delta))
+            return True
+        # A reply this process does not know as existing: check the file once. Under the lock,
+        # so that a delete committing later also drops what is registered here.
+        async with self._session() as db:
+            row = await _first(
+                db,
+                "SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?",
+                (conversation_id, message_id),
+            )
+            if row is None or self._is_stopped(conversation_id, message_id):
+                return False
+            parts = self._replies.setdefault(conversation_id, {}).setdefault(message_id, [])
+            parts.append(delta)
+            self._publish(conversation_id, ev.MESSAGE_DELTA, ev.delta_data(message_id, delta))
+        return True
+
+    async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
+        # Synchronous: no delta can pass between the stop and the read of the text.
+        self._stop(conversation_id, message_id)
+        replies = self._replies.get(conversation_id)
+        parts = replies.get(message_id) if replies is not None else None
+        return "".join(parts) if parts else None
+
+    async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
+        return self.events.read(conversation_id, after, limit)
+
+    async def last_event_id(self, conversation_id: str) -> str | None:
+        return self.events.last_id(conversation_id)
+
+    async def reply_queue_head(self, conversation_id: str) -> str | None:
+        async with self._session() as db:
+            row = await _first(
+                db,
+                "SELECT message_id FROM reply_queue WHERE conversation_id = ?"
+                " ORDER BY position LIMIT 1",
+                (conversation_id,),
+            )
+        return None if row is None else str(row[0])
+
+    async def conversations_with_replies(self) -> list[str]:
+        """Every conversation whose reply queue is not empty (to signal their jobs on start)."""
+        async with self._session() as db:
+            rows = await db.execute_fetchall("SELECT DISTINCT conversation_id FROM reply_queue")
+        return [str(r[0]) for r in rows]
 
 
 @contextlib.asynccontextmanager
-async def open_sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
-    """The store in `data_dir` (created if needed), closed on exit."""
+async def open_sqlite_store(
+    data_dir: Path,
+    *,
+    events_max_len: int = 10_000,
+    client_buffer: int = 1000,
+    lease_seconds: float = 15.0,
+    recover_jobs: bool = True,
+) -> AsyncIterator[SqliteStore]:
+    """The store in `data_dir` (created if needed), with its event log (`store.events`) and job
+    queue (`store.jobs`, signalled by every queued reply); closed on exit. With `recover_jobs`,
+    a job is signalled at once for every conversation with replies left by an earlier run."""
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-    store = await SqliteStore.open(data_dir / DB_FILENAME)
+    events = MemoryEventLog(events_max_len, client_buffer)
+    store = await SqliteStore.open(
+        data_dir / DB_FILENAME, events=events, lease_seconds=lease_seconds
+    )
     try:
+        if recover_jobs:
+            found = await recover(store)
+            if found:
+                logger.info("{} conversation(s) have replies left to write", found)
         yield store
     finally:
+        await events.close()
+        await store.jobs.close()
         await store.close()

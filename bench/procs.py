@@ -1,0 +1,243 @@
+"""The processes a benchmark run needs: tools it checks for, and the servers it starts and stops.
+
+Every server listens on a free loopback port chosen here and is stopped when the run ends (also
+on an error or Ctrl-C; on Linux the children are also told to exit if the benchmark itself dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.client import wait_until_serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The uvicorn settings shared by the service (see conversational_core/cli.py) and the baseline.
+UVICORN_OPTIONS = (
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--no-access-log",
+    "--workers",
+    "1",
+    "--log-level",
+    "warning",
+    "--no-server-header",
+)
+
+
+class MissingTool(SystemExit):
+    """A binary the benchmark needs is not installed and could not be installed."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_binary(binary: str, package: str) -> str:
+    """The path of `binary`. When it is missing and we run as root on Debian/Ubuntu, install the
+    Debian package (saying so); otherwise stop with a message telling what to install."""
+    found = shutil.which(binary)
+    if found is not None:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get") is not None:
+        print(f"bench: {binary} is missing; installing the Debian package '{package}' (apt-get)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise MissingTool(
+                    f"bench: '{' '.join(argv)}' failed:\n{done.stderr.strip()[-2000:]}"
+                )
+        found = shutil.which(binary)
+        if found is not None:
+            return found
+    raise MissingTool(
+        f"bench: needs '{binary}'. Install it (Debian/Ubuntu: apt-get install {package}; "
+        f"macOS: brew install {package}) and run again."
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: receive SIGTERM when the benchmark process dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """A started process whose output goes to a log file (shown when it fails)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}; its last output:\n{self.tail()}"
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def spawn(
+    name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[Child]:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    child = Child(name, proc, log)
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_server(binary: str, workdir: Path) -> Iterator[tuple[Child, str]]:
+    """A private redis-server without persistence; yields it and its URL."""
+    port = free_port()
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    with spawn("redis-server", argv, workdir) as child:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(port):
+            child.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer on port {port}")
+            time.sleep(0.02)  # polling a process we just spawned: there is no event to wait on
+        yield child, f"redis://127.0.0.1:{port}/0"
+
+
+def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
+    """The environment of `python run.py` for the benchmark: one worker, no rate limits, quiet."""
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": "cc",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WORKERS": "1",
+        "RELOAD": "false",
+        "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT": "off",
+        "AI_RATE_LIMIT": "off",
+    }
+
+
+@contextlib.contextmanager
+def service(redis_url: str, workdir: Path) -> Iterator[tuple[Child, int]]:
+    """The service as users start it, `python run.py`; yields it and its port."""
+    port = free_port()
+    env = service_env(redis_url, port)
+    with spawn("service", [sys.executable, "run.py"], workdir, env) as child:
+        _wait(child, port, "/health")
+        yield child, port
+
+
+@contextlib.contextmanager
+def bare_app(page_file: Path, workdir: Path) -> Iterator[tuple[Child, int]]:
+    """The baseline (`bench/bare_app.py`) on the same uvicorn settings; yields it and its port."""
+    port = free_port()
+    python_path = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    env = {**os.environ, "PYTHONPATH": python_path, "BENCH_PAGE_FILE": str(page_file)}
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.bare_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *UVICORN_OPTIONS,
+    ]
+    with spawn("bare-app", argv, workdir, env) as child:
+        _wait(child, port, "/")
+        yield child, port
+
+
+def _wait(child: Child, port: int, path: str) -> None:
+    try:
+        wait_until_serving(port, path)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{child.name}: {exc}\n{child.tail()}") from None
+    child.check_alive()
+
+
+def issue_token(redis_url: str, subject: str) -> str:
+    """A token from `python run.py token`, in the service's own environment (same key)."""
+    done = subprocess.run(
+        [sys.executable, "run.py", "token", "--sub", subject, "--ttl", "7200"],
+        cwd=ROOT,
+        env=service_env(redis_url),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()

@@ -1,0 +1,79 @@
+"""`GET /conversations/{id}/events`: the conversation's events as Server-Sent Events.
+
+- `Last-Event-ID` (header, or `last_event_id` query parameter for clients that cannot set
+  headers) resumes after that event: missed events within the retention window first, then live
+  ones, none twice. Without it, the stream starts with what happens from now on.
+- A keep-alive comment every SSE_KEEPALIVE_SECONDS; a connection ends after
+  SSE_MAX_CONNECTION_SECONDS, or when the client falls SSE_CLIENT_BUFFER events behind, with a
+  `retry:` hint — the client reconnects with Last-Event-ID and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from conversational_core.auth.dependencies import CurrentUser
+from conversational_core.conversations.service import ConversationService
+from conversational_core.errors import BadRequest
+from conversational_core.schemas import ID_PATTERN
+from conversational_core.settings import Settings
+from conversational_core.storage import events as event_types
+from conversational_core.storage.base import EventHub, SlowConsumer
+
+router = APIRouter(tags=["events"])
+
+_EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+@router.get(
+    "/conversations/{conversation_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def conversation_events(
+    request: Request,
+    principal: CurrentUser,
+    conversation_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_query: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
+) -> EventSourceResponse:
+    conversations: ConversationService = request.state.conversations
+    await conversations.get(principal, conversation_id)  # 404 unless the caller may read it
+    after = last_event_id or last_event_id_query
+    if after is not None and not _EVENT_ID.match(after.strip()):
+        raise BadRequest("Last-Event-ID is not an event id of this service.")
+    settings: Settings = request.state.settings
+    hub: EventHub = request.state.events
+    return EventSourceResponse(
+        _stream(hub, settings, conversation_id, after.strip() if after else None),
+        ping=settings.SSE_KEEPALIVE_SECONDS,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(
+    hub: EventHub, settings: Settings, conversation_id: str, after: str | None
+) -> AsyncIterator[ServerSentEvent]:
+    retry = settings.SSE_RETRY_MS
+    try:
+        async with hub.subscribe(conversation_id, after) as events:
+            yield ServerSentEvent(comment="connected", retry=retry)
+            async with asyncio.timeout(settings.SSE_MAX_CONNECTION_SECONDS):
+                async for event in events:
+                    yield ServerSentEvent(data=event.data.decode(), event=event.type, id=event.id)
+                    if event.type == event_types.CONVERSATION_DELETED:
+                        return
+    except TimeoutError:
+        yield ServerSentEvent(
+            comment="connection time limit reached; reconnect with Last-Event-ID", retry=retry
+        )
+    except SlowConsumer:
+        yield ServerSentEvent(comment="too far behind; reconnect with Last-Event-ID", retry=retry)
+    except ValueError:
+        yield ServerSentEvent(comment="unknown Last-Event-ID", retry=retry)

@@ -1,0 +1,218 @@
+"""Writing one reply: build the prompt, stream the provider's answer into events, finish once.
+
+The reply's lifecycle is `pending → streaming → completed | failed | cancelled`. Every state
+change is a compare-and-set on the stored message (see Store.replace_message), so that:
+- a cancel, a delete or another worker's write is noticed at the next write and the generation
+  stops (and `publish_delta` refuses a cancelled or deleted reply at once, which closes the
+  provider's stream within one token);
+- a reply is finished exactly once, even if two workers ran it (the second CAS fails).
+
+A worker that dies leaves the reply `streaming` with the text flushed so far; the next attempt
+starts over and announces it with `message.updated` carrying the reset (empty) content, so that
+clients drop the partial text. Attempts are counted on the reply (`context.attempts`); past
+JOB_MAX_TRIES it ends `failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import Any
+
+from loguru import logger
+
+from conversational_core.errors import NotFound
+from conversational_core.replies.context import PromptTooLong, build_prompt
+from conversational_core.replies.providers.base import Provider, ProviderError, Usage
+from conversational_core.settings import Settings
+from conversational_core.storage import events
+from conversational_core.storage.base import MessageQuery, Store
+from conversational_core.storage.models import Message, MessageStatus, utcnow
+
+
+class ReplyWriter:
+    def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
+        self._store = store
+        self._provider = provider
+        self._settings = settings
+
+    async def write(self, conversation_id: str, reply_id: str) -> None:
+        """Write (or finish) one reply; returns when it has ended or is no longer ours to write."""
+        try:
+            current = await self._store.get_message(conversation_id, None, reply_id)
+        except NotFound:
+            return
+        if current.status.is_final:
+            return
+        attempts = int((current.context or {}).get("attempts", 0)) + 1
+        if attempts > self._settings.JOB_MAX_TRIES:
+            await self._end(
+                conversation_id,
+                current,
+                MessageStatus.FAILED,
+                error=f"The reply could not be written after {attempts - 1} attempts.",
+            )
+            return
+        try:
+            conversation = await self._store.get_conversation(conversation_id, None)
+            history = await self._store.list_messages(
+                conversation_id,
+                None,
+                MessageQuery(
+                    self._settings.LLM_HISTORY_MESSAGES, descending=True, anchor_id=reply_id
+                ),
+            )
+        except NotFound:
+            return
+        try:
+            prompt = build_prompt(self._settings, conversation, history.items)
+        except PromptTooLong:
+            await self._end(
+                conversation_id,
+                current,
+                MessageStatus.FAILED,
+                error="The message is too long for the AI model's context window.",
+            )
+            return
+        context: dict[str, Any] = {
+            **prompt.info,
+            "provider": self._provider.name,
+            "attempts": attempts,
+        }
+        streaming = current.replace(
+            status=MessageStatus.STREAMING,
+            content="",
+            context=context,
+            updated_at=utcnow(),
+            version=current.version + 1,
+        )
+        stored = await self._store.replace_message(
+            conversation_id, None, streaming, current, restart=True
+        )
+        if stored is None:
+            return  # changed meanwhile (cancelled, deleted, or another worker): not ours
+        await self._stream(conversation_id, stored, prompt.request)
+
+    async def _stream(self, conversation_id: str, current: Message, request: Any) -> None:
+        settings = self._settings
+        text: list[str] = []
+        usage: Usage | None = None
+        flush_every = settings.REPLY_FLUSH_MS / 1000
+        last_flush = 0.0  # the first delta is stored at once, then every REPLY_FLUSH_MS
+        for attempt in range(settings.LLM_MAX_RETRIES + 1):
+            started = False
+            try:
+                stream: Any = self._provider.stream(request)
+                async with contextlib.aclosing(stream):
+                    async for item in stream:
+                        if isinstance(item, Usage):
+                            usage = item
+                            continue
+                        started = True
+                        text.append(item)
+                        if not await self._store.publish_delta(conversation_id, current.id, item):
+                            return  # cancelled or deleted: closing the stream stops the provider
+                        now = time.monotonic()
+                        if now - last_flush >= flush_every:
+                            last_flush = now
+                            flushed = current.replace(content="".join(text), updated_at=utcnow())
+                            stored = await self._store.replace_message(
+                                conversation_id, None, flushed, current, event=None
+                            )
+                            if stored is None:
+                                # Changed by someone else: a cancel or delete ends our work;
+                                # a metadata edit does not.
+                                latest = await self._reread(conversation_id, current.id)
+                                if latest is None:
+                                    return
+                                stored = await self._store.replace_message(
+                                    conversation_id,
+                                    None,
+                                    latest.replace(content="".join(text), updated_at=utcnow()),
+                                    latest,
+                                    event=None,
+                                )
+                                if stored is None:
+                                    return
+                            current = stored
+                break
+            except ProviderError as exc:
+                if not exc.retryable or started or attempt == settings.LLM_MAX_RETRIES:
+                    logger.info(
+                        "reply {} failed: {} (status {})", current.id, exc.message, exc.status
+                    )
+                    await self._end(
+                        conversation_id,
+                        current,
+                        MessageStatus.FAILED,
+                        error=exc.message,
+                        content="".join(text),
+                    )
+                    return
+                delay = exc.retry_after
+                if delay is None:
+                    delay = min(
+                        settings.LLM_RETRY_MAX_SECONDS, settings.LLM_RETRY_BASE_SECONDS * 2**attempt
+                    )
+                    delay *= 0.5 + random.random() / 2  # jitter
+                delay = min(delay, settings.LLM_RETRY_MAX_SECONDS)
+                logger.info(
+                    "reply {}: provider error {}, retrying in {:.2f}s",
+                    current.id,
+                    exc.status,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        await self._end(
+            conversation_id,
+            current,
+            MessageStatus.COMPLETED,
+            content="".join(text),
+            usage=usage.as_dict() if usage else None,
+        )
+
+    async def _reread(self, conversation_id: str, reply_id: str) -> Message | None:
+        """The reply as stored now, or None when it is no longer ours to write."""
+        try:
+            latest = await self._store.get_message(conversation_id, None, reply_id)
+        except NotFound:
+            return None
+        return None if latest.status.is_final else latest
+
+    async def _end(
+        self,
+        conversation_id: str,
+        current: Message,
+        status: MessageStatus,
+        *,
+        error: str | None = None,
+        content: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        """Finish the reply exactly once: a CAS against what this writer last stored (re-read
+        when only its metadata changed meanwhile)."""
+        event = (
+            events.MESSAGE_COMPLETED
+            if status is MessageStatus.COMPLETED
+            else (events.MESSAGE_FAILED)
+        )
+        for _ in range(5):
+            final = current.replace(
+                status=status,
+                content=current.content if content is None else content,
+                error=error,
+                usage=usage,
+                updated_at=utcnow(),
+                version=current.version + 1,
+            )
+            if await self._store.replace_message(
+                conversation_id, None, final, current, event=event, dequeue=True
+            ):
+                return
+            latest = await self._reread(conversation_id, current.id)
+            if latest is None:
+                return  # cancelled, deleted or finished by someone else
+            current = latest
+        logger.warning("reply {} kept changing; leaving it to the next attempt", current.id)

@@ -1,0 +1,124 @@
+"""The provider interface: stream a chat completion as text deltas, then its token usage.
+
+Only `replies/providers/` knows an LLM SDK. Providers make one attempt: retries (with backoff,
+honouring Retry-After) are the worker's, so that every provider retries alike and only before
+the first token has reached users.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    messages: list[ChatMessage]
+    temperature: float | None
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
+class ProviderError(Exception):
+    """A failed call. `message` is written for the user: never the provider's raw body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+
+
+class Provider(ABC):
+    name: str
+
+    @abstractmethod
+    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
+        """Text deltas as they arrive, then (when the provider reports it) one Usage.
+
+        Raises ProviderError. Closing the iterator early (`aclose`) stops reading from the
+        provider and closes the connection."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook; most providers hold a client
+        """Release connections."""
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """`retry-after-ms`, or `Retry-After` as seconds or as an HTTP date."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def error_for_status(status: int, retry_after: float | None) -> ProviderError:
+    """A readable error for an HTTP status from a provider (429 and 5xx are retryable)."""
+    if status == 429:
+        return ProviderError(
+            "The AI provider is rate limiting requests; please try again later.",
+            retryable=True,
+            retry_after=retry_after,
+            status=status,
+        )
+    if status >= 500:
+        return ProviderError(
+            "The AI provider is unavailable right now; please try again later.",
+            retryable=True,
+            retry_after=retry_after,
+            status=status,
+        )
+    if status in (401, 403):
+        message = "The AI provider refused the service's credentials."
+    elif status == 404:
+        message = "The AI model was not found at the provider."
+    elif status == 413:
+        message = "The conversation is too long for the AI model."
+    else:
+        message = "The AI provider rejected the request."
+    return ProviderError(f"{message} (HTTP {status})", retryable=False, status=status)
+
+
+TIMEOUT_ERROR = "The AI provider did not answer in time; please try again."
+CONNECTION_ERROR = "The AI provider could not be reached; please try again later."

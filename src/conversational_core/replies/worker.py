@@ -1,0 +1,148 @@
+"""The reply worker: takes jobs, holds a conversation's lease, writes its replies in order.
+
+Replies of one conversation are written one after the other (a second user message while a
+reply is being written is answered after it, with the first reply in its history); replies of
+different conversations are written concurrently, up to WORKER_CONCURRENCY per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import uuid_utils
+from loguru import logger
+
+from conversational_core.errors import StoreUnavailable
+from conversational_core.replies.generation import ReplyWriter
+from conversational_core.replies.providers import build_provider
+from conversational_core.settings import Settings
+from conversational_core.storage.base import Job, JobQueue, Store
+from conversational_core.storage.factory import Backend
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        jobs: JobQueue,
+        writer: ReplyWriter,
+        settings: Settings,
+        name: str | None = None,
+    ) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._writer = writer
+        self._settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid_utils.uuid4().hex[:6]}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Take and run jobs until :meth:`stop`; then cancel what is running (its jobs stay
+        unacknowledged and another worker takes them over after the lease time)."""
+        limit = self._settings.WORKER_CONCURRENCY
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                free = limit - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    jobs = await self._jobs.take(self.name, free, wait_seconds=1.0)
+                    backoff = 0.1
+                except Exception as exc:  # the loop must outlive any store hiccup
+                    logger.warning(
+                        "worker {}: cannot take jobs ({}), retrying", self.name, type(exc).__name__
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                for job in jobs:
+                    task = asyncio.create_task(self._handle(job), name=f"job-{job.id}")
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, job: Job) -> None:
+        cid = job.conversation_id
+        token = uuid_utils.uuid4().hex
+        try:
+            if not await self._jobs.acquire(cid, token):
+                return  # another worker is on this conversation; the job comes back later
+        except StoreUnavailable:
+            return
+        me = asyncio.current_task()
+        assert me is not None
+        keeper = asyncio.create_task(self._keep_lease(job, token, me))
+        try:
+            last: str | None = None
+            while True:
+                reply_id = await self._store.reply_queue_head(cid)
+                if reply_id is None:
+                    if await self._jobs.release(cid, token):
+                        break
+                    continue
+                if reply_id == last:
+                    # The reply could not be ended (it keeps changing under us): leave the job
+                    # unacknowledged so that it is retried after the lease time.
+                    logger.warning(
+                        "reply {} is still queued after a write; retrying later", reply_id
+                    )
+                    return
+                last = reply_id
+                await self._writer.write(cid, reply_id)
+            await self._jobs.ack(job)
+        except StoreUnavailable:
+            logger.warning("worker {}: store unavailable during job {}", self.name, job.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("worker {}: job {} failed", self.name, job.id)
+        finally:
+            keeper.cancel()
+
+    async def _keep_lease(self, job: Job, token: str, owner: asyncio.Task[None]) -> None:
+        interval = self._settings.JOB_LEASE_SECONDS / 3
+        while True:
+            await asyncio.sleep(interval)  # a heartbeat: time is the point
+            try:
+                held = await self._jobs.renew(job.conversation_id, token, job)
+            except StoreUnavailable:
+                continue
+            if not held:
+                logger.warning(
+                    "worker {}: lost the lease of {}; stopping", self.name, job.conversation_id
+                )
+                owner.cancel()
+                return
+
+
+@contextlib.asynccontextmanager
+async def run_worker(settings: Settings, backend: Backend) -> AsyncIterator[Worker]:
+    """A worker running in the background for as long as the context is open."""
+    provider = build_provider(settings)
+    worker = Worker(
+        backend.store, backend.jobs, ReplyWriter(backend.store, provider, settings), settings
+    )
+    task = asyncio.create_task(worker.run(), name="reply-worker")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await provider.close()
