@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis as redis_lib
+
 from bench.client import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,36 +191,83 @@ def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def service(redis_url: str, workdir: Path) -> Iterator[tuple[Child, int]]:
+def service(
+    redis_url: str,
+    workdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    name: str = "service",
+) -> Iterator[tuple[Child, int]]:
     """The service as users start it, `python run.py`; yields it and its port."""
     port = free_port()
-    env = service_env(redis_url, port)
-    with spawn("service", [sys.executable, "run.py"], workdir, env) as child:
+    env = {**service_env(redis_url, port), **(extra_env or {})}
+    with spawn(name, [sys.executable, "run.py"], workdir, env) as child:
         _wait(child, port, "/health")
         yield child, port
 
 
+def _blocked_job_readers(redis: redis_lib.Redis) -> int:
+    """How many Redis clients are blocked in XREADGROUP: the reply workers waiting for jobs."""
+    clients = redis.client_list()
+    return sum(1 for c in clients if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", ""))
+
+
 @contextlib.contextmanager
-def bare_app(page_file: Path, workdir: Path) -> Iterator[tuple[Child, int]]:
-    """The baseline (`bench/bare_app.py`) on the same uvicorn settings; yields it and its port."""
-    port = free_port()
-    python_path = os.pathsep.join(
-        [str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    env = {**os.environ, "PYTHONPATH": python_path, "BENCH_PAGE_FILE": str(page_file)}
-    argv = [
+def reply_worker(
+    redis_url: str, workdir: Path, env: Mapping[str, str], name: str
+) -> Iterator[Child]:
+    """A reply worker as its own process, `python run.py worker`, in the service's environment
+    plus `env`. It has no port: yields it once one more client is blocked in XREADGROUP (the
+    worker waiting for jobs; the API must run none, WORKER_IN_API=false)."""
+    full_env = {**service_env(redis_url), **env}
+    with redis_lib.Redis.from_url(redis_url, decode_responses=True) as redis:
+        before = _blocked_job_readers(redis)
+        with spawn(name, [sys.executable, "run.py", "worker"], workdir, full_env) as child:
+            deadline = time.monotonic() + 30
+            while _blocked_job_readers(redis) <= before:
+                child.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} took no jobs within 30 s:\n{child.tail()}")
+                time.sleep(0.05)  # polling a process we just spawned: no event to wait on
+            yield child
+
+
+def _uvicorn_app(app: str, port: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.bare_app:app",
+        app,
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         *UVICORN_OPTIONS,
     ]
-    with spawn("bare-app", argv, workdir, env) as child:
+
+
+def _bench_python_path() -> str:
+    return os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+
+
+@contextlib.contextmanager
+def bare_app(page_file: Path, workdir: Path) -> Iterator[tuple[Child, int]]:
+    """The baseline (`bench/bare_app.py`) on the same uvicorn settings; yields it and its port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": _bench_python_path(), "BENCH_PAGE_FILE": str(page_file)}
+    with spawn("bare-app", _uvicorn_app("bench.bare_app:app", port), workdir, env) as child:
         _wait(child, port, "/")
+        yield child, port
+
+
+@contextlib.contextmanager
+def fake_llm(workdir: Path) -> Iterator[tuple[Child, int]]:
+    """The fake OpenAI-compatible server (`bench/fake_llm.py`); yields it and its port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": _bench_python_path()}
+    with spawn("fake-llm", _uvicorn_app("bench.fake_llm:app", port), workdir, env) as child:
+        _wait(child, port, "/bench/stats")
         yield child, port
 
 

@@ -18,6 +18,7 @@ from conversational_core.storage.factory import Backend
 from conversational_core.storage.redis import RedisStore, build_client
 from conversational_core.storage.redis_events import RedisEventHub
 from conversational_core.storage.redis_queue import RedisJobQueue
+from conversational_core.storage.resp import RespClient
 from conversational_core.storage.sqlite import SqliteStore, open_sqlite_store
 from tests.fixtures.app import app_client
 
@@ -43,7 +44,7 @@ async def redis_store() -> AsyncIterator[RedisStore]:
         await client.ping()
     except Exception as exc:  # pragma: no cover - environment problem, not a test result
         pytest.fail(f"tests need Redis at {REDIS_URL} (make test starts one): {exc!r}")
-    store = RedisStore(client, prefix)
+    store = RedisStore(client, prefix, fast=RespClient(REDIS_URL))
     yield store
     # Remove only what this test made: its own prefix.
     cleaner = aioredis.Redis.from_url(REDIS_URL)

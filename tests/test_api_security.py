@@ -139,7 +139,9 @@ async def test_request_id_and_problem_shape(client: httpx.AsyncClient, settings:
     assert echoed.headers["x-request-id"] == "abc-123"
     generated = await client.get("/conversations")
     assert len(generated.headers["x-request-id"]) >= 16
-    missing = await client.get("/nowhere")
+    # Anonymous callers learn nothing about the route map: 401 before 404.
+    assert (await client.get("/nowhere")).status_code == 401
+    missing = await client.get("/nowhere", headers=auth(settings, "alice"))
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
     assert missing.headers["x-request-id"]

@@ -11,6 +11,7 @@ from typing import Any, TypedDict
 from fastapi import FastAPI
 
 from conversational_core import __version__
+from conversational_core.auth.middleware import AuthMiddleware
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.conversations.endpoints import router as conversations_router
 from conversational_core.conversations.service import ConversationService
@@ -81,6 +82,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(conversations_router)
     app.include_router(messages_router)
     app.include_router(replies_router)
+    # Outermost last: EdgeMiddleware (request id, body limits) wraps AuthMiddleware.
+    app.add_middleware(AuthMiddleware)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
     _declare_bearer_auth(app)
     return app

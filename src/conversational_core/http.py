@@ -8,9 +8,12 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel
+from starlette.requests import Request
 from starlette.responses import Response
 
 from conversational_core.errors import BadRequest, PreconditionFailed
+from conversational_core.settings import Settings
+from conversational_core.storage.base import Idempotency
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ETAG = re.compile(r'^(?:W/)?"([cm])(\d{1,18})"$')
@@ -39,6 +42,31 @@ def expected_version(if_match: str | None, kind: str) -> int | None:
     if match is None or match.group(1) != kind:
         raise PreconditionFailed()
     return int(match.group(2))
+
+
+# Documents the header on routes that read it themselves (see `idempotency`).
+IDEMPOTENCY_OPENAPI = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "A retry with the same key and body returns the first result and "
+            "creates nothing.",
+        }
+    ]
+}
+
+
+def idempotency(request: Request, body: BaseModel) -> Idempotency | None:
+    """The request's Idempotency-Key (read directly: a declared Header parameter costs a
+    measurable share of a request), scoped by the caller in the store."""
+    key = idempotency_key(request.headers.get("idempotency-key"))
+    if key is None:
+        return None
+    settings: Settings = request.state.settings
+    return Idempotency(key, fingerprint(body), settings.IDEMPOTENCY_TTL_SECONDS)
 
 
 def idempotency_key(value: str | None) -> str | None:

@@ -8,8 +8,13 @@ import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
 
-from conversational_core.auth.dependencies import CurrentUser
-from conversational_core.http import expected_version, fingerprint, idempotency_key, json_response
+from conversational_core.auth.middleware import principal_of
+from conversational_core.http import (
+    IDEMPOTENCY_OPENAPI,
+    expected_version,
+    idempotency,
+    json_response,
+)
 from conversational_core.messages.schemas import (
     MessageCreate,
     MessageList,
@@ -18,7 +23,6 @@ from conversational_core.messages.schemas import (
 )
 from conversational_core.messages.service import MessageService
 from conversational_core.schemas import ID_PATTERN
-from conversational_core.storage.base import Idempotency
 
 router = APIRouter(prefix="/conversations/{conversation_id}/messages", tags=["messages"])
 
@@ -31,18 +35,14 @@ def _service(request: Request) -> MessageService:
     return service
 
 
-@router.post("", status_code=201, response_model=MessageOut)
+@router.post("", status_code=201, response_model=MessageOut, openapi_extra=IDEMPOTENCY_OPENAPI)
 async def create_message(
     request: Request,
-    principal: CurrentUser,
     conversation_id: ConversationId,
     body: MessageCreate,
-    idem_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Response:
-    key = idempotency_key(idem_key)
-    idem = None
-    if key is not None:
-        idem = Idempotency(key, fingerprint(body), request.state.settings.IDEMPOTENCY_TTL_SECONDS)
+    principal = principal_of(request)
+    idem = idempotency(request, body)
     message, replayed = await _service(request).create(principal, conversation_id, body, idem)
     headers = {
         "Location": f"/conversations/{conversation_id}/messages/{message.id}",
@@ -56,7 +56,6 @@ async def create_message(
 @router.get("", response_model=MessageList)
 async def list_messages(
     request: Request,
-    principal: CurrentUser,
     conversation_id: ConversationId,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     order: Literal["asc", "desc"] = "asc",
@@ -64,6 +63,7 @@ async def list_messages(
     after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
     before: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> Response:
+    principal = principal_of(request)
     page = await _service(request).list(
         principal,
         conversation_id,
@@ -81,8 +81,9 @@ async def list_messages(
 
 @router.get("/{message_id}", response_model=MessageOut)
 async def get_message(
-    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+    request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:
+    principal = principal_of(request)
     message = await _service(request).get(principal, conversation_id, message_id)
     return json_response(message, headers={"ETag": message.etag})
 
@@ -90,12 +91,12 @@ async def get_message(
 @router.put("/{message_id}", response_model=MessageOut)
 async def update_message(
     request: Request,
-    principal: CurrentUser,
     conversation_id: ConversationId,
     message_id: MessageId,
     body: MessageUpdate,
     if_match: Annotated[str | None, Header(alias="If-Match")] = None,
 ) -> Response:
+    principal = principal_of(request)
     expected = expected_version(if_match, "m")
     message = await _service(request).update(principal, conversation_id, message_id, body, expected)
     return json_response(message, headers={"ETag": message.etag})
@@ -103,15 +104,17 @@ async def update_message(
 
 @router.delete("/{message_id}", status_code=204)
 async def delete_message(
-    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+    request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:
+    principal = principal_of(request)
     await _service(request).delete(principal, conversation_id, message_id)
     return Response(status_code=204)
 
 
 @router.post("/{message_id}/cancel", response_model=MessageOut)
 async def cancel_reply(
-    request: Request, principal: CurrentUser, conversation_id: ConversationId, message_id: MessageId
+    request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:
+    principal = principal_of(request)
     message = await _service(request).cancel(principal, conversation_id, message_id)
     return json_response(message, headers={"ETag": message.etag})

@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from conversational_core.auth.dependencies import CurrentUser
+from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
 from conversational_core.errors import BadRequest
 from conversational_core.schemas import ID_PATTERN
@@ -38,11 +38,11 @@ _EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 )
 async def conversation_events(
     request: Request,
-    principal: CurrentUser,
     conversation_id: Annotated[str, Path(pattern=ID_PATTERN)],
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id_query: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
 ) -> EventSourceResponse:
+    principal = principal_of(request)
     conversations: ConversationService = request.state.conversations
     await conversations.get(principal, conversation_id)  # 404 unless the caller may read it
     after = last_event_id or last_event_id_query

@@ -32,6 +32,10 @@ from conversational_core.storage.base import MessageQuery, Store
 from conversational_core.storage.models import Message, MessageStatus, utcnow
 
 
+def _attempt(message: Message) -> int:
+    return int((message.context or {}).get("attempts", 0))
+
+
 class ReplyWriter:
     def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
         self._store = store
@@ -89,7 +93,7 @@ class ReplyWriter:
             version=current.version + 1,
         )
         stored = await self._store.replace_message(
-            conversation_id, None, streaming, current, restart=True
+            conversation_id, None, streaming, current, restart=attempts
         )
         if stored is None:
             return  # changed meanwhile (cancelled, deleted, or another worker): not ours
@@ -100,8 +104,9 @@ class ReplyWriter:
         text: list[str] = []
         usage: Usage | None = None
         flush_every = settings.REPLY_FLUSH_MS / 1000
+        attempt = _attempt(current)  # deltas of another attempt are refused by the store
         last_flush = 0.0  # the first delta is stored at once, then every REPLY_FLUSH_MS
-        for attempt in range(settings.LLM_MAX_RETRIES + 1):
+        for try_number in range(settings.LLM_MAX_RETRIES + 1):
             started = False
             try:
                 stream: Any = self._provider.stream(request)
@@ -112,7 +117,9 @@ class ReplyWriter:
                             continue
                         started = True
                         text.append(item)
-                        if not await self._store.publish_delta(conversation_id, current.id, item):
+                        if not await self._store.publish_delta(
+                            conversation_id, current.id, item, attempt
+                        ):
                             return  # cancelled or deleted: closing the stream stops the provider
                         now = time.monotonic()
                         if now - last_flush >= flush_every:
@@ -124,7 +131,7 @@ class ReplyWriter:
                             if stored is None:
                                 # Changed by someone else: a cancel or delete ends our work;
                                 # a metadata edit does not.
-                                latest = await self._reread(conversation_id, current.id)
+                                latest = await self._reread(conversation_id, current)
                                 if latest is None:
                                     return
                                 stored = await self._store.replace_message(
@@ -139,7 +146,7 @@ class ReplyWriter:
                             current = stored
                 break
             except ProviderError as exc:
-                if not exc.retryable or started or attempt == settings.LLM_MAX_RETRIES:
+                if not exc.retryable or started or try_number == settings.LLM_MAX_RETRIES:
                     logger.info(
                         "reply {} failed: {} (status {})", current.id, exc.message, exc.status
                     )
@@ -154,7 +161,8 @@ class ReplyWriter:
                 delay = exc.retry_after
                 if delay is None:
                     delay = min(
-                        settings.LLM_RETRY_MAX_SECONDS, settings.LLM_RETRY_BASE_SECONDS * 2**attempt
+                        settings.LLM_RETRY_MAX_SECONDS,
+                        settings.LLM_RETRY_BASE_SECONDS * 2**try_number,
                     )
                     delay *= 0.5 + random.random() / 2  # jitter
                 delay = min(delay, settings.LLM_RETRY_MAX_SECONDS)
@@ -173,13 +181,16 @@ class ReplyWriter:
             usage=usage.as_dict() if usage else None,
         )
 
-    async def _reread(self, conversation_id: str, reply_id: str) -> Message | None:
-        """The reply as stored now, or None when it is no longer ours to write."""
+    async def _reread(self, conversation_id: str, ours: Message) -> Message | None:
+        """The reply as stored now, or None when it is no longer ours to write: ended, deleted,
+        or restarted by another worker that took it over (another attempt number)."""
         try:
-            latest = await self._store.get_message(conversation_id, None, reply_id)
+            latest = await self._store.get_message(conversation_id, None, ours.id)
         except NotFound:
             return None
-        return None if latest.status.is_final else latest
+        if latest.status.is_final or _attempt(latest) != _attempt(ours):
+            return None
+        return latest
 
     async def _end(
         self,
@@ -207,11 +218,12 @@ class ReplyWriter:
                 updated_at=utcnow(),
                 version=current.version + 1,
             )
+            # `stop`: once the reply has ended no delta passes, not even a stale writer's.
             if await self._store.replace_message(
-                conversation_id, None, final, current, event=event, dequeue=True
+                conversation_id, None, final, current, event=event, dequeue=True, stop=True
             ):
                 return
-            latest = await self._reread(conversation_id, current.id)
+            latest = await self._reread(conversation_id, current)
             if latest is None:
                 return  # cancelled, deleted or finished by someone else
             current = latest

@@ -115,13 +115,20 @@ class Worker:
             keeper.cancel()
 
     async def _keep_lease(self, job: Job, token: str, owner: asyncio.Task[None]) -> None:
-        interval = self._settings.JOB_LEASE_SECONDS / 3
+        """Renew the lease every third of its time; stop the job once it cannot be held (lost,
+        or not renewed for a whole lease time because the store is unreachable): another
+        worker may have taken the conversation over."""
+        lease = self._settings.JOB_LEASE_SECONDS
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while True:
-            await asyncio.sleep(interval)  # a heartbeat: time is the point
+            await asyncio.sleep(lease / 3)  # a heartbeat: time is the point
             try:
                 held = await self._jobs.renew(job.conversation_id, token, job)
+                if held:
+                    renewed = loop.time()
             except StoreUnavailable:
-                continue
+                held = loop.time() - renewed < lease
             if not held:
                 logger.warning(
                     "worker {}: lost the lease of {}; stopping", self.name, job.conversation_id

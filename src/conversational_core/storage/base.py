@@ -213,7 +213,7 @@ class Store(ABC):
         event: str | None = "message.updated",
         dequeue: bool = False,
         stop: bool = False,
-        restart: bool = False,
+        restart: int | None = None,
     ) -> Message | None:
         """Compare-and-set: store `message` if the stored one still equals `expected`; returns
         the stored message, or None when it changed meanwhile (the caller re-reads and retries,
@@ -222,7 +222,8 @@ class Store(ABC):
         In the same atomic step: emit `event` (with the new message) unless None; `dequeue`
         removes the message from the conversation's reply queue (the reply has ended); `stop`
         makes every later :meth:`publish_delta` for it return False (the reply was cancelled);
-        `restart` forgets the text published so far (a new attempt starts from nothing)."""
+        `restart` (the number of a new attempt) forgets the text published so far and from then
+        on lets only deltas of that attempt pass (a worker that lost the reply is refused)."""
 
     @abstractmethod
     async def delete_message(
@@ -235,7 +236,9 @@ class Store(ABC):
     # Events and replies --------------------------------------------------------------------
 
     @abstractmethod
-    async def publish_delta(self, conversation_id: str, message_id: str, delta: str) -> bool:
+    async def publish_delta(
+        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+    ) -> bool:
         """Emit `message.delta` for a reply being written. False (and nothing emitted) when the
         reply was cancelled or deleted, or its conversation deleted: the writer must stop.
         The store keeps the concatenation of a reply's published deltas (see stop_reply)."""

@@ -24,7 +24,8 @@ def new_id() -> str:
 
 def utcnow() -> str:
     """Now as an RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-24T13:29:52.123456Z`."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is C code; strftime is several times slower and this runs on every write.
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def rfc3339_to_ms(value: str) -> int:

@@ -58,6 +58,7 @@ from conversational_core.storage.base import (
     encode_conversation_cursor,
 )
 from conversational_core.storage.models import Conversation, Message, Page, rfc3339_to_ms
+from conversational_core.storage.resp import ReplyError, RespClient
 
 # --- Lua scripts (each touches keys of one conversation only) -----------------------------------
 
@@ -132,9 +133,9 @@ end
 return out
 """
 
-# KEYS: conv, msgs, events, queue, stop flag, partial text.
+# KEYS: conv, msgs, events, queue, stop flag, partial text, attempt.
 # ARGV: owner|'', id, expected json, new json, event type|'', event data, dequeue, stop,
-#       maxlen, events ttl, stop ttl, restart
+#       maxlen, events ttl, stop ttl, restart attempt|''
 _REPLACE = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
@@ -144,7 +145,8 @@ if cur ~= ARGV[3] then return {'changed'} end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
 if ARGV[7] == '1' then redis.call('LREM', KEYS[4], 0, ARGV[2]) end
 if ARGV[8] == '1' then redis.call('SET', KEYS[5], '1', 'EX', ARGV[11]) end
-if ARGV[12] == '1' or ARGV[7] == '1' then redis.call('DEL', KEYS[6]) end
+if ARGV[12] ~= '' or ARGV[7] == '1' then redis.call('DEL', KEYS[6]) end
+if ARGV[12] ~= '' then redis.call('SET', KEYS[7], ARGV[12], 'EX', ARGV[11]) end
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 't', ARGV[5], 'd', ARGV[6])
   redis.call('EXPIRE', KEYS[3], ARGV[10])
@@ -167,13 +169,16 @@ redis.call('EXPIRE', KEYS[4], ARGV[5])
 return {'ok', cur}
 """
 
-# KEYS: msgs, events, stop flag, partial text.  ARGV: id, event data, maxlen, delta, ttl
+# KEYS: msgs, events, stop flag, partial text, attempt.
+# ARGV: id, event data, maxlen, delta, ttl, attempt|''
 # The partial text is exactly the concatenation of the deltas emitted, so that a cancelled
-# reply keeps precisely what its clients received.
+# reply keeps precisely what its clients received. A writer of an older attempt (a worker that
+# lost the reply to another) is refused.
 _DELTA = """
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[6] then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', 'message.delta', 'd', ARGV[2])
 if redis.call('APPEND', KEYS[4], ARGV[4]) == string.len(ARGV[4]) then
   redis.call('EXPIRE', KEYS[4], ARGV[5])
@@ -311,10 +316,13 @@ class RedisStore(Store):
         events_max_len: int = 10_000,
         events_ttl_seconds: int = 86_400,
         cluster: bool = False,
+        fast: RespClient | None = None,
     ) -> None:
         self._redis = client
         self._prefix = prefix
         self._cluster = cluster
+        # Script calls (every request) go through the lean pipelined client when available.
+        self._fast = fast
         self._max_len = events_max_len
         self._events_ttl = events_ttl_seconds
         self.jobs_key = f"{prefix}:{{jobs}}:s"
@@ -400,9 +408,11 @@ class RedisStore(Store):
         round trip it would save here)."""
         for attempt in range(2):
             try:
+                if self._fast is not None:
+                    return await self._fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                if attempt:
+            except (NoScriptError, ReplyError) as exc:
+                if attempt or not str(exc).startswith("NOSCRIPT"):
                     raise
                 await self._load_scripts()
             except _UNAVAILABLE as exc:  # (not _guard(): this is the hot path)
@@ -416,6 +426,8 @@ class RedisStore(Store):
             await self._redis.ping()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self._redis.aclose(close_connection_pool=True)
 
     async def create_conversation(
@@ -774,7 +786,7 @@ class RedisStore(Store):
         event: str | None = events.MESSAGE_UPDATED,
         dequeue: bool = False,
         stop: bool = False,
-        restart: bool = False,
+        restart: int | None = None,
     ) -> Message | None:
         conv_key, msgs_key, _ = self._conv_keys(conversation_id)
         keys = (
@@ -784,6 +796,7 @@ class RedisStore(Store):
             self.queue_key(conversation_id),
             self._key(conversation_id, f"x:{message.id}"),
             self._key(conversation_id, f"p:{message.id}"),
+            self._key(conversation_id, f"a:{message.id}"),
         )
         doc = message.to_json()
         data = b'{"message_id":"' + message.id.encode() + b'","message":' + doc + b"}"
@@ -804,7 +817,7 @@ class RedisStore(Store):
                 self._max_len,
                 self._events_ttl,
                 self._events_ttl,
-                "1" if restart else "0",
+                "" if restart is None else restart,
             ],
         )
         if result[0] == b"missing":
@@ -836,26 +849,26 @@ class RedisStore(Store):
             raise NotFound("Message not found.")
         return Message.from_json(_unpack(result[1], message_id, conversation_id))
 
-    async def publish_delta(self, conversation_id: str, message_id: str, delta: str) -> bool:
+    async def publish_delta(
+        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+    ) -> bool:
         _, msgs_key, _ = self._conv_keys(conversation_id)
         keys = (
             msgs_key,
             self.events_key(conversation_id),
             self._key(conversation_id, f"x:{message_id}"),
             self._key(conversation_id, f"p:{message_id}"),
+            self._key(conversation_id, f"a:{message_id}"),
         )
-        result = await self._eval(
-            self._delta,
-            keys,
-            [
-                message_id,
-                events.delta_data(message_id, delta),
-                self._max_len,
-                delta,
-                self._events_ttl,
-            ],
-        )
-        return bool(result)
+        args = [
+            message_id,
+            events.delta_data(message_id, delta),
+            self._max_len,
+            delta,
+            self._events_ttl,
+            "" if attempt is None else attempt,
+        ]
+        return bool(await self._eval(self._delta, keys, args))
 
     async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
         keys = (
@@ -935,8 +948,17 @@ async def open_redis_store(
         connect_timeout=connect_timeout,
         max_connections=max_connections,
     )
+    fast = (
+        RespClient(url, timeout=socket_timeout, connect_timeout=connect_timeout)
+        if RespClient.supports(url)
+        else None
+    )
     store = RedisStore(
-        client, prefix, events_max_len=events_max_len, events_ttl_seconds=events_ttl_seconds
+        client,
+        prefix,
+        events_max_len=events_max_len,
+        events_ttl_seconds=events_ttl_seconds,
+        fast=fast,
     )
     try:
         yield store

@@ -278,6 +278,8 @@ class SqliteStore(Store):
         self._replies: dict[str, dict[str, list[str]]] = {}
         # Stopped replies (conversation id, message id) -> until when (monotonic), oldest first.
         self._stopped: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # The attempt being written of each reply in progress (see replace_message(restart)).
+        self._attempts: dict[tuple[str, str], int] = {}
 
     @classmethod
     async def open(
@@ -702,7 +704,7 @@ class SqliteStore(Store):
         event: str | None = ev.MESSAGE_UPDATED,
         dequeue: bool = False,
         stop: bool = False,
-        restart: bool = False,
+        restart: int | None = None,
     ) -> Message | None:
         # Without `dequeue` the write is one statement, atomic by itself; with it, a transaction.
         async with self._session("IMMEDIATE" if dequeue else None) as db:
@@ -751,7 +753,13 @@ class SqliteStore(Store):
         return None
 
     def _reply_changed(
-        self, conversation_id: str, message_id: str, *, stop: bool, restart: bool, dequeue: bool
+        self,
+        conversation_id: str,
+        message_id: str,
+        *,
+        stop: bool,
+        restart: int | None,
+        dequeue: bool,
     ) -> None:
         if stop:
             self._stop(conversation_id, message_id)
@@ -762,9 +770,12 @@ class SqliteStore(Store):
                 replies.pop(message_id, None)
                 if not replies:
                     del self._replies[conversation_id]
-        elif restart:
+            self._attempts.pop((conversation_id, message_id), None)
+        elif restart is not None:
             # A new attempt starts from nothing; the message exists (it was just written).
+            # Only that attempt's deltas pass from now on.
             self._replies.setdefault(conversation_id, {})[message_id] = []
+            self._attempts[(conversation_id, message_id)] = restart
 
     async def delete_message(
         self, conversation_id: str, owner: str | None, message_id: str
@@ -807,6 +818,7 @@ class SqliteStore(Store):
             if not replies:
                 del self._replies[conversation_id]
         self._stopped.pop((conversation_id, message_id), None)
+        self._attempts.pop((conversation_id, message_id), None)
 
     # Events and replies --------------------------------------------------------------------
 
@@ -826,10 +838,14 @@ class SqliteStore(Store):
         until = self._stopped.get((conversation_id, message_id))
         return until is not None and until > time.monotonic()
 
-    async def publish_delta(self, conversation_id: str, message_id: str, delta: str) -> bool:
+    async def publish_delta(
+        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+    ) -> bool:
         # Called for every token: no write to the file, and usually no read either.
         if self._is_stopped(conversation_id, message_id):
             return False
+        if attempt is not None and self._attempts.get((conversation_id, message_id)) != attempt:
+            return False  # a writer of an older attempt
         replies = self._replies.get(conversation_id)
         parts = replies.get(message_id) if replies is not None else None
         if parts is not None:
