@@ -78,10 +78,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    app.include_router(health_router)
-    app.include_router(conversations_router)
+    # Routers are matched in order: the hottest routes first.
     app.include_router(messages_router)
+    app.include_router(conversations_router)
     app.include_router(replies_router)
+    app.include_router(health_router)
     # Outermost last: EdgeMiddleware (request id, body limits) wraps AuthMiddleware.
     app.add_middleware(AuthMiddleware)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)

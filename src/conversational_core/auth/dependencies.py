@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.errors import BadRequest, Forbidden, Unauthorized
-
-ON_BEHALF_HEADER = "x-on-behalf-of"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +34,11 @@ class Principal:
         return self.is_admin or self.is_service
 
 
-async def authenticate(verifier: TokenVerifier, headers: Mapping[str, str]) -> Principal:
-    """The caller of a request with these headers; raises Unauthorized or Forbidden."""
-    header = headers.get("authorization")
+async def authenticate(
+    verifier: TokenVerifier, header: str | None, on_behalf: str | None
+) -> Principal:
+    """The caller of a request with this Authorization (and X-On-Behalf-Of) header; raises
+    Unauthorized or Forbidden."""
     if not header:
         raise Unauthorized("Missing bearer token.")
     scheme, _, token = header.partition(" ")
@@ -47,7 +46,6 @@ async def authenticate(verifier: TokenVerifier, headers: Mapping[str, str]) -> P
         raise Unauthorized("Expected 'Authorization: Bearer <token>'.")
     claims = await verifier.verify(token.strip())
     user_id = claims.sub
-    on_behalf = headers.get(ON_BEHALF_HEADER)
     if on_behalf is not None:
         if "service" not in claims.roles:
             raise Forbidden("X-On-Behalf-Of needs a token with the 'service' role.")

@@ -9,7 +9,6 @@ path. Routes read the result with :func:`principal_of`.
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,8 +33,15 @@ class AuthMiddleware:
             return
         state = scope.setdefault("state", {})
         verifier: TokenVerifier = state["verifier"]
+        # One pass over the raw headers (a Headers mapping scans them again for every get).
+        authorization = on_behalf = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-on-behalf-of":
+                on_behalf = value.decode("latin-1")
         try:
-            state["principal"] = await authenticate(verifier, Headers(scope=scope))
+            state["principal"] = await authenticate(verifier, authorization, on_behalf)
         except AppError as exc:
             response = problem_response(exc.status, exc.detail, code=exc.code, headers=exc.headers)
             await response(scope, receive, send)

@@ -74,7 +74,7 @@ async def list_messages(
         before=before,
     )
     # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
-    body = b'{"items":[' + b",".join(page.items.json_items()) + b'],"next_cursor":'
+    body = b'{"items":' + page.items.json_array() + b',"next_cursor":'
     body += orjson.dumps(page.next_cursor) + b"}"
     return Response(body, media_type="application/json")
 

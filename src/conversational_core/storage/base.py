@@ -82,11 +82,12 @@ class MessageQuery:
 
 
 class MessageSlice:
-    """A page of messages. A backend that holds the messages' JSON may hand it over as `raw`:
-    then the messages are decoded only if someone asks for `items`, and an HTTP page is
-    assembled from the stored bytes (the hot path of reading a conversation)."""
+    """A page of messages. A backend that holds the messages' JSON may hand it over instead of
+    decoded messages — as a list of documents (`raw`) or as one JSON array (`array`) — so that an
+    HTTP page is assembled from the stored bytes (the hot path of reading a conversation) and
+    messages are decoded only if someone asks for `items`."""
 
-    __slots__ = ("_items", "has_more", "raw", "seqs")
+    __slots__ = ("_items", "array", "has_more", "raw", "seqs")
 
     def __init__(
         self,
@@ -94,26 +95,32 @@ class MessageSlice:
         seqs: list[int],
         has_more: bool,
         raw: list[bytes] | None = None,
+        array: bytes | None = None,
     ) -> None:
-        if items is None and raw is None:
-            raise ValueError("a slice needs items or raw JSON")
+        if items is None and raw is None and array is None:
+            raise ValueError("a slice needs items, raw documents or a JSON array")
         self._items = items
         self.seqs = seqs
         self.has_more = has_more
         self.raw = raw
+        self.array = array
 
     @property
     def items(self) -> list[Message]:
         if self._items is None:
-            assert self.raw is not None
-            self._items = [Message.from_json(doc) for doc in self.raw]
+            if self.array is not None:
+                self._items = [Message.from_dict(doc) for doc in orjson.loads(self.array)]
+            else:
+                assert self.raw is not None
+                self._items = [Message.from_json(doc) for doc in self.raw]
         return self._items
 
-    def json_items(self) -> list[bytes]:
-        """Each message as JSON, in page order."""
-        if self.raw is not None:
-            return self.raw
-        return [message.to_json() for message in self.items]
+    def json_array(self) -> bytes:
+        """The messages as one JSON array, in page order."""
+        if self.array is not None:
+            return self.array
+        docs = self.raw if self.raw is not None else [m.to_json() for m in self.items]
+        return b"[" + b",".join(docs) + b"]"
 
 
 class UnknownAnchor(Exception):
