@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
+from loguru import logger
 
 from conversational_core import __version__
 from conversational_core.auth.middleware import AuthMiddleware
@@ -57,6 +58,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             stack.push_async_callback(verifier.aclose)
             if settings.WORKER_IN_API:
                 await stack.enter_async_context(run_worker(settings, active))
+            elif not settings.REDIS_URL:
+                logger.warning(
+                    "WORKER_IN_API is off on the embedded store: replies are queued "
+                    "but written only once a process with the worker starts"
+                )
             yield State(
                 settings=settings,
                 store=active.store,

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.http import json_response
-from conversational_core.storage.base import Store
+from conversational_core.storage.base import JobQueue, Store
 
 router = APIRouter(tags=["operations"])
 
@@ -30,9 +30,20 @@ async def check_store(store: Store) -> dict[str, object]:
     }
 
 
+async def check_queue(jobs: JobQueue) -> dict[str, object]:
+    try:
+        depth, oldest = await asyncio.wait_for(jobs.stats(), _CHECK_TIMEOUT_SECONDS)
+    except (StoreUnavailable, TimeoutError):
+        return {"status": "unavailable"}
+    return {"status": "ok", "jobs": depth, "oldest_job_age_seconds": round(oldest, 3)}
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
-    checks = {"store": await check_store(request.state.store)}
+    store, queue = await asyncio.gather(
+        check_store(request.state.store), check_queue(request.state.jobs)
+    )
+    checks = {"store": store, "queue": queue}
     ok = all(check["status"] == "ok" for check in checks.values())
     body = {"status": "ok" if ok else "unavailable", "checks": checks}
     if ok:

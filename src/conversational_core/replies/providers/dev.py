@@ -22,10 +22,11 @@ class DevProvider(Provider):
         quoted = " ".join(last.split())
         if len(quoted) > 120:
             quoted = quoted[:117] + "..."
+        sent = len(request.messages)
         return (
             f'[development reply] You said: "{quoted}". This answer comes from the built-in '
-            f"development provider ({len(request.messages)} messages were sent to it); set "
-            "LLM_PROVIDER to reach a real model."
+            f"development provider ({sent} message{'' if sent == 1 else 's'} sent to it); "
+            "set LLM_PROVIDER to reach a real model."
         )
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
