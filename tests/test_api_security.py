@@ -35,6 +35,8 @@ def _endpoints(cid: str, mid: str) -> list[tuple[str, str, dict[str, object] | N
         ("GET", f"/conversations/{cid}/messages", None),
         ("GET", f"/conversations/{cid}/messages/{mid}", None),
         ("PUT", f"/conversations/{cid}/messages/{mid}", {"content": "hacked"}),
+        ("POST", f"/conversations/{cid}/messages/{mid}/cancel", None),
+        ("GET", f"/conversations/{cid}/events", None),
         ("DELETE", f"/conversations/{cid}/messages/{mid}", None),
     ]
 
