@@ -27,38 +27,52 @@ class ReplyError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT)."""
 
 
-def _encode(arg: Any) -> bytes:
-    if isinstance(arg, bytes):
-        return arg
-    if isinstance(arg, str):
-        return arg.encode()
-    if isinstance(arg, bool):
-        raise TypeError("booleans are ambiguous in Redis commands")
-    if isinstance(arg, (int, float)):
-        return repr(arg).encode()
-    raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-
-
 def pack(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = _encode(arg)
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+    """RESP encoding of a command, by hiredis (C), as redis-py does."""
+    return hiredis.pack_command(args)  # type: ignore[no-any-return]
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """One connection: commands are written in batches (all those issued in one turn of the
+    event loop go out in one write) and replies are matched to a FIFO of futures. One timer
+    per connection, not per command, fails it when its oldest command waits too long."""
+
+    def __init__(self, timeout: float) -> None:
         self.reader = hiredis.Reader(replyError=ReplyError)
-        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.timeout = timeout
+        self.outbox: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check)
         self.transport = cast(asyncio.Transport, transport)
+        self.watchdog = self.loop.call_later(self.timeout / 2, self._check)
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.pending.append((future, self.loop.time() + self.timeout))
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
+        self.outbox.append(command)
+        return future
+
+    def _flush(self) -> None:
+        if self.transport is not None and not self.closed and self.outbox:
+            self.transport.write(b"".join(self.outbox))
+        self.outbox.clear()
+
+    def _check(self) -> None:
+        if self.closed:
+            return
+        if self.pending and self.pending[0][1] < self.loop.time():
+            # Replies are matched by order: after a timeout the connection is unusable.
+            self.fail(TimeoutError("Redis did not answer in time"))
+            return
+        self.watchdog = self.loop.call_later(self.timeout / 2, self._check)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -66,7 +80,7 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            future = self.pending.popleft()
+            future, _ = self.pending.popleft()
             if not future.done():
                 future.set_result(reply)
 
@@ -75,8 +89,11 @@ class _Protocol(asyncio.Protocol):
 
     def fail(self, exc: Exception) -> None:
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.outbox.clear()
         while self.pending:
-            future = self.pending.popleft()
+            future, _ = self.pending.popleft()
             if not future.done():
                 future.set_exception(exc)
         if self.transport is not None:
@@ -88,7 +105,7 @@ class RespClient:
     ints, lists) or raises ReplyError / ConnectionError / TimeoutError."""
 
     def __init__(
-        self, url: str, *, connections: int = 4, timeout: float = 2.0, connect_timeout: float = 1.0
+        self, url: str, *, connections: int = 2, timeout: float = 2.0, connect_timeout: float = 1.0
     ) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "redis":
@@ -115,7 +132,9 @@ class RespClient:
                 return proto
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._connect_timeout):
-                _, proto = await loop.create_connection(_Protocol, self._host, self._port)
+                _, proto = await loop.create_connection(
+                    lambda: _Protocol(self._timeout), self._host, self._port
+                )
             handshake: list[tuple[Any, ...]] = []
             if self._password is not None:
                 handshake.append(
@@ -131,25 +150,12 @@ class RespClient:
             self._slots[index] = proto
             return proto
 
-    async def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> Any:
-        assert proto.transport is not None
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        proto.pending.append(future)
-        proto.transport.write(pack(args))
-        handle = asyncio.get_running_loop().call_later(self._timeout, self._expire, proto, future)
-        try:
-            reply = await future
-        finally:
-            handle.cancel()
+    @staticmethod
+    async def _send(proto: _Protocol, args: tuple[Any, ...]) -> Any:
+        reply = await proto.send(pack(args))
         if isinstance(reply, ReplyError):
             raise reply
         return reply
-
-    @staticmethod
-    def _expire(proto: _Protocol, future: asyncio.Future[Any]) -> None:
-        if not future.done():
-            # Replies are matched by order: after a timeout the connection is unusable.
-            proto.fail(TimeoutError("Redis did not answer in time"))
 
     async def call(self, *args: Any) -> Any:
         index = self._next
