@@ -9,16 +9,27 @@ What it measures: CLIENTS conversations, each with one SSE client (`GET …/even
 this process (asyncio, raw sockets: bench/sse.py). Once every client has its stream's first
 comment, one message is posted per conversation (respond=true, POSTERS keep-alive connections
 posting concurrently), and the run waits until every client has seen `message.completed` for its
-reply. A client counts as complete when that reply's deltas, concatenated, equal both the
-completed event's content and the text the fake model sent; the stored messages of a sample of
-VERIFY_SAMPLE replies are fetched at the end and compared too.
+reply. A client follows its reply as any client must: `message.updated` replaces the text so far
+(a new attempt of a reply resets it, counted as a restart), deltas append to it. A client counts
+as complete when that text equals both the completed event's content and the text the fake model
+sent; the stored messages of a sample of VERIFY_SAMPLE replies are fetched at the end and
+compared too.
 
 Reported: clients complete (goal: all), total time (first POST to last completion), the latency
 of each reply from its POST to its first delta and to its completion, and the resident memory
 (VmRSS of /proc/<pid>/status) of the API process before the clients connect, once they are
 connected, at its peak during the replies (sampled every RSS_INTERVAL s; VmHWM, the kernel's own
-high-water mark since the process started, beside it) and after the clients have gone; and of
-each worker process. CPU seconds of every process during the replies show where the time went.
+high-water mark since the process started, beside it), after the clients have gone and around a
+second round of as many connections (does the first round's memory get reused?); and of each
+worker process. CPU seconds of every process and Redis' command statistics during the replies
+show where the time went; jobs left unacknowledged once every reply has ended show workers that
+stopped a job they had finished.
+
+`while_connected` (the caller's) runs after the replies while the clients are still connected
+and idle: the time-to-first-token benchmark again, to show what idle subscribers cost.
+
+The soft limit of open files of this process is raised (resource.setrlimit) to fit the clients,
+and the server processes' limits are checked (/proc/<pid>/limits).
 """
 
 from __future__ import annotations
@@ -30,18 +41,21 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
+from redis import Redis as SyncRedis
+from redis.exceptions import ResponseError as RedisResponseError
 
 from bench.client import RawClient, encode_request
 from bench.fake_llm import reply_text, tag_message
 from bench.sse import COMPLETED, SseProtocol, events_request
 from bench.ttft import configure_llm, percentile
+from conversational_core.settings import Settings
 
 CLIENTS = 1_000
 WORKERS = 2
@@ -53,8 +67,17 @@ POSTERS = 16
 CONNECT_CONCURRENCY = 100
 VERIFY_SAMPLE = 100
 RSS_INTERVAL = 0.02
+JOBS_SETTLE = 2.0  # seconds after the last reply before counting unacknowledged jobs
+CONNECTIONS_EVERY = 10  # samples: connections to Redis every 0.2 s (reading them costs more)
 TIMEOUT = 120.0
 FD_MARGIN = 200  # descriptors beyond one per client: Redis pool, listeners, files
+# The service's default size of the Redis connection pool of a process (REDIS_MAX_CONNECTIONS),
+# which the benchmark leaves as it is: the connections each process reaches are shown beside it.
+REDIS_POOL_DEFAULT = Settings.model_fields["REDIS_MAX_CONNECTIONS"].default
+# The workers' job stream and consumer group (storage/redis.py and storage/redis_queue.py, with
+# the REDIS_KEY_PREFIX that bench/procs.py gives the service).
+JOBS_KEY = "cc:{jobs}:s"
+JOBS_GROUP = "workers"
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -65,6 +88,11 @@ def read_status(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "VmHWM"):
             values[name] = int(rest.split()[0])
     return values
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process has open (sockets included)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -93,12 +121,64 @@ def raise_open_files(needed: int) -> int:
     return soft
 
 
-class RssSampler:
-    """Samples VmRSS of some processes every RSS_INTERVAL seconds in a thread; keeps the peak."""
+def redis_command_stats(redis: SyncRedis, top: int = 8) -> dict[str, dict[str, float]]:
+    """The commands Redis spent most CPU on since the last CONFIG RESETSTAT (INFO
+    commandstats): calls, total and per-call microseconds."""
+    stats: dict[str, Any] = redis.info("commandstats")
+    rows = {
+        name.removeprefix("cmdstat_"): {
+            "calls": float(v["calls"]),
+            "usec": float(v["usec"]),
+            "usec_per_call": float(v["usec_per_call"]),
+        }
+        for name, v in stats.items()
+    }
+    ordered = sorted(rows.items(), key=lambda kv: kv[1]["usec"], reverse=True)
+    return dict(ordered[:top])
 
-    def __init__(self, pids: dict[str, int]) -> None:
+
+def unacknowledged_jobs(redis: SyncRedis) -> int:
+    """Jobs of the reply workers delivered but not acknowledged (XPENDING of their group):
+    some time after every reply has ended, a job still there was left by a worker that stopped
+    it (it is taken over and acknowledged once a lease time has passed)."""
+    try:
+        summary: Any = redis.xpending(JOBS_KEY, JOBS_GROUP)
+    except RedisResponseError:  # no stream or no group yet
+        return 0
+    return int(summary["pending"])
+
+
+def redis_connections(pids: dict[str, int], redis_port: int) -> dict[str, int]:
+    """How many established TCP connections to 127.0.0.1:`redis_port` each process has: its
+    sockets (/proc/<pid>/fd) matched with /proc/net/tcp."""
+    to_redis = set()
+    port_hex = f":{redis_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2].endswith(port_hex) and fields[3] == "01":  # remote port, ESTABLISHED
+            to_redis.add(fields[9])  # inode
+    counts = {}
+    for name, pid in pids.items():
+        count = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:[") and target[8:-1] in to_redis:
+                        count += 1
+        counts[name] = count
+    return counts
+
+
+class RssSampler:
+    """Samples VmRSS of some processes every RSS_INTERVAL seconds in a thread and keeps the
+    peak; every CONNECTIONS_EVERY samples, their connections to Redis too (peak)."""
+
+    def __init__(self, pids: dict[str, int], redis_port: int) -> None:
         self.pids = pids
+        self.redis_port = redis_port
         self.peak_kb = dict.fromkeys(pids, 0)
+        self.peak_connections = dict.fromkeys(pids, 0)
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -109,6 +189,10 @@ class RssSampler:
                 with contextlib.suppress(OSError, KeyError):
                     rss = read_status(pid)["VmRSS"]
                     self.peak_kb[name] = max(self.peak_kb[name], rss)
+            if self.samples % CONNECTIONS_EVERY == 0:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    for name, n in redis_connections(self.pids, self.redis_port).items():
+                        self.peak_connections[name] = max(self.peak_connections[name], n)
             self.samples += 1
             self._stop.wait(RSS_INTERVAL)
 
@@ -179,11 +263,23 @@ class FanoutResult:
     complete_ms: list[float] = field(default_factory=list)  # POST sent -> message.completed
     events: int = 0
     verified_stored: int = 0
+    restarted: int = 0  # replies whose text was reset by a new attempt before completing
+    failure_kinds: dict[str, int] = field(default_factory=dict)
+    redis_commands: dict[str, dict[str, float]] = field(default_factory=dict)
+    api_fds: dict[str, int] = field(default_factory=dict)
+    api_redis_connections: dict[str, int] = field(default_factory=dict)
+    jobs_unacknowledged: dict[str, float] = field(default_factory=dict)
+    redis_connections_peak: dict[str, int] = field(default_factory=dict)
+    while_connected: Any = None  # what the caller ran with the clients connected and idle
     api_rss_kb: dict[str, int] = field(default_factory=dict)
     workers_rss_kb: dict[str, dict[str, int]] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     open_files: dict[str, int | None] = field(default_factory=dict)
     rss_samples: int = 0
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.failure_kinds[kind] = self.failure_kinds.get(kind, 0) + 1
+        self.failures.append(f"{kind}: {detail}")
 
     def to_json(self) -> dict[str, Any]:
         def ms(values: list[float]) -> dict[str, float] | None:
@@ -208,7 +304,9 @@ class FanoutResult:
             },
             "connected": self.connected,
             "completed": self.completed,
-            "failures": self.failures[:20],
+            "failure_kinds": self.failure_kinds,
+            "failures_first_10": self.failures[:10],
+            "replies_restarted": self.restarted,
             "connect_seconds": self.connect_seconds,
             "post_seconds": self.post_seconds,
             "total_seconds": self.total_seconds,
@@ -217,8 +315,14 @@ class FanoutResult:
             "sse_events_received": self.events,
             "stored_replies_verified": self.verified_stored,
             "api_rss_kb": self.api_rss_kb,
+            "api_open_fds": self.api_fds,
+            "api_redis_connections": self.api_redis_connections,
+            "jobs_unacknowledged": self.jobs_unacknowledged,
+            "redis_connections_peak": self.redis_connections_peak,
+            "redis_max_connections_default": REDIS_POOL_DEFAULT,
             "workers_rss_kb": self.workers_rss_kb,
             "cpu_seconds_during_replies": self.cpu_seconds,
+            "redis_commands_during_replies": self.redis_commands,
             "open_files_soft_limit": self.open_files,
             "rss_samples": self.rss_samples,
         }
@@ -242,7 +346,7 @@ async def _connect(port: int, token: str, clients: list[Client], result: FanoutR
     result.connect_seconds = time.monotonic() - started
     for client, outcome in zip(clients, outcomes, strict=True):
         if isinstance(outcome, BaseException):
-            result.failures.append(f"{client.conversation_id}: connect: {outcome!r}")
+            result.fail("connect", f"{client.conversation_id}: {outcome!r}")
         else:
             result.connected += 1
 
@@ -269,22 +373,38 @@ async def _post_all(port: int, token: str, clients: list[Client]) -> None:
 
 
 async def _run(
-    port: int, token: str, conversations: list[str], pids: dict[str, int]
+    port: int,
+    token: str,
+    conversations: list[str],
+    pids: dict[str, int],
+    redis: SyncRedis,
+    while_connected: Callable[[], Any] | None,
 ) -> FanoutResult:
     result = FanoutResult(clients=len(conversations))
     clients = [Client(cid) for cid in conversations]
     api_pid = pids["api"]
+    redis_port = int(redis.connection_pool.connection_kwargs["port"])
     result.api_rss_kb["before_clients"] = read_status(api_pid)["VmRSS"]
+    result.api_fds["before_clients"] = open_fds(api_pid)
+    result.api_redis_connections["before_clients"] = redis_connections(
+        {"api": api_pid}, redis_port
+    )["api"]
 
     await _connect(port, token, clients, result)
     ready = [c for c in clients if c.protocol is not None and c.protocol.connected.done()]
     result.api_rss_kb["clients_connected"] = read_status(api_pid)["VmRSS"]
+    result.api_fds["clients_connected"] = open_fds(api_pid)
+    result.api_redis_connections["clients_connected"] = redis_connections(
+        {"api": api_pid}, redis_port
+    )["api"]
     worker_pids = {name: pid for name, pid in pids.items() if name.startswith("worker")}
     for name, pid in worker_pids.items():
         result.workers_rss_kb[name] = {"before": read_status(pid)["VmRSS"]}
 
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    sampler = RssSampler({"api": api_pid, **worker_pids})
+    measured = {**pids, "bench_clients": os.getpid()}  # this process: the clients
+    cpu_before = {name: cpu_seconds(pid) for name, pid in measured.items()}
+    redis.config_resetstat()
+    sampler = RssSampler({"api": api_pid, **worker_pids}, redis_port)
     with sampler.running():
         started = time.monotonic()
         await _post_all(port, token, ready)
@@ -299,11 +419,14 @@ async def _run(
             for trace in c.protocol.replies.values()
             if trace.done_at is not None
         ]
-        result.total_seconds = (max(ends) if ends else time.monotonic()) - started
+        last_end = max(ends) if ends else time.monotonic()
+        result.total_seconds = last_end - started
     result.cpu_seconds = {
-        name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()
+        name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in measured.items()
     }
+    result.redis_commands = redis_command_stats(redis)
     result.rss_samples = sampler.samples
+    result.redis_connections_peak = sampler.peak_connections
     status = read_status(api_pid)
     result.api_rss_kb["peak_sampled"] = max(sampler.peak_kb["api"], status["VmRSS"])
     result.api_rss_kb["after_replies"] = status["VmRSS"]
@@ -321,21 +444,22 @@ async def _run(
         protocol = client.protocol
         assert protocol is not None
         result.events += protocol.events
+        cid = client.conversation_id
         if protocol.ended.done() and protocol.ended.exception() is not None:
-            error = protocol.ended.exception()
-            result.failures.append(f"{client.conversation_id}: stream ended: {error!r}")
+            result.fail("stream lost", f"{cid}: {protocol.ended.exception()!r}")
             continue
         trace = protocol.replies.get(client.reply_id or "")
         if trace is None or trace.final_type is None:
-            result.failures.append(f"{client.conversation_id}: no end of reply {client.reply_id}")
+            result.fail("no end within the time limit", f"{cid}: reply {client.reply_id}")
             continue
+        result.restarted += 1 if trace.restarts else 0
         text = "".join(trace.deltas)
         content = (trace.final_message or {}).get("content")
-        if trace.final_type != COMPLETED or text != expected or content != expected:
-            result.failures.append(
-                f"{client.conversation_id}: {trace.final_type}, deltas {text!r}, "
-                f"content {content!r}"
-            )
+        if trace.final_type != COMPLETED:
+            result.fail(trace.final_type, f"{cid}: {trace.final_message}")
+            continue
+        if text != expected or content != expected:
+            result.fail("wrong text", f"{cid}: deltas {text!r}, content {content!r}")
             continue
         result.completed += 1
         assert client.posted_at is not None
@@ -356,25 +480,64 @@ async def _run(
             if stored["status"] == "completed" and stored["content"] == expected:
                 result.verified_stored += 1
             else:
-                result.failures.append(
-                    f"{client.conversation_id}: stored {stored['status']} {stored['content']!r}"
+                result.fail(
+                    "stored reply differs",
+                    f"{client.conversation_id}: {stored['status']} {stored['content']!r}",
                 )
     finally:
         http.close()
 
-    for client in clients:
-        if client.protocol is not None:
-            client.protocol.close()
-    await asyncio.sleep(1.0)  # let the API notice the disconnections before measuring again
+    # Long enough after the last reply for its worker to have acknowledged its job (a few ms),
+    # well within a lease time, so that no worker has taken over a job left behind.
+    await asyncio.sleep(max(0.0, last_end + JOBS_SETTLE - time.monotonic()))
+    result.jobs_unacknowledged["seconds_after_last_reply"] = round(time.monotonic() - last_end, 1)
+    result.jobs_unacknowledged["jobs"] = unacknowledged_jobs(redis)
+
+    if while_connected is not None:
+        # Nothing is streamed to the clients now: they only hold their subscriptions.
+        result.while_connected = await asyncio.to_thread(while_connected)
+
+    await _disconnect(clients, api_pid)
     result.api_rss_kb["clients_gone"] = read_status(api_pid)["VmRSS"]
+    result.api_fds["clients_gone"] = open_fds(api_pid)
+
+    # A second round of as many connections: does the memory of the first one get reused?
+    again = [Client(cid) for cid in conversations]
+    await _connect(port, token, again, FanoutResult(clients=len(again)))
+    result.api_rss_kb["second_round_connected"] = read_status(api_pid)["VmRSS"]
+    result.api_fds["second_round_connected"] = open_fds(api_pid)
+    await _disconnect(again, api_pid)
+    result.api_rss_kb["second_round_gone"] = read_status(api_pid)["VmRSS"]
     return result
 
 
+async def _disconnect(clients: list[Client], api_pid: int) -> None:
+    """Close every client, then wait (up to 10 s) until the API has closed its sockets too."""
+    fds_connected = open_fds(api_pid)
+    closed = 0
+    for client in clients:
+        if client.protocol is not None:
+            client.protocol.close()
+            closed += 1
+    deadline = time.monotonic() + 10
+    while open_fds(api_pid) > fds_connected - closed + 10 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the API closes its side when it notices: no event to wait on
+    await asyncio.sleep(0.2)  # and lets its tasks finish
+
+
 def measure(
-    port: int, token: str, llm_port: int, conversations: list[str], pids: dict[str, int]
+    port: int,
+    token: str,
+    llm_port: int,
+    redis_url: str,
+    conversations: list[str],
+    pids: dict[str, int],
+    while_connected: Callable[[], Any] | None = None,
 ) -> FanoutResult:
     """`conversations`: fresh conversations of the token's user, one per client. `pids`: "api",
-    "worker-…" (workers), and any other process whose CPU time is to be shown."""
+    "worker-…" (workers), and any other process whose CPU time is to be shown.
+    `while_connected` runs (in a thread) after the replies, while the clients are still
+    connected and idle; its result is `result.while_connected`."""
     needed = len(conversations) + FD_MARGIN
     open_files = {
         "bench_client": raise_open_files(needed),
@@ -388,6 +551,7 @@ def measure(
         )
     with RawClient(llm_port) as llm:
         configure_llm(llm, FIRST_DELAY_MS, TOKENS, TOKEN_DELAY_MS)
-    result = uvloop.run(_run(port, token, conversations, pids))
+    with SyncRedis.from_url(redis_url, decode_responses=True) as redis:
+        result = uvloop.run(_run(port, token, conversations, pids, redis, while_connected))
     result.open_files = open_files
     return result

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bench import fanout as fanout_bench
+from bench import ttft as ttft_bench
 from bench.memory import GOAL_MAX_RATIO as MEMORY_GOAL
 from bench.memory import MemoryResult
 from bench.scaling import Pair
 from bench.throughput import Comparison
+
+if TYPE_CHECKING:
+    from bench.run import Replies
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -61,8 +66,116 @@ def memory_line(m: MemoryResult) -> str:
     )
 
 
+def ttft_lines(result: ttft_bench.TtftResult, label: str) -> list[str]:
+    data = result.to_json()
+    o = data["overhead"]
+    k = data["overhead_kernel_timestamp"]
+    share = data["client_share"]["kernel_to_thread"]
+    split = data["breakdown_approx_1ms"]
+    early, late = (
+        data["post_to_provider_request_by_history"][q] for q in ("first_quarter", "last_quarter")
+    )
+    goal_50 = _verdict(o["p50_ms"] <= ttft_bench.GOAL_P50_MS)
+    goal_99 = _verdict(o["p99_ms"] <= ttft_bench.GOAL_P99_MS)
+    return [
+        f"{label:<29} p50 {o['p50_ms']:5.2f} ms (goal <= {ttft_bench.GOAL_P50_MS:g} ms: "
+        f"{goal_50}) | p99 {o['p99_ms']:5.2f} ms (goal <= {ttft_bench.GOAL_P99_MS:g} ms: "
+        f"{goal_99}) | "
+        f"max {o['max_ms']:.2f} ms",
+        f"{'  at the socket (kernel time)':<29} p50 {k['p50_ms']:5.2f} ms | p99 "
+        f"{k['p99_ms']:5.2f} ms | client's own share p50 {share['p50_ms']:.2f} ms, p99 "
+        f"{share['p99_ms']:.2f} ms",
+        f"{'  split at Redis XADD (+-1ms)':<29} provider -> XADD p50 "
+        f"{split['provider_to_redis_xadd']['p50_ms']:.2f} ms, p99 "
+        f"{split['provider_to_redis_xadd']['p99_ms']:.2f} ms | XADD -> client p50 "
+        f"{split['redis_xadd_to_client_socket']['p50_ms']:.2f} ms, p99 "
+        f"{split['redis_xadd_to_client_socket']['p99_ms']:.2f} ms",
+        f"{'  before the provider':<29} POST -> provider request p50 "
+        f"{data['post_to_provider_request']['p50_ms']:.1f} ms (prompt of "
+        f"{early['history_messages'][0]}-{early['history_messages'][1]} messages: "
+        f"{early['p50_ms']:.1f} ms; {late['history_messages'][0]}-{late['history_messages'][1]}: "
+        f"{late['p50_ms']:.1f} ms) | POST -> first delta p50 "
+        f"{data['post_to_first_delta']['p50_ms']:.1f} ms "
+        f"(the fake model waits {ttft_bench.FIRST_DELAY_MS:g} ms)",
+    ]
+
+
+def _mb(kb: int) -> str:
+    return f"{kb / 1024:.1f} MB"
+
+
+def fanout_lines(fan: fanout_bench.FanoutResult, warnings: dict[str, dict[str, int]]) -> list[str]:
+    data = fan.to_json()
+    rss = fan.api_rss_kb
+    per_client = (rss["clients_connected"] - rss["before_clients"]) / max(1, fan.connected)
+    first = data["post_to_first_delta"] or {"p50_ms": 0.0, "p99_ms": 0.0}
+    done = data["post_to_completed"] or {"p50_ms": 0.0, "p99_ms": 0.0}
+    complete = f"{fan.completed:,} / {fan.clients:,}"
+    verdict = _verdict(fan.completed == fan.clients)
+    lines = [
+        f"{'Clients complete':<29} {complete} (goal: all: {verdict}) "
+        f"in {fan.total_seconds:.1f} s (first POST to last message.completed; {fan.clients:,} "
+        f"POSTs took {fan.post_seconds:.1f} s) | {fan.restarted} replies restarted | stored "
+        f"replies equal to the streamed text: {fan.verified_stored}/{fanout_bench.VERIFY_SAMPLE}",
+        f"{'Reply latency under load':<29} POST -> first delta p50 {first['p50_ms']:,.0f} ms, p99 "
+        f"{first['p99_ms']:,.0f} ms | POST -> completed p50 {done['p50_ms']:,.0f} ms, p99 "
+        f"{done['p99_ms']:,.0f} ms | {fan.connected:,} clients connected in "
+        f"{fan.connect_seconds:.1f} s",
+        f"{'API RSS':<29} {_mb(rss['before_clients'])} before, {_mb(rss['clients_connected'])} "
+        f"with the clients connected ({per_client:,.0f} kB a client; its Redis connections "
+        f"meanwhile {fan.api_redis_connections.get('before_clients', 0)} -> "
+        f"{fan.api_redis_connections.get('clients_connected', 0)}), peak "
+        f"{_mb(rss['peak_sampled'])} (VmHWM {_mb(rss['vmhwm'])}), after they left "
+        f"{_mb(rss['clients_gone'])}; a second round of {fan.clients:,}: "
+        f"{_mb(rss['second_round_connected'])}, then {_mb(rss['second_round_gone'])}",
+        f"{'Worker RSS':<29} "
+        + "; ".join(
+            f"{name} {_mb(w['before'])} before, peak {_mb(w['peak_sampled'])}"
+            for name, w in fan.workers_rss_kb.items()
+        ),
+        f"{'CPU seconds during replies':<29} "
+        + ", ".join(f"{name} {sec:.1f}" for name, sec in fan.cpu_seconds.items()),
+    ]
+    if fan.redis_connections_peak:
+        lines.append(
+            f"{'Redis connections (peak)':<29} "
+            + ", ".join(f"{name} {n}" for name, n in fan.redis_connections_peak.items())
+            + f" (redis-py pool of a process: REDIS_MAX_CONNECTIONS="
+            f"{fanout_bench.REDIS_POOL_DEFAULT}, the default; beside it the script connections "
+            "of storage/resp.py and the API's event reader)"
+        )
+    jobs = fan.jobs_unacknowledged
+    if jobs.get("jobs"):
+        lines.append(
+            f"{'  jobs not acknowledged':<29} {jobs['jobs']:.0f} jobs still pending "
+            f"{jobs['seconds_after_last_reply']:.0f} s after the last reply had ended (XPENDING "
+            "of the workers' group)"
+        )
+    commands = fan.redis_commands
+    if commands:
+        total = sum(c["usec"] for c in commands.values()) or 1
+        lines.append(
+            f"{'Redis command time':<29} "
+            + ", ".join(
+                f"{name} {c['usec'] / total:.0%} ({c['calls']:,.0f} calls, "
+                f"{c['usec_per_call']:,.0f} us each)"
+                for name, c in list(commands.items())[:3]
+            )
+        )
+    for kind, count in fan.failure_kinds.items():
+        lines.append(f"{'  FAILED':<29} {count} x {kind}")
+    for name, counts in warnings.items():
+        for message, count in counts.items():
+            lines.append(f"{'  log of ' + name:<29} {count} x {message}")
+    return lines
+
+
 def table(
-    comparisons: list[Comparison], pairs: list[Pair], memory: MemoryResult, notes: list[str]
+    comparisons: list[Comparison],
+    pairs: list[Pair],
+    memory: MemoryResult,
+    notes: list[str],
+    replies: Replies | None = None,
 ) -> str:
     lines = [
         "",
@@ -78,6 +191,33 @@ def table(
         "Memory (10,000 messages of 200 characters):",
         memory_line(memory),
     ]
+    if replies is not None:
+        t = ttft_bench
+        lines += [
+            "",
+            f"Time to first token overhead: provider's first token written -> first message.delta "
+            f"at the client ({t.SAMPLES} replies one at a time, {t.CONVERSATIONS} open event "
+            f"streams; API with WORKER_IN_API=false, worker process, fake OpenAI server):",
+            *ttft_lines(replies.ttft_sequential, "TTFT overhead"),
+        ]
+        if replies.ttft_loaded is not None:
+            lines += ttft_lines(replies.ttft_loaded, f"same, {fanout_bench.CLIENTS:,} idle clients")
+        f = fanout_bench
+        lines += [
+            "",
+            f"{f.CLIENTS:,} SSE clients on one API process, one reply each ({f.WORKERS} worker "
+            f"processes x WORKER_CONCURRENCY {f.WORKER_CONCURRENCY}; {f.TOKENS} tokens "
+            f"{f.TOKEN_DELAY_MS:g} ms apart after {f.FIRST_DELAY_MS:g} ms):",
+            *fanout_lines(replies.fan, replies.log_warnings),
+        ]
+        pauses = ", ".join(
+            f"{name} {p['count']:.0f} ({p['full']:.0f} full; longest {p['max_ms']:.0f} ms)"
+            for name, p in replies.gc_pauses.items()
+        )
+        lines.append(
+            f"{'GC pauses >= 10 ms':<29} {pauses} (wall-clock, whole reply benchmarks; "
+            "bench/gcprobe)"
+        )
     if notes:
         lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     lines += ["=" * 100, f"figures written to {RESULTS}"]

@@ -1,8 +1,11 @@
-"""The benchmark run: start the processes, make the data, run the three benchmarks, report.
+"""The benchmark run: start the processes, make the data, run the benchmarks, report.
 
 Order matters for clean figures: the memory benchmark runs first on an otherwise idle Redis (its
 `used_memory` delta is its own), the throughput benchmark runs with both servers up but only one
-loaded at a time, and the bare app is stopped before the latency benchmark.
+loaded at a time, and the bare app is stopped before the latency benchmark. The AI-reply
+benchmarks (time to first token, 1,000 SSE clients) then run on processes of their own, started
+once the first ones have stopped: a fresh Redis, the fake OpenAI server, the API with
+WORKER_IN_API=false and worker processes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +26,20 @@ from pathlib import Path
 
 import orjson
 
-from bench import memory, report, scaling, throughput
+from bench import fanout, memory, report, scaling, throughput, ttft
 from bench.client import RawClient
 from bench.fixtures import create_conversation, fill, message_body, open_store
-from bench.procs import ROOT, MissingTool, bare_app, ensure_binary, issue_token, redis_server
+from bench.procs import (
+    ROOT,
+    Child,
+    MissingTool,
+    bare_app,
+    ensure_binary,
+    fake_llm,
+    issue_token,
+    redis_server,
+    reply_worker,
+)
 from bench.procs import service as service_process
 from bench.throughput import Comparison, Target
 from bench.wrk import WrkRequest, wrk_version
@@ -109,6 +123,144 @@ def _git_commit() -> str | None:
     return None
 
 
+@dataclass
+class Replies:
+    ttft_sequential: ttft.TtftResult
+    fan: fanout.FanoutResult
+    ttft_loaded: ttft.TtftResult | None
+    log_warnings: dict[str, dict[str, int]]
+    gc_pauses: dict[str, dict[str, float]]
+
+
+_IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d{13}-\d+|vm-\S+")
+
+
+def _log_warnings(children: list[Child]) -> dict[str, dict[str, int]]:
+    """WARNING and ERROR lines of the processes' logs, counted by message (ids masked)."""
+    found: dict[str, dict[str, int]] = {}
+    for child in children:
+        counts: dict[str, int] = {}
+        for line in child.tail(100_000).splitlines():
+            parts = line.split(" | ", 2)
+            if len(parts) < 3 or parts[1].strip() not in ("WARNING", "ERROR", "CRITICAL"):
+                continue
+            text = _IDS.sub("<id>", parts[2].split(" - ", 1)[-1])
+            key = f"{parts[1].strip()}: {text[:160]}"
+            counts[key] = counts.get(key, 0) + 1
+        if counts:
+            found[child.name] = counts
+    return found
+
+
+GC_PAUSE_MS = 10.0  # the garbage collections shown: those that paused a process this long
+
+
+def _gc_pauses(log: Path, names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """Collections of at least GC_PAUSE_MS per process, from bench/gcprobe's log: how many,
+    the longest, their total, and how many were full (generation 2) collections."""
+    found: dict[str, dict[str, float]] = {
+        name: {"count": 0, "max_ms": 0.0, "total_ms": 0.0, "full": 0} for name in names.values()
+    }
+    with contextlib.suppress(OSError):
+        for line in log.read_text().splitlines():
+            pid, generation, ms, _ = line.split()
+            name = names.get(int(pid))
+            if name is None or float(ms) < GC_PAUSE_MS:
+                continue
+            entry = found[name]
+            entry["count"] += 1
+            entry["max_ms"] = max(entry["max_ms"], float(ms))
+            entry["total_ms"] += float(ms)
+            entry["full"] += generation == "2"
+    return found
+
+
+def _run_replies(redis_binary: str, workdir: Path) -> Replies:
+    """The AI-reply benchmarks on processes of their own: Redis, the fake model, the API with
+    WORKER_IN_API=false and worker processes (`python run.py worker`)."""
+    with contextlib.ExitStack() as stack:
+        _step(
+            "starting redis-server, the fake OpenAI server, the API (WORKER_IN_API=false) and "
+            "a worker process (python run.py worker)"
+        )
+        redis, redis_url = stack.enter_context(redis_server(redis_binary, workdir / "replies"))
+        llm, llm_port = stack.enter_context(fake_llm(workdir))
+        env = {
+            "WORKER_IN_API": "false",
+            "LLM_PROVIDER": "openai",
+            "LLM_BASE_URL": f"http://127.0.0.1:{llm_port}/v1",
+            "LLM_MODEL": "bench-fake",
+            "WORKER_CONCURRENCY": str(fanout.WORKER_CONCURRENCY),
+            # bench/gcprobe: the API and the workers log their slow garbage collections.
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "bench" / "gcprobe"), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+            "BENCH_GC_LOG": str(workdir / "gc.log"),
+        }
+        api, port = stack.enter_context(service_process(redis_url, workdir, env, name="api"))
+        workers = [stack.enter_context(reply_worker(redis_url, workdir, env, "worker-1"))]
+        token = issue_token(redis_url, USER)
+
+        with RawClient(port) as client:
+            ttft_conversations = [
+                create_conversation(client, token, f"ttft {i}") for i in range(ttft.CONVERSATIONS)
+            ]
+        _step(
+            f"time to first token: {ttft.SAMPLES} replies one at a time over "
+            f"{ttft.CONVERSATIONS} open event streams ({ttft.WARMUP} more to warm up)"
+        )
+        sequential = ttft.measure(
+            port, token, llm_port, ttft_conversations, "1 worker process; nothing else connected"
+        )
+
+        _step(
+            f"starting {fanout.WORKERS - 1} more worker process(es), "
+            f"{fanout.CLIENTS:,} conversations"
+        )
+        for n in range(2, fanout.WORKERS + 1):
+            workers.append(
+                stack.enter_context(reply_worker(redis_url, workdir, env, f"worker-{n}"))
+            )
+        with RawClient(port) as client:
+            conversations = [
+                create_conversation(client, token, f"fan-out {i}") for i in range(fanout.CLIENTS)
+            ]
+            loaded_conversations = [
+                create_conversation(client, token, f"ttft loaded {i}")
+                for i in range(ttft.CONVERSATIONS)
+            ]
+
+        def ttft_while_connected() -> ttft.TtftResult:
+            _step(f"time to first token again, {fanout.CLIENTS:,} clients connected and idle")
+            return ttft.measure(
+                port,
+                token,
+                llm_port,
+                loaded_conversations,
+                f"2 worker processes; {fanout.CLIENTS:,} idle SSE clients of other conversations",
+            )
+
+        _step(
+            f"fan-out: {fanout.CLIENTS:,} SSE clients, one reply each ({fanout.WORKERS} worker "
+            f"processes, WORKER_CONCURRENCY={fanout.WORKER_CONCURRENCY}, {fanout.TOKENS} tokens "
+            f"{fanout.TOKEN_DELAY_MS:g} ms apart)"
+        )
+        pids = {
+            "api": api.proc.pid,
+            **{w.name: w.proc.pid for w in workers},
+            "redis": redis.proc.pid,
+            "fake_llm": llm.proc.pid,
+        }
+        fan = fanout.measure(
+            port, token, llm_port, redis_url, conversations, pids, ttft_while_connected
+        )
+        for child in (redis, llm, api, *workers):
+            child.check_alive()
+        loaded = fan.while_connected if isinstance(fan.while_connected, ttft.TtftResult) else None
+        gc_pauses = _gc_pauses(workdir / "gc.log", {c.proc.pid: c.name for c in (api, *workers)})
+        return Replies(sequential, fan, loaded, _log_warnings([api, *workers, llm]), gc_pauses)
+
+
 def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
     started = time.monotonic()
     busy_before = _cpu_busy()
@@ -185,6 +337,9 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             pairs = scaling.measure(latency_client, token, setup, body)
         ours.check_alive()
 
+    (workdir / "replies").mkdir()
+    replies = _run_replies(redis_binary, workdir)
+
     results = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": _git_commit(),
@@ -224,10 +379,22 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             **{key: pair.to_json() for key, pair in pairs.items()},
         },
         "memory": mem.to_json(),
+        "ttft": {
+            **replies.ttft_sequential.to_json(),
+            "with_idle_clients": replies.ttft_loaded.to_json() if replies.ttft_loaded else None,
+        },
+        "fanout": {
+            **replies.fan.to_json(),
+            "log_warnings": replies.log_warnings,
+            "gc_pauses_whole_reply_benchmarks": {
+                "min_ms": GC_PAUSE_MS,
+                **replies.gc_pauses,
+            },
+        },
         "notes": notes,
     }
     path = report.write_json(results)
-    print(report.table(comparisons, list(pairs.values()), mem, notes))
+    print(report.table(comparisons, list(pairs.values()), mem, notes, replies))
     _step(f"done in {time.monotonic() - started:.0f} s ({path.relative_to(ROOT)})")
     return 0
 
@@ -239,6 +406,8 @@ def main() -> int:
     except MissingTool as exc:
         print(exc.code, file=sys.stderr)
         return 1
+    # Before any server starts, so that they inherit it: one descriptor per SSE client.
+    fanout.raise_open_files(fanout.CLIENTS + fanout.FD_MARGIN)
     workdir = Path(tempfile.mkdtemp(prefix="cc-bench-"))
     try:
         return _run(wrk, redis_binary, workdir)

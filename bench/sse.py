@@ -20,16 +20,18 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from bench.client import encode_request
 
 DELTA = "message.delta"
+UPDATED = "message.updated"
 COMPLETED = "message.completed"
 FAILED = "message.failed"
 FINAL = (COMPLETED, FAILED, "message.cancelled")
+FOLLOWED = (DELTA, UPDATED, *FINAL)
 
 # Linux: SO_TIMESTAMPNS (the socket module does not export it); the control message it sends
 # with every recvmsg has the same number and holds a struct timespec (two 64-bit ints on x86_64
@@ -159,11 +161,30 @@ class FirstDelta:
 
 @dataclass
 class ReplyTrace:
+    """A reply as a client follows it: `message.updated` carries the message as stored, whose
+    content replaces the text so far (a new attempt resets it to ""); deltas append to it."""
+
     first_delta: FirstDelta | None = None
     deltas: list[str] = field(default_factory=list)
+    restarts: int = 0  # updates that dropped text already received
     final_type: str | None = None
     final_message: dict[str, Any] | None = None
     done_at: float | None = None
+
+    def apply(self, kind: str, payload: dict[str, Any], now: float) -> None:
+        """Apply one event of this reply (delta, updated or final); `now` for a final one."""
+        if kind == DELTA:
+            self.deltas.append(payload["delta"])
+        elif kind == UPDATED:
+            content = str((payload.get("message") or {}).get("content") or "")
+            text = "".join(self.deltas)
+            if not text.startswith(content) or (text and not content):
+                self.restarts += 1
+            self.deltas = [content] if content else []
+        else:
+            self.final_type = kind
+            self.final_message = payload.get("message")
+            self.done_at = now
 
 
 class ThreadedSseReader:
@@ -233,18 +254,13 @@ class ThreadedSseReader:
         if event.type == "":
             self._connected = True
             return
-        if event.type != DELTA and event.type not in FINAL:
+        if event.type not in FOLLOWED:
             return
         payload = orjson.loads(event.data)
         trace = self.replies.setdefault(payload["message_id"], ReplyTrace())
-        if event.type == DELTA:
-            if trace.first_delta is None:
-                trace.first_delta = FirstDelta(kernel, seen, parsed, event.id or "")
-            trace.deltas.append(payload["delta"])
-        else:
-            trace.final_type = event.type
-            trace.final_message = payload.get("message")
-            trace.done_at = seen
+        if event.type == DELTA and trace.first_delta is None:
+            trace.first_delta = FirstDelta(kernel, seen, parsed, event.id or "")
+        trace.apply(event.type, payload, seen)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -270,13 +286,12 @@ class SseProtocol(asyncio.Protocol):
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(self._request)
+        self._transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -290,20 +305,16 @@ class SseProtocol(asyncio.Protocol):
                 if not self.connected.done():
                     self.connected.set_result(None)
                 continue
-            if event.type != DELTA and event.type not in FINAL:
+            if event.type not in FOLLOWED:
                 continue
             payload = orjson.loads(event.data)
             trace = self.replies.setdefault(payload["message_id"], ReplyTrace())
-            if event.type == DELTA:
-                if self.first_delta_at is None:
-                    self.first_delta_at = time.monotonic()
-                trace.deltas.append(payload["delta"])
-            else:
-                trace.final_type = event.type
-                trace.final_message = payload.get("message")
-                trace.done_at = time.monotonic()
-                if not self.ended.done():
-                    self.ended.set_result(payload["message_id"])
+            now = time.monotonic()
+            if event.type == DELTA and self.first_delta_at is None:
+                self.first_delta_at = now
+            trace.apply(event.type, payload, now)
+            if event.type in FINAL and not self.ended.done():
+                self.ended.set_result(payload["message_id"])
 
     def _fail(self, exc: BaseException) -> None:
         for future in (self.connected, self.ended):

@@ -24,7 +24,12 @@ Breakdown (approximate): the event's id is the Redis stream entry id, whose firs
 millisecond at which Redis ran the XADD. With it the overhead splits into provider → XADD (the
 worker's share) and XADD → client (the API's share), each to ±1 ms per sample (the medians use
 the middle of the millisecond). The fake model also records when each request arrived, which
-gives the service's time from the POST to the provider request (queue, worker pick-up, prompt).
+gives the service's time from the POST to the provider request (queue, worker pick-up, prompt),
+shown for the first and the last quarter of the samples: each reply adds two messages to its
+conversation, so the prompt grows from a few messages to about a hundred.
+
+The run (bench/run.py) measures it twice: with nothing else connected, and again while the
+1,000 clients of the fan-out benchmark (bench/fanout.py) are connected and idle.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class Sample:
     kernel: float  # the first delta's bytes reached the client's socket (kernel timestamp)
     seen: float  # the client's reading thread had them
     parsed: float  # and had parsed them
+    history: int  # messages in the conversation, the new one included (the prompt's size)
 
     @property
     def xadd_mid_ms(self) -> float:
@@ -97,6 +103,7 @@ class Sample:
 @dataclass
 class TtftResult:
     samples: list[Sample]
+    setup: str
 
     def _of(self, value: Any) -> list[float]:
         return [value(s) for s in self.samples]
@@ -114,7 +121,7 @@ class TtftResult:
                 "provider_first_delay_ms": FIRST_DELAY_MS,
                 "tokens": TOKENS,
                 "token_delay_ms": TOKEN_DELAY_MS,
-                "workers": "1 process (python run.py worker), API with WORKER_IN_API=false",
+                "setup": self.setup,
             },
             "overhead": self.overhead,
             "overhead_kernel_timestamp": stats(self._of(lambda s: s.overhead_kernel_ms)),
@@ -133,9 +140,23 @@ class TtftResult:
             "post_to_provider_request": stats(
                 self._of(lambda s: (s.provider_received - s.posted) * 1000)
             ),
+            "post_to_provider_request_by_history": self.by_history(),
             "post_to_first_delta": stats(self._of(lambda s: (s.seen - s.posted) * 1000)),
             "goal_p50_ms": GOAL_P50_MS,
             "goal_p99_ms": GOAL_P99_MS,
+        }
+
+    def by_history(self) -> dict[str, dict[str, Any]]:
+        """POST -> provider request for the first and the last quarter of the samples, whose
+        conversations are shortest and longest (the prompt grows by two messages a reply)."""
+        quarter = max(1, len(self.samples) // 4)
+        parts = {"first_quarter": self.samples[:quarter], "last_quarter": self.samples[-quarter:]}
+        return {
+            name: {
+                "history_messages": [min(s.history for s in part), max(s.history for s in part)],
+                **stats([(s.provider_received - s.posted) * 1000 for s in part]),
+            }
+            for name, part in parts.items()
         }
 
 
@@ -147,11 +168,15 @@ def configure_llm(
     llm.call("DELETE", "/bench/first-tokens", expected=204)
 
 
-def measure(port: int, token: str, llm_port: int, conversations: list[str]) -> TtftResult:
-    """`conversations`: CONVERSATIONS fresh conversations of the token's user."""
+def measure(
+    port: int, token: str, llm_port: int, conversations: list[str], setup: str
+) -> TtftResult:
+    """`conversations`: CONVERSATIONS fresh conversations of the token's user; `setup` says
+    what runs (for the report)."""
     expected = reply_text(TOKENS)
     readers = [ThreadedSseReader(port, cid, token) for cid in conversations]
-    posted: dict[str, tuple[float, str, ThreadedSseReader]] = {}  # tag -> (time, reply, reader)
+    # tag -> (time posted, reply id, reader, messages in the conversation)
+    posted: dict[str, tuple[float, str, ThreadedSseReader, int]] = {}
     try:
         with RawClient(llm_port) as llm:
             configure_llm(llm, FIRST_DELAY_MS, TOKENS, TOKEN_DELAY_MS)
@@ -181,7 +206,8 @@ def measure(port: int, token: str, llm_port: int, conversations: list[str]) -> T
                     if content != expected:
                         raise RuntimeError(f"reply {reply_id}: completed content {content!r}")
                     if i >= 0:
-                        posted[tag] = (sent, reply_id, reader)
+                        history = 2 * ((i + WARMUP) // len(readers)) + 1
+                        posted[tag] = (sent, reply_id, reader, history)
             finally:
                 gc.enable()
         with RawClient(llm_port) as llm:  # a new connection: the first one has idled out
@@ -193,7 +219,7 @@ def measure(port: int, token: str, llm_port: int, conversations: list[str]) -> T
             reader.close()
 
     samples = []
-    for tag, (sent, reply_id, reader) in posted.items():
+    for tag, (sent, reply_id, reader, history) in posted.items():
         times = provider.get(tag)
         first = reader.replies[reply_id].first_delta
         if times is None or "first_token" not in times or first is None:
@@ -207,6 +233,7 @@ def measure(port: int, token: str, llm_port: int, conversations: list[str]) -> T
                 kernel=first.kernel if first.kernel is not None else first.seen,
                 seen=first.seen,
                 parsed=first.parsed,
+                history=history,
             )
         )
-    return TtftResult(samples)
+    return TtftResult(samples, setup)

@@ -5,6 +5,7 @@ worker, hands them to requests as typed state, and closes them in reverse order.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                     "WORKER_IN_API is off on the embedded store: replies are queued "
                     "but written only once a process with the worker starts"
                 )
+            # Start-up objects (modules, settings, clients) never die: keep them out of the
+            # collector's full scans, which otherwise stall the loop as connections pile up.
+            gc.collect()
+            gc.freeze()
             yield State(
                 settings=settings,
                 store=active.store,

@@ -30,6 +30,7 @@ def _serve(settings: Settings) -> None:
 def _worker(settings: Settings) -> int:
     """Reply workers as a process of their own (Redis only): runs until SIGTERM/SIGINT."""
     import asyncio
+    import gc
     import signal
 
     from loguru import logger
@@ -53,6 +54,8 @@ def _worker(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with open_backend(settings) as backend, run_worker(settings, backend) as worker:
+            gc.collect()
+            gc.freeze()  # start-up objects live forever: keep them out of full collections
             logger.info(
                 "worker {} started (concurrency {})", worker.name, settings.WORKER_CONCURRENCY
             )

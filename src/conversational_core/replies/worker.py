@@ -92,8 +92,12 @@ class Worker:
             while True:
                 reply_id = await self._store.reply_queue_head(cid)
                 if reply_id is None:
+                    # Stop renewing first: a renewal racing the release would find the lease
+                    # gone and cancel this job while it acknowledges.
+                    keeper.cancel()
                     if await self._jobs.release(cid, token):
                         break
+                    keeper = asyncio.create_task(self._keep_lease(job, token, me))
                     continue
                 if reply_id == last:
                     # The reply could not be ended (it keeps changing under us): leave the job

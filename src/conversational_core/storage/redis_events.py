@@ -26,9 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from loguru import logger
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
@@ -209,6 +207,11 @@ class RedisEventHub(EventHub):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
+            # One turn of the loop first: events published meanwhile are read in one XREAD
+            # (each call names every watched stream, so fewer, fuller calls are cheaper).
+            await asyncio.sleep(0)
+            if not self._cursors:
+                continue
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
@@ -220,7 +223,7 @@ class RedisEventHub(EventHub):
                     streams, count=_READ_COUNT, block=_BLOCK_MS
                 )
                 delay = 0.05
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 self._reader_id = None
                 logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
                 await asyncio.sleep(delay)  # back off while Redis is down
