@@ -307,6 +307,7 @@ class Job:
 
     id: str
     conversation_id: str
+    consumer: str = ""  # who took it (backends that track consumers)
 
 
 class JobQueue(ABC):

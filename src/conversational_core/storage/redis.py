@@ -415,6 +415,18 @@ class RedisStore(Store):
             for script in self._scripts:
                 await self._redis.script_load(script.source)
 
+    def register_script(self, source: str) -> _Script:
+        """A script of another storage module, loaded and reloaded with the store's own."""
+        script = _Script(source)
+        self._scripts.append(script)
+        return script
+
+    async def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._eval(script, keys, args)
+
+    async def command(self, *args: Any) -> Any:
+        return await self._cmd(*args)
+
     async def _cmd(self, *args: Any) -> Any:
         """One plain command: on the fast client when there is one (it does not hold a pooled
         connection per caller, so hundreds of concurrent replies do not exhaust the pool)."""
@@ -891,15 +903,18 @@ class RedisStore(Store):
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
         if after is not None and not _STREAM_ID.match(after):
             raise ValueError("not an event id")
-        with _guard():
-            rows: Any = await self._redis.xrange(
-                self.events_key(conversation_id), f"({after}" if after else "-", "+", count=limit
-            )
+        rows = await self._cmd(
+            "XRANGE",
+            self.events_key(conversation_id),
+            f"({after}" if after else "-",
+            "+",
+            "COUNT",
+            limit,
+        )
         return [_event(entry_id, fields) for entry_id, fields in rows]
 
     async def last_event_id(self, conversation_id: str) -> str | None:
-        with _guard():
-            rows: Any = await self._redis.xrevrange(self.events_key(conversation_id), count=1)
+        rows = await self._cmd("XREVRANGE", self.events_key(conversation_id), "+", "-", "COUNT", 1)
         return rows[0][0].decode() if rows else None
 
     async def reply_queue_head(self, conversation_id: str) -> str | None:
@@ -930,7 +945,10 @@ def _unpack(stored: bytes, message_id: str | bytes, conversation_id: str) -> byt
     return _prefix(message_id, conversation_id) + stored[1:]
 
 
-def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+def _event(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Event:
+    """An event from XRANGE/XREAD: fields as redis-py's dict or as the raw [k, v, …] list."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
     return Event(entry_id.decode(), fields[b"t"].decode(), fields[b"d"])
 
 

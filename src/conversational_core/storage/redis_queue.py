@@ -24,6 +24,7 @@ Design (see base.JobQueue for the protocol):
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -63,8 +64,8 @@ class RedisJobQueue(JobQueue):
         self._key = store.jobs_key
         self._lease_ms = int(lease_seconds * 1000)
         self._group_ready = False
-        self._release = self._redis.register_script(_RELEASE)
-        self._renew = self._redis.register_script(_RENEW)
+        self._release = store.register_script(_RELEASE)
+        self._renew = store.register_script(_RENEW)
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -100,46 +101,44 @@ class RedisJobQueue(JobQueue):
                 raise
             self._group_ready = False  # the stream is gone (e.g. Redis restarted empty)
             return []
-        return [Job(entry_id.decode(), fields[b"c"].decode()) for entry_id, fields in rows]
+        return [
+            Job(entry_id.decode(), fields[b"c"].decode(), consumer) for entry_id, fields in rows
+        ]
+
+    # Lease and acknowledgement calls go through the store's fast client (see resp.py): a
+    # worker writing hundreds of replies at once would otherwise hold as many pooled connections.
 
     async def acquire(self, conversation_id: str, token: str) -> bool:
-        with _guard():
-            return bool(
-                await self._redis.set(
-                    self._store.lease_key(conversation_id), token, nx=True, px=self._lease_ms
-                )
-            )
+        reply = await self._store.command(
+            "SET", self._store.lease_key(conversation_id), token, "NX", "PX", self._lease_ms
+        )
+        return reply is not None
 
     async def renew(self, conversation_id: str, token: str, job: Job) -> bool:
-        with _guard():
-            pipe = self._redis.pipeline(transaction=False)
-            await self._renew(
-                keys=[self._store.lease_key(conversation_id)],
-                args=[token, self._lease_ms],
-                client=pipe,
-            )
+        held, _ = await asyncio.gather(
+            self._store.script(
+                self._renew, [self._store.lease_key(conversation_id)], [token, self._lease_ms]
+            ),
             # Reset the signal's idle time so that no other worker reclaims it meanwhile.
-            pipe.xclaim(self._key, GROUP, f"renew-{token}", 0, [job.id], justid=True)
-            results = await pipe.execute()
-        return bool(results[0])
+            self._store.command(
+                "XCLAIM", self._key, GROUP, job.consumer or "worker", 0, job.id, "JUSTID"
+            ),
+        )
+        return bool(held)
 
     async def release(self, conversation_id: str, token: str) -> bool:
-        with _guard():
-            result = await self._release(
-                keys=[
-                    self._store.lease_key(conversation_id),
-                    self._store.queue_key(conversation_id),
-                ],
-                args=[token, self._lease_ms],
-            )
+        result = await self._store.script(
+            self._release,
+            [self._store.lease_key(conversation_id), self._store.queue_key(conversation_id)],
+            [token, self._lease_ms],
+        )
         return int(result) != 0
 
     async def ack(self, job: Job) -> None:
-        with _guard():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xack(self._key, GROUP, job.id)
-            pipe.xdel(self._key, job.id)  # the stream holds only jobs not yet done
-            await pipe.execute()
+        await asyncio.gather(
+            self._store.command("XACK", self._key, GROUP, job.id),
+            self._store.command("XDEL", self._key, job.id),  # the stream keeps only jobs to do
+        )
 
     async def stats(self) -> tuple[int, float]:
         with _guard():
