@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -18,6 +18,7 @@ from conversational_core.http import (
 from conversational_core.messages.schemas import (
     MessageCreate,
     MessageList,
+    MessageListQuery,
     MessageOut,
     MessageUpdate,
 )
@@ -57,21 +58,17 @@ async def create_message(
 async def list_messages(
     request: Request,
     conversation_id: ConversationId,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    order: Literal["asc", "desc"] = "asc",
-    cursor: Annotated[str | None, Query(max_length=256)] = None,
-    after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
-    before: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    query: Annotated[MessageListQuery, Query()],
 ) -> Response:
     principal = principal_of(request)
     page = await _service(request).list(
         principal,
         conversation_id,
-        limit=limit,
-        order=order,
-        cursor=cursor,
-        after=after,
-        before=before,
+        limit=query.limit,
+        order=query.order,
+        cursor=query.cursor,
+        after=query.after,
+        before=query.before,
     )
     # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
     body = b'{"items":' + page.items.json_array() + b',"next_cursor":'

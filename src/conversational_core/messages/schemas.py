@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
 
-from conversational_core.schemas import Metadata, StrictModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from conversational_core.schemas import ID_PATTERN, Metadata, StrictModel
 from conversational_core.storage.models import MessageStatus, Role
 
 # A hard cap for the schema; MAX_MESSAGE_CHARS (a setting, lower) is checked by the service.
@@ -41,3 +43,15 @@ class MessageOut(BaseModel):
 class MessageList(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None
+
+
+class MessageListQuery(BaseModel):
+    """Query parameters of a message page (one model: validated in one pass)."""
+
+    model_config = ConfigDict(extra="ignore")  # like most APIs: unknown parameters are ignored
+
+    limit: int = Field(50, ge=1, le=200)
+    order: Literal["asc", "desc"] = "asc"
+    cursor: str | None = Field(None, max_length=256)
+    after: str | None = Field(None, pattern=ID_PATTERN)
+    before: str | None = Field(None, pattern=ID_PATTERN)

@@ -97,7 +97,7 @@ return {'ok', seq + 1}
 """
 
 # KEYS: conv, msgs, index.
-# ARGV: owner|'', limit, descending, anchor_seq|'', anchor_id|'', backward, conversation id
+# ARGV: owner|'', limit, descending, anchor_seq|'', anchor_id|'', backward
 _PAGE = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
@@ -122,26 +122,15 @@ end
 local count = #rows / 2
 local more = 0
 if count > limit then more = 1; count = limit end
-if count == 0 then return {'ok', more, '[]'} end
-local ids = {}
-for i = 1, count do ids[i] = rows[2 * i - 1] end
-local docs = redis.call('HMGET', KEYS[2], unpack(ids))
--- The page leaves as one JSON array in list order (backward reads are reversed here), each
--- stored document given back its `id` and `conversation_id` (see _pack): assembling it here,
--- in C string code, is cheaper than in the API process.
-local parts, seqs = {}, {}
-local head = '{"id":"'
-local tail = '","conversation_id":"' .. ARGV[7] .. '",'
+-- Ids and positions in list order (backward reads reversed here). The documents are read by the
+-- caller with one HMGET: building a large reply from Lua strings costs Redis ~5 us a message.
+local out = {'ok', more}
 local first, last, step = 1, count, 1
 if ARGV[6] == '1' then first, last, step = count, 1, -1 end
 for i = first, last, step do
-  if docs[i] then
-    parts[#parts + 1] = head .. ids[i] .. tail .. string.sub(docs[i], 2)
-    seqs[#seqs + 1] = rows[2 * i]
-  end
+  out[#out + 1] = rows[2 * i - 1]
+  out[#out + 1] = rows[2 * i]
 end
-local out = {'ok', more, '[' .. table.concat(parts, ',') .. ']'}
-for i = 1, #seqs do out[#out + 1] = seqs[i] end
 return out
 """
 
@@ -788,7 +777,6 @@ class RedisStore(Store):
             "" if query.anchor_seq is None else query.anchor_seq,
             query.anchor_id or "",
             "1" if query.backward else "0",
-            conversation_id,
         ]
         result = await self._eval(self._page, keys, args)
         status = result[0]
@@ -796,7 +784,18 @@ class RedisStore(Store):
             raise NotFound("Conversation not found.")
         if status == b"noanchor":
             raise UnknownAnchor()
-        return MessageSlice(None, [int(s) for s in result[3:]], bool(result[1]), array=result[2])
+        ids = result[2::2]
+        if not ids:
+            return MessageSlice([], [], bool(result[1]))
+        docs = await self._cmd("HMGET", keys[1], *ids)
+        prefix = b'","conversation_id":"' + conversation_id.encode() + b'",'
+        parts = []
+        seqs = []
+        for mid, seq, doc in zip(ids, result[3::2], docs, strict=True):
+            if doc is not None:  # deleted in between
+                parts.append(b'{"id":"' + mid + prefix + doc[1:])
+                seqs.append(int(seq))
+        return MessageSlice(None, seqs, bool(result[1]), array=b"[" + b",".join(parts) + b"]")
 
     async def replace_message(
         self,
