@@ -198,7 +198,7 @@ class RedisEventHub(EventHub):
 
     async def _unblock(self, client_id: int) -> None:
         with contextlib.suppress(RedisError, OSError, StoreUnavailable):
-            await self._store.client.client_unblock(client_id)
+            await self._store.command("CLIENT", "UNBLOCK", client_id)
 
     async def _run(self) -> None:
         delay = 0.05
