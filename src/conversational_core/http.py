@@ -59,6 +59,17 @@ IDEMPOTENCY_OPENAPI = {
 }
 
 
+def query_parameters(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `parameters` for query parameters a route parses itself with `model`."""
+    schema = model.model_json_schema()
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": prop}
+            for name, prop in schema.get("properties", {}).items()
+        ]
+    }
+
+
 def idempotency(request: Request, body: BaseModel) -> Idempotency | None:
     """The request's Idempotency-Key (read directly: a declared Header parameter costs a
     measurable share of a request), scoped by the caller in the store."""

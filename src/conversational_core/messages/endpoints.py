@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from conversational_core.auth.middleware import principal_of
@@ -14,6 +16,7 @@ from conversational_core.http import (
     expected_version,
     idempotency,
     json_response,
+    query_parameters,
 )
 from conversational_core.messages.schemas import (
     MessageCreate,
@@ -54,13 +57,21 @@ async def create_message(
     return json_response(message, 201, headers)
 
 
-@router.get("", response_model=MessageList)
-async def list_messages(
-    request: Request,
-    conversation_id: ConversationId,
-    query: Annotated[MessageListQuery, Query()],
-) -> Response:
+def _list_query(request: Request) -> MessageListQuery:
+    """The page's query parameters, validated in one pass by the model. Parsed here rather than
+    declared as FastAPI parameters: FastAPI's per-parameter machinery measured as a sixth of a
+    page request. Errors are the usual 422 problem (`loc` starts with "query")."""
+    try:
+        return MessageListQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+@router.get("", response_model=MessageList, openapi_extra=query_parameters(MessageListQuery))
+async def list_messages(request: Request, conversation_id: ConversationId) -> Response:
     principal = principal_of(request)
+    query = _list_query(request)
     page = await _service(request).list(
         principal,
         conversation_id,
