@@ -226,3 +226,17 @@ async def test_partial_text_is_readable_while_streaming(
     assert message["content"] in ("a", "ab", "abc")
     llm.release.set()
     await _wait_end(api, cid, reply_id)
+
+
+async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM) -> None:
+    llm.script = [Reply([f"y{i}" for i in range(200)], hold_after=2, delay=0.002)]
+    cid = await _conversation(api)
+    reply_id = await _ask(api, cid, "go")
+    await llm.holding.wait()
+    deleted = await api.delete(f"/conversations/{cid}/messages/{reply_id}")
+    assert deleted.status_code == 204
+    llm.release.set()
+    await llm.aborted.wait()
+    assert llm.streams_finished == 0
+    items = (await api.get(f"/conversations/{cid}/messages")).json()["items"]
+    assert [m["role"] for m in items] == ["user"]
