@@ -410,13 +410,7 @@ class RedisStore(Store):
         self._scripts.append(script)
         return script
 
-    async def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._eval(script, keys, args)
-
     async def command(self, *args: Any) -> Any:
-        return await self._cmd(*args)
-
-    async def _cmd(self, *args: Any) -> Any:
         """One plain command: on the fast client when there is one (it does not hold a pooled
         connection per caller, so hundreds of concurrent replies do not exhaust the pool)."""
         try:
@@ -426,7 +420,7 @@ class RedisStore(Store):
         except _UNAVAILABLE as exc:
             raise StoreUnavailable() from exc
 
-    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One script call, straight on the client (a pipeline object costs more CPU than the
         round trip it would save here)."""
         for attempt in range(2):
@@ -504,7 +498,7 @@ class RedisStore(Store):
 
     async def get_conversation(self, conversation_id: str, owner: str | None) -> Conversation:
         conv_key, _, _ = self._conv_keys(conversation_id)
-        fields = await self._cmd("HMGET", conv_key, *_CONV_FIELDS)
+        fields = await self.command("HMGET", conv_key, *_CONV_FIELDS)
         conv = _conversation_from_fields(conversation_id, fields)
         if conv is None or (owner is not None and conv.user_id != owner):
             raise NotFound("Conversation not found.")
@@ -652,7 +646,7 @@ class RedisStore(Store):
             self.events_key(conversation_id),
             self.queue_key(conversation_id),
         )
-        result = await self._eval(
+        result = await self.script(
             self._delete_conversation,
             keys,
             [
@@ -722,7 +716,7 @@ class RedisStore(Store):
             *created,
         ]
         if one_script:
-            result = await self._eval(self._append, keys, args)
+            result = await self.script(self._append, keys, args)
         else:
 
             def build(pipe: Pipeline) -> None:
@@ -758,7 +752,7 @@ class RedisStore(Store):
         conv_key, msgs_key, _ = self._conv_keys(conversation_id)
         # Both commands are in flight at once (pipelined on the fast client).
         user, doc = await asyncio.gather(
-            self._cmd("HGET", conv_key, "user"), self._cmd("HGET", msgs_key, message_id)
+            self.command("HGET", conv_key, "user"), self.command("HGET", msgs_key, message_id)
         )
         if user is None or (owner is not None and user.decode() != owner):
             raise NotFound("Conversation not found.")
@@ -778,7 +772,7 @@ class RedisStore(Store):
             query.anchor_id or "",
             "1" if query.backward else "0",
         ]
-        result = await self._eval(self._page, keys, args)
+        result = await self.script(self._page, keys, args)
         status = result[0]
         if status == b"missing":
             raise NotFound("Conversation not found.")
@@ -787,7 +781,7 @@ class RedisStore(Store):
         ids = result[2::2]
         if not ids:
             return MessageSlice([], [], bool(result[1]))
-        docs = await self._cmd("HMGET", keys[1], *ids)
+        docs = await self.command("HMGET", keys[1], *ids)
         prefix = b'","conversation_id":"' + conversation_id.encode() + b'",'
         parts = []
         seqs = []
@@ -823,7 +817,7 @@ class RedisStore(Store):
         data = b'{"message_id":"' + message.id.encode() + b'","message":' + doc + b"}"
         expected_doc = _pack(expected.to_json(), expected.id, conversation_id)
         doc = _pack(doc, message.id, conversation_id)
-        result = await self._eval(
+        result = await self.script(
             self._replace,
             keys,
             [
@@ -855,7 +849,7 @@ class RedisStore(Store):
             self.events_key(conversation_id),
             self.queue_key(conversation_id),
         )
-        result = await self._eval(
+        result = await self.script(
             self._delete_message,
             keys,
             [
@@ -889,20 +883,20 @@ class RedisStore(Store):
             self._events_ttl,
             "" if attempt is None else attempt,
         ]
-        return bool(await self._eval(self._delta, keys, args))
+        return bool(await self.script(self._delta, keys, args))
 
     async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
         keys = (
             self._key(conversation_id, f"x:{message_id}"),
             self._key(conversation_id, f"p:{message_id}"),
         )
-        result = await self._eval(self._stop, keys, [self._events_ttl])
+        result = await self.script(self._stop, keys, [self._events_ttl])
         return result.decode() if result is not None else None
 
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
         if after is not None and not _STREAM_ID.match(after):
             raise ValueError("not an event id")
-        rows = await self._cmd(
+        rows = await self.command(
             "XRANGE",
             self.events_key(conversation_id),
             f"({after}" if after else "-",
@@ -913,11 +907,13 @@ class RedisStore(Store):
         return [_event(entry_id, fields) for entry_id, fields in rows]
 
     async def last_event_id(self, conversation_id: str) -> str | None:
-        rows = await self._cmd("XREVRANGE", self.events_key(conversation_id), "+", "-", "COUNT", 1)
+        rows = await self.command(
+            "XREVRANGE", self.events_key(conversation_id), "+", "-", "COUNT", 1
+        )
         return rows[0][0].decode() if rows else None
 
     async def reply_queue_head(self, conversation_id: str) -> str | None:
-        head = await self._cmd("LINDEX", self.queue_key(conversation_id), 0)
+        head = await self.command("LINDEX", self.queue_key(conversation_id), 0)
         return head.decode() if head is not None else None
 
 
