@@ -37,8 +37,19 @@ def make_settings(**overrides: object) -> Settings:
 
 
 @pytest.fixture
-async def redis_store() -> AsyncIterator[RedisStore]:
-    prefix = f"test-{uuid_utils.uuid4().hex[:12]}"
+async def prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of this test's own; only its keys are removed at the end."""
+    name = f"test-{uuid_utils.uuid4().hex[:12]}"
+    yield name
+    cleaner = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in cleaner.scan_iter(match=f"{name}:*", count=1000)]
+    if keys:
+        await cleaner.unlink(*keys)
+    await cleaner.aclose()
+
+
+@pytest.fixture
+async def redis_store(prefix: str) -> AsyncIterator[RedisStore]:
     client = build_client(REDIS_URL, socket_timeout=5, connect_timeout=2, max_connections=200)
     try:
         await client.ping()
@@ -46,12 +57,6 @@ async def redis_store() -> AsyncIterator[RedisStore]:
         pytest.fail(f"tests need Redis at {REDIS_URL} (make test starts one): {exc!r}")
     store = RedisStore(client, prefix, fast=RespClient(REDIS_URL))
     yield store
-    # Remove only what this test made: its own prefix.
-    cleaner = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in cleaner.scan_iter(match=f"{prefix}:*", count=1000)]
-    if keys:
-        await cleaner.unlink(*keys)
-    await cleaner.aclose()
     await store.close()
 
 

@@ -20,8 +20,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis.asyncio as aioredis
-import uuid_utils
 
 from conversational_core.app import create_app
 from conversational_core.replies.generation import ReplyWriter
@@ -43,19 +41,6 @@ STOP_TIMEOUT = 5.0
 
 
 # --- Fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A Redis key prefix of this test's own; its keys are removed at the end (as conftest's
-    `redis_store` does)."""
-    name = f"test-{uuid_utils.uuid4().hex[:12]}"
-    yield name
-    cleaner = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in cleaner.scan_iter(match=f"{name}:*", count=1000)]
-    if keys:
-        await cleaner.unlink(*keys)
-    await cleaner.aclose()
 
 
 @pytest.fixture
