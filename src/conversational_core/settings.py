@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     REDIS_SOCKET_TIMEOUT: float = Field(2.0, gt=0, le=60)
     REDIS_CONNECT_TIMEOUT: float = Field(1.0, gt=0, le=60)
     REDIS_MAX_CONNECTIONS: int = Field(128, ge=1, le=10_000)
+    # REDIS_URL names one node of a Redis Cluster; the client discovers the others.
+    REDIS_CLUSTER: bool = False
     DATA_DIR: Path = Path("data")
 
     # Auth.
