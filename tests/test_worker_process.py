@@ -77,11 +77,13 @@ class WorkerProcess:
             **{name: _env_value(value) for name, value in config.items()},
             "ENVIRONMENT": "test",
             "LOG_LEVEL": "INFO",
+            "WORKER_METRICS_PORT": "0",  # several workers at once
             "PYTHONUNBUFFERED": "1",
         }
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self.started = asyncio.Event()
+        self._new_line = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -117,6 +119,13 @@ class WorkerProcess:
             self.lines.append(text)
             if " worker " in text and " started " in text:
                 self.started.set()
+            self._new_line.set()
+
+    async def line_seen(self, text: str) -> None:
+        """Wait until the log has a line containing `text`."""
+        while not any(text in line for line in self.lines):
+            self._new_line.clear()
+            await self._new_line.wait()
 
     async def signal(self, sig: signal.Signals) -> int:
         """Send `sig` and wait for the process to exit by itself; its exit code."""
@@ -166,6 +175,21 @@ async def workers() -> AsyncIterator[list[WorkerProcess]]:
     finally:
         for worker in started:
             await worker.close()
+
+
+@contextlib.asynccontextmanager
+async def api_and_workers(
+    config: dict[str, object],
+) -> AsyncIterator[tuple[list[WorkerProcess], httpx.AsyncClient]]:
+    """A served API (WORKER_IN_API off: the replies are the worker processes' work) with a
+    client of alice's, and the pool of worker processes the test starts."""
+    settings: Settings = make_settings(**config)
+    async with (
+        workers() as pool,
+        serve(create_app(settings)) as base,
+        httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=20) as api,
+    ):
+        yield pool, api
 
 
 async def _start_worker(pool: list[WorkerProcess], config: dict[str, object]) -> WorkerProcess:
@@ -251,12 +275,11 @@ async def _worker_stops_mid_reply(llm: FakeLLM, prefix: str, sig: signal.Signals
     second = Reply(["second ", "attempt"])
     llm.script = [first, second]
     config = _config(llm, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX=prefix)
-    settings: Settings = make_settings(**config)
-    async with (
-        workers() as pool,
-        serve(create_app(settings)) as base,
-        httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=20) as api,
-    ):
+    if sig is signal.SIGTERM:
+        # The held reply cannot finish within the grace time, so the worker hands it back; with
+        # a lease far longer than the test's wait, only the hand-back lets the rescuer take it.
+        config.update(WORKER_SHUTDOWN_GRACE_SECONDS=0.2, JOB_LEASE_SECONDS=120)
+    async with api_and_workers(config) as (pool, api):
         doomed = await _start_worker(pool, config)
         cid = await _conversation(api)
         reply_id = await _ask(api, cid, "count")
@@ -309,6 +332,29 @@ async def test_killed_worker_process_reply_completes_once(llm: FakeLLM, prefix: 
 
 async def test_gracefully_stopped_worker_hands_its_reply_over(llm: FakeLLM, prefix: str) -> None:
     await _worker_stops_mid_reply(llm, prefix, signal.SIGTERM)
+
+
+async def test_stopped_worker_finishes_a_running_reply_within_its_grace_time(
+    llm: FakeLLM, prefix: str
+) -> None:
+    llm.script = [Reply([f"w{i} " for i in range(6)], hold_after=2)]
+    config = _config(llm, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX=prefix)
+    config.update(WORKER_SHUTDOWN_GRACE_SECONDS=15)
+    async with api_and_workers(config) as (pool, api):
+        worker = await _start_worker(pool, config)
+        cid = await _conversation(api)
+        reply_id = await _ask(api, cid, "finish please")
+        await asyncio.wait_for(llm.holding.wait(), EVENT_TIMEOUT)
+        assert worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGTERM)  # mid-reply
+        await asyncio.wait_for(worker.line_seen("finishing 1 running job"), EVENT_TIMEOUT)
+        llm.release.set()
+        assert await asyncio.wait_for(worker.proc.wait(), EVENT_TIMEOUT) == 0, worker.log
+        final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
+    assert final["status"] == "completed", final
+    assert final["content"] == "w0 w1 w2 w3 w4 w5 "
+    assert final["context"]["attempts"] == 1  # finished by the stopping worker itself
+    assert llm.streams_started == 1 and llm.streams_aborted == 0
 
 
 # --- Replies queued while no worker runs, written after an API restart ---------------------------

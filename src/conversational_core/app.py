@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from loguru import logger
+from starlette.middleware.cors import CORSMiddleware
 
 from conversational_core import __version__
 from conversational_core.auth.middleware import AuthMiddleware
@@ -21,13 +23,37 @@ from conversational_core.errors import install_error_handlers
 from conversational_core.health import router as health_router
 from conversational_core.messages.endpoints import router as messages_router
 from conversational_core.messages.service import MessageService
+from conversational_core.observability import metrics
+from conversational_core.observability.errors import configure_sentry
 from conversational_core.observability.logging import configure_logging
 from conversational_core.observability.middleware import EdgeMiddleware
+from conversational_core.ratelimit import Limits
 from conversational_core.replies.endpoints import router as replies_router
 from conversational_core.replies.worker import run_worker
 from conversational_core.settings import Settings, load_settings
 from conversational_core.storage.base import EventHub, JobQueue, Store
 from conversational_core.storage.factory import Backend, open_backend
+
+# What a browser page may send and read across origins (CORS_ORIGINS).
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "If-Match",
+    "Idempotency-Key",
+    "Last-Event-ID",
+    "X-Request-ID",
+    "X-On-Behalf-Of",
+]
+CORS_RESPONSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Retry-After",
+    "X-Request-ID",
+    "Idempotent-Replayed",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+]
 
 
 class State(TypedDict):
@@ -38,6 +64,7 @@ class State(TypedDict):
     events: EventHub
     jobs: JobQueue
     verifier: TokenVerifier
+    limits: Limits
     conversations: ConversationService
     messages: MessageService
 
@@ -46,6 +73,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     """Build the ASGI app. `backend` lets tests inject an already-open one."""
     settings = settings or load_settings()
     configure_logging(settings)
+    configure_sentry(settings, "api")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
@@ -66,6 +94,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 )
             # Start-up objects (modules, settings, clients) never die: keep them out of the
             # collector's full scans, which otherwise stall the loop as connections pile up.
+            limits = Limits.build(settings, active.store)
+            stack.callback(metrics.process_exited, os.getpid())
             gc.collect()
             gc.freeze()
             yield State(
@@ -74,11 +104,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 events=active.events,
                 jobs=active.jobs,
                 verifier=verifier,
+                limits=limits,
                 conversations=ConversationService(active.store, settings),
-                messages=MessageService(active.store, settings),
+                messages=MessageService(active.store, settings, limits),
             )
 
-    docs = settings.DOCS_ENABLED
+    docs = settings.docs_enabled
     app = FastAPI(
         title="Conversational Core",
         version=__version__,
@@ -94,9 +125,27 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(conversations_router)
     app.include_router(replies_router)
     app.include_router(health_router)
-    # Outermost last: EdgeMiddleware (request id, body limits) wraps AuthMiddleware.
+    # Outermost last: EdgeMiddleware (hosts, request id, limits, metrics, access line) wraps
+    # CORS (so that a preflight needs no token and a 401 is readable by the page), which wraps
+    # AuthMiddleware.
     app.add_middleware(AuthMiddleware)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.MAX_BODY_BYTES)
+    if settings.CORS_ORIGINS:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_credentials=settings.CORS_ALLOW_CREDENTIALS,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_RESPONSE_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.MAX_BODY_BYTES,
+        allowed_hosts=settings.ALLOWED_HOSTS,
+        production=settings.is_production,
+        routes=app.router.routes,
+    )
     _declare_bearer_auth(app)
     return app
 

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 
 from conversational_core.settings import ConfigError, Settings, load_settings
 
 
+def _prepare_metrics_dir(workers: int) -> None:
+    """With several server processes, give them a shared, empty directory for their metric
+    samples (observability/metrics.py). Done here, before any process imports
+    prometheus_client, which picks single- or multi-process mode at import time. An operator's
+    own PROMETHEUS_MULTIPROC_DIR is used, and emptied: a previous run's samples would add up."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        if workers <= 1:
+            return
+        directory = tempfile.mkdtemp(prefix="conversational-core-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
+
+    _prepare_metrics_dir(1 if settings.RELOAD else settings.WORKERS)
 
     uvicorn.run(
         "conversational_core.app:create_app",
@@ -35,7 +55,9 @@ def _worker(settings: Settings) -> int:
 
     from loguru import logger
 
+    from conversational_core.observability.errors import configure_sentry
     from conversational_core.observability.logging import configure_logging
+    from conversational_core.observability.metrics import start_metrics_server
     from conversational_core.replies.worker import run_worker
     from conversational_core.storage.factory import open_backend
 
@@ -47,6 +69,10 @@ def _worker(settings: Settings) -> int:
         )
         return 2
     configure_logging(settings)
+    configure_sentry(settings, "worker")
+    if settings.WORKER_METRICS_PORT:
+        # The worker's replies, tokens and timings (the API serves its own /metrics).
+        start_metrics_server(settings.WORKER_METRICS_PORT, settings.HOST)
 
     async def main() -> None:
         stop = asyncio.Event()

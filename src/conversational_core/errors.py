@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from conversational_core.observability import metrics
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TITLES = {
     400: "Bad Request",
@@ -151,6 +153,8 @@ def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict
 def install_error_handlers(app: FastAPI) -> None:
     async def app_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, AppError)
+        if isinstance(exc, StoreUnavailable):
+            metrics.STORE_ERRORS.labels("api").inc()
         return problem_response(
             exc.status, exc.detail, code=exc.code, errors=exc.errors, headers=exc.headers
         )

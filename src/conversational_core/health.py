@@ -1,4 +1,12 @@
-"""`/health`: is each dependency answering? 503 with Retry-After while one is down."""
+"""Operations endpoints (no token needed):
+
+- `/health` and `/health/ready`: is each dependency answering? 503 with Retry-After while one is
+  down, or while the process is draining (SIGTERM received: it finishes what it has, takes
+  nothing new). `/health/ready` is what a load balancer should route by.
+- `/health/live`: the process answers at all (restart it if not). No dependency is checked:
+  Redis being down is not a reason to restart the API.
+- `/metrics`: Prometheus text format (all processes' samples with WORKERS > 1).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,12 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
+from sse_starlette.sse import AppStatus
 from starlette.responses import Response
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.http import json_response
+from conversational_core.observability import metrics
 from conversational_core.storage.base import JobQueue, Store
 
 router = APIRouter(tags=["operations"])
@@ -35,7 +45,15 @@ async def check_queue(jobs: JobQueue) -> dict[str, object]:
         depth, oldest = await asyncio.wait_for(jobs.stats(), _CHECK_TIMEOUT_SECONDS)
     except (StoreUnavailable, TimeoutError):
         return {"status": "unavailable"}
+    metrics.QUEUE_JOBS.set(depth)
+    metrics.QUEUE_OLDEST_AGE.set(oldest)
     return {"status": "ok", "jobs": depth, "oldest_job_age_seconds": round(oldest, 3)}
+
+
+def draining() -> bool:
+    """SIGTERM received: uvicorn stops accepting connections and finishes the open ones
+    (sse-starlette's hook on uvicorn's exit handler sets this flag, and ends event streams)."""
+    return AppStatus.should_exit
 
 
 @router.get("/health")
@@ -45,7 +63,27 @@ async def health(request: Request) -> Response:
     )
     checks = {"store": store, "queue": queue}
     ok = all(check["status"] == "ok" for check in checks.values())
-    body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    status = "ok" if ok else "unavailable"
+    if draining():
+        ok, status = False, "draining"
+    body = {"status": status, "checks": checks}
     if ok:
         return json_response(body)
     return json_response(body, 503, {"Retry-After": "2"})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    return await health(request)
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    # The queue's gauges are read from the store at scrape time (it is shared by all processes).
+    await check_queue(request.state.jobs)
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)

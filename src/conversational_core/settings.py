@@ -56,11 +56,21 @@ class Settings(BaseSettings):
     ENVIRONMENT: Environment = Environment.DEVELOPMENT
     DEBUG: bool = False
     LOG_LEVEL: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Message text in logs (at DEBUG): off unless switched on explicitly.
+    LOG_CONTENT: bool = False
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     CORS_ALLOW_CREDENTIALS: bool = False
     ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     SENTRY_DSN: str | None = None
-    DOCS_ENABLED: bool = True
+    # /docs and /openapi.json: on in development, off in production unless switched on.
+    DOCS_ENABLED: bool | None = None
+    SENTRY_TRACES_SAMPLE_RATE: float = Field(0.0, ge=0, le=1)
+    # Budget of requests that fail authentication, per client address ("off" disables it).
+    ANONYMOUS_RATE_LIMIT: str = "60/minute"
+    # The worker's own /metrics port (`run.py worker`; 0: none). The API serves /metrics itself.
+    WORKER_METRICS_PORT: int = Field(9101, ge=0, le=65535)
+    # On SIGTERM a worker lets running replies finish for this long, then hands the rest back.
+    WORKER_SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0, le=600)
 
     # Storage.
     REDIS_URL: str | None = None
@@ -137,7 +147,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a non-empty list of {sorted(allowed)}, got {value}")
         return value
 
-    @field_validator("RATE_LIMIT", "AI_RATE_LIMIT")
+    @field_validator("RATE_LIMIT", "AI_RATE_LIMIT", "ANONYMOUS_RATE_LIMIT")
     @classmethod
     def _rate(cls, value: str) -> str:
         if value.strip().lower() != "off" and not _RATE_RE.match(value):
@@ -225,6 +235,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.ENVIRONMENT is Environment.PRODUCTION
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.DOCS_ENABLED if self.DOCS_ENABLED is not None else not self.is_production
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -9,12 +9,14 @@ path. Routes read the result with :func:`principal_of`.
 
 from __future__ import annotations
 
+from loguru import logger
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conversational_core.auth.dependencies import Principal, authenticate
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.errors import AppError, problem_response
+from conversational_core.ratelimit import Limits, RateLimited
 
 PUBLIC_PREFIXES = ("/health", "/metrics", "/docs", "/openapi.json")
 
@@ -33,6 +35,7 @@ class AuthMiddleware:
             return
         state = scope.setdefault("state", {})
         verifier: TokenVerifier = state["verifier"]
+        limits: Limits = state["limits"]
         # One pass over the raw headers (a Headers mapping scans them again for every get).
         authorization = on_behalf = None
         for name, value in scope["headers"]:
@@ -41,12 +44,42 @@ class AuthMiddleware:
             elif name == b"x-on-behalf-of":
                 on_behalf = value.decode("latin-1")
         try:
-            state["principal"] = await authenticate(verifier, authorization, on_behalf)
+            principal = await authenticate(verifier, authorization, on_behalf)
         except AppError as exc:
-            response = problem_response(exc.status, exc.detail, code=exc.code, headers=exc.headers)
-            await response(scope, receive, send)
+            error = exc
+            if exc.status == 401 and limits.anonymous is not None:
+                # Guessing tokens costs the guesser: failed attempts are limited per address.
+                client = scope.get("client")
+                address = client[0] if client else "unknown"
+                decision = await limits.limiter.hit("anonymous", address, limits.anonymous)
+                if not decision.allowed:
+                    error = RateLimited(decision, "failed authentication attempts")
+            await _refuse(error, scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        state["principal"] = principal
+        if limits.user is None:
+            with logger.contextualize(user_id=principal.user_id):
+                await self.app(scope, receive, send)
+            return
+
+        decision = await limits.limiter.hit("user", principal.user_id, limits.user)
+        if not decision.allowed:
+            await _refuse(RateLimited(decision, "requests"), scope, receive, send)
+            return
+        quota = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+        async def send_with_quota(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *quota]
+            await send(message)
+
+        with logger.contextualize(user_id=principal.user_id):
+            await self.app(scope, receive, send_with_quota)
+
+
+async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -> None:
+    response = problem_response(error.status, error.detail, code=error.code, headers=error.headers)
+    await response(scope, receive, send)
 
 
 def principal_of(request: Request) -> Principal:

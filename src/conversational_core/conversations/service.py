@@ -7,6 +7,7 @@ from typing import Any
 from conversational_core.auth.dependencies import Principal
 from conversational_core.conversations.schemas import ConversationCreate, ConversationUpdate
 from conversational_core.errors import BadRequest, Unprocessable
+from conversational_core.observability import metrics
 from conversational_core.settings import Settings
 from conversational_core.storage.base import (
     Idempotency,
@@ -62,7 +63,10 @@ class ConversationService:
             created_at=now,
             updated_at=now,
         )
-        return await self._store.create_conversation(conversation, idempotency)
+        created, replayed = await self._store.create_conversation(conversation, idempotency)
+        if not replayed:
+            metrics.CONVERSATIONS.inc()
+        return created, replayed
 
     async def get(self, principal: Principal, conversation_id: str) -> Conversation:
         return await self._store.get_conversation(conversation_id, read_owner(principal))

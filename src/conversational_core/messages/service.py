@@ -19,6 +19,8 @@ from conversational_core.errors import (
     Unprocessable,
 )
 from conversational_core.messages.schemas import MessageCreate, MessageUpdate
+from conversational_core.observability import metrics
+from conversational_core.ratelimit import Limits, RateLimited
 from conversational_core.settings import Settings
 from conversational_core.storage import events
 from conversational_core.storage.base import (
@@ -54,9 +56,10 @@ def _decode_cursor(value: str) -> tuple[bool, bool, int]:
 
 
 class MessageService:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, limits: Limits | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._limits = limits
 
     def _check_content(self, content: str | None) -> None:
         if content is not None and len(content) > self._settings.MAX_MESSAGE_CHARS:
@@ -99,6 +102,7 @@ class MessageService:
         messages = [message]
         reply_id = None
         if body.role is Role.USER and body.respond:
+            await self._check_ai_budget(principal)
             # The assistant message exists from the start (pending) and is queued with the user
             # message in one atomic step.
             reply = Message(
@@ -116,7 +120,19 @@ class MessageService:
         stored, replayed = await self._store.append_messages(
             conversation_id, write_owner(principal), messages, now, idempotency, reply_id
         )
+        if not replayed:
+            for created in messages:
+                metrics.MESSAGES.labels(created.role.value).inc()
         return stored[0], replayed
+
+    async def _check_ai_budget(self, principal: Principal) -> None:
+        """AI_RATE_LIMIT: AI replies per user (a reply costs far more than a request)."""
+        limits = self._limits
+        if limits is None or limits.ai is None:
+            return
+        decision = await limits.limiter.hit("ai", principal.user_id, limits.ai)
+        if not decision.allowed:
+            raise RateLimited(decision, "AI replies")
 
     async def get(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
         return await self._store.get_message(conversation_id, read_owner(principal), message_id)
@@ -230,6 +246,7 @@ class MessageService:
                 stop=True,
             )
             if stored is not None:
+                metrics.REPLIES.labels("cancelled").inc()
                 return stored
             current = await self._store.get_message(conversation_id, owner, message_id)
 

@@ -1,15 +1,39 @@
-"""Loguru set-up: readable lines in development, JSON lines in production; the standard library's
-loggers (uvicorn, asyncio, …) are routed through it."""
+"""Loguru set-up: readable lines in development, one JSON object per line in production; the
+standard library's loggers (uvicorn, asyncio, httpx, …) are routed through it.
+
+Every line carries the request id (and the user id once authenticated) of the request it was
+written for (EdgeMiddleware and AuthMiddleware bind them). Tokens and keys never reach a line:
+anything shaped like a JWT, a bearer credential or an API key is masked in the message and in
+tracebacks, whatever wrote it. Message text is never logged unless LOG_CONTENT is on.
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
+import traceback
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from loguru import logger
 
 from conversational_core.settings import Settings
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
+
+_SECRETS = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # JWT
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"  # a bearer credential
+    r"|\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,}"  # provider API keys (OpenAI, Anthropic, …)
+)
+_MASK = "[redacted]"
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(_MASK, text) if text else text
 
 
 class InterceptHandler(logging.Handler):
@@ -27,15 +51,56 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
+def _redact_record(record: Record) -> None:
+    record["message"] = redact(record["message"])
+
+
+def _json_sink(message: Message) -> None:
+    """One JSON object per line. Hand-written rather than Loguru's `serialize=True`, whose
+    objects nest the whole record (file, process, thread, …) under "record" and repeat the
+    formatted text: four times the bytes for what a log pipeline wants at the top level."""
+    record = message.record
+    line: dict[str, Any] = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "message": record["message"],
+        "logger": record["name"],
+    }
+    for key, value in record["extra"].items():
+        line[key] = None if value == "-" else value  # "-": no request (or user) to name
+    exception = record["exception"]
+    if exception is not None and exception.type is not None:
+        line["exception"] = {
+            "type": exception.type.__name__,
+            "value": redact(str(exception.value)),
+            "traceback": redact(
+                "".join(
+                    traceback.format_exception(exception.type, exception.value, exception.traceback)
+                )
+            ),
+        }
+    sys.stderr.write(orjson.dumps(line, default=str).decode() + "\n")
+
+
+_READABLE = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
+    "<cyan>{extra[request_id]}</cyan> | {message}"
+)
+
+
 def configure_logging(settings: Settings) -> None:
     logger.remove()
-    logger.add(
-        sys.stderr,
-        level=settings.LOG_LEVEL,
-        serialize=settings.is_production,
-        backtrace=False,
-        diagnose=False,  # never print local variables (they may hold tokens or message text)
-    )
+    logger.configure(extra={"request_id": "-", "user_id": "-"}, patcher=_redact_record)
+    if settings.is_production:
+        logger.add(_json_sink, level=settings.LOG_LEVEL, backtrace=False, diagnose=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=settings.LOG_LEVEL,
+            format=_READABLE,
+            backtrace=False,
+            diagnose=False,  # never print local variables (they may hold tokens or message text)
+        )
     # The standard library's level follows LOG_LEVEL: a root logger at level 0 would make
     # uvicorn wrap the app in its per-message trace logger, a large cost on every request.
     std_level = (
@@ -48,6 +113,5 @@ def configure_logging(settings: Settings) -> None:
         std = logging.getLogger(name)
         std.handlers = [InterceptHandler()]
         std.propagate = False
-    # One access line per request is the middleware's job (issue: observability); uvicorn's own
-    # access log would duplicate it.
+    # One access line per request is EdgeMiddleware's; uvicorn's own would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True

@@ -3,22 +3,33 @@
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: the latter wraps each request in extra tasks
 and streams, a measurable cost on the hot path. This middleware:
 
-- gives every response an `X-Request-ID` (the client's, when it sent a sane one);
+- refuses a Host that is not in ALLOWED_HOSTS with 400 (a problem+json, unlike Starlette's
+  TrustedHostMiddleware's plain text; and checked in the same pass over the headers);
+- gives every response an `X-Request-ID` (the client's, when it sent a sane one) and the
+  security headers;
 - refuses bodies over MAX_BODY_BYTES with 413, by Content-Length up front or while streaming;
 - refuses a body that is not JSON with 415 (before any route parses it);
-- turns any exception that escapes the app into a 500 problem+json that reveals nothing.
+- turns any exception that escapes the app into a 500 problem+json that reveals nothing;
+- binds the request id to every log line written while the request runs, and writes one access
+  line per request (method, path without the query, status, duration, user);
+- counts the request in the Prometheus metrics by route template (never the raw path).
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Sequence
 
 import uuid_utils
 from fastapi import HTTPException
 from loguru import logger
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conversational_core.errors import PROBLEM_MEDIA_TYPE, problem_body
+from conversational_core.observability import metrics
+from conversational_core.observability.errors import report
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -39,22 +50,90 @@ def _is_json(content_type: bytes) -> bool:
     )
 
 
+class HostPolicy:
+    """ALLOWED_HOSTS: exact names, `*.example.com` for any subdomain, `*` for any host."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.any = "*" in allowed
+        self.exact = {h.lower().encode() for h in allowed if not h.startswith("*")}
+        self.suffixes = tuple(h[1:].lower().encode() for h in allowed if h.startswith("*."))
+
+    def allows(self, host_header: bytes | None) -> bool:
+        if self.any:
+            return True
+        if not host_header:
+            return False
+        host = host_header.lower()
+        if host.startswith(b"["):  # [v6]:port
+            host = host[: host.find(b"]") + 1]
+        else:
+            host = host.rsplit(b":", 1)[0] if host.count(b":") == 1 else host
+        return host in self.exact or (bool(self.suffixes) and host.endswith(self.suffixes))
+
+
+def security_headers(production: bool) -> list[tuple[bytes, bytes]]:
+    """Headers for an API that serves JSON to programs: nothing may be sniffed, framed, or
+    leak a referrer; HSTS where the service runs behind TLS (production)."""
+    headers = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"cross-origin-resource-policy", b"same-site"),
+    ]
+    if production:
+        headers.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+    return headers
+
+
+# /docs loads Swagger UI from its CDN; every other response is data and may run nothing.
+_API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
+
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The matched route's template; for a request answered before routing (401, 413, …) the
+    template it would have matched. Never the raw path: ids would explode label cardinality."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in routes:
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        *,
+        allowed_hosts: Sequence[str] = ("*",),
+        production: bool = False,
+        routes: Sequence[BaseRoute] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.hosts = HostPolicy(allowed_hosts)
+        self.headers = security_headers(production)
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        began = time.perf_counter()
         request_id: bytes | None = None
         content_length: int | None = None
         content_type = b""
+        host: bytes | None = None
         chunked = False
         for name, value in scope["headers"]:
-            if name == b"x-request-id":
+            if name == b"host":
+                host = value
+            elif name == b"x-request-id":
                 if _REQUEST_ID.match(value):
                     request_id = value
             elif name == b"content-length":
@@ -68,15 +147,25 @@ class EdgeMiddleware:
                 chunked = b"chunked" in value.lower()
         if request_id is None:
             request_id = uuid_utils.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        rid = request_id.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
 
         started = False
+        status = 500
+        streaming = False
+        extra = self.headers if scope["path"].startswith("/docs") else [*self.headers, _API_CSP]
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status, streaming
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                status = message["status"]
+                headers = message.get("headers", ())
+                streaming = any(
+                    n == b"content-type" and v.startswith(b"text/event-stream") for n, v in headers
+                )
+                message["headers"] = [*headers, (b"x-request-id", request_id), *extra]
             await send(message)
 
         async def reject(status: int, detail: str) -> None:
@@ -93,18 +182,6 @@ class EdgeMiddleware:
             )
             await send_with_id({"type": "http.response.body", "body": body})
 
-        if scope["method"] in _BODY_METHODS:
-            if content_length is not None and content_length < 0:
-                await reject(400, "Invalid Content-Length.")
-                return
-            if content_length is not None and content_length > self.max_body_bytes:
-                await reject(413, f"The request body exceeds {self.max_body_bytes} bytes.")
-                return
-            has_body = chunked or (content_length or 0) > 0
-            if has_body and not _is_json(content_type):
-                await reject(415, "The request body must be JSON (Content-Type: application/json).")
-                return
-
         received = 0
         limit = self.max_body_bytes
 
@@ -117,14 +194,60 @@ class EdgeMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        try:
-            await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge as exc:
-            if not started:
-                await reject(413, str(exc.detail))
-        except Exception:
-            logger.exception("unhandled error")
-            if not started:
-                await reject(500, "An unexpected error occurred.")
-            else:
-                raise
+        # Every log line written while the request runs carries its id (and, from
+        # AuthMiddleware on, its user's).
+        with logger.contextualize(request_id=rid):
+            try:
+                if not self.hosts.allows(host):
+                    await reject(400, "The Host header names a host this service does not serve.")
+                elif (
+                    scope["method"] in _BODY_METHODS
+                    and content_length is not None
+                    and (content_length < 0)
+                ):
+                    await reject(400, "Invalid Content-Length.")
+                elif scope["method"] in _BODY_METHODS and (content_length or 0) > limit:
+                    await reject(413, f"The request body exceeds {limit} bytes.")
+                elif (
+                    scope["method"] in _BODY_METHODS
+                    and (chunked or (content_length or 0) > 0)
+                    and not _is_json(content_type)
+                ):
+                    await reject(
+                        415, "The request body must be JSON (Content-Type: application/json)."
+                    )
+                else:
+                    await self.app(scope, limited_receive, send_with_id)
+            except BodyTooLarge as exc:
+                if not started:
+                    await reject(413, str(exc.detail))
+            except Exception as exc:
+                logger.exception("unhandled error")
+                report(exc)
+                if not started:
+                    await reject(500, "An unexpected error occurred.")
+                else:
+                    raise
+            finally:
+                self._record(scope, state, status, streaming, began)
+
+    def _record(
+        self, scope: Scope, state: dict[str, object], status: int, streaming: bool, began: float
+    ) -> None:
+        """The request's metrics and its access line."""
+        elapsed = time.perf_counter() - began
+        method = scope["method"]
+        endpoint = route_template(scope, self.routes)
+        metrics.REQUESTS.labels(method, endpoint, str(status)).inc()
+        if not streaming:  # an event stream's duration is its connection time, not latency
+            metrics.REQUEST_DURATION.labels(method, endpoint).observe(elapsed)
+        principal = state.get("principal")
+        logger.bind(
+            access=True,
+            method=method,
+            path=scope["path"],  # never the query string: clients put secrets there
+            endpoint=endpoint,
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            user_id=getattr(principal, "user_id", None),
+        ).info("{} {} {} {:.1f}ms", method, scope["path"], status, elapsed * 1000)

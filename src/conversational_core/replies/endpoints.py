@@ -15,12 +15,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Header, Path, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
 from conversational_core.errors import BadRequest
+from conversational_core.observability import metrics
 from conversational_core.schemas import ID_PATTERN
 from conversational_core.settings import Settings
 from conversational_core.storage import events as event_types
@@ -50,30 +52,51 @@ async def conversation_events(
         raise BadRequest("Last-Event-ID is not an event id of this service.")
     settings: Settings = request.state.settings
     hub: EventHub = request.state.events
+    shutdown = anyio.Event()
     return EventSourceResponse(
-        _stream(hub, settings, conversation_id, after.strip() if after else None),
+        _stream(hub, settings, conversation_id, after.strip() if after else None, shutdown),
         ping=settings.SSE_KEEPALIVE_SECONDS,
+        shutdown_event=shutdown,
+        shutdown_grace_period=1.0,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+async def _expire_on(shutdown: anyio.Event, limit: asyncio.Timeout) -> None:
+    await shutdown.wait()
+    limit.reschedule(asyncio.get_running_loop().time())
+
+
 async def _stream(
-    hub: EventHub, settings: Settings, conversation_id: str, after: str | None
+    hub: EventHub,
+    settings: Settings,
+    conversation_id: str,
+    after: str | None,
+    shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
     retry = settings.SSE_RETRY_MS
+    metrics.SSE_CONNECTIONS.inc()
     try:
         async with hub.subscribe(conversation_id, after) as events:
             yield ServerSentEvent(comment="connected", retry=retry)
-            async with asyncio.timeout(settings.SSE_MAX_CONNECTION_SECONDS):
-                async for event in events:
-                    yield ServerSentEvent(data=event.data.decode(), event=event.type, id=event.id)
-                    if event.type == event_types.CONVERSATION_DELETED:
-                        return
+            async with asyncio.timeout(settings.SSE_MAX_CONNECTION_SECONDS) as limit:
+                # The server is shutting down (SIGTERM): end the stream now, with the hint.
+                expire = asyncio.create_task(_expire_on(shutdown, limit))
+                try:
+                    async for event in events:
+                        yield ServerSentEvent(
+                            data=event.data.decode(), event=event.type, id=event.id
+                        )
+                        if event.type == event_types.CONVERSATION_DELETED:
+                            return
+                finally:
+                    expire.cancel()
     except TimeoutError:
-        yield ServerSentEvent(
-            comment="connection time limit reached; reconnect with Last-Event-ID", retry=retry
-        )
+        reason = "the server is restarting" if shutdown.is_set() else "connection time limit"
+        yield ServerSentEvent(comment=f"{reason}; reconnect with Last-Event-ID", retry=retry)
     except SlowConsumer:
         yield ServerSentEvent(comment="too far behind; reconnect with Last-Event-ID", retry=retry)
     except ValueError:
         yield ServerSentEvent(comment="unknown Last-Event-ID", retry=retry)
+    finally:
+        metrics.SSE_CONNECTIONS.dec()

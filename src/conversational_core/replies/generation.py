@@ -24,12 +24,13 @@ from typing import Any
 from loguru import logger
 
 from conversational_core.errors import NotFound
+from conversational_core.observability import metrics
 from conversational_core.replies.context import PromptTooLong, build_prompt
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.settings import Settings
 from conversational_core.storage import events
 from conversational_core.storage.base import MessageQuery, Store
-from conversational_core.storage.models import Message, MessageStatus, utcnow
+from conversational_core.storage.models import Message, MessageStatus, rfc3339_to_ms, utcnow
 
 
 def _attempt(message: Message) -> int:
@@ -106,6 +107,9 @@ class ReplyWriter:
         flush_every = settings.REPLY_FLUSH_MS / 1000
         attempt = _attempt(current)  # deltas of another attempt are refused by the store
         last_flush = 0.0  # the first delta is stored at once, then every REPLY_FLUSH_MS
+        provider = self._provider.name
+        began = time.monotonic()
+        first_token = True
         for try_number in range(settings.LLM_MAX_RETRIES + 1):
             started = False
             try:
@@ -116,6 +120,10 @@ class ReplyWriter:
                             usage = item
                             continue
                         started = True
+                        if first_token:
+                            first_token = False
+                            waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
+                            metrics.TIME_TO_FIRST_TOKEN.labels(provider).observe(max(0.0, waited))
                         text.append(item)
                         if not await self._store.publish_delta(
                             conversation_id, current.id, item, attempt
@@ -150,13 +158,16 @@ class ReplyWriter:
                     logger.info(
                         "reply {} failed: {} (status {})", current.id, exc.message, exc.status
                     )
-                    await self._end(
+                    if await self._end(
                         conversation_id,
                         current,
                         MessageStatus.FAILED,
                         error=exc.message,
                         content="".join(text),
-                    )
+                    ):
+                        metrics.GENERATION_DURATION.labels(provider, "failed").observe(
+                            time.monotonic() - began
+                        )
                     return
                 delay = exc.retry_after
                 if delay is None:
@@ -173,13 +184,21 @@ class ReplyWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
-        await self._end(
+        if await self._end(
             conversation_id,
             current,
             MessageStatus.COMPLETED,
             content="".join(text),
             usage=usage.as_dict() if usage else None,
-        )
+        ):
+            metrics.GENERATION_DURATION.labels(provider, "completed").observe(
+                time.monotonic() - began
+            )
+            if usage is not None:
+                metrics.TOKENS.labels(provider, "prompt").inc(usage.input_tokens)
+                metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
+            if self._settings.LOG_CONTENT:
+                logger.debug("reply {} text: {}", current.id, "".join(text))
 
     async def _reread(self, conversation_id: str, ours: Message) -> Message | None:
         """The reply as stored now, or None when it is no longer ours to write: ended, deleted,
@@ -201,9 +220,9 @@ class ReplyWriter:
         error: str | None = None,
         content: str | None = None,
         usage: dict[str, int] | None = None,
-    ) -> None:
+    ) -> bool:
         """Finish the reply exactly once: a CAS against what this writer last stored (re-read
-        when only its metadata changed meanwhile)."""
+        when only its metadata changed meanwhile). False when someone else ended it."""
         event = (
             events.MESSAGE_COMPLETED
             if status is MessageStatus.COMPLETED
@@ -222,9 +241,11 @@ class ReplyWriter:
             if await self._store.replace_message(
                 conversation_id, None, final, current, event=event, dequeue=True, stop=True
             ):
-                return
+                metrics.REPLIES.labels(status.value).inc()
+                return True
             latest = await self._reread(conversation_id, current)
             if latest is None:
-                return  # cancelled, deleted or finished by someone else
+                return False  # cancelled, deleted or finished by someone else
             current = latest
         logger.warning("reply {} kept changing; leaving it to the next attempt", current.id)
+        return False

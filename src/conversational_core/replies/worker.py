@@ -17,6 +17,7 @@ import uuid_utils
 from loguru import logger
 
 from conversational_core.errors import StoreUnavailable
+from conversational_core.observability import metrics
 from conversational_core.replies.generation import ReplyWriter
 from conversational_core.replies.providers import build_provider
 from conversational_core.settings import Settings
@@ -45,8 +46,9 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Take and run jobs until :meth:`stop`; then cancel what is running (its jobs stay
-        unacknowledged and another worker takes them over after the lease time)."""
+        """Take and run jobs until :meth:`stop`; then let the running ones finish for up to
+        WORKER_SHUTDOWN_GRACE_SECONDS, and hand the rest back (another worker takes them at
+        once and restarts their replies)."""
         limit = self._settings.WORKER_CONCURRENCY
         backoff = 0.1
         try:
@@ -56,9 +58,10 @@ class Worker:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    jobs = await self._jobs.take(self.name, free, wait_seconds=1.0)
+                    jobs = await self._take(free)
                     backoff = 0.1
                 except Exception as exc:  # the loop must outlive any store hiccup
+                    metrics.STORE_ERRORS.labels("worker").inc()
                     logger.warning(
                         "worker {}: cannot take jobs ({}), retrying", self.name, type(exc).__name__
                     )
@@ -71,10 +74,32 @@ class Worker:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
-            for task in list(self._tasks):
+            running = set(self._tasks)
+            grace = self._settings.WORKER_SHUTDOWN_GRACE_SECONDS
+            if running and grace > 0 and self._stopping.is_set():
+                logger.info("worker {}: finishing {} running job(s)", self.name, len(running))
+                _, running = await asyncio.wait(running, timeout=grace)
+            for task in running:
                 task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _take(self, count: int) -> list[Job]:
+        """Jobs, waiting up to a second for some; nothing once :meth:`stop` is called (a
+        stopping worker does not sit out a blocking read)."""
+        take = asyncio.ensure_future(self._jobs.take(self.name, count, wait_seconds=1.0))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if take.done():
+            return take.result()
+        take.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            jobs = await take
+            return jobs  # taken just as it was cancelled: still ours to run or hand back
+        return []
 
     async def _handle(self, job: Job) -> None:
         cid = job.conversation_id
@@ -110,13 +135,23 @@ class Worker:
                 await self._writer.write(cid, reply_id)
             await self._jobs.ack(job)
         except StoreUnavailable:
+            metrics.STORE_ERRORS.labels("worker").inc()
             logger.warning("worker {}: store unavailable during job {}", self.name, job.id)
         except asyncio.CancelledError:
+            if self._stopping.is_set():
+                await self._hand_back(job, token)
             raise
         except Exception:
             logger.exception("worker {}: job {} failed", self.name, job.id)
         finally:
             keeper.cancel()
+
+    async def _hand_back(self, job: Job, token: str) -> None:
+        try:
+            await self._jobs.hand_back(job, token)
+            logger.info("worker {}: handed job {} back", self.name, job.id)
+        except StoreUnavailable:
+            pass  # the job stays pending: another worker reclaims it after the lease time
 
     async def _keep_lease(self, job: Job, token: str, owner: asyncio.Task[None]) -> None:
         """Renew the lease every third of its time; stop the job once it cannot be held (lost,
@@ -152,8 +187,11 @@ async def run_worker(settings: Settings, backend: Backend) -> AsyncIterator[Work
     try:
         yield worker
     finally:
-        worker.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        worker.stop()  # takes nothing new, finishes or hands back what runs
+        try:
+            await asyncio.wait_for(asyncio.shield(task), settings.WORKER_SHUTDOWN_GRACE_SECONDS + 5)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await provider.close()

@@ -344,6 +344,11 @@ class JobQueue(ABC):
         """The job is done: forget it."""
 
     @abstractmethod
+    async def hand_back(self, job: Job, token: str) -> None:
+        """A stopping worker gives its job back unfinished: the lease is freed (if still the
+        caller's) and the job can be taken by another worker at once, not after the lease time."""
+
+    @abstractmethod
     async def stats(self) -> tuple[int, float]:
         """(jobs waiting or running, age in seconds of the oldest one), for metrics."""
 

@@ -409,6 +409,13 @@ class MemoryJobQueue(JobQueue):
         if entry is not None:  # it had expired back into the queue meanwhile
             del self._ready_by_conversation[job.conversation_id]
 
+    async def hand_back(self, job: Job, token: str) -> None:
+        held = self._leases.get(job.conversation_id)
+        if held is not None and held[0] == token:
+            del self._leases[job.conversation_id]
+        # The job stays taken and unacknowledged: it returns to the queue after the lease time
+        # (or, when the process is stopping, the store's recovery queues it at the next start).
+
     async def stats(self) -> tuple[int, float]:
         entries = [*self._ready.values(), *self._taken.values()]
         if not entries:

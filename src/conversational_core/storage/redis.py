@@ -370,6 +370,10 @@ class RedisStore(Store):
     def lease_key(self, cid: str) -> str:
         return self._key(cid, "l")
 
+    def tagged_key(self, tag: str, suffix: str) -> str:
+        """A key of another module in its own slot (`P:{tag}:suffix`), e.g. a rate counter."""
+        return f"{self._prefix}:{{{tag}}}:{suffix}"
+
     def _user_index(self, user_id: str) -> str:
         return f"{self._prefix}:{{u:{user_id}}}:convs"
 

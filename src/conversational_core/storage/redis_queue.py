@@ -48,6 +48,12 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: lease.  ARGV: token
+_GIVE_BACK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: lease.  ARGV: token, ttl ms
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -66,6 +72,7 @@ class RedisJobQueue(JobQueue):
         self._group_ready = False
         self._release = store.register_script(_RELEASE)
         self._renew = store.register_script(_RENEW)
+        self._give_back = store.register_script(_GIVE_BACK)
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -139,6 +146,13 @@ class RedisJobQueue(JobQueue):
             self._store.command("XACK", self._key, GROUP, job.id),
             self._store.command("XDEL", self._key, job.id),  # the stream keeps only jobs to do
         )
+
+    async def hand_back(self, job: Job, token: str) -> None:
+        cid = job.conversation_id
+        await self._store.script(self._give_back, [self._store.lease_key(cid)], [token])
+        # A new signal first, then forget the old one: never a moment without one.
+        await self._store.command("XADD", self._key, "*", "c", cid)
+        await self.ack(job)
 
     async def stats(self) -> tuple[int, float]:
         with _guard():

@@ -1,0 +1,149 @@
+"""Prometheus metrics, correct with several processes.
+
+With `WORKERS` > 1, `run.py` points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before any
+process imports prometheus_client (it picks its value class at import time; see cli.py), so that
+every process writes its samples there and `/metrics`, answered by any one of them, adds them all
+up.
+Gauges declare how their per-process values combine.
+
+Labels never carry ids: `endpoint` is the route template (`/conversations/{conversation_id}`),
+the other labels come from small fixed sets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from loguru import logger
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_NS = "conversational_core"
+
+REQUESTS = Counter(
+    f"{_NS}_requests_total",
+    "HTTP requests by method, route template and status.",
+    ["method", "endpoint", "status"],
+)
+REQUEST_DURATION = Histogram(
+    f"{_NS}_request_duration_seconds",
+    "Time to answer an HTTP request (event streams excluded), by method and route template.",
+    ["method", "endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CONVERSATIONS = Counter(f"{_NS}_conversations_total", "Conversations created.")
+MESSAGES = Counter(f"{_NS}_messages_total", "Messages created, by role.", ["role"])
+REPLIES = Counter(
+    f"{_NS}_replies_total",
+    "AI replies that ended, by outcome (completed, failed, cancelled).",
+    ["outcome"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    f"{_NS}_reply_time_to_first_token_seconds",
+    "From the user's message to the reply's first token (queue wait included).",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0),
+)
+GENERATION_DURATION = Histogram(
+    f"{_NS}_reply_duration_seconds",
+    "From the provider call to the reply's end, by provider and outcome.",
+    ["provider", "outcome"],
+    buckets=(0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
+)
+TOKENS = Counter(
+    f"{_NS}_tokens_total",
+    "Tokens used by AI replies, by provider and kind (prompt, completion).",
+    ["provider", "kind"],
+)
+QUEUE_JOBS = Gauge(
+    f"{_NS}_queue_jobs",
+    "Reply jobs waiting or running (read from the queue at scrape time).",
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_OLDEST_AGE = Gauge(
+    f"{_NS}_queue_oldest_job_age_seconds",
+    "Age of the oldest reply job (read from the queue at scrape time).",
+    multiprocess_mode="livemostrecent",
+)
+SSE_CONNECTIONS = Gauge(
+    f"{_NS}_sse_connections",
+    "Open event streams.",
+    multiprocess_mode="livesum",
+)
+STORE_ERRORS = Counter(
+    f"{_NS}_store_errors_total",
+    "Store operations that failed because the store was unreachable, by component (api, worker).",
+    ["component"],
+)
+RATE_LIMITED = Counter(
+    f"{_NS}_rate_limited_total",
+    "Requests refused by a rate limit, by scope (user, ai, anonymous).",
+    ["scope"],
+)
+RATE_LIMITER_ERRORS = Counter(
+    f"{_NS}_rate_limiter_errors_total",
+    "Rate-limit checks skipped because the limiter's store was unreachable (the request passed).",
+)
+
+# Every name the service exports (the Grafana dashboard is checked against it).
+METRIC_NAMES = tuple(
+    m._name  # prometheus_client keeps the base name (without _total) there
+    for m in (
+        REQUESTS,
+        REQUEST_DURATION,
+        CONVERSATIONS,
+        MESSAGES,
+        REPLIES,
+        TIME_TO_FIRST_TOKEN,
+        GENERATION_DURATION,
+        TOKENS,
+        QUEUE_JOBS,
+        QUEUE_OLDEST_AGE,
+        SSE_CONNECTIONS,
+        STORE_ERRORS,
+        RATE_LIMITED,
+        RATE_LIMITER_ERRORS,
+    )
+)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def process_exited(pid: int) -> None:
+    """Forget a finished process's live gauges (open streams, queue readings)."""
+    if multiprocess_dir() is not None:
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def exposition() -> bytes:
+    """The text of `/metrics`: every process's samples in multi-process mode."""
+    if multiprocess_dir() is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def start_metrics_server(port: int, host: str) -> None:
+    """`/metrics` on a port of its own, for a process without an HTTP API (the worker)."""
+    registry = REGISTRY
+    if multiprocess_dir() is not None:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    try:
+        start_http_server(port, host, registry)
+    except OSError as exc:  # e.g. a second worker on the same host: it still writes replies
+        logger.warning("worker metrics: cannot listen on {}:{} ({})", host, port, exc)
