@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -20,6 +18,7 @@ from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
 from tests.conftest import backend_for, make_settings
 from tests.fixtures.app import app_client
+from tests.fixtures.http_server import QuietHandler, local_http_server
 
 
 def _token(key: Any, alg: str, **claims: Any) -> str:
@@ -104,7 +103,7 @@ class _Jwks:
 def jwks_server() -> Iterator[tuple[str, _Jwks]]:
     state = _Jwks()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             state.hits += 1
             body = json.dumps({"keys": state.keys}).encode()
@@ -114,15 +113,8 @@ def jwks_server() -> Iterator[tuple[str, _Jwks]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", state
-    server.shutdown()
-    server.server_close()
+    with local_http_server(Handler) as base:
+        yield f"{base}/jwks.json", state
 
 
 async def test_jwks_rs256_and_es256(

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from conversational_core.app import create_app
 from tests.conftest import make_settings
@@ -31,6 +32,7 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
         cid = (await client.post("/conversations", headers=alice, json={})).json()["id"]
         assert (await client.get("/health")).status_code == 200
 
+        skipped = REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total") or 0
         own_redis.stop()
         for method, url, body in [
             ("GET", "/conversations", None),
@@ -42,6 +44,9 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
             assert response.headers["retry-after"]
             assert response.headers["content-type"] == "application/problem+json"
             assert "127.0.0.1" not in response.text and "Error" not in response.json()["detail"]
+        # The rate limiter could not count them either: it let them through (fail open), so
+        # the answer is the store's 503, never a 429 or a 500.
+        assert REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total") > skipped
         health = await client.get("/health")
         assert health.status_code == 503 and health.headers["retry-after"]
         assert health.json()["status"] == "unavailable"

@@ -56,6 +56,10 @@ CORS_RESPONSE_HEADERS = [
 ]
 
 
+# Routers are matched in order: the hottest routes first.
+_ROUTERS = (messages_router, conversations_router, replies_router, health_router)
+
+
 class State(TypedDict):
     """What every request sees as `request.state`."""
 
@@ -120,11 +124,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    # Routers are matched in order: the hottest routes first.
-    app.include_router(messages_router)
-    app.include_router(conversations_router)
-    app.include_router(replies_router)
-    app.include_router(health_router)
+    for router in _ROUTERS:
+        app.include_router(router)
     # Outermost last: EdgeMiddleware (hosts, request id, limits, metrics, access line) wraps
     # CORS (so that a preflight needs no token and a 401 is readable by the page), which wraps
     # AuthMiddleware.
@@ -144,7 +145,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         max_body_bytes=settings.MAX_BODY_BYTES,
         allowed_hosts=settings.ALLOWED_HOSTS,
         production=settings.is_production,
-        routes=app.router.routes,
+        # The routes themselves (FastAPI wraps included routers in matchers of its own).
+        routes=[route for router in _ROUTERS for route in router.routes],
     )
     _declare_bearer_auth(app)
     return app

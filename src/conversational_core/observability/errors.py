@@ -39,9 +39,15 @@ def configure_sentry(settings: Settings, component: str) -> None:
         environment=settings.ENVIRONMENT.value,
         release=f"conversational-core@{__version__}",
         server_name=component,
-        send_default_pii=False,  # no user ids, addresses, cookies or bodies
-        include_local_variables=False,  # locals may hold tokens or message text
-        max_request_body_size="never",
+        # No user identity, cookies, bodies, query strings or local variables (locals and
+        # bodies hold tokens and message text); headers go through the SDK's denylist.
+        data_collection={
+            "user_info": False,
+            "http_bodies": [],
+            "stack_frame_variables": False,
+            "cookies": {"mode": "off"},
+            "url_query_params": {"mode": "off"},
+        },
         traces_sample_rate=settings.SENTRY_TRACES_SAMPLE_RATE,
         before_send=_scrub,  # type: ignore[arg-type]
     )
