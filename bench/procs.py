@@ -187,6 +187,7 @@ def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
         "RATE_LIMIT": "off",
         "AI_RATE_LIMIT": "off",
+        "WORKER_METRICS_PORT": "0",  # several workers on one host
     }
 
 

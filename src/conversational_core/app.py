@@ -21,6 +21,7 @@ from conversational_core.conversations.endpoints import router as conversations_
 from conversational_core.conversations.service import ConversationService
 from conversational_core.errors import install_error_handlers
 from conversational_core.health import router as health_router
+from conversational_core.messages.endpoints import HOT_ROUTES
 from conversational_core.messages.endpoints import router as messages_router
 from conversational_core.messages.service import MessageService
 from conversational_core.observability import metrics
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
+    app.router.routes.extend(HOT_ROUTES)
     for router in _ROUTERS:
         app.include_router(router)
     # Outermost last: EdgeMiddleware (hosts, request id, limits, metrics, access line) wraps
@@ -145,8 +147,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         max_body_bytes=settings.MAX_BODY_BYTES,
         allowed_hosts=settings.ALLOWED_HOSTS,
         production=settings.is_production,
+        access_log=logger.level(settings.LOG_LEVEL).no <= logger.level("INFO").no,
         # The routes themselves (FastAPI wraps included routers in matchers of its own).
-        routes=[route for router in _ROUTERS for route in router.routes],
+        routes=[*HOT_ROUTES, *(route for router in _ROUTERS for route in router.routes)],
     )
     _declare_bearer_auth(app)
     return app

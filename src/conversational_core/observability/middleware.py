@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import uuid_utils
 from fastapi import HTTPException
 from loguru import logger
+from prometheus_client import Counter, Histogram
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +34,7 @@ from conversational_core.observability.errors import report
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # others: one label
 
 
 class BodyTooLarge(HTTPException):
@@ -112,12 +114,18 @@ class EdgeMiddleware:
         allowed_hosts: Sequence[str] = ("*",),
         production: bool = False,
         routes: Sequence[BaseRoute] = (),
+        access_log: bool = True,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.hosts = HostPolicy(allowed_hosts)
         self.headers = security_headers(production)
         self.routes = routes
+        self.access_log = access_log  # off when LOG_LEVEL is above INFO: skip building the line
+        # Labelled children by (method, endpoint, status): prometheus_client's labels() takes a
+        # lock and validates the values on every call; the set of keys is small and fixed.
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._timers: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -236,11 +244,22 @@ class EdgeMiddleware:
     ) -> None:
         """The request's metrics and its access line."""
         elapsed = time.perf_counter() - began
-        method = scope["method"]
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         endpoint = route_template(scope, self.routes)
-        metrics.REQUESTS.labels(method, endpoint, str(status)).inc()
+        counter = self._counters.get((method, endpoint, status))
+        if counter is None:
+            counter = metrics.REQUESTS.labels(method, endpoint, str(status))
+            self._counters[(method, endpoint, status)] = counter
+        counter.inc()
         if not streaming:  # an event stream's duration is its connection time, not latency
-            metrics.REQUEST_DURATION.labels(method, endpoint).observe(elapsed)
+            timer = self._timers.get((method, endpoint))
+            if timer is None:
+                timer = self._timers[(method, endpoint)] = metrics.REQUEST_DURATION.labels(
+                    method, endpoint
+                )
+            timer.observe(elapsed)
+        if not self.access_log:
+            return
         principal = state.get("principal")
         logger.bind(
             access=True,
