@@ -162,6 +162,31 @@ def test_metrics_add_up_across_two_worker_processes(prefix: str) -> None:
     assert created == 40
 
 
+async def test_queue_gauges_and_cancelled_replies(store: Store) -> None:
+    settings = make_settings(WORKER_IN_API=False)  # nobody takes the job: it waits
+    active = backend_for(store, settings)
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings, backend=active)) as http:
+        before = (await http.get("/metrics")).text
+        assert value(before, "conversational_core_queue_jobs") == 0
+        cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+        sent = await http.post(
+            f"/conversations/{cid}/messages", json={"content": "hi"}, headers=alice
+        )
+        waiting = (await http.get("/metrics")).text
+        assert value(waiting, "conversational_core_queue_jobs") == 1
+        assert value(waiting, "conversational_core_queue_oldest_job_age_seconds") >= 0
+        reply = sent.json()["reply_message_id"]
+        cancelled = await http.post(f"/conversations/{cid}/messages/{reply}/cancel", headers=alice)
+        assert cancelled.status_code == 200
+        after = (await http.get("/metrics")).text
+    await active.events.close()
+    moved = value(after, "conversational_core_replies_total", outcome="cancelled") - value(
+        before, "conversational_core_replies_total", outcome="cancelled"
+    )
+    assert moved == 1
+
+
 # --- Logs -----------------------------------------------------------------------------------------
 
 
@@ -256,6 +281,9 @@ async def test_rate_limits_per_user_ai_and_anonymous(store: Store) -> None:
             for _ in range(4)
         ]
         assert [r.status_code for r in guesses] == [401, 401, 401, 429]
+        counted = (await http.get("/metrics")).text
+        for scope in ("ai", "user", "anonymous"):
+            assert value(counted, "conversational_core_rate_limited_total", scope=scope) >= 1
         assert (await http.get("/health/live")).status_code == 200  # probes are never limited
     await active.events.close()
 
@@ -298,6 +326,8 @@ async def test_cors_hosts_and_security_headers(store: Store) -> None:
 
         sub = await http.get("/health/live", headers={"Host": "eu.internal.example.com:8000"})
         assert sub.status_code == 200
+        probe = await http.get("/health/ready", headers={"Host": "10.1.2.3:8000"})
+        assert probe.status_code == 200  # probes address the pod, not the public name
         evil = await http.get("/conversations", headers={**alice, "Host": "evil.example"})
         assert evil.status_code == 400
         assert evil.headers["content-type"] == "application/problem+json"

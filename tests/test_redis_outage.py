@@ -33,6 +33,8 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
         assert (await client.get("/health")).status_code == 200
 
         skipped = REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total") or 0
+        errors = {"component": "api"}
+        failed = REGISTRY.get_sample_value("conversational_core_store_errors_total", errors) or 0
         own_redis.stop()
         for method, url, body in [
             ("GET", "/conversations", None),
@@ -47,6 +49,9 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
         # The rate limiter could not count them either: it let them through (fail open), so
         # the answer is the store's 503, never a 429 or a 500.
         assert REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total") > skipped
+        assert REGISTRY.get_sample_value("conversational_core_store_errors_total", errors) == (
+            failed + 3
+        )
         health = await client.get("/health")
         assert health.status_code == 503 and health.headers["retry-after"]
         assert health.json()["status"] == "unavailable"
