@@ -7,7 +7,7 @@ import gzip
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +18,7 @@ from conversational_core.auth.tokens import issue_token
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
 from conversational_core.storage.factory import Backend
+from conversational_core.storage.redis import RedisStore
 from tests.conftest import REDIS_URL, backend_for, make_settings
 from tests.fixtures.app import app_client, auth
 from tests.fixtures.http_server import QuietHandler, local_http_server
@@ -260,22 +261,32 @@ def test_rate_limit_holds_across_two_processes(prefix: str) -> None:
 
 async def test_rate_limits_per_user_ai_and_anonymous(store: Store) -> None:
     settings = make_settings(
-        RATE_LIMIT="8/minute", AI_RATE_LIMIT="2/minute", ANONYMOUS_RATE_LIMIT="3/minute"
+        RATE_LIMIT="9/minute", AI_RATE_LIMIT="2/minute", ANONYMOUS_RATE_LIMIT="3/minute"
     )
     active = backend_for(store, settings)
     alice, bob = auth(settings, "alice"), auth(settings, "bob")
     async with app_client(create_app(settings, backend=active)) as http:
         cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
         url = f"/conversations/{cid}/messages"
-        asks = [await http.post(url, json={"content": "q"}, headers=alice) for _ in range(3)]
-        assert [r.status_code for r in asks] == [201, 201, 429]
-        assert "AI replies" in asks[2].json()["detail"] and asks[2].headers["retry-after"]
+        retry = {**alice, "Idempotency-Key": "ask-1"}
+        asks = [await http.post(url, json={"content": "q"}, headers=retry) for _ in range(3)]
+        assert [r.status_code for r in asks] == [201, 201, 201]  # one reply, retried: 1 spent
+        nowhere = await http.post(
+            "/conversations/nope/messages", json={"content": "q"}, headers=alice
+        )
+        assert nowhere.status_code == 404  # no reply queued: nothing spent
+        asks = [await http.post(url, json={"content": "q"}, headers=alice) for _ in range(2)]
+        assert [r.status_code for r in asks] == [201, 429]
+        assert "AI replies" in asks[1].json()["detail"] and asks[1].headers["retry-after"]
         quiet = await http.post(url, json={"content": "note", "respond": False}, headers=alice)
         assert quiet.status_code == 201  # only AI replies have the second budget
-        rest = [await http.get("/conversations", headers=alice) for _ in range(4)]
-        assert [r.status_code for r in rest] == [200, 200, 200, 429]  # 8 requests in all
+        rest = [await http.get("/conversations", headers=alice) for _ in range(2)]
+        assert [r.status_code for r in rest] == [200, 429]  # 10 requests in all
         assert (await http.get("/conversations", headers=bob)).status_code == 200
 
+        stale = {"Authorization": f"Bearer {issue_token(settings, 'alice', [], -120)}"}
+        expired = [await http.get("/conversations", headers=stale) for _ in range(4)]
+        assert [r.status_code for r in expired] == [401] * 4  # expiry is no guess: refresh
         guesses = [
             await http.get("/conversations", headers={"Authorization": "Bearer nope"})
             for _ in range(4)
@@ -361,15 +372,18 @@ async def test_production_hides_docs_and_sends_hsts(sqlite_store: Store) -> None
 
 
 class _Broken:
-    """A store whose reads fail in a way nobody planned for (a bug, not an outage)."""
+    """A store that fails after appending, in a way nobody planned for (a bug, not an outage):
+    the failing request has written message text to the store just before."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     def __getattr__(self, name: str) -> object:
-        if name == "get_conversation":
-            raise AttributeError(name)
         return getattr(self._store, name)
+
+    async def append_messages(self, *args: Any, **kwargs: Any) -> Any:
+        await self._store.append_messages(*args, **kwargs)
+        raise RuntimeError("a bug after the append")
 
 
 @pytest.fixture
@@ -392,33 +406,43 @@ def sentry_server() -> Iterator[tuple[str, list[bytes]]]:
 
 
 async def test_unexpected_errors_reach_sentry_without_secrets(
-    sqlite_store: Store, sentry_server: tuple[str, list[bytes]], tmp_path: Path
+    store: Store, prefix: str, sentry_server: tuple[str, list[bytes]]
 ) -> None:
     import sentry_sdk
 
+    if isinstance(store, RedisStore):
+        # Every command through redis-py (as with rediss:// or a unix socket, where the fast
+        # client is not used): its commands carry message text.
+        store = RedisStore(store.client, prefix)
     dsn, received = sentry_server
     settings = make_settings(SENTRY_DSN=dsn)
     token = issue_token(settings, "alice", [])
-    active = backend_for(sqlite_store, settings)
+    headers = {"Authorization": f"Bearer {token}"}
+    active = backend_for(store, settings)
     broken = Backend(_Broken(active.store), active.events, active.jobs)  # type: ignore[arg-type]
     try:
         async with app_client(create_app(settings, backend=broken)) as http:
-            cid = (
-                await http.post(
-                    "/conversations", json={}, headers={"Authorization": f"Bearer {token}"}
-                )
-            ).json()["id"]
-            failed = await http.get(
-                f"/conversations/{cid}", headers={"Authorization": f"Bearer {token}"}
+            created = await http.post(
+                "/conversations",
+                json={"system_prompt": "the secret prompt"},
+                headers={**headers, "Idempotency-Key": "k1"},  # (written through redis-py)
+            )
+            cid = created.json()["id"]
+            failed = await http.post(
+                f"/conversations/{cid}/messages",
+                json={"content": "my secret diagnosis", "respond": False},
+                headers=headers,
             )
         assert failed.status_code == 500
         assert failed.json()["detail"] == "An unexpected error occurred."
         sentry_sdk.flush(timeout=5)
         payload = b"\n".join(received)
-        assert b"AttributeError" in payload and b"get_conversation" in payload
+        assert b"RuntimeError" in payload and b"a bug after the append" in payload
         assert token.encode() not in payload and token.split(".")[2].encode() not in payload
+        assert b"secret diagnosis" not in payload and b"secret prompt" not in payload
     finally:
         sentry_sdk.init(dsn=None)  # off again for the other tests
+        await active.events.close()
 
 
 # --- Health ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import tempfile
 from conversational_core.settings import ConfigError, Settings, load_settings
 
 
-def _prepare_metrics_dir(workers: int) -> None:
+def _prepare_metrics_dir(workers: int) -> str | None:
     """With several server processes, give them a shared, empty directory for their metric
     samples (observability/metrics.py). Done here, before any process imports
     prometheus_client, which picks single- or multi-process mode at import time. An operator's
@@ -19,17 +19,26 @@ def _prepare_metrics_dir(workers: int) -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         if workers <= 1:
-            return
+            return None
         directory = tempfile.mkdtemp(prefix="conversational-core-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        return directory  # ours: removed when the server stops
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+    return None
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
+    own_dir = _prepare_metrics_dir(1 if settings.RELOAD else settings.WORKERS)
+    try:
+        _run_uvicorn(settings)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
-    _prepare_metrics_dir(1 if settings.RELOAD else settings.WORKERS)
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
 
     uvicorn.run(
         "conversational_core.app:create_app",

@@ -60,8 +60,11 @@ class BadRequest(AppError):
 class Unauthorized(AppError):
     status, code = 401, "unauthorized"
 
-    def __init__(self, detail: str = "Missing, invalid or expired bearer token.") -> None:
+    def __init__(
+        self, detail: str = "Missing, invalid or expired bearer token.", *, expired: bool = False
+    ) -> None:
         super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        self.expired = expired  # a good token past its time (not a guess)
 
 
 class Forbidden(AppError):

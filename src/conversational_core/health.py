@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 from fastapi import APIRouter, Request
@@ -51,9 +52,15 @@ async def check_queue(jobs: JobQueue) -> dict[str, object]:
 
 
 def draining() -> bool:
-    """SIGTERM received: uvicorn stops accepting connections and finishes the open ones
-    (sse-starlette's hook on uvicorn's exit handler sets this flag, and ends event streams)."""
-    return AppStatus.should_exit
+    """SIGTERM received: uvicorn stops accepting connections and finishes the open ones.
+
+    uvicorn installs its signal handlers (bound methods of its Server) before it imports the
+    app, so the server is found through the SIGTERM handler; sse-starlette's flag covers
+    servers that set it instead."""
+    if AppStatus.should_exit:
+        return True
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
 
 
 @router.get("/health")

@@ -42,7 +42,7 @@ def expected_version(if_match: str | None, kind: str) -> int | None:
     value = if_match.strip()
     if value == "*":
         return None
-    match = _ETAG.match(value)
+    match = _ETAG.fullmatch(value)
     if match is None or match.group(1) != kind:
         raise PreconditionFailed()
     return int(match.group(2))
@@ -87,7 +87,7 @@ def idempotency(request: Request, body: BaseModel) -> Idempotency | None:
 def idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
-    if not _IDEMPOTENCY_KEY.match(value):
+    if not _IDEMPOTENCY_KEY.fullmatch(value):
         raise BadRequest("Idempotency-Key must be 1-255 visible ASCII characters.")
     return value
 
@@ -114,7 +114,7 @@ def invalid(exc: ValidationError, where: str) -> RequestValidationError:
 
 def path_id(request: Request, name: str) -> str:
     value: str = request.path_params[name]
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise RequestValidationError(
             [
                 {

@@ -16,20 +16,24 @@ skipped for a second after a failure so that an outage does not double every req
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import cast
 
 import limits
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from loguru import logger
+from redis.exceptions import RedisError
 
 from conversational_core.errors import AppError, StoreUnavailable
 from conversational_core.observability import metrics
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
+from conversational_core.storage.resp import ReplyError
 
 _SKIP_AFTER_FAILURE_SECONDS = 1.0
 
@@ -43,6 +47,13 @@ if ttl < 0 then
   ttl = tonumber(ARGV[1])
 end
 return {n, ttl}
+"""
+
+
+# KEYS: counter.  A refund never creates a window.
+_REFUND = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end
+return 0
 """
 
 
@@ -101,7 +112,7 @@ class RateLimiter(ABC):
             return Decision(True, rate.amount, rate.amount, rate.seconds)
         try:
             hits, reset = await self._hit(scope, identity, rate)
-        except StoreUnavailable:
+        except (StoreUnavailable, ReplyError, RedisError):  # down, or refusing (OOM, READONLY…)
             metrics.RATE_LIMITER_ERRORS.inc()
             self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_SECONDS
             logger.warning("rate limiter: store unavailable, letting requests through")
@@ -111,9 +122,18 @@ class RateLimiter(ABC):
             metrics.RATE_LIMITED.labels(scope).inc()
         return Decision(allowed, rate.amount, max(0, rate.amount - hits), reset)
 
+    async def refund(self, scope: str, identity: str, rate: Rate) -> None:
+        """Give back one hit (a request that turned out to cost nothing, e.g. a replay)."""
+        # Unreachable: the hit stays counted (at worst one request too few in this window).
+        with contextlib.suppress(StoreUnavailable, ReplyError, RedisError):
+            await self._refund(scope, identity, rate)
+
     @abstractmethod
     async def _hit(self, scope: str, identity: str, rate: Rate) -> tuple[int, float]:
         """(hits in the current window including this one, seconds until it resets)."""
+
+    @abstractmethod
+    async def _refund(self, scope: str, identity: str, rate: Rate) -> None: ...
 
 
 class RedisRateLimiter(RateLimiter):
@@ -121,20 +141,27 @@ class RedisRateLimiter(RateLimiter):
         from conversational_core.storage.redis import RedisStore
 
         super().__init__()
-        assert isinstance(store, RedisStore)
-        self._store = store
-        self._script = store.register_script(_HIT)
+        self._store = cast(RedisStore, store)  # (store.backend == "redis")
+        self._script = self._store.register_script(_HIT)
+        self._refund_script = self._store.register_script(_REFUND)
+
+    def _key(self, scope: str, identity: str, rate: Rate) -> str:
+        return self._store.tagged_key(f"rl:{scope}:{identity}", f"{rate.amount}/{rate.seconds}")
 
     async def _hit(self, scope: str, identity: str, rate: Rate) -> tuple[int, float]:
-        key = self._store.tagged_key(f"rl:{scope}:{identity}", f"{rate.amount}/{rate.seconds}")
+        key = self._key(scope, identity, rate)
         hits, ttl_ms = await self._store.script(self._script, [key], [rate.seconds * 1000])
         return int(hits), int(ttl_ms) / 1000
+
+    async def _refund(self, scope: str, identity: str, rate: Rate) -> None:
+        await self._store.script(self._refund_script, [self._key(scope, identity, rate)], [])
 
 
 class MemoryRateLimiter(RateLimiter):
     def __init__(self) -> None:
         super().__init__()
-        self._strategy = FixedWindowRateLimiter(MemoryStorage())
+        self._storage = MemoryStorage()
+        self._strategy = FixedWindowRateLimiter(self._storage)
 
     async def _hit(self, scope: str, identity: str, rate: Rate) -> tuple[int, float]:
         item = limits.RateLimitItemPerSecond(rate.amount, rate.seconds)
@@ -142,6 +169,12 @@ class MemoryRateLimiter(RateLimiter):
         stats = await self._strategy.get_window_stats(item, scope, identity)
         hits = rate.amount - stats.remaining if allowed else rate.amount + 1
         return hits, max(0.0, stats.reset_time - time.time())
+
+    async def _refund(self, scope: str, identity: str, rate: Rate) -> None:
+        item = limits.RateLimitItemPerSecond(rate.amount, rate.seconds)
+        key = item.key_for(scope, identity)
+        if await self._storage.get(key) > 0:
+            await self._storage.incr(key, rate.seconds, amount=-1)
 
 
 @dataclass(frozen=True, slots=True)

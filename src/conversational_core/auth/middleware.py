@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conversational_core.auth.dependencies import Principal, authenticate
 from conversational_core.auth.tokens import TokenVerifier
-from conversational_core.errors import AppError, problem_response
+from conversational_core.errors import AppError, Unauthorized, problem_response
 from conversational_core.ratelimit import Limits, RateLimited
 
 PUBLIC_PREFIXES = ("/health", "/metrics", "/docs", "/openapi.json")
@@ -46,9 +46,10 @@ class AuthMiddleware:
         try:
             principal = await authenticate(verifier, authorization, on_behalf)
         except AppError as exc:
+            # Failed attempts cost the address, which slows token guessing; a token that was
+            # good but has expired is no guess (its client refreshes it on the 401).
             error = exc
-            if exc.status == 401 and limits.anonymous is not None:
-                # Guessing tokens costs the guesser: failed attempts are limited per address.
+            if isinstance(exc, Unauthorized) and not exc.expired and limits.anonymous is not None:
                 client = scope.get("client")
                 address = client[0] if client else "unknown"
                 decision = await limits.limiter.hit("anonymous", address, limits.anonymous)

@@ -123,7 +123,7 @@ class TokenVerifier:
                 self._cache.popitem(last=False)
         if claims.exp + self._leeway < now:
             self._cache.pop(token, None)
-            raise Unauthorized("The token has expired.")
+            raise Unauthorized("The token has expired.", expired=True)
         if claims.nbf is not None and claims.nbf - self._leeway > now:
             raise Unauthorized("The token is not valid yet.")
         return claims
@@ -165,7 +165,7 @@ class TokenVerifier:
                 },
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("The token has expired.") from None
+            raise Unauthorized("The token has expired.", expired=True) from None
         except jwt.PyJWTError:
             raise Unauthorized("Invalid token.") from None
         sub = payload.get("sub")

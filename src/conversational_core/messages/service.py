@@ -101,8 +101,9 @@ class MessageService:
         )
         messages = [message]
         reply_id = None
+        charged = False
         if body.role is Role.USER and body.respond:
-            await self._check_ai_budget(principal)
+            charged = await self._charge_ai_budget(principal)
             # The assistant message exists from the start (pending) and is queued with the user
             # message in one atomic step.
             reply = Message(
@@ -117,22 +118,36 @@ class MessageService:
             )
             message.reply_message_id = reply_id = reply.id
             messages.append(reply)
-        stored, replayed = await self._store.append_messages(
-            conversation_id, write_owner(principal), messages, now, idempotency, reply_id
-        )
+        try:
+            stored, replayed = await self._store.append_messages(
+                conversation_id, write_owner(principal), messages, now, idempotency, reply_id
+            )
+        except Exception:  # no reply was queued (not found, idempotency mismatch, …)
+            if charged:
+                await self._refund_ai_budget(principal)
+            raise
+        if replayed and charged:  # a retry: its reply was counted the first time
+            await self._refund_ai_budget(principal)
         if not replayed:
             for created in messages:
                 metrics.MESSAGES.labels(created.role.value).inc()
         return stored[0], replayed
 
-    async def _check_ai_budget(self, principal: Principal) -> None:
-        """AI_RATE_LIMIT: AI replies per user (a reply costs far more than a request)."""
+    async def _charge_ai_budget(self, principal: Principal) -> bool:
+        """AI_RATE_LIMIT: AI replies per user (a reply costs far more than a request). Charged
+        before the reply is queued; True when a charge was made (to refund it if no reply is)."""
         limits = self._limits
         if limits is None or limits.ai is None:
-            return
+            return False
         decision = await limits.limiter.hit("ai", principal.user_id, limits.ai)
         if not decision.allowed:
             raise RateLimited(decision, "AI replies")
+        return True
+
+    async def _refund_ai_budget(self, principal: Principal) -> None:
+        limits = self._limits
+        if limits is not None and limits.ai is not None:
+            await limits.limiter.refund("ai", principal.user_id, limits.ai)
 
     async def get(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
         return await self._store.get_message(conversation_id, read_owner(principal), message_id)

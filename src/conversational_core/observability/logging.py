@@ -67,7 +67,11 @@ def _json_sink(message: Message) -> None:
         "logger": record["name"],
     }
     for key, value in record["extra"].items():
-        line[key] = None if value == "-" else value  # "-": no request (or user) to name
+        if value == "-":  # no request (or user) to name
+            value = None
+        elif isinstance(value, str):
+            value = redact(value)
+        line[key] = value
     exception = record["exception"]
     if exception is not None and exception.type is not None:
         line["exception"] = {

@@ -12,6 +12,7 @@ the other labels come from small fixed sets.
 
 from __future__ import annotations
 
+import glob
 import os
 
 from loguru import logger
@@ -128,10 +129,25 @@ def process_exited(pid: int) -> None:
         _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+def _forget_dead_processes(directory: str) -> None:
+    """A server process that crashed (uvicorn restarts it) could not forget its live gauges
+    itself: its open streams would be counted forever."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            process_exited(pid)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def exposition() -> bytes:
     """The text of `/metrics`: every process's samples in multi-process mode."""
-    if multiprocess_dir() is None:
+    directory = multiprocess_dir()
+    if directory is None:
         return generate_latest(REGISTRY)
+    _forget_dead_processes(directory)
     registry = CollectorRegistry()
     _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry)

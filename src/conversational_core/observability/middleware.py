@@ -148,7 +148,7 @@ class EdgeMiddleware:
             if name == b"host":
                 host = value
             elif name == b"x-request-id":
-                if _REQUEST_ID.match(value):
+                if _REQUEST_ID.fullmatch(value):
                     request_id = value
             elif name == b"content-length":
                 try:

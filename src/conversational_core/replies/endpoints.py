@@ -48,7 +48,7 @@ async def conversation_events(
     conversations: ConversationService = request.state.conversations
     await conversations.get(principal, conversation_id)  # 404 unless the caller may read it
     after = last_event_id or last_event_id_query
-    if after is not None and not _EVENT_ID.match(after.strip()):
+    if after is not None and not _EVENT_ID.fullmatch(after.strip()):
         raise BadRequest("Last-Event-ID is not an event id of this service.")
     settings: Settings = request.state.settings
     hub: EventHub = request.state.events

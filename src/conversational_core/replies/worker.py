@@ -18,6 +18,7 @@ from loguru import logger
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.observability import metrics
+from conversational_core.observability.errors import report
 from conversational_core.replies.generation import ReplyWriter
 from conversational_core.replies.providers import build_provider
 from conversational_core.settings import Settings
@@ -54,8 +55,14 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 free = limit - len(self._tasks)
-                if free <= 0:
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                if free <= 0:  # busy: wait for a free slot, or for stop()
+                    stop = asyncio.ensure_future(self._stopping.wait())
+                    try:
+                        await asyncio.wait(
+                            {*self._tasks, stop}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        stop.cancel()
                     continue
                 try:
                     jobs = await self._take(free)
@@ -139,10 +146,12 @@ class Worker:
             logger.warning("worker {}: store unavailable during job {}", self.name, job.id)
         except asyncio.CancelledError:
             if self._stopping.is_set():
+                keeper.cancel()  # its next renewal would find the lease gone and cancel us
                 await self._hand_back(job, token)
             raise
-        except Exception:
+        except Exception as exc:
             logger.exception("worker {}: job {} failed", self.name, job.id)
+            report(exc)
         finally:
             keeper.cancel()
 

@@ -46,7 +46,7 @@ _SWEEP_INTERVAL_S: Final = 60.0
 
 def parse_event_id(value: str) -> int:
     """An event id as the integer it stands for; ValueError for anything else."""
-    if not _EVENT_ID.match(value):
+    if not _EVENT_ID.fullmatch(value):
         raise ValueError("not an event id")
     return int(value)
 

@@ -911,7 +911,7 @@ class RedisStore(Store):
         return result.decode() if result is not None else None
 
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
-        if after is not None and not _STREAM_ID.match(after):
+        if after is not None and not _STREAM_ID.fullmatch(after):
             raise ValueError("not an event id")
         rows = await self.command(
             "XRANGE",
