@@ -25,6 +25,12 @@ conversation UNLINKs its keys: Redis frees them in a background thread, never bl
 The per-user index lives in the user's slot, so it is updated beside the conversation's script in
 the same pipeline (one round trip; `ZADD XX GT` so that it can only move an existing entry
 forward). It is an index: a conversation id found there whose hash is gone is skipped and pruned.
+
+Redis Cluster (REDIS_CLUSTER): the client is redis-py's RedisCluster, which routes each command by
+its key's slot, follows MOVED/ASK, refreshes its slot map after a failover and retries commands
+that met a lost connection or CLUSTERDOWN. No command or script names keys of two slots; a
+pipeline may (redis-py splits it per node). The lean RESP client is single-node, so it is not used
+on a cluster.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -68,7 +75,7 @@ from conversational_core.storage.resp import ReplyError, RespClient
 #       activity score, conversation id, ids…, jsons…, event data…
 # On a single Redis server the user's index and the job signal are written by the same script
 # (KEYS 7 and 8): one round trip, and a queued reply always has its signal. On a cluster they
-# live in other slots and are sent beside the script instead.
+# live in other slots: the index is updated beside the script, the signal sent after it.
 _APPEND = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
@@ -241,6 +248,11 @@ class _Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+# A client of one Redis server, or of a Redis Cluster (REDIS_CLUSTER).
+RedisClient = aioredis.Redis | RedisCluster
+AnyPipeline = Pipeline | ClusterPipeline
+
+
 def build_client(
     url: str,
     *,
@@ -248,28 +260,51 @@ def build_client(
     connect_timeout: float,
     max_connections: int,
     client_name: str = "conversational-core",
-) -> aioredis.Redis:
+    cluster: bool = False,
+) -> RedisClient:
     """The one place a Redis client is built: explicit timeouts, bounded retry with jittered
-    backoff on connection errors and timeouts, health checks of idle connections."""
+    backoff on connection errors and timeouts, health checks of idle connections. With
+    `cluster`, `url` names one node of a Redis Cluster and `max_connections` is per node."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+        "client_name": client_name,
+        # Maintenance notifications are a Redis Enterprise/Cloud feature; probing for them costs
+        # a round trip per new connection against open-source Redis.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+    if cluster:
+        # The cluster client retries a command that met a lost connection, CLUSTERDOWN or an
+        # uncovered slot (a failover under way) after refreshing its slot map; TRYAGAIN and
+        # MOVED/ASK are followed by redis-py itself. (It uses the retry object for its count.)
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=3),
+            **options,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=15,
-        client_name=client_name,
         retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        # Maintenance notifications are a Redis Enterprise/Cloud feature; probing for them costs
-        # a round trip per new connection against open-source Redis.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
     )
     return aioredis.Redis(connection_pool=pool)
 
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis is not serving (down, unreachable, or a cluster failing over): 503, retry later.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,  # CLUSTERDOWN, or redirections that did not settle
+    TryAgainError,
+    RedisClusterException,  # no node reachable to learn the slot map from, slot not covered
+)
 
 
 @contextlib.contextmanager
@@ -311,7 +346,7 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         prefix: str = "cc",
         *,
         events_max_len: int = 10_000,
@@ -322,6 +357,8 @@ class RedisStore(Store):
         self._redis = client
         self._prefix = prefix
         self._cluster = cluster
+        assert cluster == isinstance(client, RedisCluster)
+        assert fast is None or not cluster, "the fast client is single-node"
         # Script calls (every request) go through the lean pipelined client when available.
         self._fast = fast
         self._max_len = events_max_len
@@ -349,8 +386,34 @@ class RedisStore(Store):
         ]
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
+        """The redis-py client: RedisCluster on a cluster (commands are routed by key slot)."""
         return self._redis
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
+    def slot_of(self, key: str) -> int | None:
+        """The cluster hash slot of `key`; None on a single server (no slots)."""
+        if isinstance(self._redis, RedisCluster):
+            return self._redis.keyslot(key)
+        return None
+
+    async def primary_of(self, key: str, *, refresh: bool = False) -> tuple[str, int] | None:
+        """Host and port of the cluster primary serving `key` (None on a single server), for
+        connections of one's own; `refresh` re-reads the slot map first (after MOVED or a lost
+        node: a failover)."""
+        if not isinstance(self._redis, RedisCluster):
+            return None
+        with _guard():
+            await self._redis.initialize()
+            if refresh:
+                await self._redis.nodes_manager.initialize()
+            node = self._redis.get_node_from_key(key)
+        if node is None:
+            raise StoreUnavailable()
+        return str(node.host), int(node.port)
 
     # Keys ----------------------------------------------------------------------------------------
 
@@ -381,21 +444,24 @@ class RedisStore(Store):
 
     # Script plumbing -------------------------------------------------------------------------
 
-    async def _run(self, build: Callable[[Pipeline], object]) -> list[Any]:
-        """Run a pipeline (one round trip) whose EVALSHAs are reloaded once on NOSCRIPT."""
+    async def _run(self, build: Callable[[AnyPipeline], object]) -> list[Any]:
+        """Run a pipeline (one round trip; one per node on a cluster) whose EVALSHAs are
+        reloaded once on NOSCRIPT (a restarted server, or a replica promoted by a failover).
+        Running it again is safe: every pipeline here is a script that did not run plus
+        idempotent index updates (at worst a second job signal, acknowledged as a no-op)."""
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             build(pipe)
-            with _guard():
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+            try:
+                with _guard():
+                    # Errors are raised (not returned) so that the cluster client retries the
+                    # commands that met a failover, after refreshing its slot map.
+                    results: list[Any] = await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
                 await self._load_scripts()
                 continue
-            for result in results:
-                if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
-                    raise StoreUnavailable() from result
-                if isinstance(result, RedisError):
-                    raise result
             return results
         raise AssertionError("unreachable")
 
@@ -416,7 +482,7 @@ class RedisStore(Store):
         try:
             if self._fast is not None:
                 return await self._fast.call(*args)
-            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            return await self._redis.execute_command(*args)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable() from exc
 
@@ -445,7 +511,10 @@ class RedisStore(Store):
     async def close(self) -> None:
         if self._fast is not None:
             await self._fast.close()
-        await self._redis.aclose(close_connection_pool=True)
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.aclose()
+        else:
+            await self._redis.aclose(close_connection_pool=True)
 
     async def create_conversation(
         self, conversation: Conversation, idempotency: Idempotency | None = None
@@ -479,8 +548,9 @@ class RedisStore(Store):
         user_index = self._user_index(conversation.user_id)
         data = _conversation_data(conversation)
 
-        def build(pipe: Pipeline) -> None:
-            pipe.evalsha(
+        def build(pipe: AnyPipeline) -> None:
+            pipe.execute_command(
+                "EVALSHA",
                 self._create.sha,
                 1,
                 conv_key,
@@ -509,7 +579,7 @@ class RedisStore(Store):
     ) -> Page[Conversation]:
         index = self._user_index(user_id)
 
-        def build(pipe: Pipeline) -> None:
+        def build(pipe: AnyPipeline) -> None:
             if after is None:
                 pipe.zrange(
                     index,
@@ -555,7 +625,7 @@ class RedisStore(Store):
         if not rows:
             return Page([], None)
 
-        def fetch(pipe: Pipeline) -> None:
+        def fetch(pipe: AnyPipeline) -> None:
             for cid, _ in rows:
                 pipe.hmget(self._conv_keys(cid)[0], list(_CONV_FIELDS))
 
@@ -609,13 +679,14 @@ class RedisStore(Store):
             event = events.conversation_data(updated)
 
             def build(
-                pipe: Pipeline,
+                pipe: AnyPipeline,
                 version: str = version,
                 data: bytes = data,
                 index: str = index,
                 event: bytes = event,
             ) -> None:
-                pipe.evalsha(
+                pipe.execute_command(
+                    "EVALSHA",
                     self._update_conversation.sha,
                     2,
                     conv_key,
@@ -719,19 +790,23 @@ class RedisStore(Store):
             result = await self.script(self._append, keys, args)
         else:
 
-            def build(pipe: Pipeline) -> None:
-                pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+            def build(pipe: AnyPipeline) -> None:
+                pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
                 if owner is not None:
                     pipe.zadd(self._user_index(owner), {conversation_id: score}, xx=True, gt=True)
-                if reply_id is not None:
-                    # The reply is queued inside the script (the conversation's slot); this
-                    # only signals the workers, from the jobs' slot.
-                    pipe.xadd(self.jobs_key, {"c": conversation_id})
 
             result = (await self._run(build))[0]
         status = result[0]
         if status == b"missing":
             raise NotFound("Conversation not found.")
+        if reply_id is not None and not one_script:
+            # The reply was queued by the script (the conversation's slot); this signals the
+            # workers, in the jobs' slot, only once the script has run: a signal sent alongside
+            # could be taken before the reply is queued, and acknowledged as work already done.
+            # (Also on a replay: the first attempt may have failed just before its signal.) A
+            # process that dies right here leaves a queued reply without a signal: the workers'
+            # sweep (redis_queue.py) signals it again.
+            await self.command("XADD", self.jobs_key, "*", "c", conversation_id)
         if status == b"replay":
             fingerprint, _, body = result[1].partition(b"\n")
             if idempotency is None or fingerprint.decode() != idempotency.fingerprint:
@@ -963,16 +1038,18 @@ async def open_redis_store(
     max_connections: int,
     events_max_len: int = 10_000,
     events_ttl_seconds: int = 86_400,
+    cluster: bool = False,
 ) -> AsyncIterator[RedisStore]:
     client = build_client(
         url,
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         max_connections=max_connections,
+        cluster=cluster,
     )
     fast = (
         RespClient(url, timeout=socket_timeout, connect_timeout=connect_timeout)
-        if RespClient.supports(url)
+        if RespClient.supports(url) and not cluster
         else None
     )
     store = RedisStore(
@@ -980,6 +1057,7 @@ async def open_redis_store(
         prefix,
         events_max_len=events_max_len,
         events_ttl_seconds=events_ttl_seconds,
+        cluster=cluster,
         fast=fast,
     )
     try:
