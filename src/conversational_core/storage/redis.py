@@ -239,7 +239,9 @@ _CONV_FIELDS = ("user", "data", "updated_at", "count", "version")
 
 
 class _Script:
-    """A Lua script called by SHA, reloaded transparently after a Redis restart (NOSCRIPT)."""
+    """A Lua script called by SHA. A node that does not have it (NOSCRIPT: a restarted server, a
+    replica just promoted by a failover) gets the source instead (EVAL), which caches it there:
+    the call lands on exactly the node that needs it, whatever the client's slot map says."""
 
     def __init__(self, source: str) -> None:
         import hashlib
@@ -247,10 +249,28 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
+    def command(
+        self, keys: Sequence[str], args: Sequence[Any], *, by_source: bool = False
+    ) -> tuple[Any, ...]:
+        if by_source:
+            return ("EVAL", self.source, len(keys), *keys, *args)
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
 
 # A client of one Redis server, or of a Redis Cluster (REDIS_CLUSTER).
 RedisClient = aioredis.Redis | RedisCluster
 AnyPipeline = Pipeline | ClusterPipeline
+
+
+class _Batch:
+    """A pipeline being built; its scripts go by SHA, or as source after a NOSCRIPT."""
+
+    def __init__(self, pipe: AnyPipeline, by_source: bool) -> None:
+        self.pipe = pipe
+        self._by_source = by_source
+
+    def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        self.pipe.execute_command(*script.command(keys, args, by_source=self._by_source))
 
 
 def build_client(
@@ -282,6 +302,10 @@ def build_client(
         return RedisCluster.from_url(
             url,
             max_connections=max_connections,
+            # On MOVED, patch the slot map from the redirection (a failover moves a whole slot
+            # range at once) rather than rebuild it every few MOVED: a rebuild closes every
+            # connection of the client, breaking the commands in flight on them.
+            reinitialize_steps=0,
             retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=3),
             **options,
         )
@@ -373,17 +397,6 @@ class RedisStore(Store):
         self._stop = _Script(_STOP)
         self._update_conversation = _Script(_UPDATE_CONVERSATION)
         self._delete_conversation = _Script(_DELETE_CONVERSATION)
-        self._scripts = [
-            self._create,
-            self._append,
-            self._page,
-            self._replace,
-            self._delete_message,
-            self._delta,
-            self._stop,
-            self._update_conversation,
-            self._delete_conversation,
-        ]
 
     @property
     def client(self) -> RedisClient:
@@ -444,14 +457,13 @@ class RedisStore(Store):
 
     # Script plumbing -------------------------------------------------------------------------
 
-    async def _run(self, build: Callable[[AnyPipeline], object]) -> list[Any]:
-        """Run a pipeline (one round trip; one per node on a cluster) whose EVALSHAs are
-        reloaded once on NOSCRIPT (a restarted server, or a replica promoted by a failover).
-        Running it again is safe: every pipeline here is a script that did not run plus
-        idempotent index updates (at worst a second job signal, acknowledged as a no-op)."""
+    async def _run(self, build: Callable[[_Batch], object]) -> list[Any]:
+        """Run a pipeline (one round trip; one per node on a cluster). After NOSCRIPT it runs
+        again with the scripts' sources, which is safe: every pipeline here is a script that did
+        not run plus idempotent index updates (at worst a second job signal, a no-op)."""
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            build(pipe)
+            build(_Batch(pipe, by_source=attempt > 0))
             try:
                 with _guard():
                     # Errors are raised (not returned) so that the cluster client retries the
@@ -460,21 +472,13 @@ class RedisStore(Store):
             except NoScriptError:
                 if attempt:
                     raise
-                await self._load_scripts()
                 continue
             return results
         raise AssertionError("unreachable")
 
-    async def _load_scripts(self) -> None:
-        with _guard():
-            for script in self._scripts:
-                await self._redis.script_load(script.source)
-
     def register_script(self, source: str) -> _Script:
-        """A script of another storage module, loaded and reloaded with the store's own."""
-        script = _Script(source)
-        self._scripts.append(script)
-        return script
+        """A script of another storage module, called with :meth:`script`."""
+        return _Script(source)
 
     async def command(self, *args: Any) -> Any:
         """One plain command: on the fast client when there is one (it does not hold a pooled
@@ -490,14 +494,16 @@ class RedisStore(Store):
         """One script call, straight on the client (a pipeline object costs more CPU than the
         round trip it would save here)."""
         for attempt in range(2):
+            command = script.command(keys, args, by_source=attempt > 0)
             try:
                 if self._fast is not None:
-                    return await self._fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                    return await self._fast.call(*command)
+                return await self._redis.execute_command(*command)
             except (NoScriptError, ReplyError) as exc:
-                if attempt or not str(exc).startswith("NOSCRIPT"):
+                # (redis-py's NoScriptError drops the NOSCRIPT prefix; the fast client keeps it)
+                missing = isinstance(exc, NoScriptError) or str(exc).startswith("NOSCRIPT")
+                if attempt or not missing:
                     raise
-                await self._load_scripts()
             except _UNAVAILABLE as exc:  # (not _guard(): this is the hot path)
                 raise StoreUnavailable() from exc
         raise AssertionError("unreachable")
@@ -548,20 +554,15 @@ class RedisStore(Store):
         user_index = self._user_index(conversation.user_id)
         data = _conversation_data(conversation)
 
-        def build(pipe: AnyPipeline) -> None:
-            pipe.execute_command(
-                "EVALSHA",
-                self._create.sha,
-                1,
-                conv_key,
-                conversation.user_id,
-                data,
-                conversation.updated_at,
-                conversation.version,
+        def build(batch: _Batch) -> None:
+            batch.script(
+                self._create,
+                [conv_key],
+                [conversation.user_id, data, conversation.updated_at, conversation.version],
             )
-            pipe.zadd(user_index, {conversation.id: score}, nx=True)
+            batch.pipe.zadd(user_index, {conversation.id: score}, nx=True)
             if key is not None:
-                pipe.set(key, b"1" + tail, xx=True, keepttl=True)
+                batch.pipe.set(key, b"1" + tail, xx=True, keepttl=True)
 
         await self._run(build)
         return conversation, replayed
@@ -579,7 +580,8 @@ class RedisStore(Store):
     ) -> Page[Conversation]:
         index = self._user_index(user_id)
 
-        def build(pipe: AnyPipeline) -> None:
+        def build(batch: _Batch) -> None:
+            pipe = batch.pipe
             if after is None:
                 pipe.zrange(
                     index,
@@ -625,9 +627,9 @@ class RedisStore(Store):
         if not rows:
             return Page([], None)
 
-        def fetch(pipe: AnyPipeline) -> None:
+        def fetch(batch: _Batch) -> None:
             for cid, _ in rows:
-                pipe.hmget(self._conv_keys(cid)[0], list(_CONV_FIELDS))
+                batch.pipe.hmget(self._conv_keys(cid)[0], list(_CONV_FIELDS))
 
         docs = await self._run(fetch)
         items: list[tuple[Conversation, int]] = []
@@ -679,27 +681,26 @@ class RedisStore(Store):
             event = events.conversation_data(updated)
 
             def build(
-                pipe: AnyPipeline,
+                batch: _Batch,
                 version: str = version,
                 data: bytes = data,
                 index: str = index,
                 event: bytes = event,
             ) -> None:
-                pipe.execute_command(
-                    "EVALSHA",
-                    self._update_conversation.sha,
-                    2,
-                    conv_key,
-                    events_key,
-                    owner or "",
-                    version,
-                    data,
-                    now,
-                    event,
-                    self._max_len,
-                    self._events_ttl,
+                batch.script(
+                    self._update_conversation,
+                    [conv_key, events_key],
+                    [
+                        owner or "",
+                        version,
+                        data,
+                        now,
+                        event,
+                        self._max_len,
+                        self._events_ttl,
+                    ],
                 )
-                pipe.zadd(index, {conversation_id: score}, xx=True, gt=True)
+                batch.pipe.zadd(index, {conversation_id: score}, xx=True, gt=True)
 
             result = (await self._run(build))[0]
             status = result[0].decode()
@@ -790,10 +791,12 @@ class RedisStore(Store):
             result = await self.script(self._append, keys, args)
         else:
 
-            def build(pipe: AnyPipeline) -> None:
-                pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
+            def build(batch: _Batch) -> None:
+                batch.script(self._append, keys, args)
                 if owner is not None:
-                    pipe.zadd(self._user_index(owner), {conversation_id: score}, xx=True, gt=True)
+                    batch.pipe.zadd(
+                        self._user_index(owner), {conversation_id: score}, xx=True, gt=True
+                    )
 
             result = (await self._run(build))[0]
         status = result[0]
@@ -995,6 +998,12 @@ class RedisStore(Store):
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # How long a deleted conversation's event stream stays, so connected clients see the deletion.
 _DELETED_LINGER_SECONDS = 300
+
+
+def conversation_of(key: str) -> str:
+    """The conversation id in one of its keys (its hash tag)."""
+    start = key.index("{") + 1
+    return key[start : key.index("}", start)]
 
 
 def _prefix(message_id: str | bytes, conversation_id: str) -> bytes:

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
-from conversational_core.storage.redis import RedisStore, _event
+from conversational_core.storage.redis import RedisStore, _event, conversation_of
 
 _BLOCK_MS = 5_000
 # A blocked XREAD answers within _BLOCK_MS; silence well beyond that means the node is gone.
@@ -157,6 +157,8 @@ class _Reader:
                         self.hub.store.events_key(cid): cursor
                         for cid, cursor in self.cursors.items()
                     }
+                    if not streams:  # the last one left while connecting
+                        break
                     response: Any = await conn.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
                     delay = 0.05
                 except (RedisError, OSError, StoreUnavailable) as exc:
@@ -311,7 +313,7 @@ class RedisEventHub(EventHub):
         for key, entries in response or ():
             if not entries:
                 continue
-            cid = _cid_of(key.decode() if isinstance(key, bytes) else key)
+            cid = conversation_of(key.decode() if isinstance(key, bytes) else key)
             if cid in reader.cursors:
                 last = entries[-1][0]
                 reader.cursors[cid] = last.decode() if isinstance(last, bytes) else last
@@ -322,11 +324,6 @@ class RedisEventHub(EventHub):
                 event = _event(entry_id, fields)
                 for sub in list(subs):
                     sub.offer(event)
-
-
-def _cid_of(key: str) -> str:
-    start = key.index("{") + 1
-    return key[start : key.index("}", start)]
 
 
 def _node_url(url: str, host: str, port: int) -> str:
