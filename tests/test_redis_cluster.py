@@ -106,9 +106,19 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
 
         await asyncio.to_thread(own_cluster.failover, f"{prefix}:{{{cid}}}:c")
         switched = load.switched = time.monotonic()
+        # A reply asked after the switch is queued, taken and written too.
+        asked_after = await api.post(f"/conversations/{cid}/messages", json={"content": "again"})
+        assert asked_after.status_code in (201, 503), asked_after.text
         async with asyncio.timeout(30):
             live = await stream
             await load_task
+        if asked_after.status_code == 503:  # during the switch: ask again
+            asked_after = await api.post(
+                f"/conversations/{cid}/messages", json={"content": "again"}
+            )
+        later_id = asked_after.json()["reply_message_id"]
+        later = await collect_until_end(api, events_url, {}, later_id, after="0")
+        assert later[-1].event == "message.completed"
 
         # A few 503s while the replica took over, then every request succeeded, no restart.
         failures = [(at - switched, status) for at, status in load.outcomes if status >= 400]
