@@ -86,6 +86,13 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
         yield store
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_store(request: pytest.FixtureRequest) -> RedisStore:
+    """A store on a single Redis server, then on the cluster."""
+    fixture: RedisStore = request.getfixturevalue(f"{request.param}_store")
+    return fixture
+
+
 @pytest.fixture(params=["redis", "cluster", "sqlite"])
 def store(request: pytest.FixtureRequest) -> Store:
     fixture: Store = request.getfixturevalue(f"{request.param}_store")

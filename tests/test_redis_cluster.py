@@ -74,6 +74,7 @@ async def _all_message_ids(api: httpx.AsyncClient, cid: str) -> list[str]:
     return ids
 
 
+@pytest.mark.redis_restart
 async def test_manual_failover_under_load_without_restart(own_cluster: RedisCluster) -> None:
     prefix = "failover"
     settings = make_settings(

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from conversational_core.storage.redis import RedisStore
 from conversational_core.storage.redis_queue import RedisJobQueue
 from tests.test_store_contract import conversation, message
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def redis_kind(request: pytest.FixtureRequest) -> RedisStore:
-    store: RedisStore = request.getfixturevalue(f"{request.param}_store")
-    return store
 
 
 async def _queued_reply_without_signal(store: RedisStore) -> str:
@@ -24,8 +16,8 @@ async def _queued_reply_without_signal(store: RedisStore) -> str:
     return conv.id
 
 
-async def test_sweep_signals_queued_replies_that_lost_theirs(redis_kind: RedisStore) -> None:
-    store = redis_kind
+async def test_sweep_signals_queued_replies_that_lost_theirs(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
     jobs = RedisJobQueue(store)
     lost = await _queued_reply_without_signal(store)
     held = await _queued_reply_without_signal(store)
@@ -39,8 +31,8 @@ async def test_sweep_signals_queued_replies_that_lost_theirs(redis_kind: RedisSt
     await jobs.close()
 
 
-async def test_a_worker_sweeps_when_it_starts_taking(redis_kind: RedisStore) -> None:
-    store = redis_kind
+async def test_a_worker_sweeps_when_it_starts_taking(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
     lost = await _queued_reply_without_signal(store)
     jobs = RedisJobQueue(store)
     # The first take starts the sweep; its signal arrives while the take waits for work.

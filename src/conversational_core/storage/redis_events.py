@@ -103,6 +103,7 @@ class _Reader:
         self.control: aioredis.Redis | None = None
         self.client_id: int | None = None
         self.unblock_queued = False
+        self.unblocks: set[asyncio.Task[None]] = set()
         self.moved = False  # the slot map must be re-read before reconnecting
         self.task: asyncio.Task[None] | None = None
 
@@ -117,6 +118,8 @@ class _Reader:
             return
         self.unblock_queued = True
         task = asyncio.create_task(self._unblock(self.control, self.client_id))
+        self.unblocks.add(task)
+        task.add_done_callback(self.unblocks.discard)
         task.add_done_callback(lambda t: t.exception())
 
     async def _unblock(self, control: aioredis.Redis, client_id: int) -> None:
@@ -137,6 +140,8 @@ class _Reader:
 
     async def _disconnect(self) -> None:
         conns, self.conn, self.control, self.client_id = (self.conn, self.control), None, None, None
+        # Unblocks under way first: they would reopen the control connection after its close.
+        await asyncio.gather(*self.unblocks, return_exceptions=True)
         for conn in conns:
             if conn is not None:
                 with contextlib.suppress(RedisError, OSError):
@@ -304,6 +309,12 @@ class RedisEventHub(EventHub):
 
     def _stop(self, reader: _Reader) -> None:
         if reader.task is not None and not reader.task.done():
+            # Cancelling alone is not enough on Python 3.11: redis-py writes under
+            # asyncio.wait_for, which swallows a cancel that arrives as the write completes
+            # (fixed in 3.12); the reader would then block for a whole XREAD. Unblocked with no
+            # conversation left, it stops by itself.
+            reader.cursors.clear()
+            reader.wake()
             reader.task.cancel()
             self._stopping.add(reader.task)
             reader.task.add_done_callback(self._stopping.discard)
