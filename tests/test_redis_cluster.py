@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,10 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
         # failover got exactly the events of the stream, without gap or duplicate.
         ends = [e for e in live if e.event == "message.completed"]
         assert [e.data["message_id"] for e in ends] == [reply_id]
+        # Both replies were written in their first attempt: the worker kept its lease through
+        # the switch (a restart shows as a second `message.updated` resetting the reply).
+        starts = Counter(e.data["message_id"] for e in later if e.event == "message.updated")
+        assert {reply_id, later_id} <= starts.keys() and set(starts.values()) == {1}, starts
         reply = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
         assert reply["status"] == "completed"
         assert reply["content"] == ends[0].data["message"]["content"]

@@ -39,3 +39,16 @@ async def test_a_worker_sweeps_when_it_starts_taking(any_redis_store: RedisStore
     taken = await jobs.take("w", 10, wait_seconds=5)
     assert [job.conversation_id for job in taken] == [lost]
     await jobs.close()
+
+
+async def test_renewing_keeps_the_lease_and_the_job(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
+    jobs = RedisJobQueue(store, lease_seconds=5)
+    conv, _ = await store.create_conversation(conversation())
+    ask, reply = message(conv.id), message(conv.id)
+    await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)
+    [job] = await jobs.take("w", 10, wait_seconds=0.1)
+    assert await jobs.acquire(conv.id, "token")
+    assert await jobs.renew(conv.id, "token", job)
+    assert not await jobs.renew(conv.id, "another token", job)
+    await jobs.close()

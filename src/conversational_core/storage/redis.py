@@ -480,13 +480,15 @@ class RedisStore(Store):
         """A script of another storage module, called with :meth:`script`."""
         return _Script(source)
 
-    async def command(self, *args: Any) -> Any:
+    async def command(self, *args: Any, **parse: Any) -> Any:
         """One plain command: on the fast client when there is one (it does not hold a pooled
-        connection per caller, so hundreds of concurrent replies do not exhaust the pool)."""
+        connection per caller, so hundreds of concurrent replies do not exhaust the pool).
+        The fast client returns the raw reply; redis-py (on a cluster, or a URL the fast client
+        does not support) parses it with its reply callback, given `parse` as options."""
         try:
             if self._fast is not None:
                 return await self._fast.call(*args)
-            return await self._redis.execute_command(*args)
+            return await self._redis.execute_command(*args, **parse)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable() from exc
 

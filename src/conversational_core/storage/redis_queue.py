@@ -151,7 +151,14 @@ class RedisJobQueue(JobQueue):
             ),
             # Reset the signal's idle time so that no other worker reclaims it meanwhile.
             self._store.command(
-                "XCLAIM", self._key, GROUP, job.consumer or "worker", 0, job.id, "JUSTID"
+                "XCLAIM",
+                self._key,
+                GROUP,
+                job.consumer or "worker",
+                0,
+                job.id,
+                "JUSTID",
+                parse_justid=True,  # (redis-py would parse ids as entries, and fail)
             ),
         )
         return bool(held)
