@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Job, JobQueue
@@ -202,6 +202,8 @@ class RedisJobQueue(JobQueue):
                     logger.info("signalled {} queued replies that had no signal", signalled)
         except StoreUnavailable:
             self._next_sweep = 0.0  # try again at the next take
+        except RedisError as exc:  # e.g. the slot map changing under a SCAN: next period
+            logger.warning("sweep for lost job signals failed ({})", type(exc).__name__)
 
     async def sweep(self) -> int:
         """Signal again every conversation with a queued reply but no signal and no lease (see
