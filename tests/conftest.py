@@ -1,15 +1,17 @@
-"""Shared fixtures: a real Redis (own key prefix per test) and the embedded store."""
+"""Shared fixtures: a real Redis (own key prefix per test), a real Redis Cluster (started once per
+session, on first use) and the embedded store."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 import uuid_utils
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from conversational_core.app import create_app
 from conversational_core.settings import Settings, load_settings
@@ -21,6 +23,7 @@ from conversational_core.storage.redis_queue import RedisJobQueue
 from conversational_core.storage.resp import RespClient
 from conversational_core.storage.sqlite import SqliteStore, open_sqlite_store
 from tests.fixtures.app import app_client
+from tests.fixtures.redis_cluster import RedisCluster, redis_cluster
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -60,13 +63,37 @@ async def redis_store(prefix: str) -> AsyncIterator[RedisStore]:
     await store.close()
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """3 primaries and 3 replicas, shared by the session (tests keep to their own prefix)."""
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as running:
+        yield running
+
+
+@pytest.fixture
+async def cluster_store(cluster: RedisCluster, prefix: str) -> AsyncIterator[RedisStore]:
+    client = build_client(
+        cluster.url, socket_timeout=5, connect_timeout=2, max_connections=200, cluster=True
+    )
+    store = RedisStore(client, prefix, cluster=True)
+    yield store
+    await store.close()
+
+
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
     async with open_sqlite_store(tmp_path / "data") as store:
         yield store
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_store(request: pytest.FixtureRequest) -> RedisStore:
+    """A store on a single Redis server, then on the cluster."""
+    fixture: RedisStore = request.getfixturevalue(f"{request.param}_store")
+    return fixture
+
+
+@pytest.fixture(params=["redis", "cluster", "sqlite"])
 def store(request: pytest.FixtureRequest) -> Store:
     fixture: Store = request.getfixturevalue(f"{request.param}_store")
     return fixture
@@ -77,12 +104,21 @@ def settings() -> Settings:
     return make_settings()
 
 
+def url_of(store: RedisStore) -> str:
+    """The URL a test store was opened with (the event hub opens connections of its own)."""
+    client = store.client
+    if isinstance(client, ClusterClient):
+        node = client.startup_nodes[0]
+        return f"redis://{node.host}:{node.port}"
+    return REDIS_URL
+
+
 def backend_for(store: Store, settings: Settings) -> Backend:
     """The event hub and job queue that go with a store, as open_backend would build them."""
     if isinstance(store, RedisStore):
         return Backend(
             store,
-            RedisEventHub(store, REDIS_URL, client_buffer=settings.SSE_CLIENT_BUFFER),
+            RedisEventHub(store, url_of(store), client_buffer=settings.SSE_CLIENT_BUFFER),
             RedisJobQueue(store, lease_seconds=settings.JOB_LEASE_SECONDS),
         )
     assert isinstance(store, SqliteStore)

@@ -32,6 +32,7 @@ from tests.conftest import REDIS_URL, make_settings
 from tests.fixtures.app import app_client, auth
 from tests.fixtures.fake_llm import FakeLLM, FakeLLMServer, Reply
 from tests.fixtures.live import SseEvent, collect_until_end, serve
+from tests.fixtures.redis_cluster import RedisCluster
 from tests.fixtures.server import ROOT
 
 # Bounds on waits for events that must happen: a failure shows as a timeout, not a hang.
@@ -225,10 +226,14 @@ def _of(events: list[tuple[str, dict[str, Any]]], reply_id: str) -> list[tuple[s
     return [(t, d) for t, d in events if d.get("message_id") == reply_id]
 
 
-async def _all_events(prefix: str, cid: str) -> list[tuple[str, dict[str, Any]]]:
+async def _all_events(
+    prefix: str, cid: str, url: str = REDIS_URL, cluster: bool = False
+) -> list[tuple[str, dict[str, Any]]]:
     """Every event of the conversation as retained in Redis (type, data), oldest first."""
-    client = build_client(REDIS_URL, socket_timeout=5, connect_timeout=2, max_connections=4)
-    store = RedisStore(client, prefix)
+    client = build_client(
+        url, socket_timeout=5, connect_timeout=2, max_connections=4, cluster=cluster
+    )
+    store = RedisStore(client, prefix, cluster=cluster)
     try:
         stored = await store.read_events(cid, None, 100_000)
     finally:
@@ -270,11 +275,13 @@ def _check_restarted_reply(
 # --- A worker process stopped in the middle of a reply ------------------------------------------
 
 
-async def _worker_stops_mid_reply(llm: FakeLLM, prefix: str, sig: signal.Signals) -> None:
+async def _worker_stops_mid_reply(
+    llm: FakeLLM, prefix: str, sig: signal.Signals, url: str = REDIS_URL, cluster: bool = False
+) -> None:
     first = Reply([f"one{i} " for i in range(8)], hold_after=3)
     second = Reply(["second ", "attempt"])
     llm.script = [first, second]
-    config = _config(llm, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX=prefix)
+    config = _config(llm, REDIS_URL=url, REDIS_CLUSTER=cluster, REDIS_KEY_PREFIX=prefix)
     if sig is signal.SIGTERM:
         # The held reply cannot finish within the grace time, so the worker hands it back; with
         # a lease far longer than the test's wait, only the hand-back lets the rescuer take it.
@@ -317,7 +324,7 @@ async def _worker_stops_mid_reply(llm: FakeLLM, prefix: str, sig: signal.Signals
 
         # No worker is left that could end it again: then read every event it ever had.
         assert await rescuer.signal(signal.SIGTERM) == 0, rescuer.log
-        stored = await _all_events(prefix, cid)
+        stored = await _all_events(prefix, cid, url, cluster)
 
     assert llm.streams_started == 2 and llm.streams_finished == 1 and llm.streams_aborted == 1
     _check_restarted_reply(
@@ -355,6 +362,13 @@ async def test_stopped_worker_finishes_a_running_reply_within_its_grace_time(
     assert final["content"] == "w0 w1 w2 w3 w4 w5 "
     assert final["context"]["attempts"] == 1  # finished by the stopping worker itself
     assert llm.streams_started == 1 and llm.streams_aborted == 0
+
+
+async def test_killed_worker_process_on_the_cluster(
+    llm: FakeLLM, prefix: str, cluster: RedisCluster
+) -> None:
+    """The same on a Redis Cluster: worker processes and the API with REDIS_CLUSTER=true."""
+    await _worker_stops_mid_reply(llm, prefix, signal.SIGKILL, cluster.url, cluster=True)
 
 
 # --- Replies queued while no worker runs, written after an API restart ---------------------------

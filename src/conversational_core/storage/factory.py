@@ -36,6 +36,7 @@ async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
             max_connections=settings.REDIS_MAX_CONNECTIONS,
             events_max_len=settings.EVENTS_MAX_LEN,
             events_ttl_seconds=settings.EVENTS_TTL_SECONDS,
+            cluster=settings.REDIS_CLUSTER,
         ) as redis_store:
             hub = RedisEventHub(
                 redis_store,

@@ -25,6 +25,12 @@ conversation UNLINKs its keys: Redis frees them in a background thread, never bl
 The per-user index lives in the user's slot, so it is updated beside the conversation's script in
 the same pipeline (one round trip; `ZADD XX GT` so that it can only move an existing entry
 forward). It is an index: a conversation id found there whose hash is gone is skipped and pruned.
+
+Redis Cluster (REDIS_CLUSTER): the client is redis-py's RedisCluster, which routes each command by
+its key's slot, follows MOVED/ASK, refreshes its slot map after a failover and retries commands
+that met a lost connection or CLUSTERDOWN. No command or script names keys of two slots; a
+pipeline may (redis-py splits it per node). The lean RESP client is single-node, so it is not used
+on a cluster.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -70,7 +77,7 @@ from conversational_core.storage.resp import ReplyError, RespClient
 #       activity score, conversation id, ids…, jsons…, event data…
 # On a single Redis server the user's index and the job signal are written by the same script
 # (KEYS 7 and 8): one round trip, and a queued reply always has its signal. On a cluster they
-# live in other slots and are sent beside the script instead.
+# live in other slots: the index is updated beside the script, the signal sent after it.
 _APPEND = """
 local owner = redis.call('HGET', KEYS[1], 'user')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
@@ -234,13 +241,38 @@ _CONV_FIELDS = ("user", "data", "updated_at", "count", "version")
 
 
 class _Script:
-    """A Lua script called by SHA, reloaded transparently after a Redis restart (NOSCRIPT)."""
+    """A Lua script called by SHA. A node that does not have it (NOSCRIPT: a restarted server, a
+    replica just promoted by a failover) gets the source instead (EVAL), which caches it there:
+    the call lands on exactly the node that needs it, whatever the client's slot map says."""
 
     def __init__(self, source: str) -> None:
         import hashlib
 
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    def command(
+        self, keys: Sequence[str], args: Sequence[Any], *, by_source: bool = False
+    ) -> tuple[Any, ...]:
+        if by_source:
+            return ("EVAL", self.source, len(keys), *keys, *args)
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# A client of one Redis server, or of a Redis Cluster (REDIS_CLUSTER).
+RedisClient = aioredis.Redis | RedisCluster
+AnyPipeline = Pipeline | ClusterPipeline
+
+
+class _Batch:
+    """A pipeline being built; its scripts go by SHA, or as source after a NOSCRIPT."""
+
+    def __init__(self, pipe: AnyPipeline, by_source: bool) -> None:
+        self.pipe = pipe
+        self._by_source = by_source
+
+    def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        self.pipe.execute_command(*script.command(keys, args, by_source=self._by_source))
 
 
 def build_client(
@@ -250,28 +282,55 @@ def build_client(
     connect_timeout: float,
     max_connections: int,
     client_name: str = "conversational-core",
-) -> aioredis.Redis:
+    cluster: bool = False,
+) -> RedisClient:
     """The one place a Redis client is built: explicit timeouts, bounded retry with jittered
-    backoff on connection errors and timeouts, health checks of idle connections."""
+    backoff on connection errors and timeouts, health checks of idle connections. With
+    `cluster`, `url` names one node of a Redis Cluster and `max_connections` is per node."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+        "client_name": client_name,
+        # Maintenance notifications are a Redis Enterprise/Cloud feature; probing for them costs
+        # a round trip per new connection against open-source Redis.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+    if cluster:
+        # The cluster client retries a command that met a lost connection, CLUSTERDOWN or an
+        # uncovered slot (a failover under way) after refreshing its slot map; TRYAGAIN and
+        # MOVED/ASK are followed by redis-py itself. (It uses the retry object for its count.)
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            # On MOVED, patch the slot map from the redirection (a failover moves a whole slot
+            # range at once) rather than rebuild it every few MOVED: a rebuild closes every
+            # connection of the client, breaking the commands in flight on them.
+            reinitialize_steps=0,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=3),
+            **options,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=15,
-        client_name=client_name,
         retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        # Maintenance notifications are a Redis Enterprise/Cloud feature; probing for them costs
-        # a round trip per new connection against open-source Redis.
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
     )
     return aioredis.Redis(connection_pool=pool)
 
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis is not serving (down, unreachable, or a cluster failing over): 503, retry later.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,  # CLUSTERDOWN, or redirections that did not settle
+    TryAgainError,
+    RedisClusterException,  # no node reachable to learn the slot map from, slot not covered
+)
 
 
 @contextlib.contextmanager
@@ -313,7 +372,7 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         prefix: str = "cc",
         *,
         events_max_len: int = 10_000,
@@ -324,6 +383,8 @@ class RedisStore(Store):
         self._redis = client
         self._prefix = prefix
         self._cluster = cluster
+        assert cluster == isinstance(client, RedisCluster)
+        assert fast is None or not cluster, "the fast client is single-node"
         # Script calls (every request) go through the lean pipelined client when available.
         self._fast = fast
         self._max_len = events_max_len
@@ -338,21 +399,36 @@ class RedisStore(Store):
         self._stop = _Script(_STOP)
         self._update_conversation = _Script(_UPDATE_CONVERSATION)
         self._delete_conversation = _Script(_DELETE_CONVERSATION)
-        self._scripts = [
-            self._create,
-            self._append,
-            self._page,
-            self._replace,
-            self._delete_message,
-            self._delta,
-            self._stop,
-            self._update_conversation,
-            self._delete_conversation,
-        ]
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
+        """The redis-py client: RedisCluster on a cluster (commands are routed by key slot)."""
         return self._redis
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
+    def slot_of(self, key: str) -> int | None:
+        """The cluster hash slot of `key`; None on a single server (no slots)."""
+        if isinstance(self._redis, RedisCluster):
+            return self._redis.keyslot(key)
+        return None
+
+    async def primary_of(self, key: str, *, refresh: bool = False) -> tuple[str, int] | None:
+        """Host and port of the cluster primary serving `key` (None on a single server), for
+        connections of one's own; `refresh` re-reads the slot map first (after MOVED or a lost
+        node: a failover)."""
+        if not isinstance(self._redis, RedisCluster):
+            return None
+        with _guard():
+            await self._redis.initialize()
+            if refresh:
+                await self._redis.nodes_manager.initialize()
+            node = self._redis.get_node_from_key(key)
+        if node is None:
+            raise StoreUnavailable()
+        return str(node.host), int(node.port)
 
     # Keys ----------------------------------------------------------------------------------------
 
@@ -387,42 +463,38 @@ class RedisStore(Store):
 
     # Script plumbing -------------------------------------------------------------------------
 
-    async def _run(self, build: Callable[[Pipeline], object]) -> list[Any]:
-        """Run a pipeline (one round trip) whose EVALSHAs are reloaded once on NOSCRIPT."""
+    async def _run(self, build: Callable[[_Batch], object]) -> list[Any]:
+        """Run a pipeline (one round trip; one per node on a cluster). After NOSCRIPT it runs
+        again with the scripts' sources, which is safe: every pipeline here is a script that did
+        not run plus idempotent index updates (at worst a second job signal, a no-op)."""
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            build(pipe)
-            with _guard():
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self._load_scripts()
+            build(_Batch(pipe, by_source=attempt > 0))
+            try:
+                with _guard():
+                    # Errors are raised (not returned) so that the cluster client retries the
+                    # commands that met a failover, after refreshing its slot map.
+                    results: list[Any] = await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
                 continue
-            for result in results:
-                if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
-                    raise StoreUnavailable() from result
-                if isinstance(result, RedisError):
-                    raise result
             return results
         raise AssertionError("unreachable")
 
-    async def _load_scripts(self) -> None:
-        with _guard():
-            for script in self._scripts:
-                await self._redis.script_load(script.source)
-
     def register_script(self, source: str) -> _Script:
-        """A script of another storage module, loaded and reloaded with the store's own."""
-        script = _Script(source)
-        self._scripts.append(script)
-        return script
+        """A script of another storage module, called with :meth:`script`."""
+        return _Script(source)
 
-    async def command(self, *args: Any) -> Any:
+    async def command(self, *args: Any, **parse: Any) -> Any:
         """One plain command: on the fast client when there is one (it does not hold a pooled
-        connection per caller, so hundreds of concurrent replies do not exhaust the pool)."""
+        connection per caller, so hundreds of concurrent replies do not exhaust the pool).
+        The fast client returns the raw reply; redis-py (on a cluster, or a URL the fast client
+        does not support) parses it with its reply callback, given `parse` as options."""
         try:
             if self._fast is not None:
                 return await self._fast.call(*args)
-            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            return await self._redis.execute_command(*args, **parse)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable() from exc
 
@@ -430,14 +502,16 @@ class RedisStore(Store):
         """One script call, straight on the client (a pipeline object costs more CPU than the
         round trip it would save here)."""
         for attempt in range(2):
+            command = script.command(keys, args, by_source=attempt > 0)
             try:
                 if self._fast is not None:
-                    return await self._fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                    return await self._fast.call(*command)
+                return await self._redis.execute_command(*command)
             except (NoScriptError, ReplyError) as exc:
-                if attempt or not str(exc).startswith("NOSCRIPT"):
+                # (redis-py's NoScriptError drops the NOSCRIPT prefix; the fast client keeps it)
+                missing = isinstance(exc, NoScriptError) or str(exc).startswith("NOSCRIPT")
+                if attempt or not missing:
                     raise
-                await self._load_scripts()
             except _UNAVAILABLE as exc:  # (not _guard(): this is the hot path)
                 raise StoreUnavailable() from exc
         raise AssertionError("unreachable")
@@ -451,7 +525,10 @@ class RedisStore(Store):
     async def close(self) -> None:
         if self._fast is not None:
             await self._fast.close()
-        await self._redis.aclose(close_connection_pool=True)
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.aclose()
+        else:
+            await self._redis.aclose(close_connection_pool=True)
 
     async def create_conversation(
         self, conversation: Conversation, idempotency: Idempotency | None = None
@@ -485,19 +562,15 @@ class RedisStore(Store):
         user_index = self._user_index(conversation.user_id)
         data = _conversation_data(conversation)
 
-        def build(pipe: Pipeline) -> None:
-            pipe.evalsha(
-                self._create.sha,
-                1,
-                conv_key,
-                conversation.user_id,
-                data,
-                conversation.updated_at,
-                conversation.version,
+        def build(batch: _Batch) -> None:
+            batch.script(
+                self._create,
+                [conv_key],
+                [conversation.user_id, data, conversation.updated_at, conversation.version],
             )
-            pipe.zadd(user_index, {conversation.id: score}, nx=True)
+            batch.pipe.zadd(user_index, {conversation.id: score}, nx=True)
             if key is not None:
-                pipe.set(key, b"1" + tail, xx=True, keepttl=True)
+                batch.pipe.set(key, b"1" + tail, xx=True, keepttl=True)
 
         await self._run(build)
         return conversation, replayed
@@ -515,7 +588,8 @@ class RedisStore(Store):
     ) -> Page[Conversation]:
         index = self._user_index(user_id)
 
-        def build(pipe: Pipeline) -> None:
+        def build(batch: _Batch) -> None:
+            pipe = batch.pipe
             if after is None:
                 pipe.zrange(
                     index,
@@ -561,9 +635,9 @@ class RedisStore(Store):
         if not rows:
             return Page([], None)
 
-        def fetch(pipe: Pipeline) -> None:
+        def fetch(batch: _Batch) -> None:
             for cid, _ in rows:
-                pipe.hmget(self._conv_keys(cid)[0], list(_CONV_FIELDS))
+                batch.pipe.hmget(self._conv_keys(cid)[0], list(_CONV_FIELDS))
 
         docs = await self._run(fetch)
         items: list[tuple[Conversation, int]] = []
@@ -615,26 +689,26 @@ class RedisStore(Store):
             event = events.conversation_data(updated)
 
             def build(
-                pipe: Pipeline,
+                batch: _Batch,
                 version: str = version,
                 data: bytes = data,
                 index: str = index,
                 event: bytes = event,
             ) -> None:
-                pipe.evalsha(
-                    self._update_conversation.sha,
-                    2,
-                    conv_key,
-                    events_key,
-                    owner or "",
-                    version,
-                    data,
-                    now,
-                    event,
-                    self._max_len,
-                    self._events_ttl,
+                batch.script(
+                    self._update_conversation,
+                    [conv_key, events_key],
+                    [
+                        owner or "",
+                        version,
+                        data,
+                        now,
+                        event,
+                        self._max_len,
+                        self._events_ttl,
+                    ],
                 )
-                pipe.zadd(index, {conversation_id: score}, xx=True, gt=True)
+                batch.pipe.zadd(index, {conversation_id: score}, xx=True, gt=True)
 
             result = (await self._run(build))[0]
             status = result[0].decode()
@@ -725,19 +799,25 @@ class RedisStore(Store):
             result = await self.script(self._append, keys, args)
         else:
 
-            def build(pipe: Pipeline) -> None:
-                pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+            def build(batch: _Batch) -> None:
+                batch.script(self._append, keys, args)
                 if owner is not None:
-                    pipe.zadd(self._user_index(owner), {conversation_id: score}, xx=True, gt=True)
-                if reply_id is not None:
-                    # The reply is queued inside the script (the conversation's slot); this
-                    # only signals the workers, from the jobs' slot.
-                    pipe.xadd(self.jobs_key, {"c": conversation_id})
+                    batch.pipe.zadd(
+                        self._user_index(owner), {conversation_id: score}, xx=True, gt=True
+                    )
 
             result = (await self._run(build))[0]
         status = result[0]
         if status == b"missing":
             raise NotFound("Conversation not found.")
+        if reply_id is not None and not one_script:
+            # The reply was queued by the script (the conversation's slot); this signals the
+            # workers, in the jobs' slot, only once the script has run: a signal sent alongside
+            # could be taken before the reply is queued, and acknowledged as work already done.
+            # (Also on a replay: the first attempt may have failed just before its signal.) A
+            # process that dies right here leaves a queued reply without a signal: the workers'
+            # sweep (redis_queue.py) signals it again.
+            await self.command("XADD", self.jobs_key, "*", "c", conversation_id)
         if status == b"replay":
             fingerprint, _, body = result[1].partition(b"\n")
             if idempotency is None or fingerprint.decode() != idempotency.fingerprint:
@@ -939,6 +1019,12 @@ _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _DELETED_LINGER_SECONDS = 300
 
 
+def conversation_of(key: str) -> str:
+    """The conversation id in one of its keys (its hash tag)."""
+    start = key.index("{") + 1
+    return key[start : key.index("}", start)]
+
+
 _AFTER_BRACE = operator.itemgetter(slice(1, None))  # a stored document without its "{"
 
 
@@ -983,16 +1069,18 @@ async def open_redis_store(
     max_connections: int,
     events_max_len: int = 10_000,
     events_ttl_seconds: int = 86_400,
+    cluster: bool = False,
 ) -> AsyncIterator[RedisStore]:
     client = build_client(
         url,
         socket_timeout=socket_timeout,
         connect_timeout=connect_timeout,
         max_connections=max_connections,
+        cluster=cluster,
     )
     fast = (
         RespClient(url, timeout=socket_timeout, connect_timeout=connect_timeout)
-        if RespClient.supports(url)
+        if RespClient.supports(url) and not cluster
         else None
     )
     store = RedisStore(
@@ -1000,6 +1088,7 @@ async def open_redis_store(
         prefix,
         events_max_len=events_max_len,
         events_ttl_seconds=events_ttl_seconds,
+        cluster=cluster,
         fast=fast,
     )
     try:

@@ -1,19 +1,24 @@
 """Live conversation events from Redis Streams, fanned out to this process's SSE clients.
 
-One reader task per process, on one dedicated connection, runs `XREAD BLOCK` over the streams of
-every conversation that has a client here, and hands each event to that conversation's
-subscribers. Holding one blocked connection per client instead would not scale (1,000 clients,
-1,000 connections) and polling would add latency. When a client subscribes to a conversation
-the reader is not yet watching, the reader's blocked call is interrupted with `CLIENT UNBLOCK`
-so that the new stream is watched at once.
+On a single Redis server one reader task per process, on one dedicated connection, runs
+`XREAD BLOCK` over the streams of every conversation that has a client here, and hands each event
+to that conversation's subscribers. Holding one blocked connection per client instead would not
+scale (1,000 clients, 1,000 connections) and polling would add latency. When a client subscribes
+to a conversation the reader is not yet watching, the reader's blocked call is interrupted with
+`CLIENT UNBLOCK` so that the new stream is watched at once.
+
+On a Redis Cluster one XREAD may only name keys of one hash slot (CROSSSLOT otherwise, even when
+one node serves both slots), so there is one reader per slot that has watched conversations,
+connected to the primary serving that slot: as many connections as watched slots, at most one
+per watched conversation. A reader whose node stops serving its slot (MOVED after a failover) or
+goes away re-reads the slot map and reconnects to the new primary, carrying on from its cursors:
+no event is lost or repeated. (Fewer connections would need a notification channel per node,
+e.g. sharded pub/sub published by every script, with a re-read after each gap.)
 
 A subscription is gap- and duplicate-free: it first reads what it missed with XRANGE (catch-up)
 while the reader buffers live events for it, then drains that buffer skipping ids it already
 has, and only then goes live. Each subscriber has a bounded queue; a subscriber whose queue is
 full is dropped (SlowConsumer) without slowing the others.
-
-Not cluster-aware yet: one XREAD names many conversations' streams, which live in different
-slots (the production issue groups them per node).
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse, urlunparse
 
 import redis.asyncio as aioredis
 from loguru import logger
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
-from conversational_core.storage.redis import RedisStore, _event
+from conversational_core.storage.redis import RedisStore, _event, conversation_of
 
 _BLOCK_MS = 5_000
+# A blocked XREAD answers within _BLOCK_MS; silence well beyond that means the node is gone.
+_READ_TIMEOUT = _BLOCK_MS / 1000 + 5
 _READ_COUNT = 500
 _CATCH_UP_CHUNK = 500
 
@@ -80,6 +90,95 @@ class _Subscriber:
             self.queue.put_nowait(None)
 
 
+class _Reader:
+    """One connection blocked in XREAD over the streams of a group of conversations (all of
+    them on a single server, one slot's on a cluster), from a cursor per stream."""
+
+    def __init__(self, hub: RedisEventHub, slot: int | None) -> None:
+        self.hub = hub
+        self.slot = slot
+        self.cursors: dict[str, str] = {}
+        self.conn: aioredis.Redis | None = None
+        # CLIENT UNBLOCK goes on a second connection to the same node: the first is blocked.
+        self.control: aioredis.Redis | None = None
+        self.client_id: int | None = None
+        self.unblock_queued = False
+        self.unblocks: set[asyncio.Task[None]] = set()
+        self.moved = False  # the slot map must be re-read before reconnecting
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name=f"event-reader-{self.slot}")
+
+    def wake(self) -> None:
+        """Interrupt the blocked XREAD so that it names the streams watched now. Unblocks not
+        yet sent are coalesced: one sent after every change so far serves them all."""
+        if self.client_id is None or self.control is None or self.unblock_queued:
+            return
+        self.unblock_queued = True
+        task = asyncio.create_task(self._unblock(self.control, self.client_id))
+        self.unblocks.add(task)
+        task.add_done_callback(self.unblocks.discard)
+        task.add_done_callback(lambda t: t.exception())
+
+    async def _unblock(self, control: aioredis.Redis, client_id: int) -> None:
+        self.unblock_queued = False
+        with contextlib.suppress(RedisError, OSError):
+            await control.client_unblock(client_id)
+
+    async def _connect(self) -> aioredis.Redis:
+        address = await self.hub.store.primary_of(
+            self.hub.store.events_key(next(iter(self.cursors))), refresh=self.moved
+        )
+        url = self.hub.url if address is None else _node_url(self.hub.url, *address)
+        self.conn = self.hub.connect(url, _READ_TIMEOUT)
+        self.control = self.hub.connect(url, self.hub.connect_timeout + 1)
+        self.client_id = int(await self.conn.client_id())
+        self.moved = False
+        return self.conn
+
+    async def _disconnect(self) -> None:
+        conns, self.conn, self.control, self.client_id = (self.conn, self.control), None, None, None
+        # Unblocks under way first: they would reopen the control connection after its close.
+        await asyncio.gather(*self.unblocks, return_exceptions=True)
+        for conn in conns:
+            if conn is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await conn.aclose(close_connection_pool=True)
+
+    async def _run(self) -> None:
+        delay = 0.05
+        try:
+            while self.cursors:
+                # One turn of the loop first: events published meanwhile are read in one XREAD
+                # (each call names every watched stream, so fewer, fuller calls are cheaper).
+                await asyncio.sleep(0)
+                if not self.cursors:
+                    break
+                try:
+                    conn = self.conn or await self._connect()
+                    streams: dict[Any, Any] = {
+                        self.hub.store.events_key(cid): cursor
+                        for cid, cursor in self.cursors.items()
+                    }
+                    if not streams:  # the last one left while connecting
+                        break
+                    response: Any = await conn.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
+                    delay = 0.05
+                except (RedisError, OSError, StoreUnavailable) as exc:
+                    # Down, or (on a cluster) no longer serving the slot: find its primary anew.
+                    logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
+                    await self._disconnect()
+                    self.moved = True
+                    await asyncio.sleep(delay)  # back off while Redis is down
+                    delay = min(delay * 2, 2.0)
+                    continue
+                self.hub.deliver(self, response)
+        finally:
+            await self._disconnect()
+
+
 class RedisEventHub(EventHub):
     def __init__(
         self,
@@ -89,34 +188,40 @@ class RedisEventHub(EventHub):
         client_buffer: int = 1000,
         connect_timeout: float = 1.0,
     ) -> None:
-        self._store = store
+        self.store = store
+        self.url = url
+        self.connect_timeout = connect_timeout
         self._client_buffer = client_buffer
-        # The reader's own connection: it spends its life blocked in XREAD.
-        self._reader = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=None,
-            client_name="conversational-core-events",
-            max_connections=1,
-        )
         self._subs: dict[str, set[_Subscriber]] = {}
-        self._cursors: dict[str, str] = {}
-        self._changed = asyncio.Event()
-        self._reader_id: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._readers: dict[int | None, _Reader] = {}  # by slot (None: a single server)
+        self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    def connect(self, url: str, socket_timeout: float) -> aioredis.Redis:
+        """One connection of a reader's own (callers queue for it). No retry: the reader
+        reconnects by itself, to the slot's current primary on a cluster."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=1,
+            timeout=None,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=socket_timeout,
+            client_name="conversational-core-events",
+            retry=Retry(NoBackoff(), 0),
+        )
+        return aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for reader in self._readers.values():
+            self._stop(reader)
+        self._readers.clear()
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         for subs in self._subs.values():
             for sub in subs:
                 with contextlib.suppress(asyncio.QueueFull):
                     sub.queue.put_nowait(None)
-        await self._reader.aclose()
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -125,7 +230,7 @@ class RedisEventHub(EventHub):
         if after is not None:
             after = _fmt(_stream_id(after))  # ValueError for garbage; "5" means "5-0"
         else:
-            after = await self._store.last_event_id(conversation_id) or "0-0"
+            after = await self.store.last_event_id(conversation_id) or "0-0"
         sub = _Subscriber(asyncio.Queue(self._client_buffer), buffer_limit=self._client_buffer)
         try:
             yield self._iterate(conversation_id, sub, after)
@@ -140,7 +245,7 @@ class RedisEventHub(EventHub):
         # 1. Catch up at the client's pace, straight from the stream (not through the bounded
         #    queue: a client far behind is not "slow", it just has more to read).
         while True:
-            events = await self._store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
+            events = await self.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
             for event in events:
                 last = _stream_id(event.id)
                 yield event
@@ -151,7 +256,7 @@ class RedisEventHub(EventHub):
         #    last read and the moment the reader started handing events over.
         sub.buffering = True
         self._watch(conversation_id, sub, _fmt(last))
-        tail = await self._store.read_events(conversation_id, _fmt(last), 100_000)
+        tail = await self.store.read_events(conversation_id, _fmt(last), 100_000)
         buffered, sub.buffer = sub.buffer, []
         sub.live = True
         for event in [*tail, *buffered]:
@@ -172,79 +277,70 @@ class RedisEventHub(EventHub):
                 yield item
 
     def _watch(self, conversation_id: str, sub: _Subscriber, after: str) -> None:
-        subs = self._subs.setdefault(conversation_id, set())
-        subs.add(sub)
-        if conversation_id not in self._cursors:
-            self._cursors[conversation_id] = after
-            self._wake()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="event-reader")
+        self._subs.setdefault(conversation_id, set()).add(sub)
+        if self._closed:
+            sub.queue.put_nowait(None)  # ends the subscription
+            return
+        slot = self.store.slot_of(self.store.events_key(conversation_id))
+        reader = self._readers.get(slot)
+        if reader is None:
+            reader = self._readers[slot] = _Reader(self, slot)
+        if conversation_id not in reader.cursors:
+            reader.cursors[conversation_id] = after
+            reader.wake()
+        reader.start()
 
     def _unwatch(self, conversation_id: str, sub: _Subscriber) -> None:
         subs = self._subs.get(conversation_id)
         if subs is None:
             return
         subs.discard(sub)
-        if not subs:
-            del self._subs[conversation_id]
-            self._cursors.pop(conversation_id, None)
+        if subs:
+            return
+        del self._subs[conversation_id]
+        slot = self.store.slot_of(self.store.events_key(conversation_id))
+        reader = self._readers.get(slot)
+        if reader is None:
+            return
+        reader.cursors.pop(conversation_id, None)
+        if not reader.cursors:
+            del self._readers[slot]
+            self._stop(reader)
 
-    def _wake(self) -> None:
-        self._changed.set()
-        if self._reader_id is not None:
-            # Interrupt the reader's blocked XREAD so that it watches the new stream at once.
-            task = asyncio.create_task(self._unblock(self._reader_id))
-            task.add_done_callback(lambda t: t.exception())
+    def _stop(self, reader: _Reader) -> None:
+        if reader.task is not None and not reader.task.done():
+            # Cancelling alone is not enough on Python 3.11: redis-py writes under
+            # asyncio.wait_for, which swallows a cancel that arrives as the write completes
+            # (fixed in 3.12); the reader would then block for a whole XREAD. Unblocked with no
+            # conversation left, it stops by itself.
+            reader.cursors.clear()
+            reader.wake()
+            reader.task.cancel()
+            self._stopping.add(reader.task)
+            reader.task.add_done_callback(self._stopping.discard)
 
-    async def _unblock(self, client_id: int) -> None:
-        with contextlib.suppress(RedisError, OSError, StoreUnavailable):
-            await self._store.command("CLIENT", "UNBLOCK", client_id)
-
-    async def _run(self) -> None:
-        delay = 0.05
-        while not self._closed:
-            if not self._cursors:
-                self._changed.clear()
-                await self._changed.wait()
+    def deliver(self, reader: _Reader, response: Any) -> None:
+        """Hand what one XREAD returned to the subscribers, and move the reader's cursors."""
+        for key, entries in response or ():
+            if not entries:
                 continue
-            # One turn of the loop first: events published meanwhile are read in one XREAD
-            # (each call names every watched stream, so fewer, fuller calls are cheaper).
-            await asyncio.sleep(0)
-            if not self._cursors:
+            cid = conversation_of(key.decode() if isinstance(key, bytes) else key)
+            if cid in reader.cursors:
+                last = entries[-1][0]
+                reader.cursors[cid] = last.decode() if isinstance(last, bytes) else last
+            subs = self._subs.get(cid)
+            if not subs:
                 continue
-            try:
-                if self._reader_id is None:
-                    self._reader_id = int(await self._reader.client_id())
-                self._changed.clear()
-                streams: dict[Any, Any] = {
-                    self._store.events_key(cid): cursor for cid, cursor in self._cursors.items()
-                }
-                response: Any = await self._reader.xread(
-                    streams, count=_READ_COUNT, block=_BLOCK_MS
-                )
-                delay = 0.05
-            except (RedisError, OSError) as exc:
-                self._reader_id = None
-                logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)  # back off while Redis is down
-                delay = min(delay * 2, 2.0)
-                continue
-            for key, entries in response or ():
-                name = key.decode() if isinstance(key, bytes) else key
-                cid = self._cid_of(name)
-                subs = self._subs.get(cid)
-                if not entries:
-                    continue
-                if cid in self._cursors:
-                    last = entries[-1][0]
-                    self._cursors[cid] = last.decode() if isinstance(last, bytes) else last
-                if not subs:
-                    continue
-                for entry_id, fields in entries:
-                    event = _event(entry_id, fields)
-                    for sub in list(subs):
-                        sub.offer(event)
+            for entry_id, fields in entries:
+                event = _event(entry_id, fields)
+                for sub in list(subs):
+                    sub.offer(event)
 
-    def _cid_of(self, key: str) -> str:
-        start = key.index("{") + 1
-        return key[start : key.index("}", start)]
+
+def _node_url(url: str, host: str, port: int) -> str:
+    """`url` (credentials, TLS, options) pointed at one cluster node."""
+    parsed = urlparse(url)
+    credentials, _, _ = parsed.netloc.rpartition("@")
+    netloc = f"{credentials}@" if credentials else ""
+    host = f"[{host}]" if ":" in host else host
+    return urlunparse(parsed._replace(netloc=f"{netloc}{host}:{port}", path=""))

@@ -20,20 +20,38 @@ Design (see base.JobQueue for the protocol):
 - A signal whose lease is held by a live worker is left unacknowledged; it comes back after a
   lease time and is then acknowledged as a no-op. A worker that crashes leaves its signal pending:
   another worker reclaims it after the lease time and carries on.
+
+Lost signals. On a single server the append script queues the reply and writes its signal
+atomically. On a Redis Cluster (and for messages written on someone else's behalf) the signal
+lives in another slot and is sent right after the script: an API process that dies in between
+leaves a queued reply without a signal. Rather than make every append a two-slot protocol, the
+workers sweep for such replies: at start and then every SWEEP_SECONDS, one worker (a lock key
+elects it) reads the signals present (the stream holds only jobs not yet done), SCANs every
+primary for non-empty reply queues (`SCAN … TYPE list`, in the background, never on a request
+path) and signals again each one whose conversation has neither a signal nor a lease held. A
+reply queued just then may be signalled twice: a duplicate is acknowledged as a no-op.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
-from redis.exceptions import ResponseError
+from loguru import logger
+from redis.exceptions import RedisError, ResponseError
 
+from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Job, JobQueue
-from conversational_core.storage.redis import RedisStore, _guard
+from conversational_core.storage.redis import RedisStore, _guard, conversation_of
 
 GROUP = "workers"
+SWEEP_SECONDS = 60.0
+# With more signals waiting than this, the workers are behind: the sweep waits for them (it could
+# not tell a lost signal from one not yet read).
+_SWEEP_MAX_SIGNALS = 10_000
+_SWEEP_BATCH = 200
 
 # KEYS: lease, queue.  ARGV: token, ttl ms.
 # 1 released; 0 the queue has work (lease kept, or taken back if it had lapsed); -1 not ours
@@ -64,7 +82,13 @@ return 0
 
 
 class RedisJobQueue(JobQueue):
-    def __init__(self, store: RedisStore, *, lease_seconds: float = 15.0) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        lease_seconds: float = 15.0,
+        sweep_seconds: float = SWEEP_SECONDS,
+    ) -> None:
         self._store = store
         self._redis = store.client
         self._key = store.jobs_key
@@ -73,6 +97,9 @@ class RedisJobQueue(JobQueue):
         self._release = store.register_script(_RELEASE)
         self._renew = store.register_script(_RENEW)
         self._give_back = store.register_script(_GIVE_BACK)
+        self._sweep_seconds = sweep_seconds
+        self._next_sweep = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -87,6 +114,9 @@ class RedisJobQueue(JobQueue):
 
     async def take(self, consumer: str, count: int, wait_seconds: float) -> list[Job]:
         await self._ensure_group()
+        if time.monotonic() >= self._next_sweep and (self._sweeper is None or self._sweeper.done()):
+            self._next_sweep = time.monotonic() + self._sweep_seconds
+            self._sweeper = asyncio.create_task(self._sweep_if_elected(), name="job-sweep")
         try:
             with _guard():
                 # Jobs of workers that stopped renewing them first: they have waited longest.
@@ -128,7 +158,14 @@ class RedisJobQueue(JobQueue):
             ),
             # Reset the signal's idle time so that no other worker reclaims it meanwhile.
             self._store.command(
-                "XCLAIM", self._key, GROUP, job.consumer or "worker", 0, job.id, "JUSTID"
+                "XCLAIM",
+                self._key,
+                GROUP,
+                job.consumer or "worker",
+                0,
+                job.id,
+                "JUSTID",
+                parse_justid=True,  # (redis-py would parse ids as entries, and fail)
             ),
         )
         return bool(held)
@@ -165,5 +202,65 @@ class RedisJobQueue(JobQueue):
         ms = int(oldest[0][0].split(b"-")[0])
         return int(depth), max(0.0, time.time() - ms / 1000)
 
+    async def _sweep_if_elected(self) -> None:
+        try:
+            with _guard():
+                # One sweep per period across all workers.
+                elected = await self._redis.set(
+                    f"{self._key}:sweep", b"1", nx=True, px=int(self._sweep_seconds * 1000)
+                )
+            if elected:
+                signalled = await self.sweep()
+                if signalled:
+                    # Lost signals, or (rarely) replies queued while the sweep ran.
+                    logger.info("signalled {} queued replies that had no signal", signalled)
+        except StoreUnavailable:
+            self._next_sweep = 0.0  # try again at the next take
+        except RedisError as exc:  # e.g. the slot map changing under a SCAN: next period
+            logger.warning("sweep for lost job signals failed ({})", type(exc).__name__)
+
+    async def sweep(self) -> int:
+        """Signal again every conversation with a queued reply but no signal and no lease (see
+        the module's docstring); returns how many."""
+        with _guard():
+            rows: Any = await self._redis.xrange(self._key, count=_SWEEP_MAX_SIGNALS)
+        if len(rows) >= _SWEEP_MAX_SIGNALS:
+            return 0
+        signalled = {fields[b"c"].decode() for _, fields in rows}
+        pattern = self._store.queue_key("*")
+        candidates: list[str] = []
+        count = 0
+        with _guard():
+            async for key in self._redis.scan_iter(match=pattern, count=1000, _type="list"):
+                cid = conversation_of(key.decode())
+                if cid not in signalled:
+                    candidates.append(cid)
+                if len(candidates) >= _SWEEP_BATCH:
+                    count += await self._signal_unattended(candidates)
+                    candidates = []
+            count += await self._signal_unattended(candidates)
+        return count
+
+    async def _signal_unattended(self, cids: list[str]) -> int:
+        if not cids:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for cid in cids:
+            pipe.exists(self._store.lease_key(cid))
+            pipe.llen(self._store.queue_key(cid))
+        found = await pipe.execute()
+        stuck = [
+            cid
+            for cid, held, queued in zip(cids, found[::2], found[1::2], strict=True)
+            if not held and queued
+        ]
+        for cid in stuck:
+            await self._redis.xadd(self._key, {"c": cid})
+        return len(stuck)
+
     async def close(self) -> None:
-        """The store owns the connection pool."""
+        """Stop a sweep under way; the store owns the connection pool."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
