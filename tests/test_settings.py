@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"LLM_PROVIDER": "magic"}, "LLM_PROVIDER"),
         ({"ENVIRONMENT": "staging-ish"}, "ENVIRONMENT"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"REDIS_CLUSTER": True}, "REDIS_CLUSTER"),
+        ({"ANONYMOUS_RATE_LIMIT": "some"}, "ANONYMOUS_RATE_LIMIT"),
+        ({"CORS_ALLOW_CREDENTIALS": "maybe"}, "CORS_ALLOW_CREDENTIALS"),
+        ({"SENTRY_TRACES_SAMPLE_RATE": 2}, "SENTRY_TRACES_SAMPLE_RATE"),
     ],
 )
 def test_invalid_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import cast
 
-import limits
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import FixedWindowRateLimiter
 from loguru import logger
 from redis.exceptions import RedisError
 
@@ -50,6 +48,11 @@ return {n, ttl}
 """
 
 
+# The `limits` library's notation (parsed here: that library is only needed, and imported, on
+# the embedded store).
+_RATE = re.compile(r"(\d+)\s*/\s*(?:(\d+)\s*)?(second|minute|hour|day)s?")
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
 # KEYS: counter.  A refund never creates a window.
 _REFUND = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end
@@ -64,11 +67,14 @@ class Rate:
 
     @classmethod
     def parse(cls, text: str) -> Rate | None:
-        """`600/minute` → Rate(600, 60); `off` → None (the text was validated by Settings)."""
+        """`600/minute`, `10/30 seconds` → Rate; `off` → None (validated by Settings)."""
         if text.strip().lower() == "off":
             return None
-        item = limits.parse(text)
-        return cls(item.amount, item.get_expiry())
+        match = _RATE.fullmatch(text.strip().lower())
+        if match is None:
+            raise ValueError(f"not a rate: {text!r}")
+        amount, multiple, unit = match.groups()
+        return cls(int(amount), int(multiple or 1) * _UNIT_SECONDS[unit])
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,19 +165,24 @@ class RedisRateLimiter(RateLimiter):
 
 class MemoryRateLimiter(RateLimiter):
     def __init__(self) -> None:
+        from limits import RateLimitItemPerSecond
+        from limits.aio.storage import MemoryStorage
+        from limits.aio.strategies import FixedWindowRateLimiter
+
         super().__init__()
+        self._item = RateLimitItemPerSecond
         self._storage = MemoryStorage()
         self._strategy = FixedWindowRateLimiter(self._storage)
 
     async def _hit(self, scope: str, identity: str, rate: Rate) -> tuple[int, float]:
-        item = limits.RateLimitItemPerSecond(rate.amount, rate.seconds)
+        item = self._item(rate.amount, rate.seconds)
         allowed = await self._strategy.hit(item, scope, identity)
         stats = await self._strategy.get_window_stats(item, scope, identity)
         hits = rate.amount - stats.remaining if allowed else rate.amount + 1
         return hits, max(0.0, stats.reset_time - time.time())
 
     async def _refund(self, scope: str, identity: str, rate: Rate) -> None:
-        item = limits.RateLimitItemPerSecond(rate.amount, rate.seconds)
+        item = self._item(rate.amount, rate.seconds)
         key = item.key_for(scope, identity)
         if await self._storage.get(key) > 0:
             await self._storage.incr(key, rate.seconds, amount=-1)

@@ -196,6 +196,8 @@ class Settings(BaseSettings):
                 "LLM_API_KEY is required with LLM_PROVIDER=openai (or set LLM_BASE_URL for a "
                 "local OpenAI-compatible server)"
             )
+        if self.REDIS_URL is None and self.REDIS_CLUSTER:
+            raise ConfigError("REDIS_CLUSTER=true needs REDIS_URL (any one node of the cluster)")
         if self.REDIS_URL is None and self.WORKERS > 1:
             raise ConfigError(
                 "WORKERS: more than one process needs REDIS_URL (the embedded store's events "

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import sentry_sdk
-from sentry_sdk.integrations.anthropic import AnthropicIntegration
-from sentry_sdk.integrations.loguru import LoguruIntegration
-from sentry_sdk.integrations.openai import OpenAIIntegration
-from sentry_sdk.integrations.redis import RedisIntegration
-
 from conversational_core import __version__
 from conversational_core.observability.logging import redact
 from conversational_core.settings import Settings
@@ -46,9 +40,21 @@ def _no_breadcrumb(crumb: dict[str, Any], _: dict[str, Any]) -> dict[str, Any] |
     return crumb
 
 
+_enabled = False
+
+
 def configure_sentry(settings: Settings, component: str) -> None:
+    """Imported only when used: the SDK's integrations import the provider SDKs (~70 MB)."""
+    global _enabled
     if not settings.SENTRY_DSN:
         return
+    import sentry_sdk
+    from sentry_sdk.integrations.anthropic import AnthropicIntegration
+    from sentry_sdk.integrations.loguru import LoguruIntegration
+    from sentry_sdk.integrations.openai import OpenAIIntegration
+    from sentry_sdk.integrations.redis import RedisIntegration
+
+    _enabled = True
     sentry_sdk.init(
         dsn=settings.SENTRY_DSN,
         environment=settings.ENVIRONMENT.value,
@@ -87,4 +93,7 @@ def configure_sentry(settings: Settings, component: str) -> None:
 
 def report(exc: BaseException) -> None:
     """Send an error that the service answered itself (a 500 problem): a no-op without Sentry."""
-    sentry_sdk.capture_exception(exc)
+    if _enabled:
+        import sentry_sdk
+
+        sentry_sdk.capture_exception(exc)
