@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from conversational_core.errors import BadRequest, PreconditionFailed
 from conversational_core.schemas import ID_PATTERN
@@ -106,6 +108,27 @@ def fingerprint(model: BaseModel, *extra: str) -> str:
 # The hottest routes are plain Starlette endpoints (see messages/endpoints.py, HOT_ROUTES); these
 # give them FastAPI's errors: the same 400/422 problems, with `loc` starting "path", "query" or
 # "body".
+
+
+class HotEndpoint:
+    """`func(request) -> Response` as a bare ASGI app for a Starlette `Route`. Starlette wraps a
+    function endpoint in per-request closures for route-level exception handlers, which this
+    service does not use: its errors propagate to the app's ExceptionMiddleware (the same
+    handlers, the same problem+json)."""
+
+    def __init__(self, func: Callable[[Request], Awaitable[Response]]) -> None:
+        self.func = func
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.func(Request(scope, receive))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
 
 
 def invalid(exc: ValidationError, where: str) -> RequestValidationError:

@@ -9,13 +9,13 @@ path. Routes read the result with :func:`principal_of`.
 
 from __future__ import annotations
 
-from loguru import logger
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conversational_core.auth.dependencies import Principal, authenticate
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.errors import AppError, Unauthorized, problem_response
+from conversational_core.observability.logging import USER_ID
 from conversational_core.ratelimit import Limits, RateLimited
 
 PUBLIC_PREFIXES = ("/health", "/metrics", "/docs", "/openapi.json")
@@ -59,8 +59,8 @@ class AuthMiddleware:
             return
         state["principal"] = principal
         if limits.user is None:
-            with logger.contextualize(user_id=principal.user_id):
-                await self.app(scope, receive, send)
+            USER_ID.set(principal.user_id)  # (the request's own context: see EdgeMiddleware)
+            await self.app(scope, receive, send)
             return
 
         decision = await limits.limiter.hit("user", principal.user_id, limits.user)
@@ -74,8 +74,8 @@ class AuthMiddleware:
                 message["headers"] = [*message.get("headers", ()), *quota]
             await send(message)
 
-        with logger.contextualize(user_id=principal.user_id):
-            await self.app(scope, receive, send_with_quota)
+        USER_ID.set(principal.user_id)
+        await self.app(scope, receive, send_with_quota)
 
 
 async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from conversational_core.auth.middleware import principal_of
 from conversational_core.http import (
     IDEMPOTENCY_OPENAPI,
+    HotEndpoint,
     body_model,
     expected_version,
     idempotency,
@@ -81,8 +82,8 @@ async def _list_messages(request: Request, conversation_id: str) -> Response:
         before=query.before,
     )
     # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
-    body = b'{"items":' + page.items.json_array() + b',"next_cursor":'
-    body += orjson.dumps(page.next_cursor) + b"}"
+    tail = b',"next_cursor":' + orjson.dumps(page.next_cursor) + b"}"
+    body = page.items.json_array(b'{"items":', tail)
     return Response(body, media_type="application/json")
 
 
@@ -104,8 +105,16 @@ async def _list_messages_route(request: Request) -> Response:
 
 
 HOT_ROUTES = [
-    Route("/conversations/{conversation_id}/messages", _create_message_route, methods=["POST"]),
-    Route("/conversations/{conversation_id}/messages", _list_messages_route, methods=["GET"]),
+    Route(
+        "/conversations/{conversation_id}/messages",
+        HotEndpoint(_create_message_route),
+        methods=["POST"],
+    ),
+    Route(
+        "/conversations/{conversation_id}/messages",
+        HotEndpoint(_list_messages_route),
+        methods=["GET"],
+    ),
 ]
 
 

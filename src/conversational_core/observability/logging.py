@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import traceback
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -51,7 +52,19 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
-def _redact_record(record: Record) -> None:
+# The request (and its user) a line is written for: set by EdgeMiddleware and AuthMiddleware,
+# read by the patcher below. Plain context variables rather than `logger.contextualize`, which
+# copies its whole context on every request (twice a request, on the hot path).
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+USER_ID: ContextVar[str] = ContextVar("user_id", default="-")
+
+
+def _patch_record(record: Record) -> None:
+    extra = record["extra"]
+    if "request_id" not in extra:
+        extra["request_id"] = REQUEST_ID.get()
+    if "user_id" not in extra or extra["user_id"] is None:
+        extra["user_id"] = USER_ID.get()
     record["message"] = redact(record["message"])
 
 
@@ -94,7 +107,7 @@ _READABLE = (
 
 def configure_logging(settings: Settings) -> None:
     logger.remove()
-    logger.configure(extra={"request_id": "-", "user_id": "-"}, patcher=_redact_record)
+    logger.configure(patcher=_patch_record)
     if settings.is_production:
         logger.add(_json_sink, level=settings.LOG_LEVEL, backtrace=False, diagnose=False)
     else:

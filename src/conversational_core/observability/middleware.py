@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from conversational_core.errors import PROBLEM_MEDIA_TYPE, problem_body
 from conversational_core.observability import metrics
 from conversational_core.observability.errors import report
+from conversational_core.observability.logging import REQUEST_ID, USER_ID
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -210,40 +211,41 @@ class EdgeMiddleware:
 
         # Every log line written while the request runs carries its id (and, from
         # AuthMiddleware on, its user's).
-        with logger.contextualize(request_id=rid):
-            try:
-                if not self.hosts.allows(host) and not _is_probe(scope["path"]):
-                    await reject(400, "The Host header names a host this service does not serve.")
-                elif (
-                    scope["method"] in _BODY_METHODS
-                    and content_length is not None
-                    and (content_length < 0)
-                ):
-                    await reject(400, "Invalid Content-Length.")
-                elif scope["method"] in _BODY_METHODS and (content_length or 0) > limit:
-                    await reject(413, f"The request body exceeds {limit} bytes.")
-                elif (
-                    scope["method"] in _BODY_METHODS
-                    and (chunked or (content_length or 0) > 0)
-                    and not _is_json(content_type)
-                ):
-                    await reject(
-                        415, "The request body must be JSON (Content-Type: application/json)."
-                    )
-                else:
-                    await self.app(scope, limited_receive, send_with_id)
-            except BodyTooLarge as exc:
-                if not started:
-                    await reject(413, str(exc.detail))
-            except Exception as exc:
-                logger.exception("unhandled error")
-                report(exc)
-                if not started:
-                    await reject(500, "An unexpected error occurred.")
-                else:
-                    raise
-            finally:
-                self._record(scope, state, status, streaming, began)
+        request_token = REQUEST_ID.set(rid)
+        user_token = USER_ID.set("-")  # AuthMiddleware names the user
+        try:
+            if not self.hosts.allows(host) and not _is_probe(scope["path"]):
+                await reject(400, "The Host header names a host this service does not serve.")
+            elif (
+                scope["method"] in _BODY_METHODS
+                and content_length is not None
+                and (content_length < 0)
+            ):
+                await reject(400, "Invalid Content-Length.")
+            elif scope["method"] in _BODY_METHODS and (content_length or 0) > limit:
+                await reject(413, f"The request body exceeds {limit} bytes.")
+            elif (
+                scope["method"] in _BODY_METHODS
+                and (chunked or (content_length or 0) > 0)
+                and not _is_json(content_type)
+            ):
+                await reject(415, "The request body must be JSON (Content-Type: application/json).")
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        except BodyTooLarge as exc:
+            if not started:
+                await reject(413, str(exc.detail))
+        except Exception as exc:
+            logger.exception("unhandled error")
+            report(exc)
+            if not started:
+                await reject(500, "An unexpected error occurred.")
+            else:
+                raise
+        finally:
+            self._record(scope, state, status, streaming, began)
+            USER_ID.reset(user_token)
+            REQUEST_ID.reset(request_token)
 
     def _record(
         self, scope: Scope, state: dict[str, object], status: int, streaming: bool, began: float

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,13 +90,15 @@ class MessageSlice:
 
     __slots__ = ("_items", "array", "has_more", "raw", "seqs")
 
+    # `array`: the pieces of one JSON array (bytes-like), joined only once they are written.
+
     def __init__(
         self,
         items: list[Message] | None,
         seqs: list[int],
         has_more: bool,
         raw: list[bytes] | None = None,
-        array: bytes | None = None,
+        array: Sequence[bytes | memoryview] | None = None,
     ) -> None:
         if items is None and raw is None and array is None:
             raise ValueError("a slice needs items, raw documents or a JSON array")
@@ -109,18 +112,21 @@ class MessageSlice:
     def items(self) -> list[Message]:
         if self._items is None:
             if self.array is not None:
-                self._items = [Message.from_dict(doc) for doc in orjson.loads(self.array)]
+                self._items = [Message.from_dict(d) for d in orjson.loads(b"".join(self.array))]
             else:
                 assert self.raw is not None
                 self._items = [Message.from_json(doc) for doc in self.raw]
         return self._items
 
-    def json_array(self) -> bytes:
-        """The messages as one JSON array, in page order."""
+    def json_array(self, head: bytes = b"", tail: bytes = b"") -> bytes:
+        """The messages as one JSON array, in page order, between `head` and `tail` (joined in
+        one copy: a page is tens of kilobytes, and every extra concatenation copies it)."""
         if self.array is not None:
-            return self.array
-        docs = self.raw if self.raw is not None else [m.to_json() for m in self.items]
-        return b"[" + b",".join(docs) + b"]"
+            pieces: Iterable[bytes | memoryview] = self.array
+        else:
+            docs = self.raw if self.raw is not None else [m.to_json() for m in self.items]
+            pieces = (b"[", b",".join(docs), b"]")
+        return b"".join(itertools.chain((head,), pieces, (tail,)))
 
 
 class UnknownAnchor(Exception):

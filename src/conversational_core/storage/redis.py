@@ -878,12 +878,17 @@ class RedisStore(Store):
             )
             if not ids:
                 return MessageSlice([], [], bool(result[1]))
-        # The stored documents, each given back its id and conversation id, joined in one pass
-        # (a page is the hottest read: no per-message concatenation or decoding).
-        # (Iterated by map/zip in C: a Python loop over the page measured as 5% of the request.)
+        # The stored documents, each given back its id and conversation id: the pieces of the
+        # JSON array, joined once when the page is written (a page is the hottest read: no
+        # decoding, no per-message copy). Built by map/zip in C: a Python loop over the page
+        # measured as 5% of the request.
         prefix = b'","conversation_id":"' + conversation_id.encode() + b'",'
-        documents = map(b"".join, zip(ids, itertools.repeat(prefix), map(_AFTER_BRACE, docs)))
-        array = b'[{"id":"' + b',{"id":"'.join(documents) + b"]"
+        separators = itertools.chain((b'[{"id":"',), itertools.repeat(b',{"id":"'))
+        tails = map(_AFTER_BRACE, map(memoryview, docs))  # type: ignore[arg-type]  # (generic)
+        array = [
+            *itertools.chain.from_iterable(zip(separators, ids, itertools.repeat(prefix), tails)),
+            b"]",
+        ]
         # Only the edges' positions make cursors.
         edges = [int(seqs[0]), int(seqs[-1])] if len(seqs) > 1 else [int(seqs[0])]
         return MessageSlice(None, edges, bool(result[1]), array=array)
@@ -1025,7 +1030,7 @@ def conversation_of(key: str) -> str:
     return key[start : key.index("}", start)]
 
 
-_AFTER_BRACE = operator.itemgetter(slice(1, None))  # a stored document without its "{"
+_AFTER_BRACE = operator.itemgetter(slice(1, None))  # a stored document past its "{" (no copy)
 
 
 def _prefix(message_id: str | bytes, conversation_id: str) -> bytes:
