@@ -175,7 +175,12 @@ def redis_server(binary: str, workdir: Path) -> Iterator[tuple[Child, str]]:
 
 
 def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
-    """The environment of `python run.py` for the benchmark: one worker, no rate limits, quiet."""
+    """The environment of `python run.py` for the benchmark: one worker, no rate limits, no
+    access lines (the bare app has neither). To measure what they cost, BENCH_EDGES=limits
+    turns the per-user rate limit on (raised so that wrk is never refused), BENCH_EDGES=logs the
+    access line per request (LOG_LEVEL=INFO), BENCH_EDGES=on both."""
+    edges = os.environ.get("BENCH_EDGES", "")
+    logs, limits = edges in ("on", "logs"), edges in ("on", "limits")
     return {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -184,8 +189,8 @@ def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
         "PORT": str(port),
         "WORKERS": "1",
         "RELOAD": "false",
-        "LOG_LEVEL": "WARNING",
-        "RATE_LIMIT": "off",
+        "LOG_LEVEL": "INFO" if logs else "WARNING",
+        "RATE_LIMIT": "100000000/minute" if limits else "off",
         "AI_RATE_LIMIT": "off",
         "WORKER_METRICS_PORT": "0",  # several workers on one host
     }

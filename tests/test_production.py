@@ -300,6 +300,27 @@ async def test_rate_limits_per_user_ai_and_anonymous(store: Store) -> None:
     await active.events.close()
 
 
+async def test_reads_over_the_limit_are_refused_streams_too(store: Store) -> None:
+    """Reads are counted while they run (sharing their Redis round trip): over the limit the
+    answer is still a 429, for a page as for an event stream, and nothing else is sent."""
+    settings = make_settings(RATE_LIMIT="3/minute")
+    active = backend_for(store, settings)
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings, backend=active)) as http:
+        cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+        page = await http.get(f"/conversations/{cid}/messages", headers=alice)
+        assert page.status_code == 200 and page.headers["ratelimit-remaining"] == "1"
+        assert (await http.get(f"/conversations/{cid}", headers=alice)).status_code == 200
+        over = await http.get(f"/conversations/{cid}/messages", headers=alice)
+        assert over.status_code == 429 and over.headers["retry-after"]
+        assert over.json()["status"] == 429 and "items" not in over.text
+        async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
+            assert sse.status_code == 429
+            body = await sse.aread()
+        assert b"Too many requests" in body and b"connected" not in body
+    await active.events.close()
+
+
 # --- Edges ----------------------------------------------------------------------------------------
 
 

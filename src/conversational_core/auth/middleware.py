@@ -9,6 +9,8 @@ path. Routes read the result with :func:`principal_of`.
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,7 +18,7 @@ from conversational_core.auth.dependencies import Principal, authenticate
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.errors import AppError, Unauthorized, problem_response
 from conversational_core.observability.logging import USER_ID
-from conversational_core.ratelimit import Limits, RateLimited
+from conversational_core.ratelimit import Decision, Limits, RateLimited
 
 PUBLIC_PREFIXES = ("/health", "/metrics", "/docs", "/openapi.json")
 
@@ -63,19 +65,66 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
 
-        decision = await limits.limiter.hit("user", principal.user_id, limits.user)
-        if not decision.allowed:
-            await _refuse(RateLimited(decision, "requests"), scope, receive, send)
+        USER_ID.set(principal.user_id)
+        counting = limits.limiter.hit("user", principal.user_id, limits.user)
+        if scope["method"] not in _READS:
+            decision = await counting
+            if not decision.allowed:
+                await _refuse(RateLimited(decision, "requests"), scope, receive, send)
+                return
+            await self.app(scope, receive, _with_quota(send, decision))
             return
-        quota = [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
 
-        async def send_with_quota(message: Message) -> None:
+        # A read changes nothing, so it is counted while it runs rather than before: the
+        # counter's script then shares the round trip of the read's own first Redis call
+        # (storage/resp.py batches the commands of one loop turn), instead of adding one.
+        # The answer waits for the count; over the limit it is a 429 and the read's result is
+        # dropped.
+        pending = asyncio.ensure_future(counting)
+        refused = False
+
+        async def send_when_counted(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                raise _Refused()  # e.g. an event stream that would go on: end it
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *quota]
+                decision = await pending
+                if not decision.allowed:
+                    refused = True
+                    await _refuse(RateLimited(decision, "requests"), scope, receive, send)
+                    raise _Refused()
+                message["headers"] = [*message.get("headers", ()), *_quota(decision)]
             await send(message)
 
-        USER_ID.set(principal.user_id)
-        await self.app(scope, receive, send_with_quota)
+        try:
+            await self.app(scope, receive, send_when_counted)
+        except* _Refused:  # (raised through a task group by a streaming response)
+            pass
+        finally:
+            if not pending.done():
+                await pending  # counted all the same
+
+
+_READS = frozenset({"GET", "HEAD"})
+
+
+class _Refused(Exception):
+    """A read that was over the limit once it was counted: its answer was replaced by a 429."""
+
+
+def _quota(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+
+def _with_quota(send: Send, decision: Decision) -> Send:
+    quota = _quota(decision)
+
+    async def send_with_quota(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *quota]
+        await send(message)
+
+    return send_with_quota
 
 
 async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -> None:
