@@ -85,6 +85,9 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
         LLM_PROVIDER="dev",
         DEV_PROVIDER_DELAY_MS=40,
         JOB_LEASE_SECONDS=2,
+        # The load loop sends more than a user's default budget: this test is about failover.
+        RATE_LIMIT="off",
+        AI_RATE_LIMIT="off",
     )
     async with (
         serve(create_app(settings)) as base,
