@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -159,7 +159,10 @@ def query_model(request: Request, model: type[M]) -> M:
 
 async def body_model(request: Request, model: type[M]) -> M:
     """The JSON body, parsed and validated in one pydantic pass (malformed JSON: 400)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to report
+        raise BadRequest("The request body could not be read.") from None
     if not raw:
         raise RequestValidationError(
             [{"loc": ("body",), "type": "missing", "msg": "Field required"}]

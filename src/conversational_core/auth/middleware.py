@@ -10,6 +10,7 @@ path. Routes read the result with :func:`principal_of`.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,8 @@ def is_public(path: str) -> bool:
 class AuthMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Users refused recently, until their window resets: their reads are counted first.
+        self._refused: dict[str, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_public(scope["path"]):
@@ -67,9 +70,10 @@ class AuthMiddleware:
 
         USER_ID.set(principal.user_id)
         counting = limits.limiter.hit("user", principal.user_id, limits.user)
-        if scope["method"] not in _READS:
+        if scope["method"] not in _READS or self._refusing(principal.user_id):
             decision = await counting
             if not decision.allowed:
+                self._refused_until(principal.user_id, decision)
                 await _refuse(RateLimited(decision, "requests"), scope, receive, send)
                 return
             await self.app(scope, receive, _with_quota(send, decision))
@@ -79,7 +83,8 @@ class AuthMiddleware:
         # counter's script then shares the round trip of the read's own first Redis call
         # (storage/resp.py batches the commands of one loop turn), instead of adding one.
         # The answer waits for the count; over the limit it is a 429 and the read's result is
-        # dropped.
+        # dropped, and the user's next reads are counted before they run until the window
+        # resets (a refused client does not keep the store busy).
         pending = asyncio.ensure_future(counting)
         refused = False
 
@@ -91,6 +96,7 @@ class AuthMiddleware:
                 decision = await pending
                 if not decision.allowed:
                     refused = True
+                    self._refused_until(principal.user_id, decision)
                     await _refuse(RateLimited(decision, "requests"), scope, receive, send)
                     raise _Refused()
                 message["headers"] = [*message.get("headers", ()), *_quota(decision)]
@@ -102,10 +108,28 @@ class AuthMiddleware:
             pass
         finally:
             if not pending.done():
-                await pending  # counted all the same
+                await asyncio.shield(pending)  # counted all the same
+            elif not pending.cancelled():
+                pending.exception()  # retrieved (raised, if at all, by the response above)
+
+    def _refusing(self, user_id: str) -> bool:
+        until = self._refused.get(user_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._refused[user_id]
+        return False
+
+    def _refused_until(self, user_id: str, decision: Decision) -> None:
+        if len(self._refused) >= _REFUSED_MAX:  # bounded: forget the oldest refusals
+            for stale in list(self._refused)[: _REFUSED_MAX // 2]:
+                del self._refused[stale]
+        self._refused[user_id] = time.monotonic() + decision.reset_seconds
 
 
 _READS = frozenset({"GET", "HEAD"})
+_REFUSED_MAX = 10_000
 
 
 class _Refused(Exception):

@@ -869,15 +869,14 @@ class RedisStore(Store):
             return MessageSlice([], [], bool(result[1]))
         docs = await self.command("HMGET", keys[1], *ids)
         seqs = result[3::2]
+        # Only the edges' positions make cursors: those of the page as the index gave it, so
+        # that messages deleted in between are walked past, not taken for the end.
+        edges = [int(seqs[0]), int(seqs[-1])] if len(seqs) > 1 else [int(seqs[0])]
         if None in docs:  # deleted in between
             kept = [i for i, doc in enumerate(docs) if doc is not None]
-            ids, docs, seqs = (
-                [ids[i] for i in kept],
-                [docs[i] for i in kept],
-                [seqs[i] for i in kept],
-            )
+            ids, docs = [ids[i] for i in kept], [docs[i] for i in kept]
             if not ids:
-                return MessageSlice([], [], bool(result[1]))
+                return MessageSlice([], edges, bool(result[1]))
         # The stored documents, each given back its id and conversation id: the pieces of the
         # JSON array, joined once when the page is written (a page is the hottest read: no
         # decoding, no per-message copy). Built by map/zip in C: a Python loop over the page
@@ -889,8 +888,6 @@ class RedisStore(Store):
             *itertools.chain.from_iterable(zip(separators, ids, itertools.repeat(prefix), tails)),
             b"]",
         ]
-        # Only the edges' positions make cursors.
-        edges = [int(seqs[0]), int(seqs[-1])] if len(seqs) > 1 else [int(seqs[0])]
         return MessageSlice(None, edges, bool(result[1]), array=array)
 
     async def replace_message(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,10 @@ _BLOCK_MS = 5_000
 _READ_TIMEOUT = _BLOCK_MS / 1000 + 5
 _READ_COUNT = 500
 _CATCH_UP_CHUNK = 500
+# A wake-up that found the reader between snapshot and XREAD is sent again this often (a few
+# milliseconds at most: the reader is about to block).
+_UNBLOCK_TRIES = 100
+_UNBLOCK_RETRY_SECONDS = 0.002
 
 
 def _fmt(key: tuple[int, int]) -> str:
@@ -104,28 +109,48 @@ class _Reader:
         self.client_id: int | None = None
         self.unblock_queued = False
         self.unblocks: set[asyncio.Task[None]] = set()
+        # Changes of the watched set, and the latest one the blocked XREAD names.
+        self.generation = 0
+        self.snapshot = 0
         self.moved = False  # the slot map must be re-read before reconnecting
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run(), name=f"event-reader-{self.slot}")
+            # A context of its own: it serves every subscriber, not the request that started it
+            # (whose request and user ids would otherwise mark all its log lines).
+            self.task = asyncio.create_task(
+                self._run(), name=f"event-reader-{self.slot}", context=contextvars.Context()
+            )
 
     def wake(self) -> None:
         """Interrupt the blocked XREAD so that it names the streams watched now. Unblocks not
         yet sent are coalesced: one sent after every change so far serves them all."""
+        self.generation += 1
         if self.client_id is None or self.control is None or self.unblock_queued:
             return
         self.unblock_queued = True
-        task = asyncio.create_task(self._unblock(self.control, self.client_id))
+        task = asyncio.create_task(
+            self._unblock(self.control, self.client_id), context=contextvars.Context()
+        )
         self.unblocks.add(task)
         task.add_done_callback(self.unblocks.discard)
         task.add_done_callback(lambda t: t.exception())
 
     async def _unblock(self, control: aioredis.Redis, client_id: int) -> None:
         self.unblock_queued = False
-        with contextlib.suppress(RedisError, OSError):
-            await control.client_unblock(client_id)
+        # An unblock that arrives between the reader's snapshot of the watched streams and its
+        # XREAD reaching Redis finds nothing blocked: try again until the XREAD blocks (then it
+        # is interrupted) or the reader has taken a newer snapshot (then it names the change).
+        for _ in range(_UNBLOCK_TRIES):
+            try:
+                if await control.client_unblock(client_id):
+                    return
+            except (RedisError, OSError):
+                return
+            if self.snapshot >= self.generation:
+                return
+            await asyncio.sleep(_UNBLOCK_RETRY_SECONDS)
 
     async def _connect(self) -> aioredis.Redis:
         address = await self.hub.store.primary_of(
@@ -158,6 +183,7 @@ class _Reader:
                     break
                 try:
                     conn = self.conn or await self._connect()
+                    self.snapshot = self.generation
                     streams: dict[Any, Any] = {
                         self.hub.store.events_key(cid): cursor
                         for cid, cursor in self.cursors.items()
