@@ -285,7 +285,7 @@ def build_client(
     cluster: bool = False,
 ) -> RedisClient:
     """The one place a Redis client is built: explicit timeouts, bounded retry with jittered
-    backoff on connection errors and timeouts, health checks of idle connections. With
+    backoff on connection errors, health checks of idle connections. With
     `cluster`, `url` names one node of a Redis Cluster and `max_connections` is per node."""
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -316,7 +316,10 @@ def build_client(
         max_connections=max_connections,
         timeout=socket_timeout,
         retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # Not on timeouts: a script that timed out may have run, and running it again would
+        # write twice (a message appended twice). The caller gets a 503 and retries with its
+        # Idempotency-Key.
+        retry_on_error=[RedisConnectionError],
         **options,
     )
     return aioredis.Redis(connection_pool=pool)
