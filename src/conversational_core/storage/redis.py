@@ -275,6 +275,18 @@ class _Batch:
         self.pipe.execute_command(*script.command(keys, args, by_source=self._by_source))
 
 
+class _ClusterClient(RedisCluster):
+    """redis-py's cluster client, without its retry of a command that timed out: a script that
+    timed out may have run, and running it again would write twice (a message appended twice).
+    Lost connections, CLUSTERDOWN and uncovered slots (a failover) are still retried. (Its
+    pipelines read the base class's list: the store's pipelines are reads and idempotent index
+    updates, and conversation creation with an Idempotency-Key.)"""
+
+    ERRORS_ALLOW_RETRY = tuple(  # type: ignore[assignment]
+        error for error in RedisCluster.ERRORS_ALLOW_RETRY if error is not RedisTimeoutError
+    )
+
+
 def build_client(
     url: str,
     *,
@@ -301,7 +313,7 @@ def build_client(
         # The cluster client retries a command that met a lost connection, CLUSTERDOWN or an
         # uncovered slot (a failover under way) after refreshing its slot map; TRYAGAIN and
         # MOVED/ASK are followed by redis-py itself. (It uses the retry object for its count.)
-        return RedisCluster.from_url(
+        return _ClusterClient.from_url(
             url,
             max_connections=max_connections,
             # On MOVED, patch the slot map from the redirection (a failover moves a whole slot
