@@ -279,8 +279,8 @@ class _ClusterClient(RedisCluster):
     """redis-py's cluster client, without its retry of a command that timed out: a script that
     timed out may have run, and running it again would write twice (a message appended twice).
     Lost connections, CLUSTERDOWN and uncovered slots (a failover) are still retried. (Its
-    pipelines read the base class's list: the store's pipelines are reads and idempotent index
-    updates, and conversation creation with an Idempotency-Key.)"""
+    pipelines read the base class's list: the append, the hot write, is no pipeline on a
+    cluster; the pipelines left create, update and delete conversations.)"""
 
     ERRORS_ALLOW_RETRY = tuple(  # type: ignore[assignment]
         error for error in RedisCluster.ERRORS_ALLOW_RETRY if error is not RedisTimeoutError
@@ -810,18 +810,16 @@ class RedisStore(Store):
             *docs,
             *created,
         ]
-        if one_script:
+        if one_script or owner is None:
             result = await self.script(self._append, keys, args)
         else:
-
-            def build(batch: _Batch) -> None:
-                batch.script(self._append, keys, args)
-                if owner is not None:
-                    batch.pipe.zadd(
-                        self._user_index(owner), {conversation_id: score}, xx=True, gt=True
-                    )
-
-            result = (await self._run(build))[0]
+            # On a cluster the user's index is in another slot: updated at the same time, as a
+            # command of its own (not a cluster pipeline, which redis-py retries after a
+            # timeout: the script could run twice).
+            result, _ = await asyncio.gather(
+                self.script(self._append, keys, args),
+                self.command("ZADD", self._user_index(owner), "XX", "GT", score, conversation_id),
+            )
         status = result[0]
         if status == b"missing":
             raise NotFound("Conversation not found.")
