@@ -104,16 +104,18 @@ async def _list_messages_route(request: Request) -> Response:
     return await _list_messages(request, path_id(request, "conversation_id"))
 
 
+async def _messages_route(request: Request) -> Response:
+    if request.method == "POST":
+        return await _create_message_route(request)
+    return await _list_messages_route(request)
+
+
+# One route for both methods, so that a 405 on this path names them all in `Allow`.
 HOT_ROUTES = [
     Route(
         "/conversations/{conversation_id}/messages",
-        HotEndpoint(_create_message_route),
-        methods=["POST"],
-    ),
-    Route(
-        "/conversations/{conversation_id}/messages",
-        HotEndpoint(_list_messages_route),
-        methods=["GET"],
+        HotEndpoint(_messages_route),
+        methods=["GET", "POST"],
     ),
 ]
 
