@@ -63,12 +63,11 @@ class AuthMiddleware:
             await _refuse(error, scope, receive, send)
             return
         state["principal"] = principal
+        USER_ID.set(principal.user_id)  # (the request's own context: see EdgeMiddleware)
         if limits.user is None:
-            USER_ID.set(principal.user_id)  # (the request's own context: see EdgeMiddleware)
             await self.app(scope, receive, send)
             return
 
-        USER_ID.set(principal.user_id)
         counting = limits.limiter.hit("user", principal.user_id, limits.user)
         if scope["method"] not in _READS or self._refusing(principal.user_id):
             decision = await counting

@@ -8,26 +8,12 @@ import anthropic
 from anthropic import AsyncAnthropic
 
 from conversational_core.replies.providers.base import (
-    CONNECTION_ERROR,
-    TIMEOUT_ERROR,
     ChatMessage,
     CompletionRequest,
     Provider,
-    ProviderError,
     Usage,
-    error_for_status,
-    retry_after_seconds,
+    translate_sdk_error,
 )
-
-
-def _translate(exc: anthropic.AnthropicError) -> ProviderError:
-    if isinstance(exc, anthropic.APIStatusError):
-        return error_for_status(exc.status_code, retry_after_seconds(exc.response.headers))
-    if isinstance(exc, anthropic.APITimeoutError):
-        return ProviderError(TIMEOUT_ERROR, retryable=True)
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ProviderError(CONNECTION_ERROR, retryable=True)
-    return ProviderError("The AI provider sent a response that could not be read.", retryable=True)
 
 
 def _alternating(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -81,4 +67,4 @@ class AnthropicProvider(Provider):
                 final = await stream.get_final_message()
                 yield Usage(final.usage.input_tokens, final.usage.output_tokens)
         except anthropic.AnthropicError as exc:
-            raise _translate(exc) from None
+            raise translate_sdk_error(exc, anthropic) from None

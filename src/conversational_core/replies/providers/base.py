@@ -12,6 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +123,15 @@ def error_for_status(status: int, retry_after: float | None) -> ProviderError:
 
 TIMEOUT_ERROR = "The AI provider did not answer in time; please try again."
 CONNECTION_ERROR = "The AI provider could not be reached; please try again later."
+
+
+def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
+    """An error of an official provider SDK as a ProviderError. The `openai` and `anthropic`
+    SDKs come from the same generator: the same error classes, by the same names."""
+    if isinstance(exc, sdk.APIStatusError):
+        return error_for_status(exc.status_code, retry_after_seconds(exc.response.headers))
+    if isinstance(exc, sdk.APITimeoutError):
+        return ProviderError(TIMEOUT_ERROR, retryable=True)
+    if isinstance(exc, sdk.APIConnectionError):
+        return ProviderError(CONNECTION_ERROR, retryable=True)
+    return ProviderError("The AI provider sent a response that could not be read.", retryable=True)

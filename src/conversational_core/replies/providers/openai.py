@@ -10,25 +10,11 @@ import openai
 from openai import AsyncOpenAI
 
 from conversational_core.replies.providers.base import (
-    CONNECTION_ERROR,
-    TIMEOUT_ERROR,
     CompletionRequest,
     Provider,
-    ProviderError,
     Usage,
-    error_for_status,
-    retry_after_seconds,
+    translate_sdk_error,
 )
-
-
-def _translate(exc: openai.OpenAIError) -> ProviderError:
-    if isinstance(exc, openai.APIStatusError):
-        return error_for_status(exc.status_code, retry_after_seconds(exc.response.headers))
-    if isinstance(exc, openai.APITimeoutError):
-        return ProviderError(TIMEOUT_ERROR, retryable=True)
-    if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(CONNECTION_ERROR, retryable=True)
-    return ProviderError("The AI provider sent a response that could not be read.", retryable=True)
 
 
 class OpenAIProvider(Provider):
@@ -58,7 +44,7 @@ class OpenAIProvider(Provider):
                 stream_options={"include_usage": True},
             )
         except openai.OpenAIError as exc:
-            raise _translate(exc) from None
+            raise translate_sdk_error(exc, openai) from None
         try:
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -67,6 +53,6 @@ class OpenAIProvider(Provider):
                 if chunk.usage is not None:
                     yield Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         except openai.OpenAIError as exc:
-            raise _translate(exc) from None
+            raise translate_sdk_error(exc, openai) from None
         finally:
             await stream.close()
