@@ -13,9 +13,11 @@ import httpx
 import pytest
 
 from conversational_core.app import create_app
+from conversational_core.settings import Settings
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until_end, serve
+from tests.fixtures.load import Load
 from tests.fixtures.redis_cluster import RedisCluster, redis_cluster
 
 # How long requests may fail (503) once the replica has taken over, and how many must then
@@ -75,11 +77,9 @@ async def _all_message_ids(api: httpx.AsyncClient, cid: str) -> list[str]:
     return ids
 
 
-@pytest.mark.redis_restart
-async def test_manual_failover_under_load_without_restart(own_cluster: RedisCluster) -> None:
-    prefix = "failover"
-    settings = make_settings(
-        REDIS_URL=own_cluster.url,
+def _settings(cluster: RedisCluster, prefix: str) -> Settings:
+    return make_settings(
+        REDIS_URL=cluster.url,
         REDIS_CLUSTER=True,
         REDIS_KEY_PREFIX=prefix,
         LLM_PROVIDER="dev",
@@ -89,6 +89,12 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
         RATE_LIMIT="off",
         AI_RATE_LIMIT="off",
     )
+
+
+@pytest.mark.redis_restart
+async def test_manual_failover_under_load_without_restart(own_cluster: RedisCluster) -> None:
+    prefix = "failover"
+    settings = _settings(own_cluster, prefix)
     async with (
         serve(create_app(settings)) as base,
         httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=20) as api,
@@ -147,3 +153,36 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
 
         # Every acknowledged write survived (a manual failover loses none).
         assert set(load.acknowledged) <= set(await _all_message_ids(api, cid))
+
+
+@pytest.mark.redis_restart
+async def test_primary_killed_under_load(own_cluster: RedisCluster) -> None:
+    """A primary killed outright (SIGKILL): the cluster promotes its replica by itself; only
+    503s meanwhile, every request succeeds within moments of the promotion, no restart."""
+    prefix = "killed"
+    settings = _settings(own_cluster, prefix)
+    async with (
+        serve(create_app(settings)) as base,
+        httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=30) as api,
+    ):
+        cid = (await api.post("/conversations", json={"title": "kill"})).json()["id"]
+        asked = await api.post(f"/conversations/{cid}/messages", json={"content": "story " * 20})
+        assert asked.status_code == 201, asked.text
+        reply_id = asked.json()["reply_message_id"]
+        load = Load(api, cid)
+        async with load.running():
+
+            def crash() -> None:
+                own_cluster.kill_primary_of(f"{prefix}:{{{cid}}}:c")
+                load.back = time.monotonic()
+
+            await asyncio.to_thread(crash)
+        load.check()
+        # The reply that was being written completes (restarted by the worker if need be).
+        events_url = f"/conversations/{cid}/events"
+        ended = await asyncio.wait_for(
+            collect_until_end(api, events_url, {}, reply_id, after="0"), 60
+        )
+        assert ended[-1].event == "message.completed"
+        assert load.acknowledged <= await load.stored_ids()
+        assert (await api.get("/health")).status_code == 200

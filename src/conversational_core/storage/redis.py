@@ -49,8 +49,8 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -68,7 +68,8 @@ from conversational_core.storage.base import (
     encode_conversation_cursor,
 )
 from conversational_core.storage.models import Conversation, Message, Page, rfc3339_to_ms
-from conversational_core.storage.resp import ReplyError, RespClient
+from conversational_core.storage.redis_errors import reply_code, retry_after
+from conversational_core.storage.resp import RespClient
 
 # --- Lua scripts (each touches keys of one conversation only) -----------------------------------
 
@@ -337,23 +338,21 @@ def build_client(
     return aioredis.Redis(connection_pool=pool)
 
 
-# Redis is not serving (down, unreachable, or a cluster failing over): 503, retry later.
-_UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    ClusterError,  # CLUSTERDOWN, or redirections that did not settle
-    TryAgainError,
-    RedisClusterException,  # no node reachable to learn the slot map from, slot not covered
-)
-
-
 @contextlib.contextmanager
 def _guard() -> Iterator[None]:
+    """Redis cannot serve right now (see redis_errors.py, the one table): StoreUnavailable."""
     try:
         yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable() from exc
+    except Exception as exc:
+        unavailable(exc)
+        raise
+
+
+def unavailable(exc: BaseException) -> None:
+    """Raise StoreUnavailable (from `exc`) when `exc` means Redis cannot serve right now."""
+    wait = retry_after(exc)
+    if wait is not None:
+        raise StoreUnavailable(retry_after=wait) from exc
 
 
 def _conversation_from_fields(conversation_id: str, fields: Sequence[Any]) -> Conversation | None:
@@ -510,8 +509,9 @@ class RedisStore(Store):
             if self._fast is not None:
                 return await self._fast.call(*args)
             return await self._redis.execute_command(*args, **parse)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable() from exc
+        except Exception as exc:
+            unavailable(exc)
+            raise
 
     async def script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """One script call, straight on the client (a pipeline object costs more CPU than the
@@ -522,13 +522,11 @@ class RedisStore(Store):
                 if self._fast is not None:
                     return await self._fast.call(*command)
                 return await self._redis.execute_command(*command)
-            except (NoScriptError, ReplyError) as exc:
-                # (redis-py's NoScriptError drops the NOSCRIPT prefix; the fast client keeps it)
-                missing = isinstance(exc, NoScriptError) or str(exc).startswith("NOSCRIPT")
-                if attempt or not missing:
-                    raise
-            except _UNAVAILABLE as exc:  # (not _guard(): this is the hot path)
-                raise StoreUnavailable() from exc
+            except Exception as exc:  # (not _guard(): this is the hot path)
+                if not attempt and reply_code(exc) == "NOSCRIPT":
+                    continue  # a restarted server or a new primary: send the source
+                unavailable(exc)
+                raise
         raise AssertionError("unreachable")
 
     # Store ---------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 
+# After a failed connection attempt, new ones wait this long (callers fail at once meanwhile).
+_RECONNECT_PAUSE_SECONDS = 0.1
+
 
 class ReplyError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT)."""
@@ -120,6 +123,7 @@ class RespClient:
         self._slots: list[_Protocol | None] = [None] * connections
         self._locks = [asyncio.Lock() for _ in range(connections)]
         self._next = 0
+        self._down_until = 0.0
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -131,10 +135,23 @@ class RespClient:
             if proto is not None and not proto.closed:
                 return proto
             loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self._connect_timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _Protocol(self._timeout), self._host, self._port
-                )
+            if loop.time() < self._down_until:
+                # A connection failed a moment ago: fail at once rather than queue every
+                # caller behind another attempt (a frozen server takes a whole timeout each).
+                raise ConnectionError("Redis was unreachable a moment ago")
+            try:
+                return await self._open(index)
+            except BaseException:
+                self._down_until = loop.time() + _RECONNECT_PAUSE_SECONDS
+                raise
+
+    async def _open(self, index: int) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._connect_timeout):
+            _, proto = await loop.create_connection(
+                lambda: _Protocol(self._timeout), self._host, self._port
+            )
+        try:
             handshake: list[tuple[Any, ...]] = []
             if self._password is not None:
                 handshake.append(
@@ -147,8 +164,11 @@ class RespClient:
             handshake.append(("CLIENT", "SETNAME", "conversational-core-fast"))
             for command in handshake:
                 await self._send(proto, command)
-            self._slots[index] = proto
-            return proto
+        except BaseException:
+            proto.fail(ConnectionError("the connection's handshake failed"))  # closes it
+            raise
+        self._slots[index] = proto
+        return proto
 
     @staticmethod
     async def _send(proto: _Protocol, args: tuple[Any, ...]) -> Any:
