@@ -276,12 +276,18 @@ def _check_restarted_reply(
 
 
 async def _worker_stops_mid_reply(
-    llm: FakeLLM, prefix: str, sig: signal.Signals, url: str = REDIS_URL, cluster: bool = False
+    llm: FakeLLM,
+    prefix: str,
+    sig: signal.Signals,
+    url: str = REDIS_URL,
+    cluster: bool = False,
+    max_tries: int = 3,
 ) -> None:
     first = Reply([f"one{i} " for i in range(8)], hold_after=3)
     second = Reply(["second ", "attempt"])
     llm.script = [first, second]
     config = _config(llm, REDIS_URL=url, REDIS_CLUSTER=cluster, REDIS_KEY_PREFIX=prefix)
+    config["JOB_MAX_TRIES"] = max_tries
     if sig is signal.SIGTERM:
         # The held reply cannot finish within the grace time, so the worker hands it back; with
         # a lease far longer than the test's wait, only the hand-back lets the rescuer take it.
@@ -317,7 +323,15 @@ async def _worker_stops_mid_reply(
         rescuer = await _start_worker(pool, config)
         sse = await _wait_end(api, cid, reply_id)
         final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
+        if sig is signal.SIGKILL and max_tries == 1:
+            # The dead worker's attempt counted: no try is left for the rescuer.
+            assert final["status"] == "failed", final
+            assert final["error"] == "The reply could not be written after 1 attempts."
+            assert await rescuer.signal(signal.SIGTERM) == 0, rescuer.log
+            return
         assert final["status"] == "completed", final
+        # A hand-back (SIGTERM) is no try of the reply's: it completes even with one try.
+        assert final["context"].get("uncharged_attempts", 0) == (sig is signal.SIGTERM), final
         assert final["content"] == llm.text(second) == "second attempt"
         assert final["context"]["attempts"] == 2, final
         assert final["error"] is None
@@ -338,7 +352,12 @@ async def test_killed_worker_process_reply_completes_once(llm: FakeLLM, prefix: 
 
 
 async def test_gracefully_stopped_worker_hands_its_reply_over(llm: FakeLLM, prefix: str) -> None:
-    await _worker_stops_mid_reply(llm, prefix, signal.SIGTERM)
+    """With JOB_MAX_TRIES=1: the hand-back does not use up the reply's only try."""
+    await _worker_stops_mid_reply(llm, prefix, signal.SIGTERM, max_tries=1)
+
+
+async def test_a_killed_worker_uses_up_a_try(llm: FakeLLM, prefix: str) -> None:
+    await _worker_stops_mid_reply(llm, prefix, signal.SIGKILL, max_tries=1)
 
 
 async def test_stopped_worker_finishes_a_running_reply_within_its_grace_time(

@@ -58,9 +58,14 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # Message text in logs (at DEBUG): off unless switched on explicitly.
     LOG_CONTENT: bool = False
-    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The seed's defaults: a local web app may call, and only local names reach the API.
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000"]
+    )
     CORS_ALLOW_CREDENTIALS: bool = False
-    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    ALLOWED_HOSTS: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"]
+    )
     SENTRY_DSN: str | None = None
     # /docs and /openapi.json: on in development, off in production unless switched on.
     DOCS_ENABLED: bool | None = None
@@ -92,6 +97,14 @@ class Settings(BaseSettings):
     JWT_LEEWAY_SECONDS: int = Field(30, ge=0, le=600)
     JWT_JWKS_CACHE_SECONDS: int = Field(300, ge=10, le=86_400)
 
+    # The HTTP server's guard against hostile or broken clients (serving.py).
+    MAX_REQUEST_HEADER_BYTES: int = Field(32_768, ge=1_024, le=1_048_576)
+    REQUEST_HEADERS_TIMEOUT_SECONDS: float = Field(10.0, gt=0, le=600)
+    REQUEST_BODY_MIN_RATE: int = Field(1_024, ge=0, le=1_000_000_000)  # bytes/s; 0: none
+    REQUEST_BODY_GRACE_SECONDS: float = Field(5.0, ge=0, le=600)
+    KEEPALIVE_TIMEOUT_SECONDS: float = Field(5.0, gt=0, le=3_600)
+    MAX_CONNECTIONS: int = Field(16_384, ge=1, le=1_000_000)
+
     # Limits (every request body, field and page has a bound).
     MAX_BODY_BYTES: int = Field(1_048_576, ge=1_024, le=64 * 1_048_576)
     MAX_MESSAGE_CHARS: int = Field(100_000, ge=1, le=10_000_000)
@@ -103,6 +116,8 @@ class Settings(BaseSettings):
     LLM_BASE_URL: str | None = None
     LLM_API_KEY: str | None = None
     LLM_MODEL: str | None = None
+    # The name of the output limit in OpenAI-protocol requests (replies/providers/openai.py).
+    LLM_MAX_TOKENS_PARAM: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
     LLM_TIMEOUT_SECONDS: float = Field(60.0, gt=0, le=3600)
     LLM_MAX_RETRIES: int = Field(3, ge=0, le=10)
     LLM_RETRY_BASE_SECONDS: float = Field(0.5, ge=0, le=60)

@@ -21,8 +21,13 @@ _CHARS_PER_TOKEN = 3.5
 _TOKENS_PER_MESSAGE = 4
 
 
+def estimate_text_tokens(text: str) -> int:
+    return math.ceil(len(text) / _CHARS_PER_TOKEN)
+
+
 def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / _CHARS_PER_TOKEN) + _TOKENS_PER_MESSAGE
+    """A message's cost in a prompt: its text plus the framing of a message."""
+    return estimate_text_tokens(text) + _TOKENS_PER_MESSAGE
 
 
 class PromptTooLong(Exception):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -19,42 +18,79 @@ import anyio
 from fastapi import APIRouter, Header, Path, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from conversational_core import openapi
 from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
-from conversational_core.errors import BadRequest
 from conversational_core.observability import metrics
+from conversational_core.openapi import problems
+from conversational_core.replies.schemas import EVENT_DATA, EVENT_TYPES
+from conversational_core.routing import Operation
 from conversational_core.schemas import ID_PATTERN
 from conversational_core.settings import Settings
 from conversational_core.storage import events as event_types
 from conversational_core.storage.base import EventHub, SlowConsumer
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=Operation)
 
-_EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# Event ids: Redis stream ids (`1732459940361-0`) or the embedded store's numbers.
+_EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
+_RESUME = "Resume after this event id (`0`: every retained event)."
+
+openapi.register(*EVENT_DATA)
+# One event as a client's SSE parser sees it (comments and keep-alives carry none of it).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": _EVENT_ID},
+        "event": {"enum": list(EVENT_TYPES)},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [openapi.schema_ref(model) for model in EVENT_DATA]},
+        },
+        "retry": {"type": "integer"},
+    },
+}
 
 
 @router.get(
     "/conversations/{conversation_id}/events",
+    operation_id="streamEvents",
+    summary="The conversation's events, live (Server-Sent Events)",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+            "description": "Server-Sent Events: `message.*` and `conversation.*`, each with an "
+            "`id:` to resume from.",
+        },
+        **problems(404),
+    },
 )
 async def conversation_events(
     request: Request,
     conversation_id: Annotated[str, Path(pattern=ID_PATTERN)],
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_query: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", pattern=_EVENT_ID, description=_RESUME)
+    ] = None,
+    last_event_id_query: Annotated[
+        str | None,
+        Query(
+            alias="last_event_id",
+            pattern=_EVENT_ID,
+            description=_RESUME + " For clients that cannot set the header.",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     principal = principal_of(request)
     conversations: ConversationService = request.state.conversations
     await conversations.get(principal, conversation_id)  # 404 unless the caller may read it
     after = last_event_id or last_event_id_query
-    if after is not None and not _EVENT_ID.fullmatch(after.strip()):
-        raise BadRequest("Last-Event-ID is not an event id of this service.")
     settings: Settings = request.state.settings
     hub: EventHub = request.state.events
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _stream(hub, settings, conversation_id, after.strip() if after else None, shutdown),
+        _stream(hub, settings, conversation_id, after, shutdown),
         ping=settings.SSE_KEEPALIVE_SECONDS,
         shutdown_event=shutdown,
         shutdown_grace_period=1.0,

@@ -25,7 +25,11 @@ from loguru import logger
 
 from conversational_core.errors import NotFound
 from conversational_core.observability import metrics
-from conversational_core.replies.context import PromptTooLong, build_prompt
+from conversational_core.replies.context import (
+    PromptTooLong,
+    build_prompt,
+    estimate_text_tokens,
+)
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.settings import Settings
 from conversational_core.storage import events
@@ -42,6 +46,7 @@ class ReplyWriter:
         self._store = store
         self._provider = provider
         self._settings = settings
+        self._running: dict[str, int] = {}  # reply id -> the attempt this writer is writing
 
     async def write(self, conversation_id: str, reply_id: str) -> None:
         """Write (or finish) one reply; returns when it has ended or is no longer ours to write."""
@@ -51,13 +56,17 @@ class ReplyWriter:
             return
         if current.status.is_final:
             return
-        attempts = int((current.context or {}).get("attempts", 0)) + 1
-        if attempts > self._settings.JOB_MAX_TRIES:
+        previous = current.context or {}
+        attempts = int(previous.get("attempts", 0)) + 1
+        # Attempts a stopping worker handed back (SIGTERM) are not the reply's fault: only the
+        # others count against JOB_MAX_TRIES (a worker that died could not say, so its count).
+        uncharged = int(previous.get("uncharged_attempts", 0))
+        if attempts - uncharged > self._settings.JOB_MAX_TRIES:
             await self._end(
                 conversation_id,
                 current,
                 MessageStatus.FAILED,
-                error=f"The reply could not be written after {attempts - 1} attempts.",
+                error=f"The reply could not be written after {attempts - 1 - uncharged} attempts.",
             )
             return
         try:
@@ -86,6 +95,8 @@ class ReplyWriter:
             "provider": self._provider.name,
             "attempts": attempts,
         }
+        if uncharged:
+            context["uncharged_attempts"] = uncharged
         streaming = current.replace(
             status=MessageStatus.STREAMING,
             content="",
@@ -98,7 +109,39 @@ class ReplyWriter:
         )
         if stored is None:
             return  # changed meanwhile (cancelled, deleted, or another worker): not ours
-        await self._stream(conversation_id, stored, prompt.request)
+        self._running[reply_id] = attempts
+        try:
+            await self._stream(conversation_id, stored, prompt.request)
+        except asyncio.CancelledError:
+            raise  # the entry stays until the worker hands the attempt back, or forgets it
+        except BaseException:
+            self.forget(reply_id)
+            raise
+        self.forget(reply_id)
+
+    def forget(self, reply_id: str) -> None:
+        self._running.pop(reply_id, None)
+
+    async def hand_back(self, conversation_id: str, reply_id: str) -> None:
+        """The worker stops (SIGTERM) before the reply ended and hands it to another: the
+        attempt it was writing does not count against JOB_MAX_TRIES."""
+        attempt = self._running.pop(reply_id, None)
+        if attempt is None:
+            return
+        for _ in range(5):
+            try:
+                current = await self._store.get_message(conversation_id, None, reply_id)
+            except NotFound:
+                return
+            if current.status.is_final or _attempt(current) != attempt:
+                return  # ended meanwhile, or already another worker's
+            context = dict(current.context or {})
+            context["uncharged_attempts"] = int(context.get("uncharged_attempts", 0)) + 1
+            released = current.replace(context=context)
+            if await self._store.replace_message(
+                conversation_id, None, released, current, event=None
+            ):
+                return
 
     async def _stream(self, conversation_id: str, current: Message, request: Any) -> None:
         settings = self._settings
@@ -184,19 +227,26 @@ class ReplyWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
+        content = "".join(text)
+        noted: dict[str, Any] = {}
+        if usage is None:
+            # Some servers report none (llama-cpp-python's): an estimate, marked as one.
+            prompt_tokens = int((current.context or {}).get("estimated_prompt_tokens", 0))
+            usage = Usage(prompt_tokens, estimate_text_tokens(content))
+            noted["usage_estimated"] = True
         if await self._end(
             conversation_id,
             current,
             MessageStatus.COMPLETED,
-            content="".join(text),
-            usage=usage.as_dict() if usage else None,
+            content=content,
+            usage=usage.as_dict(),
+            noted=noted,
         ):
             metrics.GENERATION_DURATION.labels(provider, "completed").observe(
                 time.monotonic() - began
             )
-            if usage is not None:
-                metrics.TOKENS.labels(provider, "prompt").inc(usage.input_tokens)
-                metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
+            metrics.TOKENS.labels(provider, "prompt").inc(usage.input_tokens)
+            metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
             if self._settings.LOG_CONTENT:
                 logger.debug("reply {} text: {}", current.id, "".join(text))
 
@@ -220,6 +270,7 @@ class ReplyWriter:
         error: str | None = None,
         content: str | None = None,
         usage: dict[str, int] | None = None,
+        noted: dict[str, Any] | None = None,
     ) -> bool:
         """Finish the reply exactly once: a CAS against what this writer last stored (re-read
         when only its metadata changed meanwhile). False when someone else ended it."""
@@ -234,6 +285,7 @@ class ReplyWriter:
                 content=current.content if content is None else content,
                 error=error,
                 usage=usage,
+                context={**(current.context or {}), **noted} if noted else current.context,
                 updated_at=utcnow(),
                 version=current.version + 1,
             )

@@ -119,6 +119,7 @@ class Worker:
         me = asyncio.current_task()
         assert me is not None
         keeper = asyncio.create_task(self._keep_lease(job, token, me))
+        writing: str | None = None
         try:
             last: str | None = None
             while True:
@@ -138,8 +139,9 @@ class Worker:
                         "reply {} is still queued after a write; retrying later", reply_id
                     )
                     return
-                last = reply_id
+                last = writing = reply_id
                 await self._writer.write(cid, reply_id)
+                writing = None
             await self._jobs.ack(job)
         except StoreUnavailable:
             metrics.STORE_ERRORS.labels("worker").inc()
@@ -147,7 +149,9 @@ class Worker:
         except asyncio.CancelledError:
             if self._stopping.is_set():
                 keeper.cancel()  # its next renewal would find the lease gone and cancel us
-                await self._hand_back(job, token)
+                await self._hand_back(job, token, writing)
+            elif writing is not None:
+                self._writer.forget(writing)
             raise
         except Exception as exc:
             logger.exception("worker {}: job {} failed", self.name, job.id)
@@ -155,8 +159,10 @@ class Worker:
         finally:
             keeper.cancel()
 
-    async def _hand_back(self, job: Job, token: str) -> None:
+    async def _hand_back(self, job: Job, token: str, writing: str | None) -> None:
         try:
+            if writing is not None:
+                await self._writer.hand_back(job.conversation_id, writing)
             await self._jobs.hand_back(job, token)
             logger.info("worker {}: handed job {} back", self.name, job.id)
         except StoreUnavailable:

@@ -15,6 +15,7 @@ def build_provider(settings: Settings) -> Provider:
             api_key=settings.LLM_API_KEY,
             base_url=settings.LLM_BASE_URL,
             timeout=settings.LLM_TIMEOUT_SECONDS,
+            max_tokens_param=settings.LLM_MAX_TOKENS_PARAM,
         )
     if kind == "anthropic":
         from conversational_core.replies.providers.anthropic import AnthropicProvider

@@ -1,0 +1,177 @@
+"""What the service sends to an OpenAI-compatible server: only what is configured, in a shape every
+such server accepts; replies through llama-cpp-python's real server (a tiny model of our own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from conversational_core.app import create_app
+from conversational_core.replies.providers.openai import default_max_tokens_param
+from conversational_core.settings import Settings
+from conversational_core.storage.base import Store
+from conversational_core.storage.factory import Backend
+from tests.conftest import make_settings
+from tests.fixtures.app import auth
+from tests.fixtures.fake_llm import FakeLLM, FakeLLMServer
+from tests.fixtures.live import collect_until_end, serve
+from tests.fixtures.redis_server import free_port
+from tests.fixtures.tiny_gguf import REPLY, write_tiny_model
+
+
+@pytest.fixture
+def store(sqlite_store: Store) -> Store:
+    """The provider is what is tested here: one store is enough."""
+    return sqlite_store
+
+
+async def _reply(api: httpx.AsyncClient, content: str, **conversation: object) -> dict[str, object]:
+    cid = (await api.post("/conversations", json=conversation)).json()["id"]
+    asked = await api.post(f"/conversations/{cid}/messages", json={"content": content})
+    assert asked.status_code == 201, asked.text
+    reply_id = asked.json()["reply_message_id"]
+    events = await collect_until_end(api, f"/conversations/{cid}/events", {}, reply_id, after="0")
+    reply: dict[str, object] = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
+    deltas = "".join(
+        e.data["delta"]
+        for e in events
+        if e.event == "message.delta" and e.data["message_id"] == reply_id
+    )
+    assert deltas == reply["content"]
+    return reply
+
+
+@pytest.fixture
+async def strict_llm() -> AsyncIterator[FakeLLM]:
+    async with FakeLLMServer(FakeLLM(rejects_nulls=True)) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("param", ["auto", "max_completion_tokens"])
+async def test_requests_carry_only_what_is_configured(
+    backend: Backend, strict_llm: FakeLLM, param: str
+) -> None:
+    settings = make_settings(
+        LLM_PROVIDER="openai",
+        LLM_BASE_URL=strict_llm.url,
+        LLM_MODEL="fake-model",
+        LLM_MAX_TOKENS_PARAM=param,
+        LLM_MAX_RETRIES=0,
+    )
+    limit = "max_tokens" if param == "auto" else param  # auto: a local server knows max_tokens
+    async with (
+        serve(create_app(settings, backend=backend)) as base,
+        httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=20) as api,
+    ):
+        plain = await _reply(api, "Hello")
+        assert plain["status"] == "completed", plain
+        sent = strict_llm.requests[-1]
+        assert set(sent) == {"model", "messages", "stream", "stream_options", limit}, sent
+        assert sent[limit] == settings.LLM_MAX_OUTPUT_TOKENS
+
+        tuned = await _reply(api, "Hello", temperature=0.3, max_tokens=50, model="other")
+        assert tuned["status"] == "completed", tuned
+        sent = strict_llm.requests[-1]
+        assert set(sent) == {"model", "messages", "stream", "stream_options", limit, "temperature"}
+        assert (sent["model"], sent["temperature"], sent[limit]) == ("other", 0.3, 50)
+
+
+def test_the_output_limit_is_named_for_the_server() -> None:
+    assert default_max_tokens_param(None) == "max_completion_tokens"  # OpenAI itself
+    assert default_max_tokens_param("https://api.openai.com/v1") == "max_completion_tokens"
+    assert default_max_tokens_param("https://x.openai.azure.com/") == "max_completion_tokens"
+    for local in ("http://127.0.0.1:8080/v1", "http://localhost:11434/v1", "http://vllm:8000"):
+        assert default_max_tokens_param(local) == "max_tokens"
+
+
+# --- llama-cpp-python's OpenAI-compatible server ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m llama_cpp.server` with a tiny model written by the test (no download)."""
+    model = write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--model_alias",
+            "tiny",
+            "--chat_format",
+            "chatml",
+            "--n_ctx",
+            "2048",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # a process we spawned: polled, there is no event to await
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama_cpp.server did not start in 60 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@pytest.fixture
+def llama_settings(llama_server: str) -> Settings:
+    return make_settings(
+        LLM_PROVIDER="openai",
+        LLM_BASE_URL=llama_server,
+        LLM_MODEL="tiny",
+        LLM_CONTEXT_TOKENS=2048,
+        LLM_MAX_OUTPUT_TOKENS=64,
+        LLM_MAX_RETRIES=0,
+    )
+
+
+async def test_replies_complete_through_llama_cpp_python(
+    backend: Backend, llama_settings: Settings
+) -> None:
+    async with (
+        serve(create_app(llama_settings, backend=backend)) as base,
+        httpx.AsyncClient(base_url=base, headers=auth(llama_settings, "alice"), timeout=60) as api,
+    ):
+        # No temperature configured: before, `"temperature": null` failed every reply here.
+        first = await _reply(api, "Count for me, please.")
+        assert first["status"] == "completed", first
+        assert first["content"] == REPLY
+        # That server reports no usage: the reply carries an estimate, marked as one.
+        usage = first["usage"]
+        assert isinstance(usage, dict) and usage["output_tokens"] > 0, usage
+        context = first["context"]
+        assert isinstance(context, dict) and context["usage_estimated"] is True
+
+        tuned = await _reply(api, "Again", temperature=0.5, max_tokens=3, system_prompt="Be brief.")
+        assert tuned["status"] == "completed", tuned
+        assert tuned["content"] == " one two three"  # max_tokens reached the model
