@@ -377,6 +377,30 @@ async def test_cors_hosts_and_security_headers(store: Store) -> None:
     await active.events.close()
 
 
+async def test_default_hosts_and_cors_are_the_seeds(sqlite_store: Store) -> None:
+    settings = make_settings()
+    assert settings.ALLOWED_HOSTS == ["localhost", "127.0.0.1"]
+    assert settings.CORS_ORIGINS == ["http://localhost:3000"]
+    active = backend_for(sqlite_store, settings)
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings, backend=active)) as http:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000"):
+            answer = await http.get("/conversations", headers={**alice, "Host": host})
+            assert answer.status_code == 200, host
+        foreign = await http.get("/conversations", headers={**alice, "Host": "example.com"})
+        assert foreign.status_code == 400
+        assert foreign.json()["detail"] == (
+            "The Host header names a host this service does not serve."
+        )
+        local_app = await http.get(
+            "/conversations", headers={**alice, "Origin": "http://localhost:3000"}
+        )
+        assert local_app.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = await http.get("/conversations", headers={**alice, "Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+    await active.events.close()
+
+
 async def test_production_hides_docs_and_sends_hsts(sqlite_store: Store) -> None:
     settings = make_settings(ENVIRONMENT="production", JWT_SECRET=SECRET)
     active = backend_for(sqlite_store, settings)

@@ -40,6 +40,8 @@ def _serve(settings: Settings) -> None:
 def _run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
+    from conversational_core.serving import uvicorn_options
+
     uvicorn.run(
         "conversational_core.app:create_app",
         factory=True,
@@ -47,12 +49,9 @@ def _run_uvicorn(settings: Settings) -> None:
         port=settings.PORT,
         reload=settings.RELOAD,
         workers=None if settings.RELOAD else settings.WORKERS,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,  # Loguru takes over (observability/logging.py)
-        server_header=False,
-        access_log=False,  # one access line per request is the middleware's job
-        timeout_graceful_shutdown=30,
+        # By import path: each server process imports it and reads its limits from the settings.
+        http="conversational_core.serving:GuardedHttpToolsProtocol",
+        **uvicorn_options(settings),
     )
 
 

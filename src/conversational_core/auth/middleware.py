@@ -22,10 +22,11 @@ from conversational_core.observability.logging import USER_ID
 from conversational_core.ratelimit import Decision, Limits, RateLimited
 
 PUBLIC_PREFIXES = ("/health", "/metrics", "/docs", "/openapi.json")
+_PUBLIC_SUBPATHS = tuple(prefix + "/" for prefix in PUBLIC_PREFIXES)
 
 
 def is_public(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in PUBLIC_PREFIXES)
+    return path in PUBLIC_PREFIXES or path.startswith(_PUBLIC_SUBPATHS)
 
 
 class AuthMiddleware:

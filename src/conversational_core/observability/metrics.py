@@ -96,6 +96,17 @@ RATE_LIMITER_ERRORS = Counter(
     f"{_NS}_rate_limiter_errors_total",
     "Rate-limit checks skipped because the limiter's store was unreachable (the request passed).",
 )
+OPEN_CONNECTIONS = Gauge(
+    f"{_NS}_open_connections",
+    "Open client connections (HTTP), sampled every second.",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_REFUSED = Counter(
+    f"{_NS}_connections_refused_total",
+    "Connections refused or cut off by the server's guard, by reason (max_connections, "
+    "header_too_large, header_timeout, body_too_slow).",
+    ["reason"],
+)
 
 # Every name the service exports (the Grafana dashboard is checked against it).
 METRIC_NAMES = tuple(
@@ -115,6 +126,8 @@ METRIC_NAMES = tuple(
         STORE_ERRORS,
         RATE_LIMITED,
         RATE_LIMITER_ERRORS,
+        OPEN_CONNECTIONS,
+        CONNECTIONS_REFUSED,
     )
 )
 

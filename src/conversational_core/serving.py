@@ -1,0 +1,341 @@
+"""The HTTP server: uvicorn (uvloop + httptools) with a guard against hostile and broken clients.
+
+A service that faces the internet must not let one client hold memory or connections for
+nothing. uvicorn with httptools reads any header size into memory (16 MB headers are answered
+200), waits forever for the headers or the body of a request that trickles in, leaves a
+connection that never sends a byte open, and has no cap on open connections (its
+`limit_concurrency` answers plain-text 503s to requests, and counts running tasks too). None of
+that can be fixed in ASGI middleware: by the time the app is called the headers are parsed and
+in memory. So this module subclasses uvicorn's httptools protocol (pinned version: it relies on
+the protocol's callbacks, which are uvicorn's documented extension point for `--http`):
+
+- **Header size** (`MAX_REQUEST_HEADER_BYTES`): the request line and headers are counted as
+  they arrive and the parser is never fed past the limit: 431 problem, connection closed.
+- **Header deadline** (`REQUEST_HEADERS_TIMEOUT_SECONDS`): from a request's first byte to the
+  end of its headers: 408 problem, connection closed.
+- **Body rate** (`REQUEST_BODY_MIN_RATE` bytes/s after `REQUEST_BODY_GRACE_SECONDS`): a body
+  that arrives slower than that on average (while the app is reading it) is cut off: 408.
+- **Idle connections** (`KEEPALIVE_TIMEOUT_SECONDS`): a new connection must send its first byte
+  within it, and uvicorn closes a keep-alive connection idle that long after a response.
+- **Open connections** (`MAX_CONNECTIONS` per process, lowered to what the open-file limit
+  allows): one more is answered 503 problem with `Retry-After` and closed.
+
+Refusals are written straight to the socket (problem+json, `Connection: close`) and followed by
+a lingering close: the server stops reading into memory but drains and discards what the client
+is still sending for a moment, so that the client reads the refusal instead of a reset.
+
+Deadlines are checked by one timer per process each second, not one per request: the request
+path only records a timestamp. A deadline therefore fires within a second after it is due.
+
+What it costs is measured by `make bench` (the figures in the README are with the guard on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from loguru import logger
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from conversational_core.observability import metrics
+from conversational_core.settings import Settings, load_settings
+
+# Descriptors kept free for everything but client connections (Redis, files, the provider).
+_RESERVED_FDS = 256
+_SWEEP_SECONDS = 1.0
+_LINGER_SECONDS = 2.0
+_LINGER_MAX_BYTES = 64 * 1024 * 1024
+
+# Connection phases.
+_NEW = 0  # accepted, no byte yet
+_HEAD = 1  # reading a request's line and headers
+_BODY = 2  # headers done, reading the body (or the request had none)
+_WAIT = 3  # the request is in; the app answers (any length of time: streams)
+_DONE = 4  # refused: draining what the client still sends, then closing
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_header_bytes: int
+    headers_timeout: float
+    body_min_rate: int  # bytes/s; 0: no minimum
+    body_grace: float
+    idle_timeout: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            max_header_bytes=settings.MAX_REQUEST_HEADER_BYTES,
+            headers_timeout=settings.REQUEST_HEADERS_TIMEOUT_SECONDS,
+            body_min_rate=settings.REQUEST_BODY_MIN_RATE,
+            body_grace=settings.REQUEST_BODY_GRACE_SECONDS,
+            idle_timeout=settings.KEEPALIVE_TIMEOUT_SECONDS,
+            max_connections=connection_cap(settings.MAX_CONNECTIONS),
+        )
+
+
+def connection_cap(configured: int) -> int:
+    """MAX_CONNECTIONS, lowered to what the process may open. The soft open-file limit is first
+    raised to the hard one (as nginx's worker_rlimit_nofile does): a default soft limit of 1024
+    would otherwise refuse connections with EMFILE at accept, which clients see as a hang."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = configured + _RESERVED_FDS if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+            soft = max(soft, target)
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    allowed = max(1, soft - _RESERVED_FDS)
+    if allowed < configured:
+        logger.warning(
+            "MAX_CONNECTIONS={} exceeds what the open-file limit allows; using {}",
+            configured,
+            allowed,
+        )
+    return min(configured, allowed)
+
+
+def _problem(status: int, reason: bytes, detail: str, extra: bytes = b"") -> bytes:
+    body = orjson.dumps(
+        {
+            "type": f"https://conversational-core.dev/problems/http-{status}",
+            "title": reason.decode(),
+            "status": status,
+            "detail": detail,
+        }
+    )
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n%s\r\n" % (status, reason, len(body), extra)
+    ) + body
+
+
+_TOO_MANY = _problem(
+    503,
+    b"Service Unavailable",
+    "This server has too many open connections; retry shortly.",
+    b"retry-after: 1\r\n",
+)
+_HEADERS_SLOW = _problem(408, b"Request Timeout", "The request headers did not arrive in time.")
+_BODY_SLOW = _problem(408, b"Request Timeout", "The request body arrived too slowly.")
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (see the module docstring)."""
+
+    limits: ClassVar[ConnectionLimits | None] = None  # None: read from the environment
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._limits = self._resolve_limits()
+        self._phase = _NEW
+        self._since = 0.0  # when the current phase began
+        self._head_bytes = 0
+        self._body_bytes = 0
+
+    @classmethod
+    def _resolve_limits(cls) -> ConnectionLimits:
+        if cls.limits is None:
+            # `python run.py` names this class by its import path (each server process imports
+            # it anew): the settings are read once per process, as the app factory reads them.
+            cls.limits = ConnectionLimits.from_settings(load_settings())
+        return cls.limits
+
+    # Connection --------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self._limits.max_connections:
+            self.transport = transport
+            metrics.CONNECTIONS_REFUSED.labels("max_connections").inc()
+            self._refuse(_TOO_MANY)
+            return
+        super().connection_made(transport)
+        self._since = self.loop.time()
+        _Sweeper.watch(self)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == _DONE:  # refused: drain and discard
+            self._body_bytes += len(data)
+            if self._body_bytes > _LINGER_MAX_BYTES:
+                self.transport.close()
+            return
+        if phase == _BODY:
+            self._body_bytes += len(data)
+        elif phase <= _HEAD:  # _NEW or _HEAD
+            if phase == _NEW:
+                self._phase = _HEAD
+                self._since = self.loop.time()
+            room = self._limits.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                # Never parse (and so hold) more than the limit of request line and headers.
+                self._head_bytes += room
+                super().data_received(data[:room])
+                if self._phase == _HEAD and not self.transport.is_closing():
+                    metrics.CONNECTIONS_REFUSED.labels("header_too_large").inc()
+                    self._reject(431, b"Request Header Fields Too Large")
+                    return
+                data = data[room:]
+            else:
+                self._head_bytes += len(data)
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        self._since = self.loop.time()
+        self._head_bytes = 0
+        self._body_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._phase == _BODY:
+            # Answered before its body was in (e.g. a 401): idle once the body has arrived.
+            answered = self.cycle is not None and self.cycle.response_complete
+            self._phase = _NEW if answered else _WAIT
+            self._since = self.loop.time()
+
+    def on_response_complete(self) -> None:
+        # (With pipelined requests `cycle` is the newest one: still running, nothing changes.)
+        if self._phase == _WAIT and self.cycle is not None and self.cycle.response_complete:
+            self._phase = _NEW  # idle (uvicorn's keep-alive timer watches it too)
+            self._since = self.loop.time()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _Sweeper.forget(self)
+        super().connection_lost(exc)
+
+    # Deadlines (checked by the sweeper) ---------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        phase, limits = self._phase, self._limits
+        if phase == _NEW:
+            # A fresh connection silent too long, or a keep-alive one (uvicorn's timer does
+            # that too; whichever comes first closes it).
+            if now - self._since > limits.idle_timeout and not self.transport.is_closing():
+                self.transport.close()
+        elif phase == _HEAD:
+            if now - self._since > limits.headers_timeout:
+                metrics.CONNECTIONS_REFUSED.labels("header_timeout").inc()
+                self._refuse(_HEADERS_SLOW)
+        elif phase == _BODY and limits.body_min_rate:
+            if self.flow.read_paused:  # the app is not reading: not the client's fault
+                self._since, self._body_bytes = now, 0
+                return
+            late = now - self._since - limits.body_grace
+            if late > 0 and self._body_bytes < limits.body_min_rate * late:
+                metrics.CONNECTIONS_REFUSED.labels("body_too_slow").inc()
+                self._refuse(_BODY_SLOW)
+        elif phase == _DONE and now - self._since > _LINGER_SECONDS:
+            self.transport.close()
+
+    # Refusals ---------------------------------------------------------------------------------
+
+    def _reject(self, status: int, reason: bytes) -> None:
+        detail = (
+            f"The request line and headers exceed {self._limits.max_header_bytes} bytes."
+            if status == 431
+            else reason.decode()
+        )
+        self._refuse(_problem(status, reason, detail))
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer `response` (unless the app already began answering: then just close), stop
+        the request, and close after draining what the client still sends."""
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started
+        if cycle is not None:
+            cycle.disconnected = True  # the app's receive() now returns http.disconnect
+            cycle.message_event.set()
+        self._phase = _DONE
+        self._since = self.loop.time()
+        self._body_bytes = 0
+        transport = self.transport
+        if started or transport.is_closing():
+            transport.close()
+            return
+        transport.write(response)
+        if self.flow is not None:
+            self.flow.resume_reading()
+        else:
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()  # the client sees the end; eof_received then closes
+        _Sweeper.watch(self)
+
+
+class _Sweeper:
+    """One timer per event loop that checks every guarded connection's deadline each second."""
+
+    _loops: ClassVar[dict[asyncio.AbstractEventLoop, _Sweeper]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.protocols: set[GuardedHttpToolsProtocol] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def forget(cls, protocol: GuardedHttpToolsProtocol) -> None:
+        sweeper = cls._loops.get(protocol.loop)
+        if sweeper is not None:
+            sweeper.protocols.discard(protocol)
+
+    @classmethod
+    def watch(cls, protocol: GuardedHttpToolsProtocol) -> None:
+        sweeper = cls._loops.get(protocol.loop)
+        if sweeper is None:
+            sweeper = cls._loops[protocol.loop] = _Sweeper(protocol.loop)
+        sweeper.protocols.add(protocol)
+        if sweeper.handle is None:
+            sweeper.handle = sweeper.loop.call_later(_SWEEP_SECONDS, sweeper.sweep)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for protocol in list(self.protocols):
+            try:
+                protocol.check(now)
+            except Exception:  # one broken connection must not stop the others' deadlines
+                logger.exception("connection guard check failed")
+                self.protocols.discard(protocol)
+                protocol.transport.close()
+        metrics.OPEN_CONNECTIONS.set(len(self.protocols))
+        if self.protocols:
+            self.handle = self.loop.call_later(_SWEEP_SECONDS, self.sweep)
+        else:
+            self.handle = None
+            self._loops.pop(self.loop, None)
+
+
+def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:
+    """The guarded protocol bound to `settings` (tests and in-process servers)."""
+    limits = ConnectionLimits.from_settings(settings)
+    return type("BoundGuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What every server of this service runs with (`run.py`, tests, benchmarks)."""
+    return {
+        "loop": "uvloop",
+        "timeout_keep_alive": settings.KEEPALIVE_TIMEOUT_SECONDS,
+        "server_header": False,
+        "log_config": None,  # Loguru takes over (observability/logging.py)
+        "access_log": False,  # one access line per request is the middleware's job
+        "timeout_graceful_shutdown": 30,
+    }

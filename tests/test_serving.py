@@ -1,0 +1,237 @@
+"""Hostile and broken clients against `python run.py` (a real server process): huge headers,
+trickled headers and bodies, idle connections, too many connections. Each costs the service
+nothing and it stays healthy throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import make_settings
+from tests.fixtures.app import auth
+from tests.fixtures.server import Service, start_service
+
+_GUARD = {
+    "MAX_REQUEST_HEADER_BYTES": "32768",
+    "REQUEST_HEADERS_TIMEOUT_SECONDS": "2",
+    "REQUEST_BODY_MIN_RATE": "1024",
+    "REQUEST_BODY_GRACE_SECONDS": "2",
+    "KEEPALIVE_TIMEOUT_SECONDS": "1",
+    "LOG_LEVEL": "WARNING",
+}
+
+
+@contextlib.contextmanager
+def _service(tmp_path: Path, **env: str) -> Iterator[Service]:
+    settings = {"REDIS_URL": "", "DATA_DIR": str(tmp_path / "data"), **_GUARD, **env}
+    settings["LOG_LEVEL"] = "INFO"  # the start-up line is the event start_service waits for
+    with start_service(settings) as service:
+        yield service
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _port(service: Service) -> int:
+    return int(service.url.rsplit(":", 1)[1])
+
+
+@contextlib.asynccontextmanager
+async def _connection(
+    service: Service,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(service))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _parse(raw: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return status, {k.lower(): v for k, v in headers.items()}, orjson.loads(body)
+
+
+class _Health:
+    """Asks /health/live over and over while a test runs: the service stays healthy."""
+
+    def __init__(self, service: Service) -> None:
+        self.url = service.url + "/health/live"
+        self.answers: list[tuple[int, float]] = []  # (status, seconds)
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            while not self._stop.is_set():
+                began = time.perf_counter()
+                response = await client.get(self.url)
+                self.answers.append((response.status_code, time.perf_counter() - began))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.1)
+
+    def check(self) -> None:
+        self._stop.set()
+        assert self.answers, "the health loop never ran"
+        assert all(status == 200 for status, _ in self.answers), self.answers
+        assert max(seconds for _, seconds in self.answers) < 1.0, self.answers
+
+
+@contextlib.asynccontextmanager
+async def _healthy_throughout(service: Service) -> AsyncIterator[None]:
+    health = _Health(service)
+    task = asyncio.create_task(health.run())
+    try:
+        yield
+    except BaseException:
+        task.cancel()
+        raise
+    await asyncio.sleep(0)  # (a body that never awaited still gives the loop one turn)
+    health.check()
+    await task
+
+
+async def test_a_16_mb_header_is_refused_431_at_once_without_growing_the_process(
+    tmp_path: Path,
+) -> None:
+    with _service(tmp_path) as service:
+        async with _healthy_throughout(service):
+            before = _rss_kb(service.proc.pid)
+            for _ in range(3):
+                async with _connection(service) as (reader, writer):
+                    began = time.perf_counter()
+                    writer.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nX-Big: ")
+                    writer.write(b"a" * (16 * 1024 * 1024))  # buffered: sent while we read
+                    raw = await asyncio.wait_for(reader.read(), 5)
+                    elapsed = time.perf_counter() - began
+                status, headers, body = _parse(raw)
+                assert status == 431 and elapsed < 1.0, (status, elapsed)
+                assert headers["content-type"] == "application/problem+json"
+                assert headers["connection"] == "close"
+                assert body["status"] == 431 and "32768" in str(body["detail"])
+            after = _rss_kb(service.proc.pid)
+        # Three 16 MB headers later the process holds what it held (within allocator noise).
+        assert after - before < 4 * 1024, (before, after)
+
+
+async def _trickle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, byte: bytes
+) -> tuple[bytes, float, int]:
+    """Send `byte` once a second (at most ten times) until the server has answered and closed;
+    what it answered, after how long, and how many bytes were sent."""
+    began = time.perf_counter()
+    raw = b""
+    sent = 0
+    while sent < 10 and not reader.at_eof():
+        writer.write(byte)
+        sent += 1
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # (a cancelled read loses nothing it had not read)
+                while chunk := await reader.read(65536):
+                    raw += chunk
+    return raw, time.perf_counter() - began, sent
+
+
+async def test_headers_that_trickle_are_cut_off_at_the_deadline(tmp_path: Path) -> None:
+    with _service(tmp_path) as service:
+        async with _healthy_throughout(service), _connection(service) as (reader, writer):
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n")
+            raw, elapsed, _ = await _trickle(reader, writer, b"X")  # one header byte a second
+        status, _, body = _parse(raw)
+        assert status == 408 and body["detail"] == "The request headers did not arrive in time."
+        # REQUEST_HEADERS_TIMEOUT_SECONDS=2, checked every second.
+        assert 2.0 <= elapsed < 4.0, elapsed
+
+
+async def test_a_body_trickling_at_one_byte_a_second_is_cut_off(tmp_path: Path) -> None:
+    with _service(tmp_path) as service:
+        async with _healthy_throughout(service), _connection(service) as (reader, writer):
+            token = auth(make_settings(), "alice")["Authorization"].encode()
+            writer.write(
+                b"POST /conversations HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+                + token
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            )
+            raw, elapsed, sent = await _trickle(reader, writer, b" ")  # 1 byte/s
+        status, _, body = _parse(raw)
+        assert status == 408 and body["detail"] == "The request body arrived too slowly."
+        # REQUEST_BODY_GRACE_SECONDS=2, then at least 1024 bytes/s on average: cut off in the
+        # first check after the grace time (checks run every second).
+        assert 2.0 <= elapsed < 4.5 and sent < 6, (elapsed, sent)
+
+
+async def test_idle_connections_are_closed_after_the_keepalive_timeout(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    with _service(tmp_path) as service:
+        async with _healthy_throughout(service):
+            connections = []
+            for _ in range(2000):
+                connections.append(await asyncio.open_connection("127.0.0.1", _port(service)))
+            # One that asked something first, then fell idle.
+            reader, writer = await asyncio.open_connection("127.0.0.1", _port(service))
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            connections.append((reader, writer))
+            opened = time.perf_counter()
+
+            async def closed_by_server(reader: asyncio.StreamReader) -> float:
+                await reader.read()  # b"" at EOF: the server closed it
+                return time.perf_counter() - opened
+
+            async with asyncio.timeout(10):
+                waited = await asyncio.gather(*(closed_by_server(r) for r, _ in connections))
+            for _, writer in connections:
+                writer.close()
+        # KEEPALIVE_TIMEOUT_SECONDS=1, checked every second.
+        assert max(waited) < 3.5, max(waited)
+
+
+async def test_connections_over_the_cap_are_refused_cleanly(tmp_path: Path) -> None:
+    with _service(tmp_path, MAX_CONNECTIONS="40", KEEPALIVE_TIMEOUT_SECONDS="30") as service:
+        held = [await asyncio.open_connection("127.0.0.1", _port(service)) for _ in range(40)]
+        async with _connection(service) as (reader, writer):
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            status, headers, body = _parse(await asyncio.wait_for(reader.read(), 5))
+        assert status == 503 and headers["retry-after"] == "1", (status, headers)
+        assert body["detail"] == "This server has too many open connections; retry shortly."
+        for _, writer in held[:5]:
+            writer.close()
+            await writer.wait_closed()
+        # With connections free again, the service answers.
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(50):  # until the server has seen the closes
+                response = await client.get(service.url + "/health/live")
+                if response.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+        assert response.status_code == 200
+        for _, writer in held[5:]:
+            writer.close()
+
+
+@pytest.mark.parametrize("size", [30_000, 40_000])
+async def test_headers_within_the_limit_pass(tmp_path: Path, size: int) -> None:
+    with _service(tmp_path) as service:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(
+                service.url + "/health/live", headers={"X-Filler": "a" * size}
+            )
+    assert response.status_code == (200 if size < 32_768 - 200 else 431)
