@@ -8,20 +8,18 @@ import contextlib
 import gc
 import os
 from collections.abc import AsyncIterator
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from fastapi import FastAPI
 from loguru import logger
-from starlette.middleware.cors import CORSMiddleware
 
-from conversational_core import __version__
+from conversational_core import __version__, openapi, routing
 from conversational_core.auth.middleware import AuthMiddleware
 from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.conversations.endpoints import router as conversations_router
 from conversational_core.conversations.service import ConversationService
 from conversational_core.errors import install_error_handlers
 from conversational_core.health import router as health_router
-from conversational_core.messages.endpoints import HOT_ROUTES
 from conversational_core.messages.endpoints import router as messages_router
 from conversational_core.messages.service import MessageService
 from conversational_core.observability import metrics
@@ -57,7 +55,7 @@ CORS_RESPONSE_HEADERS = [
 ]
 
 
-# Routers are matched in order: the hottest routes first.
+# Routes are matched in order: the hottest first (the messages list and append).
 _ROUTERS = (messages_router, conversations_router, replies_router, health_router)
 
 
@@ -125,54 +123,30 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    app.router.routes.extend(HOT_ROUTES)
-    for router in _ROUTERS:
-        app.include_router(router)
-    # Outermost last: EdgeMiddleware (hosts, request id, limits, metrics, access line) wraps
-    # CORS (so that a preflight needs no token and a 401 is readable by the page), which wraps
-    # AuthMiddleware.
+    routes = [route for router in _ROUTERS for route in router.routes]
+    routing.install(app, routes)
+    openapi.install(app, settings)
+    # Outermost last: EdgeMiddleware (hosts, request id, limits, CORS for CORS_ORIGINS, metrics,
+    # access line) wraps AuthMiddleware, so that a preflight needs no token and a 401 is
+    # readable by the page.
     app.add_middleware(AuthMiddleware)
+    cors = None
     if settings.CORS_ORIGINS:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.CORS_ORIGINS,
-            allow_credentials=settings.CORS_ALLOW_CREDENTIALS,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=CORS_REQUEST_HEADERS,
-            expose_headers=CORS_RESPONSE_HEADERS,
-            max_age=600,
-        )
+        cors = {
+            "allow_origins": settings.CORS_ORIGINS,
+            "allow_credentials": settings.CORS_ALLOW_CREDENTIALS,
+            "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"],
+            "allow_headers": CORS_REQUEST_HEADERS,
+            "expose_headers": CORS_RESPONSE_HEADERS,
+            "max_age": 600,
+        }
     app.add_middleware(
         EdgeMiddleware,
         max_body_bytes=settings.MAX_BODY_BYTES,
         allowed_hosts=settings.ALLOWED_HOSTS,
         production=settings.is_production,
         access_log=logger.level(settings.LOG_LEVEL).no <= logger.level("INFO").no,
-        # The routes themselves (FastAPI wraps included routers in matchers of its own).
-        routes=[*HOT_ROUTES, *(route for router in _ROUTERS for route in router.routes)],
+        cors=cors,
+        routes=routes,
     )
-    _declare_bearer_auth(app)
     return app
-
-
-def _declare_bearer_auth(app: FastAPI) -> None:
-    """Every operation but the operational ones needs a bearer JWT (the "Authorize" button of
-    /docs). Declared here because the auth dependency reads the header itself."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-        }
-        for path, operations in schema.get("paths", {}).items():
-            if path.startswith("/health"):
-                continue
-            for operation in operations.values():
-                operation["security"] = [{"bearerAuth": []}]
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -23,15 +24,38 @@ _TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+class FieldProblem(BaseModel):
+    """One invalid field: where it is (`["body", "content"]`), what kind of problem, a message.
+    The rejected value itself is never echoed."""
+
+    loc: list[str]
+    type: str
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error of this service, validation errors included."""
+
+    type: str = Field(description="A URI naming the kind of problem.")
+    title: str = Field(description="The HTTP status's reason phrase.")
+    status: int
+    detail: str = Field(description="What went wrong, written for the client.")
+    errors: list[FieldProblem] | None = Field(
+        None, description="The fields at fault (400 for malformed JSON, 422)."
+    )
 
 
 class AppError(Exception):
@@ -105,8 +129,10 @@ class StoreUnavailable(AppError):
 
     status, code = 503, "store-unavailable"
 
-    def __init__(self, detail: str = "The store is unavailable; retry shortly.") -> None:
-        super().__init__(detail, headers={"Retry-After": "2"})
+    def __init__(
+        self, detail: str = "The store is unavailable; retry shortly.", *, retry_after: int = 2
+    ) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 def problem_body(

@@ -13,17 +13,46 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from sse_starlette.sse import AppStatus
 from starlette.responses import Response
 
 from conversational_core.errors import StoreUnavailable
 from conversational_core.http import json_response
 from conversational_core.observability import metrics
+from conversational_core.routing import Operation
 from conversational_core.storage.base import JobQueue, Store
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=Operation)
+
+
+class Check(BaseModel):
+    status: Literal["ok", "unavailable"]
+    backend: str | None = None
+    latency_ms: float | None = None
+    jobs: int | None = None
+    oldest_job_age_seconds: float | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable", "draining"]
+    checks: dict[str, Check]
+
+
+class Alive(BaseModel):
+    status: Literal["ok"]
+
+
+_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "A dependency is down, or the process is draining: route elsewhere.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HealthOut"}}},
+    }
+}
 
 _CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -63,7 +92,13 @@ def draining() -> bool:
     return bool(getattr(server, "should_exit", False))
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    operation_id="getHealth",
+    summary="Each dependency's state",
+    response_model=HealthOut,
+    responses=_HEALTH_RESPONSES,
+)
 async def health(request: Request) -> Response:
     store, queue = await asyncio.gather(
         check_store(request.state.store), check_queue(request.state.jobs)
@@ -79,12 +114,23 @@ async def health(request: Request) -> Response:
     return json_response(body, 503, {"Retry-After": "2"})
 
 
-@router.get("/health/ready")
+@router.get(
+    "/health/ready",
+    operation_id="getReadiness",
+    summary="Whether to route traffic here",
+    response_model=HealthOut,
+    responses=_HEALTH_RESPONSES,
+)
 async def ready(request: Request) -> Response:
     return await health(request)
 
 
-@router.get("/health/live")
+@router.get(
+    "/health/live",
+    operation_id="getLiveness",
+    summary="Whether the process answers",
+    response_model=Alive,
+)
 async def live() -> Response:
     return json_response({"status": "ok"})
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
 
 METADATA_MAX_KEYS = 16
 METADATA_MAX_KEY_CHARS = 64
 METADATA_MAX_VALUE_CHARS = 512
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what JSON encoders (orjson) and clients can hold
 
 MetadataValue = str | int | float | bool | None
 
@@ -19,6 +21,10 @@ def _check_metadata(value: dict[str, MetadataValue]) -> dict[str, MetadataValue]
     for key, item in value.items():
         if not key or len(key) > METADATA_MAX_KEY_CHARS:
             raise ValueError(f"keys must have 1-{METADATA_MAX_KEY_CHARS} characters")
+        if isinstance(item, int) and not INT64_MIN <= item <= INT64_MAX:
+            raise ValueError("integers must fit in 64 bits")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite")
         if isinstance(item, str) and len(item) > METADATA_MAX_VALUE_CHARS:
             raise ValueError(
                 f"string values must have at most {METADATA_MAX_VALUE_CHARS} characters"
@@ -26,14 +32,37 @@ def _check_metadata(value: dict[str, MetadataValue]) -> dict[str, MetadataValue]
     return value
 
 
+_METADATA_SCHEMA = {
+    "type": "object",
+    "description": f"A flat JSON object: at most {METADATA_MAX_KEYS} keys of 1-"
+    f"{METADATA_MAX_KEY_CHARS} characters; values are strings (at most "
+    f"{METADATA_MAX_VALUE_CHARS} characters), 64-bit integers, numbers, booleans or null.",
+    "maxProperties": METADATA_MAX_KEYS,
+    "propertyNames": {"minLength": 1, "maxLength": METADATA_MAX_KEY_CHARS},
+    "additionalProperties": {
+        "anyOf": [
+            {"type": "string", "maxLength": METADATA_MAX_VALUE_CHARS},
+            {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+            {"type": "number"},
+            {"type": "boolean"},
+            {"type": "null"},
+        ]
+    },
+}
+
 # A flat JSON object: up to 16 keys, values are strings (<= 512 chars), numbers, booleans or null.
-Metadata = Annotated[dict[str, MetadataValue], AfterValidator(_check_metadata)]
+Metadata = Annotated[
+    dict[str, MetadataValue], AfterValidator(_check_metadata), WithJsonSchema(_METADATA_SCHEMA)
+]
+# As answers carry it.
+MetadataOut = Annotated[dict[str, MetadataValue], WithJsonSchema({"type": "object"})]
 
 
 class StrictModel(BaseModel):
-    """Request bodies: unknown fields are an error (a typo must not pass silently)."""
+    """Request bodies: unknown fields are an error (a typo must not pass silently); no NaN or
+    infinity (JSON has neither)."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
 
 
 # Ids in paths: what this service issues (UUIDs); anything else cannot exist.

@@ -11,21 +11,29 @@ from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.schemas import (
     ConversationCreate,
     ConversationList,
+    ConversationListQuery,
     ConversationOut,
     ConversationUpdate,
 )
 from conversational_core.conversations.service import ConversationService
 from conversational_core.http import (
+    ETAG_HEADER,
     IDEMPOTENCY_OPENAPI,
+    IF_MATCH,
+    LOCATION_HEADER,
+    REPLAYED_HEADER,
     expected_version,
     idempotency,
     json_response,
 )
+from conversational_core.openapi import problems, success
+from conversational_core.routing import Operation
 from conversational_core.schemas import ID_PATTERN
 
-router = APIRouter(prefix="/conversations", tags=["conversations"])
+router = APIRouter(prefix="/conversations", tags=["conversations"], route_class=Operation)
 
 ConversationId = Annotated[str, Path(pattern=ID_PATTERN)]
+_ONE = success(200, "The conversation.", ETAG_HEADER)
 
 
 def _service(request: Request) -> ConversationService:
@@ -33,7 +41,15 @@ def _service(request: Request) -> ConversationService:
     return service
 
 
-@router.post("", status_code=201, response_model=ConversationOut, openapi_extra=IDEMPOTENCY_OPENAPI)
+@router.post(
+    "",
+    status_code=201,
+    operation_id="createConversation",
+    summary="Start a conversation",
+    response_model=ConversationOut,
+    responses=success(201, "Created.", {**LOCATION_HEADER, **ETAG_HEADER, **REPLAYED_HEADER}),
+    openapi_extra=IDEMPOTENCY_OPENAPI,
+)
 async def create_conversation(
     request: Request,
     body: ConversationCreate,
@@ -47,30 +63,45 @@ async def create_conversation(
     return json_response(conversation, 201, headers)
 
 
-@router.get("", response_model=ConversationList)
+@router.get(
+    "",
+    operation_id="listConversations",
+    summary="Your conversations, most recent activity first",
+    response_model=ConversationList,
+)
 async def list_conversations(
-    request: Request,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    request: Request, query: Annotated[ConversationListQuery, Query()]
 ) -> Response:
     principal = principal_of(request)
-    page = await _service(request).list(principal, limit, cursor)
+    page = await _service(request).list(principal, query.limit, query.cursor)
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
-@router.get("/{conversation_id}", response_model=ConversationOut)
+@router.get(
+    "/{conversation_id}",
+    operation_id="getConversation",
+    summary="One conversation",
+    response_model=ConversationOut,
+    responses={**_ONE, **problems(404)},
+)
 async def get_conversation(request: Request, conversation_id: ConversationId) -> Response:
     principal = principal_of(request)
     conversation = await _service(request).get(principal, conversation_id)
     return json_response(conversation, headers={"ETag": conversation.etag})
 
 
-@router.put("/{conversation_id}", response_model=ConversationOut)
+@router.put(
+    "/{conversation_id}",
+    operation_id="updateConversation",
+    summary="Change the fields given (`null` clears one)",
+    response_model=ConversationOut,
+    responses={**_ONE, **problems(404, 412)},
+)
 async def update_conversation(
     request: Request,
     conversation_id: ConversationId,
     body: ConversationUpdate,
-    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_match: Annotated[str | None, Header(alias="If-Match", **IF_MATCH)] = None,
 ) -> Response:
     principal = principal_of(request)
     expected = expected_version(if_match, "c")
@@ -78,7 +109,13 @@ async def update_conversation(
     return json_response(conversation, headers={"ETag": conversation.etag})
 
 
-@router.delete("/{conversation_id}", status_code=204)
+@router.delete(
+    "/{conversation_id}",
+    status_code=204,
+    operation_id="deleteConversation",
+    summary="Delete a conversation, its messages and its pending replies",
+    responses=problems(404),
+)
 async def delete_conversation(request: Request, conversation_id: ConversationId) -> Response:
     principal = principal_of(request)
     await _service(request).delete(principal, conversation_id)

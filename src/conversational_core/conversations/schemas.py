@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from conversational_core.schemas import Metadata, StrictModel
+from conversational_core.schemas import Metadata, MetadataOut, StrictModel
 
 # Generous hard caps; MAX_SYSTEM_PROMPT_CHARS (a setting) is checked by the service.
 TITLE_MAX = 200
@@ -32,10 +32,14 @@ class ConversationUpdate(ConversationSettings):
 
 
 class ConversationOut(BaseModel):
+    """A conversation as every answer carries it (all fields always present)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     user_id: str
     title: str | None
-    metadata: dict[str, str | int | float | bool | None]
+    metadata: MetadataOut
     system_prompt: str | None
     model: str | None
     temperature: float | None
@@ -47,5 +51,16 @@ class ConversationOut(BaseModel):
 
 
 class ConversationList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     items: list[ConversationOut]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="Pass back as `cursor` for the next page.")
+
+
+class ConversationListQuery(BaseModel):
+    """Query parameters of a page of conversations (unknown ones are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=512, description="A page's `next_cursor`.")

@@ -5,21 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from conversational_core.auth.middleware import principal_of
 from conversational_core.http import (
+    ETAG_HEADER,
     IDEMPOTENCY_OPENAPI,
-    HotEndpoint,
-    body_model,
+    IF_MATCH,
+    LOCATION_HEADER,
+    REPLAYED_HEADER,
     expected_version,
     idempotency,
     json_response,
-    path_id,
-    query_model,
-    query_parameters,
 )
 from conversational_core.messages.schemas import (
     MessageCreate,
@@ -29,12 +27,18 @@ from conversational_core.messages.schemas import (
     MessageUpdate,
 )
 from conversational_core.messages.service import MessageService
+from conversational_core.openapi import problems, success
+from conversational_core.routing import Operation
 from conversational_core.schemas import ID_PATTERN
 
-router = APIRouter(prefix="/conversations/{conversation_id}/messages", tags=["messages"])
+router = APIRouter(
+    prefix="/conversations/{conversation_id}/messages", tags=["messages"], route_class=Operation
+)
 
 ConversationId = Annotated[str, Path(pattern=ID_PATTERN)]
 MessageId = Annotated[str, Path(pattern=ID_PATTERN)]
+_CREATED = success(201, "Created.", {**LOCATION_HEADER, **ETAG_HEADER, **REPLAYED_HEADER})
+_ONE = success(200, "The message.", ETAG_HEADER)
 
 
 def _service(request: Request) -> MessageService:
@@ -42,21 +46,18 @@ def _service(request: Request) -> MessageService:
     return service
 
 
-@router.post("", status_code=201, response_model=MessageOut, openapi_extra=IDEMPOTENCY_OPENAPI)
+@router.post(
+    "",
+    status_code=201,
+    operation_id="createMessage",
+    summary="Add a message (a user message gets an AI reply unless `respond` is false)",
+    response_model=MessageOut,
+    responses={**_CREATED, **problems(404, 409)},
+    openapi_extra=IDEMPOTENCY_OPENAPI,
+)
 async def create_message(
-    request: Request,
-    conversation_id: ConversationId,
-    body: MessageCreate,
+    request: Request, conversation_id: ConversationId, body: MessageCreate
 ) -> Response:
-    return await _create_message(request, conversation_id, body)
-
-
-@router.get("", response_model=MessageList, openapi_extra=query_parameters(MessageListQuery))
-async def list_messages(request: Request, conversation_id: ConversationId) -> Response:
-    return await _list_messages(request, conversation_id)
-
-
-async def _create_message(request: Request, conversation_id: str, body: MessageCreate) -> Response:
     principal = principal_of(request)
     idem = idempotency(request, body)
     message, replayed = await _service(request).create(principal, conversation_id, body, idem)
@@ -69,9 +70,19 @@ async def _create_message(request: Request, conversation_id: str, body: MessageC
     return json_response(message, 201, headers)
 
 
-async def _list_messages(request: Request, conversation_id: str) -> Response:
+@router.get(
+    "",
+    operation_id="listMessages",
+    summary="A page of the conversation's messages",
+    response_model=MessageList,
+    responses=problems(404),
+)
+async def list_messages(
+    request: Request,
+    conversation_id: ConversationId,
+    query: Annotated[MessageListQuery, Query()],
+) -> Response:
     principal = principal_of(request)
-    query = query_model(request, MessageListQuery)
     page = await _service(request).list(
         principal,
         conversation_id,
@@ -87,40 +98,13 @@ async def _list_messages(request: Request, conversation_id: str) -> Response:
     return Response(body, media_type="application/json")
 
 
-# The two hottest routes (append, read a page) are served by plain Starlette routes placed before
-# FastAPI's: FastAPI's per-request machinery (its included-router matching, dependency solving,
-# parameter models) measured as a third of their cost, and they need none of it: auth is a
-# middleware, the body and query are validated by one pydantic pass each (http.py gives the same
-# 400/422 problems). The FastAPI routes above document them in OpenAPI; they are reached only if
-# HOT_ROUTES is not installed.
-
-
-async def _create_message_route(request: Request) -> Response:
-    conversation_id = path_id(request, "conversation_id")
-    return await _create_message(request, conversation_id, await body_model(request, MessageCreate))
-
-
-async def _list_messages_route(request: Request) -> Response:
-    return await _list_messages(request, path_id(request, "conversation_id"))
-
-
-async def _messages_route(request: Request) -> Response:
-    if request.method == "POST":
-        return await _create_message_route(request)
-    return await _list_messages_route(request)
-
-
-# One route for both methods, so that a 405 on this path names them all in `Allow`.
-HOT_ROUTES = [
-    Route(
-        "/conversations/{conversation_id}/messages",
-        HotEndpoint(_messages_route),
-        methods=["GET", "POST"],
-    ),
-]
-
-
-@router.get("/{message_id}", response_model=MessageOut)
+@router.get(
+    "/{message_id}",
+    operation_id="getMessage",
+    summary="One message",
+    response_model=MessageOut,
+    responses={**_ONE, **problems(404)},
+)
 async def get_message(
     request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:
@@ -129,13 +113,19 @@ async def get_message(
     return json_response(message, headers={"ETag": message.etag})
 
 
-@router.put("/{message_id}", response_model=MessageOut)
+@router.put(
+    "/{message_id}",
+    operation_id="updateMessage",
+    summary="Change a message's content or metadata",
+    response_model=MessageOut,
+    responses={**_ONE, **problems(404, 409, 412)},
+)
 async def update_message(
     request: Request,
     conversation_id: ConversationId,
     message_id: MessageId,
     body: MessageUpdate,
-    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_match: Annotated[str | None, Header(alias="If-Match", **IF_MATCH)] = None,
 ) -> Response:
     principal = principal_of(request)
     expected = expected_version(if_match, "m")
@@ -143,7 +133,13 @@ async def update_message(
     return json_response(message, headers={"ETag": message.etag})
 
 
-@router.delete("/{message_id}", status_code=204)
+@router.delete(
+    "/{message_id}",
+    status_code=204,
+    operation_id="deleteMessage",
+    summary="Delete a message (a reply being written stops)",
+    responses=problems(404),
+)
 async def delete_message(
     request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:
@@ -152,7 +148,13 @@ async def delete_message(
     return Response(status_code=204)
 
 
-@router.post("/{message_id}/cancel", response_model=MessageOut)
+@router.post(
+    "/{message_id}/cancel",
+    operation_id="cancelReply",
+    summary="Stop a reply that is pending or being written",
+    response_model=MessageOut,
+    responses={**_ONE, **problems(404, 409)},
+)
 async def cancel_reply(
     request: Request, conversation_id: ConversationId, message_id: MessageId
 ) -> Response:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from conversational_core.schemas import ID_PATTERN, Metadata, StrictModel
+from conversational_core.schemas import ID_PATTERN, Metadata, MetadataOut, StrictModel
 from conversational_core.storage.models import MessageStatus, Role
 
 # A hard cap for the schema; MAX_MESSAGE_CHARS (a setting, lower) is checked by the service.
@@ -21,28 +21,45 @@ class MessageCreate(StrictModel):
 
 
 class MessageUpdate(StrictModel):
-    content: str | None = Field(None, min_length=1, max_length=CONTENT_HARD_MAX)
+    """Only the fields present are changed; `metadata: null` clears it. Content cannot be
+    null (a message has text)."""
+
+    content: str = Field(None, min_length=1, max_length=CONTENT_HARD_MAX)  # type: ignore[assignment]
     metadata: Metadata | None = None
 
 
 class MessageOut(BaseModel):
+    """A message as every answer and event carries it (all fields always present)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     conversation_id: str
     role: Role
     content: str
     status: MessageStatus
-    metadata: dict[str, str | int | float | bool | None]
+    metadata: MetadataOut
     created_at: str
     updated_at: str
-    reply_message_id: str | None = None
-    usage: dict[str, int] | None = None
-    error: str | None = None
-    version: int
+    reply_message_id: str | None = Field(
+        description="On a user message: the assistant message that holds its reply."
+    )
+    usage: dict[str, int] | None = Field(
+        description="Tokens of a completed reply: input_tokens, output_tokens, total_tokens."
+    )
+    error: str | None = Field(description="Why a reply failed, written for the user.")
+    version: int = Field(description='Counts changes; the ETag is `"m<version>"`.')
+    context: dict[str, Any] | None = Field(
+        description="On a reply: what was sent to the model (model, provider, messages_sent, "
+        "history_messages, history_truncated, estimated_prompt_tokens, attempts)."
+    )
 
 
 class MessageList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     items: list[MessageOut]
-    next_cursor: str | None
+    next_cursor: str | None = Field(description="Pass back as `cursor` for the next page.")
 
 
 class MessageListQuery(BaseModel):

@@ -1,0 +1,251 @@
+"""The OpenAPI document is the truth: schemathesis (every conformance check) finds nothing, and a
+client generated from it by openapi-python-client works for successes and for errors."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from schemathesis.config import SchemathesisConfig
+
+from tests.conftest import make_settings
+from tests.fixtures.app import auth
+from tests.fixtures.server import Service, start_service
+
+# Valid requests may still be answered these, which schemathesis's default list leaves out: a
+# cursor or a message id (after/before) the service did not issue (400: unknown opaque values,
+# never a schema violation), and an ETag in If-Match that is stale (412, by RFC 9110).
+_ALSO_VALID = {
+    "listMessages": ["400"],
+    "listConversations": ["400"],
+    "updateConversation": ["412"],
+    "updateMessage": ["412"],
+}
+_POSITIVE = ["2xx", "401", "403", "404", "409", "429"]
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    data = tmp_path_factory.mktemp("openapi") / "data"
+    env = {
+        "REDIS_URL": "",
+        "DATA_DIR": str(data),
+        "RATE_LIMIT": "off",
+        "AI_RATE_LIMIT": "off",
+        # Cases without a token are many: their 401s must not turn into 429s.
+        "ANONYMOUS_RATE_LIMIT": "off",
+        "DEV_PROVIDER_DELAY_MS": "0",
+        # Event streams stay open: a second each is enough to check what they send.
+        "SSE_MAX_CONNECTION_SECONDS": "1",
+    }
+    with start_service(env) as running:
+        yield running
+
+
+def _headers() -> dict[str, str]:
+    return auth(make_settings(), "alice")
+
+
+@pytest.fixture(scope="module")
+def api_schema(service: Service) -> Any:
+    config = SchemathesisConfig.from_dict(
+        {
+            "seed": 20261130,
+            "headers": _headers(),
+            "generation": {"mode": "all", "max-examples": 25},
+            "checks": {"positive_data_acceptance": {"expected-statuses": _POSITIVE}},
+            "operations": [
+                *(
+                    {
+                        "include-operation-id": operation,
+                        "checks": {
+                            "positive_data_acceptance": {"expected-statuses": [*_POSITIVE, *extra]}
+                        },
+                    }
+                    for operation, extra in _ALSO_VALID.items()
+                ),
+                {
+                    "include-operation-id": "streamEvents",
+                    "max-stream-events": 5,
+                    "generation": {"max-examples": 10},
+                },
+            ],
+        }
+    )
+    _SERVICE_URL[:] = [service.url]
+    return schemathesis.openapi.from_url(f"{service.url}/openapi.json", config=config)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SERVICE_URL: list[str] = []  # set by api_schema
+
+
+@schemathesis.hook
+def map_path_parameters(
+    context: Any, path_parameters: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Three cases in four name objects that exist (a fresh conversation of alice's, with a
+    user message and its reply), so that successes are checked too; the fourth keeps its
+    random ids (404s). Ids that break the schema are kept: those cases test rejection."""
+    if not path_parameters:
+        return path_parameters
+    cid = path_parameters.get("conversation_id")
+    if not (isinstance(cid, str) and _ID.fullmatch(cid)) or hash(cid) % 4 == 0:
+        return path_parameters
+    mid = path_parameters.get("message_id")
+    if mid is not None and not (isinstance(mid, str) and _ID.fullmatch(mid)):
+        return path_parameters
+    with httpx.Client(base_url=_SERVICE_URL[0], headers=_headers()) as http:
+        real = http.post("/conversations", json={"title": "schemathesis"}).json()["id"]
+        asked = http.post(f"/conversations/{real}/messages", json={"content": "hello"}).json()
+    mapped = {**path_parameters, "conversation_id": real}
+    if mid is not None:
+        mapped["message_id"] = asked["reply_message_id" if hash(mid) % 2 else "id"]
+    return mapped
+
+
+@schemathesis.hook
+def map_headers(context: Any, headers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A valid Idempotency-Key made unique: generated keys repeat ("0"), and reusing a key with
+    another body is rightly a 422 (IETF's Idempotency-Key draft); invalid keys are kept."""
+    key = (headers or {}).get("Idempotency-Key")
+    if isinstance(key, str) and _KEY.fullmatch(key):
+        assert headers is not None
+        headers["Idempotency-Key"] = key[:200] + "-" + uuid.uuid4().hex
+    return headers
+
+
+@schema.parametrize()
+def test_every_operation_conforms(case: Any) -> None:
+    case.call_and_validate(headers=_headers())
+
+
+# --- A client generated from the document ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generated_client(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """openapi-python-client's package for /openapi.json, imported."""
+    out = tmp_path_factory.mktemp("client")
+    document = out / "openapi.json"
+    document.write_bytes(httpx.get(f"{service.url}/openapi.json").content)
+    generated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openapi_python_client",
+            "generate",
+            "--path",
+            str(document),
+            "--output-path",
+            str(out / "generated"),
+            "--meta",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    sys.path.insert(0, str(out / "generated" / ".."))
+    try:
+        yield importlib.import_module("generated")
+    finally:
+        sys.path.remove(str(out / "generated" / ".."))
+        for name in [m for m in sys.modules if m == "generated" or m.startswith("generated.")]:
+            del sys.modules[name]
+
+
+def test_generated_client_parses_successes_and_problems(
+    service: Service, generated_client: Any, tmp_path: Path
+) -> None:
+    client_module = importlib.import_module("generated.client")
+    models = importlib.import_module("generated.models")
+
+    def api(module: str) -> Any:
+        return importlib.import_module(f"generated.api.{module}")
+
+    conversations = SimpleNamespace(
+        create_conversation=api("conversations.create_conversation"),
+        get_conversation=api("conversations.get_conversation"),
+        update_conversation=api("conversations.update_conversation"),
+        list_conversations=api("conversations.list_conversations"),
+    )
+    messages = SimpleNamespace(
+        create_message=api("messages.create_message"),
+        list_messages=api("messages.list_messages"),
+        cancel_reply=api("messages.cancel_reply"),
+    )
+    token = _headers()["Authorization"].removeprefix("Bearer ")
+    with (
+        client_module.AuthenticatedClient(base_url=service.url, token=token) as alice,
+        client_module.Client(base_url=service.url) as nobody,
+        client_module.AuthenticatedClient(
+            base_url=service.url,
+            token=auth(make_settings(), "bob")["Authorization"].removeprefix("Bearer "),
+        ) as bob,
+    ):
+        _use_generated_client(alice, nobody, bob, models, conversations, messages)
+
+
+def _use_generated_client(
+    alice: Any, nobody: Any, bob: Any, models: Any, conversations: Any, messages: Any
+) -> None:
+
+    created = conversations.create_conversation.sync_detailed(
+        client=alice, body=models.ConversationCreate(title="generated")
+    )
+    assert created.status_code == 201
+    conversation = created.parsed
+    assert isinstance(conversation, models.ConversationOut)
+    assert conversation.title == "generated"
+    cid = conversation.id
+    etag = created.headers["etag"]
+
+    posted = messages.create_message.sync_detailed(
+        cid, client=alice, body=models.MessageCreate(content="hi", respond=False)
+    )
+    assert posted.status_code == 201 and isinstance(posted.parsed, models.MessageOut)
+    page = messages.list_messages.sync_detailed(cid, client=alice)
+    assert [m.content for m in page.parsed.items] == ["hi"]
+
+    def problem(response: Any, status: int) -> Any:
+        assert response.status_code == status, response.content
+        parsed = response.parsed
+        assert isinstance(parsed, models.Problem), parsed
+        assert parsed.status == status and parsed.detail and parsed.title
+        return parsed
+
+    problem(conversations.get_conversation.sync_detailed(cid, client=nobody), 401)
+    problem(conversations.get_conversation.sync_detailed(cid, client=bob), 404)
+    conversations.update_conversation.sync_detailed(
+        cid, client=alice, body=models.ConversationUpdate(title="new"), if_match=etag
+    )
+    problem(
+        conversations.update_conversation.sync_detailed(
+            cid, client=alice, body=models.ConversationUpdate(title="newer"), if_match=etag
+        ),
+        412,
+    )
+    assistant = messages.create_message.sync_detailed(
+        cid, client=alice, body=models.MessageCreate(content="a", role=models.Role.ASSISTANT)
+    )
+    problem(assistant, 403)
+    user = posted.parsed
+    problem(messages.cancel_reply.sync_detailed(cid, user.id, client=alice), 409)
+    invalid = problem(conversations.list_conversations.sync_detailed(client=alice, limit=1000), 422)
+    assert invalid.errors[0].loc == ["query", "limit"]
