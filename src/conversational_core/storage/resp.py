@@ -22,10 +22,6 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 
-# After a failed connection attempt, new ones wait this long (callers fail at once meanwhile).
-_RECONNECT_PAUSE_SECONDS = 0.1
-
-
 class ReplyError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT)."""
 
@@ -123,26 +119,27 @@ class RespClient:
         self._slots: list[_Protocol | None] = [None] * connections
         self._locks = [asyncio.Lock() for _ in range(connections)]
         self._next = 0
-        self._down_until = 0.0
+        self._failures = [0] * connections  # failed connection attempts, per slot
 
     @staticmethod
     def supports(url: str) -> bool:
         return urlparse(url).scheme == "redis"
 
     async def _connect(self, index: int) -> _Protocol:
+        failures = self._failures[index]
         async with self._locks[index]:
             proto = self._slots[index]
             if proto is not None and not proto.closed:
                 return proto
-            loop = asyncio.get_running_loop()
-            if loop.time() < self._down_until:
-                # A connection failed a moment ago: fail at once rather than queue every
-                # caller behind another attempt (a frozen server takes a whole timeout each).
-                raise ConnectionError("Redis was unreachable a moment ago")
+            if self._failures[index] != failures:
+                # The attempt this caller waited for failed: fail at once rather than queue
+                # every caller behind an attempt of its own (against a frozen server, each takes
+                # a whole timeout). Callers that come later try again.
+                raise ConnectionError("Redis could not be reached just now")
             try:
                 return await self._open(index)
             except BaseException:
-                self._down_until = loop.time() + _RECONNECT_PAUSE_SECONDS
+                self._failures[index] += 1
                 raise
 
     async def _open(self, index: int) -> _Protocol:
