@@ -249,3 +249,50 @@ def _use_generated_client(
     problem(messages.cancel_reply.sync_detailed(cid, user.id, client=alice), 409)
     invalid = problem(conversations.list_conversations.sync_detailed(client=alice, limit=1000), 422)
     assert invalid.errors[0].loc == ["query", "limit"]
+
+
+def test_the_document_names_operations_and_their_problems() -> None:
+    from conversational_core.app import create_app
+
+    document = create_app(make_settings()).openapi()
+    operations = {
+        operation["operationId"]: (path, method, operation)
+        for path, methods in document["paths"].items()
+        for method, operation in methods.items()
+    }
+    assert set(operations) == {
+        "createConversation",
+        "listConversations",
+        "getConversation",
+        "updateConversation",
+        "deleteConversation",
+        "createMessage",
+        "listMessages",
+        "getMessage",
+        "updateMessage",
+        "deleteMessage",
+        "cancelReply",
+        "streamEvents",
+        "getHealth",
+        "getReadiness",
+        "getLiveness",
+    }
+    for operation_id, (path, _, operation) in operations.items():
+        problems = {
+            status: response
+            for status, response in operation["responses"].items()
+            if status >= "400" and "application/problem+json" in response.get("content", {})
+        }
+        if path.startswith("/health"):
+            assert "security" not in operation
+            continue
+        assert operation["security"] == [{"bearerAuth": []}], operation_id
+        assert {"401", "403", "422", "429", "503"} <= set(problems), operation_id
+        if "{conversation_id}" in path:
+            assert "404" in problems, operation_id
+        if "requestBody" in operation:
+            assert {"413", "415"} <= set(problems), operation_id
+    assert "412" in operations["updateConversation"][2]["responses"]
+    assert "409" in operations["cancelReply"][2]["responses"]
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 
+
 class ReplyError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT)."""
 
