@@ -53,9 +53,11 @@ from redis.exceptions import ResponseError as RedisResponseError
 
 from bench.client import RawClient, encode_request
 from bench.fake_llm import reply_text, tag_message
+from bench.fixtures import KEYS
 from bench.sse import COMPLETED, SseProtocol, events_request
 from bench.ttft import configure_llm, percentile
 from conversational_core.settings import Settings
+from conversational_core.storage.redis import queue
 
 CLIENTS = 1_000
 WORKERS = 2
@@ -74,10 +76,9 @@ FD_MARGIN = 200  # descriptors beyond one per client: Redis pool, listeners, fil
 # The service's default size of the Redis connection pool of a process (REDIS_MAX_CONNECTIONS),
 # which the benchmark leaves as it is: the connections each process reaches are shown beside it.
 REDIS_POOL_DEFAULT = Settings.model_fields["REDIS_MAX_CONNECTIONS"].default
-# The workers' job stream and consumer group (storage/redis.py and storage/redis_queue.py, with
-# the REDIS_KEY_PREFIX that bench/procs.py gives the service).
-JOBS_KEY = "cc:{jobs}:s"
-JOBS_GROUP = "workers"
+# The workers' job stream and consumer group, in the service's key space (bench/fixtures.py).
+JOBS_KEY = KEYS.jobs
+JOBS_GROUP = queue.GROUP
 
 
 def read_status(pid: int) -> dict[str, int]:

@@ -11,7 +11,8 @@ import orjson
 
 from bench.client import RawClient
 from conversational_core.storage.models import Message, MessageStatus, Role, new_id, utcnow
-from conversational_core.storage.redis import RedisStore, open_redis_store
+from conversational_core.storage.redis.keys import Keys
+from conversational_core.storage.redis.store import RedisStore, open_redis_store
 
 PREFIX = "cc"  # REDIS_KEY_PREFIX given to the service (bench/procs.py)
 CONTENT_CHARS = 200
@@ -31,9 +32,7 @@ def message_body(i: int = 0) -> bytes:
     return orjson.dumps({"content": content(i), "respond": False})
 
 
-def conversation_key_prefix(conversation_id: str) -> str:
-    """What every key of one conversation starts with (storage/redis.py: `P:{cid}:`)."""
-    return f"{PREFIX}:{{{conversation_id}}}:"
+KEYS = Keys(PREFIX)  # the service's key space (storage/redis/keys.py)
 
 
 def create_conversation(client: RawClient, token: str, title: str) -> str:

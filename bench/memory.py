@@ -21,9 +21,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from bench.client import RawClient
-from bench.fixtures import conversation_key_prefix, fill
-from conversational_core.storage.redis import RedisStore
+from bench.fixtures import KEYS, fill
+from conversational_core.storage.redis.store import RedisStore
 
 MESSAGES = 10_000
 JSON_SAMPLES = 100
@@ -96,14 +98,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _used_memory(store: RedisStore) -> int:
-    info: dict[str, Any] = await store.client.info("memory")
+async def _used_memory(redis: aioredis.Redis) -> int:
+    info: dict[str, Any] = await redis.info("memory")
     return int(info["used_memory"])
 
 
-async def _key_usage(store: RedisStore, conversation_id: str) -> list[KeyUsage]:
-    redis = store.client
-    prefix = conversation_key_prefix(conversation_id)
+async def _key_usage(redis: aioredis.Redis, conversation_id: str) -> list[KeyUsage]:
+    prefix = KEYS.of(conversation_id)
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
     found = sorted({_text(k) async for k in redis.scan_iter(match=pattern, count=1_000)})
     usages = []
@@ -121,13 +122,19 @@ async def _key_usage(store: RedisStore, conversation_id: str) -> list[KeyUsage]:
 
 
 async def measure(
-    store: RedisStore, http: RawClient, token: str, conversation_id: str, owner: str
+    store: RedisStore,
+    redis: aioredis.Redis,
+    http: RawClient,
+    token: str,
+    conversation_id: str,
+    owner: str,
 ) -> MemoryResult:
-    """`conversation_id` must be a fresh, empty conversation of `owner`."""
-    before = await _used_memory(store)
+    """`conversation_id` must be a fresh, empty conversation of `owner`; `redis` a client of the
+    same server (its INFO and MEMORY USAGE, parsed)."""
+    before = await _used_memory(redis)
     ids = await fill(store, conversation_id, owner, MESSAGES)
-    after = await _used_memory(store)
-    keys = await _key_usage(store, conversation_id)
+    after = await _used_memory(redis)
+    keys = await _key_usage(redis, conversation_id)
 
     step = max(1, len(ids) // JSON_SAMPLES)
     sizes = [

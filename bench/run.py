@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import redis.asyncio as aioredis
 
 from bench import fanout, memory, report, scaling, throughput, ttft
 from bench.client import RawClient
@@ -79,16 +80,16 @@ def _make_conversations(client: RawClient, token: str) -> Data:
 async def _fill_and_measure_memory(
     redis_url: str, client: RawClient, token: str, data: Data
 ) -> tuple[memory.MemoryResult, scaling.Setup, str]:
-    async with open_store(redis_url) as store:
+    async with open_store(redis_url) as store, aioredis.Redis.from_url(redis_url) as redis:
         _step(f"memory: {memory.MESSAGES:,} messages into a fresh conversation")
-        mem = await memory.measure(store, client, token, data.memory_conversation, USER)
+        mem = await memory.measure(store, redis, client, token, data.memory_conversation, USER)
         await fill(store, data.page_conversation, USER, PAGE_CONVERSATION_MESSAGES)
         _step(f"filling one conversation with {scaling.BIG:,} messages (through the store)")
         started = time.perf_counter()
         big_ids = await fill(store, data.big, USER, scaling.BIG)
         _step(f"  done in {time.perf_counter() - started:.1f} s")
         small = [(cid, await fill(store, cid, USER, scaling.SMALL)) for cid in data.small]
-        version = (await store.client.info("server"))["redis_version"]
+        version = (await redis.info("server"))["redis_version"]
     return mem, scaling.Setup(data.big, big_ids, small), str(version)
 
 

@@ -11,17 +11,19 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import uuid_utils
-from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from conversational_core.app import create_app
 from conversational_core.settings import Settings, load_settings
 from conversational_core.storage.base import Store
+from conversational_core.storage.embedded.limiter import MemoryCounters
+from conversational_core.storage.embedded.sqlite import SqliteStore, open_sqlite_store
 from conversational_core.storage.factory import Backend
-from conversational_core.storage.redis import RedisStore, build_client
-from conversational_core.storage.redis_events import RedisEventHub
-from conversational_core.storage.redis_queue import RedisJobQueue
-from conversational_core.storage.resp import RespClient
-from conversational_core.storage.sqlite import SqliteStore, open_sqlite_store
+from conversational_core.storage.redis.client import Connection
+from conversational_core.storage.redis.events import RedisEventHub
+from conversational_core.storage.redis.keys import Keys
+from conversational_core.storage.redis.limiter import RedisCounters
+from conversational_core.storage.redis.queue import RedisJobQueue
+from conversational_core.storage.redis.store import RedisStore
 from tests.fixtures.app import app_client
 from tests.fixtures.redis_cluster import RedisCluster, redis_cluster
 
@@ -53,12 +55,14 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def redis_store(prefix: str) -> AsyncIterator[RedisStore]:
-    client = build_client(REDIS_URL, socket_timeout=5, connect_timeout=2, max_connections=200)
+    connection = Connection.open(
+        REDIS_URL, socket_timeout=5, connect_timeout=2, max_connections=200
+    )
     try:
-        await client.ping()
+        await connection.ping()
     except Exception as exc:  # pragma: no cover - environment problem, not a test result
         pytest.fail(f"tests need Redis at {REDIS_URL} (make test starts one): {exc!r}")
-    store = RedisStore(client, prefix, fast=RespClient(REDIS_URL))
+    store = RedisStore(connection, Keys(prefix))
     yield store
     await store.close()
 
@@ -72,10 +76,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
 
 @pytest.fixture
 async def cluster_store(cluster: RedisCluster, prefix: str) -> AsyncIterator[RedisStore]:
-    client = build_client(
+    connection = Connection.open(
         cluster.url, socket_timeout=5, connect_timeout=2, max_connections=200, cluster=True
     )
-    store = RedisStore(client, prefix, cluster=True)
+    store = RedisStore(connection, Keys(prefix))
     yield store
     await store.close()
 
@@ -106,23 +110,25 @@ def settings() -> Settings:
 
 def url_of(store: RedisStore) -> str:
     """The URL a test store was opened with (the event hub opens connections of its own)."""
-    client = store.client
-    if isinstance(client, ClusterClient):
-        node = client.startup_nodes[0]
+    client = store.redis.client
+    if store.redis.cluster:
+        node = client.startup_nodes[0]  # type: ignore[union-attr]
         return f"redis://{node.host}:{node.port}"
     return REDIS_URL
 
 
 def backend_for(store: Store, settings: Settings) -> Backend:
-    """The event hub and job queue that go with a store, as open_backend would build them."""
+    """The event hub, job queue and counters that go with a store, as open_backend would build
+    them."""
     if isinstance(store, RedisStore):
         return Backend(
             store,
             RedisEventHub(store, url_of(store), client_buffer=settings.SSE_CLIENT_BUFFER),
-            RedisJobQueue(store, lease_seconds=settings.JOB_LEASE_SECONDS),
+            RedisJobQueue(store.redis, store.keys, lease_seconds=settings.JOB_LEASE_SECONDS),
+            RedisCounters(store.redis, store.keys),
         )
     assert isinstance(store, SqliteStore)
-    return Backend(store, store.events, store.jobs)
+    return Backend(store, store.events, store.jobs, MemoryCounters())
 
 
 @pytest.fixture

@@ -9,12 +9,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conversational_core.errors import NotFound
 from conversational_core.storage import events as ev
 from conversational_core.storage.base import Event, SlowConsumer
-from conversational_core.storage.memory import MemoryEventLog, MemoryJobQueue, recover
+from conversational_core.storage.embedded.events import MemoryEventLog
+from conversational_core.storage.embedded.jobs import MemoryJobQueue, recover
+from conversational_core.storage.embedded.sqlite import SqliteStore, open_sqlite_store
+from conversational_core.storage.errors import NotFound
 from conversational_core.storage.models import MessageStatus, Role, utcnow
-from conversational_core.storage.sqlite import SqliteStore, open_sqlite_store
 from tests.test_store_contract import conversation, message
 
 
@@ -226,15 +227,13 @@ async def test_store_events_and_reply_queue(embedded: SqliteStore) -> None:
     assert job.conversation_id == conv.id
 
     streaming = reply.replace(status=MessageStatus.STREAMING, version=2)
-    assert await store.replace_message(conv.id, None, streaming, reply, restart=True)
+    assert await store.start_attempt(conv.id, streaming, reply, 1)
     assert await store.publish_delta(conv.id, reply.id, "Hel")
     assert await store.publish_delta(conv.id, reply.id, "lo")
     assert await store.stop_reply(conv.id, reply.id) == "Hello"
     assert not await store.publish_delta(conv.id, reply.id, "!")
     cancelled = streaming.replace(status=MessageStatus.CANCELLED, content="Hello", version=3)
-    stored = await store.replace_message(
-        conv.id, None, cancelled, streaming, event=ev.MESSAGE_CANCELLED, dequeue=True, stop=True
-    )
+    stored = await store.cancel_reply(conv.id, None, cancelled, streaming)
     assert stored == cancelled
     assert await store.reply_queue_head(conv.id) is None
     assert not await store.publish_delta(conv.id, reply.id, "!")
@@ -293,7 +292,7 @@ async def test_failed_writes_emit_nothing(embedded: SqliteStore) -> None:
         await store.delete_message(conv.id, "mallory", m.id)
     # A stale compare-and-set writes nothing and emits nothing.
     stale = m.replace(content="stale")
-    assert await store.replace_message(conv.id, None, m.replace(version=9), stale) is None
+    assert await store.update_message(conv.id, None, m.replace(version=9), stale) is None
     assert await store.last_event_id(conv.id) == before
 
 

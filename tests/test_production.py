@@ -18,7 +18,8 @@ from conversational_core.auth.tokens import issue_token
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
 from conversational_core.storage.factory import Backend
-from conversational_core.storage.redis import RedisStore
+from conversational_core.storage.redis.client import Connection
+from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import REDIS_URL, backend_for, make_settings
 from tests.fixtures.app import app_client, auth
 from tests.fixtures.http_server import QuietHandler, local_http_server
@@ -456,16 +457,16 @@ async def test_unexpected_errors_reach_sentry_without_secrets(
 ) -> None:
     import sentry_sdk
 
-    if isinstance(store, RedisStore) and not store.cluster:
+    if isinstance(store, RedisStore) and not store.redis.cluster:
         # Every command through redis-py (as with rediss:// or a unix socket, where the fast
         # client is not used): its commands carry message text.
-        store = RedisStore(store.client, prefix)
+        store = RedisStore(Connection(store.redis.client), store.keys)
     dsn, received = sentry_server
     settings = make_settings(SENTRY_DSN=dsn)
     token = issue_token(settings, "alice", [])
     headers = {"Authorization": f"Bearer {token}"}
     active = backend_for(store, settings)
-    broken = Backend(_Broken(active.store), active.events, active.jobs)  # type: ignore[arg-type]
+    broken = Backend(_Broken(active.store), active.events, active.jobs, active.counters)  # type: ignore[arg-type]
     try:
         async with app_client(create_app(settings, backend=broken)) as http:
             created = await http.post(

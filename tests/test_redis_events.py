@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import orjson
 
 from conversational_core.storage.base import Event
-from conversational_core.storage.redis import RedisStore
-from conversational_core.storage.redis_events import RedisEventHub
+from conversational_core.storage.redis.events import RedisEventHub
+from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import url_of
 from tests.test_store_contract import conversation, message
 
@@ -31,8 +31,8 @@ async def test_each_subscriber_gets_its_own_conversation_live(any_redis_store: R
     store = any_redis_store
     hub = RedisEventHub(store, url_of(store))
     cids = [(await store.create_conversation(conversation()))[0].id for _ in range(_CONVERSATIONS)]
-    if store.cluster:
-        assert len({store.slot_of(store.events_key(cid)) for cid in cids}) > 1
+    if store.redis.cluster:
+        assert len({store.redis.slot_of(store.keys.events(cid)) for cid in cids}) > 1
     async with contextlib.AsyncExitStack() as stack:
         streams = [await stack.enter_async_context(hub.subscribe(cid, None)) for cid in cids]
         # Every conversation's events reach its subscriber, and only them, although they are

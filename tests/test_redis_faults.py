@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from conversational_core.app import create_app
-from conversational_core.storage.redis_errors import TRANSIENT_REPLIES
+from conversational_core.storage.redis.errors import TRANSIENT_REPLIES
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import SseEvent, collect_until_end, serve, sse_events

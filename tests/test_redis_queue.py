@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conversational_core.storage.redis import RedisStore
-from conversational_core.storage.redis_queue import RedisJobQueue
+from conversational_core.storage.redis.queue import RedisJobQueue
+from conversational_core.storage.redis.store import RedisStore
 from tests.test_store_contract import conversation, message
 
 
@@ -12,13 +12,13 @@ async def _queued_reply_without_signal(store: RedisStore) -> str:
     conv, _ = await store.create_conversation(conversation())
     ask, reply = message(conv.id), message(conv.id)
     await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)
-    await store.command("DEL", store.jobs_key)  # the signal never made it
+    await store.redis.call("DEL", store.keys.jobs)  # the signal never made it
     return conv.id
 
 
 async def test_sweep_signals_queued_replies_that_lost_theirs(any_redis_store: RedisStore) -> None:
     store = any_redis_store
-    jobs = RedisJobQueue(store)
+    jobs = RedisJobQueue(store.redis, store.keys)
     lost = await _queued_reply_without_signal(store)
     held = await _queued_reply_without_signal(store)
     assert await jobs.acquire(held, "token")  # a worker is on it: it drains the queue itself
@@ -34,7 +34,7 @@ async def test_sweep_signals_queued_replies_that_lost_theirs(any_redis_store: Re
 async def test_a_worker_sweeps_when_it_starts_taking(any_redis_store: RedisStore) -> None:
     store = any_redis_store
     lost = await _queued_reply_without_signal(store)
-    jobs = RedisJobQueue(store)
+    jobs = RedisJobQueue(store.redis, store.keys)
     # The first take starts the sweep; its signal arrives while the take waits for work.
     taken = await jobs.take("w", 10, wait_seconds=5)
     assert [job.conversation_id for job in taken] == [lost]
@@ -43,7 +43,7 @@ async def test_a_worker_sweeps_when_it_starts_taking(any_redis_store: RedisStore
 
 async def test_renewing_keeps_the_lease_and_the_job(any_redis_store: RedisStore) -> None:
     store = any_redis_store
-    jobs = RedisJobQueue(store, lease_seconds=5)
+    jobs = RedisJobQueue(store.redis, store.keys, lease_seconds=5)
     conv, _ = await store.create_conversation(conversation())
     ask, reply = message(conv.id), message(conv.id)
     await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)

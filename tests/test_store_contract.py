@@ -6,14 +6,17 @@ import asyncio
 
 import pytest
 
-from conversational_core.errors import NotFound, PreconditionFailed
 from conversational_core.storage.base import (
     Idempotency,
-    IdempotencyMismatch,
     MessageQuery,
     Store,
-    UnknownAnchor,
     decode_conversation_cursor,
+)
+from conversational_core.storage.errors import (
+    IdempotencyMismatch,
+    NotFound,
+    StaleVersion,
+    UnknownAnchor,
 )
 from conversational_core.storage.models import (
     Conversation,
@@ -70,7 +73,7 @@ async def test_conversation_crud(store: Store) -> None:
     assert updated.title == "second"
     assert updated.version == 2
     assert (await store.get_conversation(conv.id, "alice")).title == "second"
-    with pytest.raises(PreconditionFailed):
+    with pytest.raises(StaleVersion):
         await store.update_conversation(conv.id, "alice", {"title": "x"}, 1, utcnow())
     with pytest.raises(NotFound):
         await store.update_conversation(conv.id, "bob", {"title": "x"}, None, utcnow())
@@ -105,9 +108,9 @@ async def test_message_crud_and_counts(store: Store) -> None:
         await store.append_messages(conv.id, "bob", [message(conv.id)], utcnow())
 
     edited = first.replace(content="uno", version=2)
-    assert await store.replace_message(conv.id, "alice", edited, first) == edited
+    assert await store.update_message(conv.id, "alice", edited, first) == edited
     # A compare-and-set against a stale copy does nothing.
-    assert await store.replace_message(conv.id, "alice", first.replace(content="x"), first) is None
+    assert await store.update_message(conv.id, "alice", first.replace(content="x"), first) is None
     assert (await store.get_message(conv.id, "alice", first.id)).content == "uno"
 
     with pytest.raises(NotFound):

@@ -27,7 +27,7 @@ from conversational_core.replies.providers.base import CompletionRequest, Provid
 from conversational_core.settings import Settings
 from conversational_core.storage import events as event_types
 from conversational_core.storage.factory import Backend
-from conversational_core.storage.redis import RedisStore, build_client
+from conversational_core.storage.redis.store import open_redis_store
 from tests.conftest import REDIS_URL, make_settings
 from tests.fixtures.app import app_client, auth
 from tests.fixtures.fake_llm import FakeLLM, FakeLLMServer, Reply
@@ -230,14 +230,15 @@ async def _all_events(
     prefix: str, cid: str, url: str = REDIS_URL, cluster: bool = False
 ) -> list[tuple[str, dict[str, Any]]]:
     """Every event of the conversation as retained in Redis (type, data), oldest first."""
-    client = build_client(
-        url, socket_timeout=5, connect_timeout=2, max_connections=4, cluster=cluster
-    )
-    store = RedisStore(client, prefix, cluster=cluster)
-    try:
+    async with open_redis_store(
+        url,
+        prefix=prefix,
+        socket_timeout=5,
+        connect_timeout=2,
+        max_connections=4,
+        cluster=cluster,
+    ) as store:
         stored = await store.read_events(cid, None, 100_000)
-    finally:
-        await store.close()
     return [(e.type, orjson.loads(e.data)) for e in stored]
 
 

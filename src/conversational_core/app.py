@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 )
             # Start-up objects (modules, settings, clients) never die: keep them out of the
             # collector's full scans, which otherwise stall the loop as connections pile up.
-            limits = Limits.build(settings, active.store)
+            limits = Limits.build(settings, active.counters)
             stack.callback(metrics.process_exited, os.getpid())
             gc.collect()
             gc.freeze()

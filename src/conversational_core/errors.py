@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from conversational_core.observability import metrics
+from conversational_core.storage import errors as store
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TITLES = {
@@ -124,17 +125,6 @@ class Unprocessable(AppError):
     status, code = 422, "validation-error"
 
 
-class StoreUnavailable(AppError):
-    """The store (Redis or the embedded database) cannot be reached right now."""
-
-    status, code = 503, "store-unavailable"
-
-    def __init__(
-        self, detail: str = "The store is unavailable; retry shortly.", *, retry_after: int = 2
-    ) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
-
-
 def problem_body(
     status: int, detail: str, *, code: str | None = None, errors: list[dict[str, Any]] | None = None
 ) -> bytes:
@@ -179,14 +169,37 @@ def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict
     return 422, "The request has invalid fields.", errors
 
 
+# What the store's errors are over HTTP: the one table (storage/ knows nothing of HTTP).
+STORE_ERRORS: dict[type[store.StoreError], tuple[int, str]] = {
+    store.NotFound: (404, "not-found"),
+    store.AlreadyExists: (409, "conflict"),
+    store.StaleVersion: (412, "precondition-failed"),
+    store.IdempotencyMismatch: (422, "validation-error"),
+    store.UnknownAnchor: (400, "bad-request"),
+    store.Unavailable: (503, "store-unavailable"),
+}
+
+
+def store_problem(exc: store.StoreError) -> Response:
+    """The problem+json answer to a store error (see STORE_ERRORS)."""
+    status, code = next(STORE_ERRORS[kind] for kind in type(exc).__mro__ if kind in STORE_ERRORS)
+    headers = {}
+    if isinstance(exc, store.Unavailable):
+        metrics.STORE_ERRORS.labels("api").inc()
+        headers["Retry-After"] = str(exc.retry_after)
+    return problem_response(status, exc.message, code=code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def app_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, AppError)
-        if isinstance(exc, StoreUnavailable):
-            metrics.STORE_ERRORS.labels("api").inc()
         return problem_response(
             exc.status, exc.detail, code=exc.code, errors=exc.errors, headers=exc.headers
         )
+
+    async def store_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, store.StoreError)
+        return store_problem(exc)
 
     async def validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -199,6 +212,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
 
     app.add_exception_handler(AppError, app_error)
+    app.add_exception_handler(store.StoreError, store_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     # Anything else propagates to EdgeMiddleware, which answers a bare 500 problem (with the

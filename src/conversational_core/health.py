@@ -20,11 +20,11 @@ from pydantic import BaseModel
 from sse_starlette.sse import AppStatus
 from starlette.responses import Response
 
-from conversational_core.errors import StoreUnavailable
 from conversational_core.http import json_response
 from conversational_core.observability import metrics
 from conversational_core.routing import Operation
 from conversational_core.storage.base import JobQueue, Store
+from conversational_core.storage.errors import Unavailable
 
 router = APIRouter(tags=["operations"], route_class=Operation)
 
@@ -61,7 +61,7 @@ async def check_store(store: Store) -> dict[str, object]:
     started = time.perf_counter()
     try:
         await asyncio.wait_for(store.ping(), _CHECK_TIMEOUT_SECONDS)
-    except (StoreUnavailable, TimeoutError):
+    except (Unavailable, TimeoutError):
         return {"status": "unavailable", "backend": store.backend}
     return {
         "status": "ok",
@@ -73,7 +73,7 @@ async def check_store(store: Store) -> dict[str, object]:
 async def check_queue(jobs: JobQueue) -> dict[str, object]:
     try:
         depth, oldest = await asyncio.wait_for(jobs.stats(), _CHECK_TIMEOUT_SECONDS)
-    except (StoreUnavailable, TimeoutError):
+    except (Unavailable, TimeoutError):
         return {"status": "unavailable"}
     metrics.QUEUE_JOBS.set(depth)
     metrics.QUEUE_OLDEST_AGE.set(oldest)

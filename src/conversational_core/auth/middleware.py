@@ -81,7 +81,7 @@ class AuthMiddleware:
 
         # A read changes nothing, so it is counted while it runs rather than before: the
         # counter's script then shares the round trip of the read's own first Redis call
-        # (storage/resp.py batches the commands of one loop turn), instead of adding one.
+        # (storage/redis/client.py batches the commands of one loop turn), instead of adding one.
         # The answer waits for the count; over the limit it is a 429 and the read's result is
         # dropped, and the user's next reads are counted before they run until the window
         # resets (a refused client does not keep the store busy).

@@ -22,13 +22,11 @@ from conversational_core.messages.schemas import MessageCreate, MessageUpdate
 from conversational_core.observability import metrics
 from conversational_core.ratelimit import Limits, RateLimited
 from conversational_core.settings import Settings
-from conversational_core.storage import events
 from conversational_core.storage.base import (
     Idempotency,
     MessageQuery,
     MessageSlice,
     Store,
-    UnknownAnchor,
 )
 from conversational_core.storage.models import Message, MessageStatus, Role, new_id, utcnow
 
@@ -177,12 +175,7 @@ class MessageService:
             query = MessageQuery(limit, descending, anchor_id=before, backward=True)
         else:
             query = MessageQuery(limit, descending)
-        try:
-            page = await self._store.list_messages(conversation_id, read_owner(principal), query)
-        except UnknownAnchor:
-            raise BadRequest(
-                "The message given in after/before is not in this conversation."
-            ) from None
+        page = await self._store.list_messages(conversation_id, read_owner(principal), query)
         next_cursor = None
         if page.has_more and page.seqs:
             # Continue in the direction of travel: forward after the last item, backward before
@@ -225,7 +218,7 @@ class MessageService:
             ):
                 raise Conflict("A reply that is still being written cannot be edited.")
             updated = current.replace(**changes, updated_at=utcnow(), version=current.version + 1)
-            stored = await self._store.replace_message(conversation_id, owner, updated, current)
+            stored = await self._store.update_message(conversation_id, owner, updated, current)
             if stored is not None:
                 return stored
             if expected_version is not None:
@@ -251,15 +244,7 @@ class MessageService:
                 updated_at=utcnow(),
                 version=current.version + 1,
             )
-            stored = await self._store.replace_message(
-                conversation_id,
-                owner,
-                cancelled,
-                current,
-                event=events.MESSAGE_CANCELLED,
-                dequeue=True,
-                stop=True,
-            )
+            stored = await self._store.cancel_reply(conversation_id, owner, cancelled, current)
             if stored is not None:
                 metrics.REPLIES.labels("cancelled").inc()
                 return stored

@@ -1,7 +1,8 @@
 """Writing one reply: build the prompt, stream the provider's answer into events, finish once.
 
 The reply's lifecycle is `pending → streaming → completed | failed | cancelled`. Every state
-change is a compare-and-set on the stored message (see Store.replace_message), so that:
+change is a compare-and-set on the stored message (the Store's start_attempt, flush_reply and
+finish_reply), so that:
 - a cancel, a delete or another worker's write is noticed at the next write and the generation
   stops (and `publish_delta` refuses a cancelled or deleted reply at once, which closes the
   provider's stream within one token);
@@ -23,7 +24,6 @@ from typing import Any
 
 from loguru import logger
 
-from conversational_core.errors import NotFound
 from conversational_core.observability import metrics
 from conversational_core.replies.context import (
     PromptTooLong,
@@ -32,8 +32,8 @@ from conversational_core.replies.context import (
 )
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.settings import Settings
-from conversational_core.storage import events
 from conversational_core.storage.base import MessageQuery, Store
+from conversational_core.storage.errors import NotFound
 from conversational_core.storage.models import Message, MessageStatus, rfc3339_to_ms, utcnow
 
 
@@ -104,9 +104,7 @@ class ReplyWriter:
             updated_at=utcnow(),
             version=current.version + 1,
         )
-        stored = await self._store.replace_message(
-            conversation_id, None, streaming, current, restart=attempts
-        )
+        stored = await self._store.start_attempt(conversation_id, streaming, current, attempts)
         if stored is None:
             return  # changed meanwhile (cancelled, deleted, or another worker): not ours
         self._running[reply_id] = attempts
@@ -138,9 +136,7 @@ class ReplyWriter:
             context = dict(current.context or {})
             context["uncharged_attempts"] = int(context.get("uncharged_attempts", 0)) + 1
             released = current.replace(context=context)
-            if await self._store.replace_message(
-                conversation_id, None, released, current, event=None
-            ):
+            if await self._store.flush_reply(conversation_id, released, current):
                 return
 
     async def _stream(self, conversation_id: str, current: Message, request: Any) -> None:
@@ -176,8 +172,8 @@ class ReplyWriter:
                         if now - last_flush >= flush_every:
                             last_flush = now
                             flushed = current.replace(content="".join(text), updated_at=utcnow())
-                            stored = await self._store.replace_message(
-                                conversation_id, None, flushed, current, event=None
+                            stored = await self._store.flush_reply(
+                                conversation_id, flushed, current
                             )
                             if stored is None:
                                 # Changed by someone else: a cancel or delete ends our work;
@@ -185,12 +181,10 @@ class ReplyWriter:
                                 latest = await self._reread(conversation_id, current)
                                 if latest is None:
                                     return
-                                stored = await self._store.replace_message(
+                                stored = await self._store.flush_reply(
                                     conversation_id,
-                                    None,
                                     latest.replace(content="".join(text), updated_at=utcnow()),
                                     latest,
-                                    event=None,
                                 )
                                 if stored is None:
                                     return
@@ -274,11 +268,6 @@ class ReplyWriter:
     ) -> bool:
         """Finish the reply exactly once: a CAS against what this writer last stored (re-read
         when only its metadata changed meanwhile). False when someone else ended it."""
-        event = (
-            events.MESSAGE_COMPLETED
-            if status is MessageStatus.COMPLETED
-            else (events.MESSAGE_FAILED)
-        )
         for _ in range(5):
             final = current.replace(
                 status=status,
@@ -289,10 +278,8 @@ class ReplyWriter:
                 updated_at=utcnow(),
                 version=current.version + 1,
             )
-            # `stop`: once the reply has ended no delta passes, not even a stale writer's.
-            if await self._store.replace_message(
-                conversation_id, None, final, current, event=event, dequeue=True, stop=True
-            ):
+            # Once the reply has ended no delta passes, not even a stale writer's.
+            if await self._store.finish_reply(conversation_id, final, current):
                 metrics.REPLIES.labels(status.value).inc()
                 return True
             latest = await self._reread(conversation_id, current)

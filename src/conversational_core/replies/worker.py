@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 import uuid_utils
 from loguru import logger
 
-from conversational_core.errors import StoreUnavailable
 from conversational_core.observability import metrics
 from conversational_core.observability.errors import report
 from conversational_core.replies.generation import ReplyWriter
 from conversational_core.replies.providers import build_provider
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Job, JobQueue, Store
+from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.factory import Backend
 
 
@@ -114,7 +114,7 @@ class Worker:
         try:
             if not await self._jobs.acquire(cid, token):
                 return  # another worker is on this conversation; the job comes back later
-        except StoreUnavailable:
+        except Unavailable:
             return
         me = asyncio.current_task()
         assert me is not None
@@ -143,7 +143,7 @@ class Worker:
                 await self._writer.write(cid, reply_id)
                 writing = None
             await self._jobs.ack(job)
-        except StoreUnavailable:
+        except Unavailable:
             metrics.STORE_ERRORS.labels("worker").inc()
             logger.warning("worker {}: store unavailable during job {}", self.name, job.id)
         except asyncio.CancelledError:
@@ -165,7 +165,7 @@ class Worker:
                 await self._writer.hand_back(job.conversation_id, writing)
             await self._jobs.hand_back(job, token)
             logger.info("worker {}: handed job {} back", self.name, job.id)
-        except StoreUnavailable:
+        except Unavailable:
             pass  # the job stays pending: another worker reclaims it after the lease time
 
     async def _keep_lease(self, job: Job, token: str, owner: asyncio.Task[None]) -> None:
@@ -181,7 +181,7 @@ class Worker:
                 held = await self._jobs.renew(job.conversation_id, token, job)
                 if held:
                     renewed = loop.time()
-            except StoreUnavailable:
+            except Unavailable:
                 held = loop.time() - renewed < lease
             if not held:
                 logger.warning(

@@ -1,12 +1,19 @@
-"""The storage interface. Only `storage/` knows key layouts or SQL; everything above uses this.
+"""The storage interfaces. Only `storage/` knows key layouts or SQL; everything above uses these.
+
+A backend (factory.py) is four objects: the :class:`Store` of conversations and messages, the
+:class:`EventHub` that streams their events to this process's clients, the :class:`JobQueue` of
+the reply workers, and the :class:`Counters` of the rate limits. There are two backends: Redis
+(`storage/redis/`, also a Redis Cluster) and the embedded one (`storage/embedded/`: SQLite and
+in-process parts). One contract suite runs over both (tests/test_store_contract.py and its
+neighbours); where they differ, one of them is wrong.
 
 Ownership is a rule of the service layer, but the check itself happens inside the store's atomic
 operation (the `owner` argument) so that a request costs one round trip and nothing can change
 between the check and the write. `owner=None` skips the check (the service decides who may).
 
-Every method raises :class:`~conversational_core.errors.StoreUnavailable` when the backend cannot
-be reached, :class:`~conversational_core.errors.NotFound` for a missing (or not owned) object and
-:class:`~conversational_core.errors.PreconditionFailed` when `expected_version` does not match.
+Errors (storage/errors.py, nothing HTTP): every method raises `Unavailable` when the backend
+cannot serve right now, `NotFound` for a missing (or not owned) object and `StaleVersion` when
+`expected_version` does not match.
 """
 
 from __future__ import annotations
@@ -22,13 +29,7 @@ from typing import Any
 
 import orjson
 
-from conversational_core.errors import Unprocessable
 from conversational_core.storage.models import Conversation, Message, Page
-
-
-class IdempotencyMismatch(Unprocessable):
-    def __init__(self) -> None:
-        super().__init__("This Idempotency-Key was already used with a different request body.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +130,6 @@ class MessageSlice:
         return b"".join(itertools.chain((head,), pieces, (tail,)))
 
 
-class UnknownAnchor(Exception):
-    """The message id given as `after`/`before` is not in the conversation."""
-
-
 class Store(ABC):
     """Persistent storage of conversations and their messages."""
 
@@ -140,7 +137,7 @@ class Store(ABC):
 
     @abstractmethod
     async def ping(self) -> None:
-        """Check the backend answers; raise StoreUnavailable if not."""
+        """Check the backend answers; raise Unavailable if not."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -215,28 +212,45 @@ class Store(ABC):
     ) -> MessageSlice:
         """A page of messages (see :class:`MessageQuery`); raises UnknownAnchor."""
 
-    @abstractmethod
-    async def replace_message(
-        self,
-        conversation_id: str,
-        owner: str | None,
-        message: Message,
-        expected: Message,
-        *,
-        event: str | None = "message.updated",
-        dequeue: bool = False,
-        stop: bool = False,
-        restart: int | None = None,
-    ) -> Message | None:
-        """Compare-and-set: store `message` if the stored one still equals `expected`; returns
-        the stored message, or None when it changed meanwhile (the caller re-reads and retries,
-        or answers 412 when the client asked for a specific version).
+    # Changes to one message. Each is a compare-and-set: it stores `message` if the stored one
+    # still equals `expected` and returns it, or returns None when it changed meanwhile (the
+    # caller re-reads and retries, or answers 412 when the client asked for a version). Each is
+    # one atomic step with its event.
 
-        In the same atomic step: emit `event` (with the new message) unless None; `dequeue`
-        removes the message from the conversation's reply queue (the reply has ended); `stop`
-        makes every later :meth:`publish_delta` for it return False (the reply was cancelled);
-        `restart` (the number of a new attempt) forgets the text published so far and from then
-        on lets only deltas of that attempt pass (a worker that lost the reply is refused)."""
+    @abstractmethod
+    async def update_message(
+        self, conversation_id: str, owner: str | None, message: Message, expected: Message
+    ) -> Message | None:
+        """A client's edit (content, metadata): `message.updated`."""
+
+    @abstractmethod
+    async def start_attempt(
+        self, conversation_id: str, reply: Message, expected: Message, attempt: int
+    ) -> Message | None:
+        """A worker starts writing the reply (again): `message.updated`. The text published
+        so far is forgotten, and from now on only deltas of `attempt` pass (a worker that lost
+        the reply to another is refused)."""
+
+    @abstractmethod
+    async def flush_reply(
+        self, conversation_id: str, reply: Message, expected: Message
+    ) -> Message | None:
+        """Store the reply being written as it is now (its text so far, readable with a GET),
+        without an event: its clients follow the deltas."""
+
+    @abstractmethod
+    async def finish_reply(
+        self, conversation_id: str, reply: Message, expected: Message
+    ) -> Message | None:
+        """The reply ended (`reply.status` completed or failed): its event, the reply leaves
+        the reply queue, and no later delta passes (not even a stale writer's)."""
+
+    @abstractmethod
+    async def cancel_reply(
+        self, conversation_id: str, owner: str | None, reply: Message, expected: Message
+    ) -> Message | None:
+        """The reply was cancelled (`reply.status` cancelled): `message.cancelled`, it leaves
+        the reply queue, and no later delta passes."""
 
     @abstractmethod
     async def delete_message(
@@ -253,8 +267,9 @@ class Store(ABC):
         self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
     ) -> bool:
         """Emit `message.delta` for a reply being written. False (and nothing emitted) when the
-        reply was cancelled or deleted, or its conversation deleted: the writer must stop.
-        The store keeps the concatenation of a reply's published deltas (see stop_reply)."""
+        reply ended, was cancelled or deleted, or its conversation deleted, or when `attempt` is
+        not the reply's current one: the writer must stop. The store keeps the concatenation of
+        a reply's published deltas (see stop_reply)."""
 
     @abstractmethod
     async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
@@ -284,6 +299,20 @@ class Event:
     id: str
     type: str
     data: bytes  # a JSON object
+
+
+class Counters(ABC):
+    """Fixed-window counters (of the rate limits), shared by every process of the backend."""
+
+    @abstractmethod
+    async def hit(self, scope: str, identity: str, amount: int, seconds: int) -> tuple[int, float]:
+        """Count one hit of `identity` in `scope` for the rate `amount` per `seconds`: (hits in
+        the current window, this one included, seconds until the window resets). A window
+        starts at its first hit."""
+
+    @abstractmethod
+    async def refund(self, scope: str, identity: str, amount: int, seconds: int) -> None:
+        """Take one hit back (never below zero, never starting a window)."""
 
 
 class SlowConsumer(Exception):

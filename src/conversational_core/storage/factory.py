@@ -1,7 +1,7 @@
 """Pick the backend from the settings: Redis when REDIS_URL is set, the embedded store otherwise.
 
-A backend is the store, the event hub that fans events out to this process's clients, and the
-job queue of the reply workers.
+A backend is the store, the event hub that fans events out to this process's clients, the job
+queue of the reply workers, and the counters of the rate limits (see base.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from conversational_core.settings import Settings
-from conversational_core.storage.base import EventHub, JobQueue, Store
+from conversational_core.storage.base import Counters, EventHub, JobQueue, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,14 +19,16 @@ class Backend:
     store: Store
     events: EventHub
     jobs: JobQueue
+    counters: Counters
 
 
 @contextlib.asynccontextmanager
 async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
     if settings.REDIS_URL:
-        from conversational_core.storage.redis import open_redis_store
-        from conversational_core.storage.redis_events import RedisEventHub
-        from conversational_core.storage.redis_queue import RedisJobQueue
+        from conversational_core.storage.redis.events import RedisEventHub
+        from conversational_core.storage.redis.limiter import RedisCounters
+        from conversational_core.storage.redis.queue import RedisJobQueue
+        from conversational_core.storage.redis.store import open_redis_store
 
         async with open_redis_store(
             settings.REDIS_URL,
@@ -37,26 +39,27 @@ async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
             events_max_len=settings.EVENTS_MAX_LEN,
             events_ttl_seconds=settings.EVENTS_TTL_SECONDS,
             cluster=settings.REDIS_CLUSTER,
-        ) as redis_store:
+        ) as store:
             hub = RedisEventHub(
-                redis_store,
+                store,
                 settings.REDIS_URL,
                 client_buffer=settings.SSE_CLIENT_BUFFER,
                 connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
             )
-            jobs = RedisJobQueue(redis_store, lease_seconds=settings.JOB_LEASE_SECONDS)
+            jobs = RedisJobQueue(store.redis, store.keys, lease_seconds=settings.JOB_LEASE_SECONDS)
             try:
-                yield Backend(redis_store, hub, jobs)
+                yield Backend(store, hub, jobs, RedisCounters(store.redis, store.keys))
             finally:
                 await hub.close()
                 await jobs.close()
     else:
-        from conversational_core.storage.sqlite import open_sqlite_store
+        from conversational_core.storage.embedded.limiter import MemoryCounters
+        from conversational_core.storage.embedded.sqlite import open_sqlite_store
 
         async with open_sqlite_store(
             settings.DATA_DIR,
             events_max_len=settings.EVENTS_MAX_LEN,
             client_buffer=settings.SSE_CLIENT_BUFFER,
             lease_seconds=settings.JOB_LEASE_SECONDS,
-        ) as sqlite_store:
-            yield Backend(sqlite_store, sqlite_store.events, sqlite_store.jobs)
+        ) as store:
+            yield Backend(store, store.events, store.jobs, MemoryCounters())

@@ -5,8 +5,8 @@ A deployment meets these conditions as a matter of course: a restart (connection
 a script runs long), a failover (`READONLY` and `MASTERDOWN` from a demoted primary, `MOVED`,
 `ASK`, `TRYAGAIN` and `CLUSTERDOWN` on a cluster), memory or disk trouble (`OOM`, `MISCONF`),
 too few replicas (`NOREPLICAS`) or too many clients. None of them is a bug of the request: each
-is answered 503 with `Retry-After` (the store raises StoreUnavailable), the worker and the event
-readers back off and carry on, and the service recovers by itself once Redis does.
+is raised as `storage.errors.Unavailable` (a 503 with `Retry-After` over HTTP), the worker and
+the event readers back off and carry on, and the service recovers by itself once Redis does.
 
 Every other error is a bug (a script error, a wrong type) and surfaces as one.
 
@@ -32,7 +32,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from conversational_core.storage.resp import ReplyError
+from conversational_core.storage.errors import Unavailable
+
+
+class ReplyError(Exception):
+    """An error reply from Redis read by the fast client (e.g. `NOSCRIPT …`, `LOADING …`)."""
+
 
 # Error replies, by their first word, and how long a client should wait before trying again
 # (seconds, the `Retry-After` of the 503).
@@ -96,3 +101,10 @@ def retry_after(exc: BaseException) -> int | None:
     if code == "ERR" and _TOO_MANY_CLIENTS in str(exc):
         return DEFAULT_RETRY_AFTER
     return None
+
+
+def unavailable(exc: BaseException) -> None:
+    """Raise Unavailable (from `exc`) when `exc` means Redis cannot serve right now."""
+    wait = retry_after(exc)
+    if wait is not None:
+        raise Unavailable(retry_after=wait) from exc

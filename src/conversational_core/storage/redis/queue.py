@@ -40,11 +40,13 @@ import time
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import RedisError, ResponseError
 
-from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Job, JobQueue
-from conversational_core.storage.redis import RedisStore, _guard, conversation_of
+from conversational_core.storage.errors import Unavailable
+from conversational_core.storage.redis import scripts
+from conversational_core.storage.redis.client import Connection
+from conversational_core.storage.redis.errors import reply_code
+from conversational_core.storage.redis.keys import Keys, conversation_of
 
 GROUP = "workers"
 SWEEP_SECONDS = 60.0
@@ -53,50 +55,21 @@ SWEEP_SECONDS = 60.0
 _SWEEP_MAX_SIGNALS = 10_000
 _SWEEP_BATCH = 200
 
-# KEYS: lease, queue.  ARGV: token, ttl ms.
-# 1 released; 0 the queue has work (lease kept, or taken back if it had lapsed); -1 not ours
-_RELEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return -1 end
-if redis.call('LLEN', KEYS[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 0
-end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-
-# KEYS: lease.  ARGV: token
-_GIVE_BACK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: lease.  ARGV: token, ttl ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
 
 class RedisJobQueue(JobQueue):
     def __init__(
         self,
-        store: RedisStore,
+        redis: Connection,
+        keys: Keys,
         *,
         lease_seconds: float = 15.0,
         sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
-        self._store = store
-        self._redis = store.client
-        self._key = store.jobs_key
+        self._redis = redis
+        self._keys = keys
+        self._key = keys.jobs
         self._lease_ms = int(lease_seconds * 1000)
         self._group_ready = False
-        self._release = store.register_script(_RELEASE)
-        self._renew = store.register_script(_RENEW)
-        self._give_back = store.register_script(_GIVE_BACK)
         self._sweep_seconds = sweep_seconds
         self._next_sweep = 0.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -104,12 +77,13 @@ class RedisJobQueue(JobQueue):
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        with _guard():
-            try:
-                await self._redis.xgroup_create(self._key, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        try:
+            await self._redis.call("XGROUP", "CREATE", self._key, GROUP, "0", "MKSTREAM")
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if reply_code(exc) != "BUSYGROUP":
+                raise
         self._group_ready = True
 
     async def take(self, consumer: str, count: int, wait_seconds: float) -> list[Job]:
@@ -118,85 +92,83 @@ class RedisJobQueue(JobQueue):
             self._next_sweep = time.monotonic() + self._sweep_seconds
             self._sweeper = asyncio.create_task(self._sweep_if_elected(), name="job-sweep")
         try:
-            with _guard():
-                # Jobs of workers that stopped renewing them first: they have waited longest.
-                claimed: Any = await self._redis.xautoclaim(
-                    self._key, GROUP, consumer, min_idle_time=self._lease_ms, count=count
+            # Jobs of workers that stopped renewing them first: they have waited longest.
+            claimed: Any = await self._redis.call(
+                "XAUTOCLAIM", self._key, GROUP, consumer, self._lease_ms, "0-0", "COUNT", count
+            )
+            rows = [row for row in claimed[1] if row and row[1]]
+            if not rows:
+                # A blocking read: on a pooled connection of its own.
+                response: Any = await self._redis.call_pooled(
+                    "XREADGROUP",
+                    "GROUP",
+                    GROUP,
+                    consumer,
+                    "COUNT",
+                    count,
+                    "BLOCK",
+                    max(1, int(wait_seconds * 1000)),
+                    "STREAMS",
+                    self._key,
+                    ">",
                 )
-                rows = [row for row in claimed[1] if row and row[1]]
-                if not rows:
-                    response: Any = await self._redis.xreadgroup(
-                        GROUP,
-                        consumer,
-                        {self._key: ">"},
-                        count=count,
-                        block=max(1, int(wait_seconds * 1000)),
-                    )
-                    rows = response[0][1] if response else []
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+                rows = response[0][1] if response else []
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if reply_code(exc) != "NOGROUP":
                 raise
             self._group_ready = False  # the stream is gone (e.g. Redis restarted empty)
             return []
-        return [
-            Job(entry_id.decode(), fields[b"c"].decode(), consumer) for entry_id, fields in rows
-        ]
+        return [Job(entry_id.decode(), _field(fields, b"c"), consumer) for entry_id, fields in rows]
 
-    # Lease and acknowledgement calls go through the store's fast client (see resp.py): a
-    # worker writing hundreds of replies at once would otherwise hold as many pooled connections.
+    # Lease and acknowledgement calls go through the fast client (see client.py): a worker
+    # writing hundreds of replies at once would otherwise hold as many pooled connections.
 
     async def acquire(self, conversation_id: str, token: str) -> bool:
-        reply = await self._store.command(
-            "SET", self._store.lease_key(conversation_id), token, "NX", "PX", self._lease_ms
+        reply = await self._redis.call(
+            "SET", self._keys.lease(conversation_id), token, "NX", "PX", self._lease_ms
         )
         return reply is not None
 
     async def renew(self, conversation_id: str, token: str, job: Job) -> bool:
         held, _ = await asyncio.gather(
-            self._store.script(
-                self._renew, [self._store.lease_key(conversation_id)], [token, self._lease_ms]
+            self._redis.script(
+                scripts.RENEW, [self._keys.lease(conversation_id)], [token, self._lease_ms]
             ),
             # Reset the signal's idle time so that no other worker reclaims it meanwhile.
-            self._store.command(
-                "XCLAIM",
-                self._key,
-                GROUP,
-                job.consumer or "worker",
-                0,
-                job.id,
-                "JUSTID",
-                parse_justid=True,  # (redis-py would parse ids as entries, and fail)
+            self._redis.call(
+                "XCLAIM", self._key, GROUP, job.consumer or "worker", 0, job.id, "JUSTID"
             ),
         )
         return bool(held)
 
     async def release(self, conversation_id: str, token: str) -> bool:
-        result = await self._store.script(
-            self._release,
-            [self._store.lease_key(conversation_id), self._store.queue_key(conversation_id)],
+        result = await self._redis.script(
+            scripts.RELEASE,
+            [self._keys.lease(conversation_id), self._keys.replies(conversation_id)],
             [token, self._lease_ms],
         )
         return int(result) != 0
 
     async def ack(self, job: Job) -> None:
         await asyncio.gather(
-            self._store.command("XACK", self._key, GROUP, job.id),
-            self._store.command("XDEL", self._key, job.id),  # the stream keeps only jobs to do
+            self._redis.call("XACK", self._key, GROUP, job.id),
+            self._redis.call("XDEL", self._key, job.id),  # the stream keeps only jobs to do
         )
 
     async def hand_back(self, job: Job, token: str) -> None:
         cid = job.conversation_id
-        await self._store.script(self._give_back, [self._store.lease_key(cid)], [token])
+        await self._redis.script(scripts.GIVE_BACK, [self._keys.lease(cid)], [token])
         # A new signal first, then forget the old one: never a moment without one.
-        await self._store.command("XADD", self._key, "*", "c", cid)
+        await self._redis.call("XADD", self._key, "*", "c", cid)
         await self.ack(job)
 
     async def stats(self) -> tuple[int, float]:
-        with _guard():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xlen(self._key)
-            pipe.xrange(self._key, count=1)
-            depth, oldest = await pipe.execute()
+        depth, oldest = await asyncio.gather(
+            self._redis.call("XLEN", self._key),
+            self._redis.call("XRANGE", self._key, "-", "+", "COUNT", 1),
+        )
         if not oldest:
             return int(depth), 0.0
         ms = int(oldest[0][0].split(b"-")[0])
@@ -204,58 +176,61 @@ class RedisJobQueue(JobQueue):
 
     async def _sweep_if_elected(self) -> None:
         try:
-            with _guard():
-                # One sweep per period across all workers.
-                elected = await self._redis.set(
-                    f"{self._key}:sweep", b"1", nx=True, px=int(self._sweep_seconds * 1000)
-                )
-            if elected:
+            # One sweep per period across all workers.
+            elected = await self._redis.call(
+                "SET", self._keys.sweep_lock, b"1", "NX", "PX", int(self._sweep_seconds * 1000)
+            )
+            if elected is not None:
                 signalled = await self.sweep()
                 if signalled:
                     # Lost signals, or (rarely) replies queued while the sweep ran.
                     logger.info("signalled {} queued replies that had no signal", signalled)
-        except StoreUnavailable:
+        except Unavailable:
             self._next_sweep = 0.0  # try again at the next take
-        except RedisError as exc:  # e.g. the slot map changing under a SCAN: next period
+        except Exception as exc:  # e.g. the slot map changing under a SCAN: next period
             logger.warning("sweep for lost job signals failed ({})", type(exc).__name__)
 
     async def sweep(self) -> int:
         """Signal again every conversation with a queued reply but no signal and no lease (see
         the module's docstring); returns how many."""
-        with _guard():
-            rows: Any = await self._redis.xrange(self._key, count=_SWEEP_MAX_SIGNALS)
+        rows: Any = await self._redis.call(
+            "XRANGE", self._key, "-", "+", "COUNT", _SWEEP_MAX_SIGNALS
+        )
         if len(rows) >= _SWEEP_MAX_SIGNALS:
             return 0
-        signalled = {fields[b"c"].decode() for _, fields in rows}
-        pattern = self._store.queue_key("*")
+        signalled = {_field(fields, b"c") for _, fields in rows}
         candidates: list[str] = []
         count = 0
-        with _guard():
-            async for key in self._redis.scan_iter(match=pattern, count=1000, _type="list"):
-                cid = conversation_of(key.decode())
-                if cid not in signalled:
-                    candidates.append(cid)
-                if len(candidates) >= _SWEEP_BATCH:
-                    count += await self._signal_unattended(candidates)
-                    candidates = []
-            count += await self._signal_unattended(candidates)
+        async for key in self._redis.scan(self._keys.replies("*"), "list"):
+            cid = conversation_of(key.decode())
+            if cid not in signalled:
+                candidates.append(cid)
+            if len(candidates) >= _SWEEP_BATCH:
+                count += await self._signal_unattended(candidates)
+                candidates = []
+        count += await self._signal_unattended(candidates)
         return count
 
     async def _signal_unattended(self, cids: list[str]) -> int:
         if not cids:
             return 0
-        pipe = self._redis.pipeline(transaction=False)
-        for cid in cids:
-            pipe.exists(self._store.lease_key(cid))
-            pipe.llen(self._store.queue_key(cid))
-        found = await pipe.execute()
+        found = await asyncio.gather(
+            *(
+                self._redis.call(command, key)
+                for cid in cids
+                for command, key in (
+                    ("EXISTS", self._keys.lease(cid)),
+                    ("LLEN", self._keys.replies(cid)),
+                )
+            )
+        )
         stuck = [
             cid
             for cid, held, queued in zip(cids, found[::2], found[1::2], strict=True)
             if not held and queued
         ]
         for cid in stuck:
-            await self._redis.xadd(self._key, {"c": cid})
+            await self._redis.call("XADD", self._key, "*", "c", cid)
         return len(stuck)
 
     async def close(self) -> None:
@@ -264,3 +239,8 @@ class RedisJobQueue(JobQueue):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+
+
+def _field(fields: list[bytes], name: bytes) -> str:
+    """A field of a raw stream entry (its fields as a flat [k, v, …] list)."""
+    return fields[fields.index(name) + 1].decode()

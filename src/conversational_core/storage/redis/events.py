@@ -33,13 +33,13 @@ from urllib.parse import urlparse, urlunparse
 
 import redis.asyncio as aioredis
 from loguru import logger
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from conversational_core.errors import StoreUnavailable
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
-from conversational_core.storage.redis import RedisStore, _event, conversation_of
+from conversational_core.storage.errors import Unavailable
+from conversational_core.storage.redis.client import Connection, dedicated_client
+from conversational_core.storage.redis.keys import Keys, conversation_of
+from conversational_core.storage.redis.store import RedisStore, stream_event
 
 _BLOCK_MS = 5_000
 # A blocked XREAD answers within _BLOCK_MS; silence well beyond that means the node is gone.
@@ -144,7 +144,10 @@ class _Reader:
         # is interrupted) or the reader has taken a newer snapshot (then it names the change).
         for _ in range(_UNBLOCK_TRIES):
             try:
-                if await control.client_unblock(client_id):
+                unblocked = await control.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "UNBLOCK", client_id
+                )
+                if unblocked:
                     return
             except (RedisError, OSError):
                 return
@@ -153,13 +156,13 @@ class _Reader:
             await asyncio.sleep(_UNBLOCK_RETRY_SECONDS)
 
     async def _connect(self) -> aioredis.Redis:
-        address = await self.hub.store.primary_of(
-            self.hub.store.events_key(next(iter(self.cursors))), refresh=self.moved
+        address = await self.hub.redis.primary_of(
+            self.hub.keys.events(next(iter(self.cursors))), refresh=self.moved
         )
         url = self.hub.url if address is None else _node_url(self.hub.url, *address)
         self.conn = self.hub.connect(url, _READ_TIMEOUT)
         self.control = self.hub.connect(url, self.hub.connect_timeout + 1)
-        self.client_id = int(await self.conn.client_id())
+        self.client_id = int(await self.conn.execute_command("CLIENT", "ID"))  # type: ignore[no-untyped-call]
         self.moved = False
         return self.conn
 
@@ -184,15 +187,21 @@ class _Reader:
                 try:
                     conn = self.conn or await self._connect()
                     self.snapshot = self.generation
-                    streams: dict[Any, Any] = {
-                        self.hub.store.events_key(cid): cursor
-                        for cid, cursor in self.cursors.items()
-                    }
-                    if not streams:  # the last one left while connecting
+                    keys = [self.hub.keys.events(cid) for cid in self.cursors]
+                    if not keys:  # the last one left while connecting
                         break
-                    response: Any = await conn.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
+                    response: Any = await conn.execute_command(  # type: ignore[no-untyped-call]
+                        "XREAD",
+                        "COUNT",
+                        _READ_COUNT,
+                        "BLOCK",
+                        _BLOCK_MS,
+                        "STREAMS",
+                        *keys,
+                        *self.cursors.values(),
+                    )
                     delay = 0.05
-                except (RedisError, OSError, StoreUnavailable) as exc:
+                except (RedisError, OSError, Unavailable) as exc:
                     # Down, or (on a cluster) no longer serving the slot: find its primary anew.
                     logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
                     await self._disconnect()
@@ -214,7 +223,9 @@ class RedisEventHub(EventHub):
         client_buffer: int = 1000,
         connect_timeout: float = 1.0,
     ) -> None:
-        self.store = store
+        self.store = store  # catch-up reads (XRANGE) go through the store
+        self.redis: Connection = store.redis
+        self.keys: Keys = store.keys
         self.url = url
         self.connect_timeout = connect_timeout
         self._client_buffer = client_buffer
@@ -226,16 +237,12 @@ class RedisEventHub(EventHub):
     def connect(self, url: str, socket_timeout: float) -> aioredis.Redis:
         """One connection of a reader's own (callers queue for it). No retry: the reader
         reconnects by itself, to the slot's current primary on a cluster."""
-        pool = aioredis.BlockingConnectionPool.from_url(
+        return dedicated_client(
             url,
-            max_connections=1,
-            timeout=None,
-            socket_connect_timeout=self.connect_timeout,
             socket_timeout=socket_timeout,
+            connect_timeout=self.connect_timeout,
             client_name="conversational-core-events",
-            retry=Retry(NoBackoff(), 0),
         )
-        return aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
         self._closed = True
@@ -307,7 +314,7 @@ class RedisEventHub(EventHub):
         if self._closed:
             sub.queue.put_nowait(None)  # ends the subscription
             return
-        slot = self.store.slot_of(self.store.events_key(conversation_id))
+        slot = self.redis.slot_of(self.keys.events(conversation_id))
         reader = self._readers.get(slot)
         if reader is None:
             reader = self._readers[slot] = _Reader(self, slot)
@@ -324,7 +331,7 @@ class RedisEventHub(EventHub):
         if subs:
             return
         del self._subs[conversation_id]
-        slot = self.store.slot_of(self.store.events_key(conversation_id))
+        slot = self.redis.slot_of(self.keys.events(conversation_id))
         reader = self._readers.get(slot)
         if reader is None:
             return
@@ -358,7 +365,7 @@ class RedisEventHub(EventHub):
             if not subs:
                 continue
             for entry_id, fields in entries:
-                event = _event(entry_id, fields)
+                event = stream_event(entry_id, fields)
                 for sub in list(subs):
                     sub.offer(event)
 

@@ -1,0 +1,55 @@
+"""What a store raises. Nothing here knows HTTP: the web layer maps these to statuses in one
+table (`conversational_core.errors`), the worker and the event readers decide for themselves.
+
+Messages are written so that they can be shown to a client as they are ("Message not found.").
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Every error a store raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(StoreError):
+    """The object does not exist, or belongs to someone else (never said which)."""
+
+
+class AlreadyExists(StoreError):
+    """An object with this id exists already (a caller bug: ids are generated fresh)."""
+
+
+class StaleVersion(StoreError):
+    """The object changed since the version the caller based its change on."""
+
+    def __init__(
+        self, message: str = "The resource changed since the ETag given in If-Match."
+    ) -> None:
+        super().__init__(message)
+
+
+class IdempotencyMismatch(StoreError):
+    """An Idempotency-Key used again with a different request."""
+
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was already used with a different request body.")
+
+
+class UnknownAnchor(StoreError):
+    """The message a page is anchored at (`after`/`before`) is not in the conversation."""
+
+    def __init__(self) -> None:
+        super().__init__("The message given in after/before is not in this conversation.")
+
+
+class Unavailable(StoreError):
+    """The store cannot serve right now (down, restarting, failing over, out of memory…);
+    retry after `retry_after` seconds. Never a bug of the caller."""
+
+    def __init__(self, retry_after: int = 2) -> None:
+        super().__init__("The store is unavailable; retry shortly.")
+        self.retry_after = retry_after
