@@ -11,13 +11,13 @@ test:
 
 lint:
 	@bash scripts/venv.sh requirements-dev.txt
-	.venv/bin/ruff check src tests bench
-	.venv/bin/ruff format --check src tests bench
+	.venv/bin/ruff check src tests bench testkit
+	.venv/bin/ruff format --check src tests bench testkit
 	.venv/bin/mypy
 
 format:
-	.venv/bin/ruff format src tests bench
-	.venv/bin/ruff check --fix src tests bench
+	.venv/bin/ruff format src tests bench testkit
+	.venv/bin/ruff check --fix src tests bench testkit
 
 bench:
 	@bash scripts/venv.sh requirements-dev.txt

@@ -48,16 +48,16 @@ from typing import Any
 
 import orjson
 import uvloop
-from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError as RedisResponseError
+from testkit.fake_llm import reply_text, tag_message
 
 from bench.client import RawClient, encode_request
-from bench.fake_llm import reply_text, tag_message
 from bench.fixtures import KEYS
 from bench.sse import COMPLETED, SseProtocol, events_request
 from bench.ttft import configure_llm, percentile
 from conversational_core.settings import Settings
 from conversational_core.storage.redis import queue
+from redis import Redis as SyncRedis
 
 CLIENTS = 1_000
 WORKERS = 2

@@ -19,8 +19,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis as redis_lib
+from testkit.ports import free_port
 
+import redis as redis_lib
 from bench.client import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +43,6 @@ UVICORN_OPTIONS = (
 
 class MissingTool(SystemExit):
     """A binary the benchmark needs is not installed and could not be installed."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ensure_binary(binary: str, package: str) -> str:
@@ -269,11 +263,11 @@ def bare_app(page_file: Path, workdir: Path) -> Iterator[tuple[Child, int]]:
 
 @contextlib.contextmanager
 def fake_llm(workdir: Path) -> Iterator[tuple[Child, int]]:
-    """The fake OpenAI-compatible server (`bench/fake_llm.py`); yields it and its port."""
+    """The fake OpenAI-compatible server (`testkit/fake_llm.py`); yields it and its port."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": _bench_python_path()}
-    with spawn("fake-llm", _uvicorn_app("bench.fake_llm:app", port), workdir, env) as child:
-        _wait(child, port, "/bench/stats")
+    with spawn("fake-llm", _uvicorn_app("testkit.fake_llm:bench_app", port), workdir, env) as child:
+        _wait(child, port, "/fake/stats")
         yield child, port
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
+from testkit.sse import EventStreamParser
+from testkit.sse import StreamEvent as SseEvent
 
 from bench.client import encode_request
 
@@ -44,13 +46,6 @@ class SseError(RuntimeError):
     """The server answered something else than an event stream."""
 
 
-@dataclass(frozen=True, slots=True)
-class SseEvent:
-    type: str  # "message" when the event has no `event:` field; "" for comments only
-    data: bytes
-    id: str | None
-
-
 class SseParser:
     """Incremental: feed it the bytes of one HTTP/1.1 response to a GET of an event stream."""
 
@@ -61,7 +56,8 @@ class SseParser:
         self._chunked = False
         self._chunk_left = 0  # bytes of the current chunk still to come
         self._chunk_crlf = False  # the CRLF after a chunk's data is still to come
-        self._text = b""  # event-stream bytes not yet split into events
+        self._text = b""  # de-chunked event-stream bytes not yet given to the parser
+        self._stream = EventStreamParser()
         self.ended = False
 
     def feed(self, data: bytes) -> list[SseEvent]:
@@ -114,35 +110,8 @@ class SseParser:
         self._raw = raw[pos:]
 
     def _events(self) -> list[SseEvent]:
-        text = self._text
-        if b"\r" in text:
-            # CRLF (sse-starlette's separator) or CR to LF; a CR at the very end may be the first
-            # half of a CRLF, so it waits for the next bytes.
-            keep = text.endswith(b"\r")
-            body = text[:-1] if keep else text
-            text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if keep else b"")
-        events: list[SseEvent] = []
-        while (end := text.find(b"\n\n")) >= 0:
-            block, text = text[:end], text[end + 2 :]
-            kind = "message"
-            data: list[bytes] = []
-            event_id = None
-            comment = True  # until a field other than `retry:` shows up
-            for line in block.split(b"\n"):
-                name, _, value = line.partition(b":")
-                value = value.removeprefix(b" ")
-                if name == b"event":
-                    kind = value.decode()
-                elif name == b"data":
-                    data.append(value)
-                elif name == b"id":
-                    event_id = value.decode()
-                else:
-                    continue  # a comment line, `retry:` or an unknown field
-                comment = False
-            events.append(SseEvent("" if comment else kind, b"\n".join(data), event_id))
-        self._text = text
-        return events
+        text, self._text = self._text, b""
+        return self._stream.feed(text)
 
 
 def events_request(port: int, conversation_id: str, token: str) -> bytes:

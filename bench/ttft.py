@@ -2,7 +2,7 @@
 
 Set-up: Redis, the API with WORKER_IN_API=false, one reply worker as its own process
 (`python run.py worker`, same environment) and the fake OpenAI-compatible server
-(`bench/fake_llm.py`, its own process; LLM_PROVIDER=openai, so the worker talks to it through the
+(`testkit/fake_llm.py`, its own process; LLM_PROVIDER=openai, so the worker talks to it through the
 real `openai` SDK over HTTP). The fake model waits FIRST_DELAY_MS, then sends TOKENS tokens
 TOKEN_DELAY_MS apart, and records the wall-clock time (`time.time()`) at which it handed the
 first token to the kernel.
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from testkit.fake_llm import reply_text, tag_message
 
 from bench.client import RawClient
-from bench.fake_llm import reply_text, tag_message
 from bench.sse import COMPLETED, ThreadedSseReader
 
 SAMPLES = 200
@@ -164,8 +164,8 @@ def configure_llm(
     llm: RawClient, first_delay_ms: float, tokens: int, token_delay_ms: float
 ) -> None:
     config = {"first_delay_ms": first_delay_ms, "tokens": tokens, "token_delay_ms": token_delay_ms}
-    llm.call("PUT", "/bench/config", json=config)
-    llm.call("DELETE", "/bench/first-tokens", expected=204)
+    llm.call("PUT", "/fake/config", json=config)
+    llm.call("DELETE", "/fake/first-tokens", expected=204)
 
 
 def measure(
@@ -212,7 +212,7 @@ def measure(
                 gc.enable()
         with RawClient(llm_port) as llm:  # a new connection: the first one has idled out
             provider: dict[str, dict[str, float]] = orjson.loads(
-                llm.call("GET", "/bench/first-tokens")
+                llm.call("GET", "/fake/first-tokens")
             )
     finally:
         for reader in readers:

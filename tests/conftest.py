@@ -11,6 +11,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import uuid_utils
+from testkit.redis import RedisCluster, redis_cluster
 
 from conversational_core.app import create_app
 from conversational_core.settings import Settings, load_settings
@@ -25,7 +26,6 @@ from conversational_core.storage.redis.limiter import RedisCounters
 from conversational_core.storage.redis.queue import RedisJobQueue
 from conversational_core.storage.redis.store import RedisStore
 from tests.fixtures.app import app_client
-from tests.fixtures.redis_cluster import RedisCluster, redis_cluster
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -173,12 +174,21 @@ async def test_queue_gauges_and_cancelled_replies(store: Store) -> None:
         before = (await http.get("/metrics")).text
         assert value(before, "conversational_core_queue_jobs") == 0
         cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+        posted = time.monotonic()
         sent = await http.post(
             f"/conversations/{cid}/messages", json={"content": "hi"}, headers=alice
         )
         waiting = (await http.get("/metrics")).text
+        waited = time.monotonic() - posted
         assert value(waiting, "conversational_core_queue_jobs") == 1
-        assert value(waiting, "conversational_core_queue_oldest_job_age_seconds") >= 0
+        # The job's age: no older than the time since it was asked for (Redis stream ids are
+        # in milliseconds of the wall clock: a millisecond of slack), and it grows.
+        age = value(waiting, "conversational_core_queue_oldest_job_age_seconds")
+        assert 0 <= age <= waited + 0.002, (age, waited)
+        later = value(
+            (await http.get("/metrics")).text, "conversational_core_queue_oldest_job_age_seconds"
+        )
+        assert later >= age
         reply = sent.json()["reply_message_id"]
         cancelled = await http.post(f"/conversations/{cid}/messages/{reply}/cancel", headers=alice)
         assert cancelled.status_code == 200

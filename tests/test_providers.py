@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from testkit.fake_llm import FakeLLM, FakeLLMServer
+from testkit.ports import free_port
 
 from conversational_core.app import create_app
 from conversational_core.replies.providers.openai import default_max_tokens_param
@@ -19,9 +21,7 @@ from conversational_core.storage.base import Store
 from conversational_core.storage.factory import Backend
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
-from tests.fixtures.fake_llm import FakeLLM, FakeLLMServer
 from tests.fixtures.live import collect_until_end, serve
-from tests.fixtures.redis_server import free_port
 from tests.fixtures.tiny_gguf import REPLY, write_tiny_model
 
 

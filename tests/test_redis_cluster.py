@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from testkit.redis import RedisCluster, redis_cluster
 
 from conversational_core.app import create_app
 from conversational_core.settings import Settings
@@ -18,7 +19,6 @@ from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until_end, serve
 from tests.fixtures.load import Load
-from tests.fixtures.redis_cluster import RedisCluster, redis_cluster
 
 # How long requests may fail (503) once the replica has taken over, and how many must then
 # succeed in a row.

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
+from testkit.ports import free_port
+from testkit.redis import RedisProcess
 
+import redis
 from conversational_core.app import create_app
 from conversational_core.storage.redis.errors import TRANSIENT_REPLIES
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import SseEvent, collect_until_end, serve, sse_events
 from tests.fixtures.load import RECOVERY_SECONDS, Load
-from tests.fixtures.redis_server import RedisProcess, free_port
 
 pytestmark = pytest.mark.redis_restart
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from testkit.redis import RedisProcess
 
 from conversational_core.app import create_app
 from tests.conftest import make_settings
 from tests.fixtures.app import app_client, auth
-from tests.fixtures.redis_server import RedisProcess
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from testkit.fake_llm import Fail, FakeLLM, FakeLLMServer, Reply
 
 from conversational_core.app import create_app
 from conversational_core.settings import Settings
 from conversational_core.storage.factory import Backend
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
-from tests.fixtures.fake_llm import Fail, FakeLLM, FakeLLMServer, Reply
 from tests.fixtures.live import SseEvent, collect_until_end, serve
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from conversational_core.storage import events as ev
 from conversational_core.storage.base import (
     Idempotency,
     MessageQuery,
@@ -256,3 +257,132 @@ async def test_idempotent_append_and_create(store: Store) -> None:
         conversation(user="bob"), Idempotency("k", "f", 60)
     )
     assert not replayed3 and c3.id != c1.id
+
+
+# --- Replies: the named operations and deltas -------------------------------------------------
+
+
+def _reply(conversation_id: str) -> Message:
+    return message(conversation_id, "", Role.ASSISTANT).replace(status=MessageStatus.PENDING)
+
+
+async def _queued(store: Store) -> tuple[str, Message]:
+    """A conversation of alice's with a user message and its pending reply, queued."""
+    conv, _ = await store.create_conversation(conversation())
+    ask, reply = message(conv.id), _reply(conv.id)
+    await store.append_messages(conv.id, "alice", [ask, reply], utcnow(), reply_id=reply.id)
+    return conv.id, reply
+
+
+async def _types_after(store: Store, cid: str, after: str | None) -> list[str]:
+    return [e.type for e in await store.read_events(cid, after, 100)]
+
+
+async def test_a_reply_written_to_the_end(store: Store) -> None:
+    cid, reply = await _queued(store)
+    assert await store.reply_queue_head(cid) == reply.id
+    mark = await store.last_event_id(cid)
+
+    streaming = reply.replace(status=MessageStatus.STREAMING, version=2)
+    assert await store.start_attempt(cid, streaming, reply, 1) == streaming
+    assert await store.publish_delta(cid, reply.id, "Hel", 1)
+    assert await store.publish_delta(cid, reply.id, "lo", 1)
+    flushed = streaming.replace(content="Hello")
+    assert await store.flush_reply(cid, flushed, streaming) == flushed
+    assert (await store.get_message(cid, "alice", reply.id)).content == "Hello"
+    done = flushed.replace(status=MessageStatus.COMPLETED, version=3)
+    assert await store.finish_reply(cid, done, flushed) == done
+
+    # The flush emitted nothing: clients follow the deltas.
+    assert await _types_after(store, cid, mark) == [
+        ev.MESSAGE_UPDATED,
+        ev.MESSAGE_DELTA,
+        ev.MESSAGE_DELTA,
+        ev.MESSAGE_COMPLETED,
+    ]
+    assert await store.reply_queue_head(cid) is None
+    assert not await store.publish_delta(cid, reply.id, "!", 1)  # ended: refused
+    assert await store.get_message(cid, None, reply.id) == done
+
+
+async def test_a_failed_reply_ends_with_its_event(store: Store) -> None:
+    cid, reply = await _queued(store)
+    mark = await store.last_event_id(cid)
+    failed = reply.replace(status=MessageStatus.FAILED, error="no", version=2)
+    assert await store.finish_reply(cid, failed, reply) == failed
+    assert await _types_after(store, cid, mark) == [ev.MESSAGE_FAILED]
+    assert await store.reply_queue_head(cid) is None
+
+
+async def test_a_new_attempt_fences_the_old_one(store: Store) -> None:
+    cid, reply = await _queued(store)
+    first = reply.replace(status=MessageStatus.STREAMING, version=2)
+    assert await store.start_attempt(cid, first, reply, 1)
+    assert await store.publish_delta(cid, reply.id, "old ", 1)
+    second = first.replace(version=3, context={"attempts": 2})
+    assert await store.start_attempt(cid, second, first, 2)
+    # The worker that lost the reply writes no more into it; the new one starts from nothing.
+    assert not await store.publish_delta(cid, reply.id, "stale", 1)
+    assert await store.publish_delta(cid, reply.id, "new", 2)
+    assert await store.stop_reply(cid, reply.id) == "new"
+    assert not await store.publish_delta(cid, reply.id, "late", 2)
+
+
+async def test_a_cancelled_reply_keeps_what_its_clients_received(store: Store) -> None:
+    cid, reply = await _queued(store)
+    streaming = reply.replace(status=MessageStatus.STREAMING, version=2)
+    assert await store.start_attempt(cid, streaming, reply, 1)
+    assert await store.publish_delta(cid, reply.id, "Hel", 1)
+    assert await store.publish_delta(cid, reply.id, "lo", 1)
+    assert await store.stop_reply(cid, reply.id) == "Hello"
+    assert not await store.publish_delta(cid, reply.id, "!", 1)
+    cancelled = streaming.replace(status=MessageStatus.CANCELLED, content="Hello", version=3)
+    with pytest.raises(NotFound):  # only its owner (or a caller that names no owner)
+        await store.cancel_reply(cid, "bob", cancelled, streaming)
+    mark = await store.last_event_id(cid)
+    assert await store.cancel_reply(cid, "alice", cancelled, streaming) == cancelled
+    assert await _types_after(store, cid, mark) == [ev.MESSAGE_CANCELLED]
+    assert await store.reply_queue_head(cid) is None
+    # Nothing stopped a reply that was never published: None.
+    assert await store.stop_reply(cid, new_id()) is None
+
+
+async def test_changes_against_a_stale_copy_write_and_emit_nothing(store: Store) -> None:
+    cid, reply = await _queued(store)
+    mark = await store.last_event_id(cid)
+    stale = reply.replace(content="stale")
+    newer = reply.replace(status=MessageStatus.STREAMING, version=2)
+    assert await store.update_message(cid, "alice", newer, stale) is None
+    assert await store.start_attempt(cid, newer, stale, 1) is None
+    assert await store.flush_reply(cid, newer, stale) is None
+    assert await store.finish_reply(cid, newer.replace(status=MessageStatus.FAILED), stale) is None
+    assert (
+        await store.cancel_reply(cid, None, newer.replace(status=MessageStatus.CANCELLED), stale)
+        is None
+    )
+    assert await store.last_event_id(cid) == mark
+    assert await store.get_message(cid, None, reply.id) == reply
+    with pytest.raises(NotFound):
+        await store.update_message(cid, "alice", message(cid), message(cid))
+
+
+async def test_deleting_a_reply_stops_its_deltas_and_dequeues_it(store: Store) -> None:
+    cid, first = await _queued(store)
+    second = _reply(cid)
+    await store.append_messages(cid, None, [second], utcnow(), reply_id=second.id)
+    assert await store.publish_delta(cid, first.id, "a")
+    assert await store.publish_delta(cid, second.id, "b")
+    assert not await store.publish_delta(cid, new_id(), "x")  # no such message
+    await store.delete_message(cid, None, first.id)
+    assert not await store.publish_delta(cid, first.id, "a")
+    assert await store.reply_queue_head(cid) == second.id
+    deleted = (await store.read_events(cid, None, 100))[-1]
+    assert deleted.type == ev.MESSAGE_DELETED
+    assert deleted.data == ev.message_deleted_data(first.id)
+
+    updated = await store.update_conversation(cid, None, {"title": "x"}, None, utcnow())
+    [changed] = await store.read_events(cid, deleted.id, 10)
+    assert changed.data == ev.conversation_data(updated)
+    await store.delete_conversation(cid, None)
+    assert not await store.publish_delta(cid, second.id, "b")
+    assert await store.reply_queue_head(cid) is None

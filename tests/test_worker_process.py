@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from testkit.fake_llm import FakeLLM, FakeLLMServer, Reply
+from testkit.redis import RedisCluster
 
 from conversational_core.app import create_app
 from conversational_core.replies.generation import ReplyWriter
@@ -30,9 +32,7 @@ from conversational_core.storage.factory import Backend
 from conversational_core.storage.redis.store import open_redis_store
 from tests.conftest import REDIS_URL, make_settings
 from tests.fixtures.app import app_client, auth
-from tests.fixtures.fake_llm import FakeLLM, FakeLLMServer, Reply
 from tests.fixtures.live import SseEvent, collect_until_end, serve
-from tests.fixtures.redis_cluster import RedisCluster
 from tests.fixtures.server import ROOT
 
 # Bounds on waits for events that must happen: a failure shows as a timeout, not a hang.

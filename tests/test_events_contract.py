@@ -1,0 +1,176 @@
+"""One contract suite for the event hub, run on every backend (Redis, Redis Cluster, embedded):
+resume without gaps or duplicates, retention, malformed ids, slow consumers, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conversational_core.storage.base import Event, EventHub, SlowConsumer, Store
+from conversational_core.storage.embedded.sqlite import open_sqlite_store
+from conversational_core.storage.redis.store import RedisStore
+from tests.conftest import backend_for, make_settings
+from tests.test_store_contract import conversation, message
+
+_BUFFER = 10  # SSE_CLIENT_BUFFER, its smallest allowed value
+
+
+@contextlib.asynccontextmanager
+async def _hub(store: Store) -> AsyncIterator[EventHub]:
+    """The event hub that goes with `store` (for the embedded store: its own log, made with
+    the store; see the fixtures below)."""
+    backend = backend_for(store, make_settings(SSE_CLIENT_BUFFER=_BUFFER))
+    try:
+        yield backend.events
+    finally:
+        await backend.events.close()
+
+
+@pytest.fixture
+async def store(store: Store, tmp_path: Path) -> AsyncIterator[Store]:
+    """The backend with a client buffer of _BUFFER events (the embedded store's event log is
+    made with the store: a store of its own)."""
+    if isinstance(store, RedisStore):
+        yield store
+        return
+    async with open_sqlite_store(tmp_path / "buffered", client_buffer=_BUFFER) as buffered:
+        yield buffered
+
+
+async def _append(store: Store, cid: str, *contents: str) -> None:
+    for content in contents:
+        m = message(cid, content)
+        await store.append_messages(cid, "alice", [m], m.created_at)
+
+
+def _content(event: Event) -> str:
+    content: str = orjson.loads(event.data)["message"]["content"]
+    return content
+
+
+async def _collect(events: AsyncIterator[Event], n: int) -> list[Event]:
+    out: list[Event] = []
+    async for event in events:
+        out.append(event)
+        if len(out) == n:
+            break
+    return out
+
+
+async def test_catch_up_then_live_without_gaps_or_duplicates(store: Store) -> None:
+    cid = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, *(f"m{i}" for i in range(5)))
+    second = (await store.read_events(cid, None, 10))[1]
+    async with _hub(store) as hub, hub.subscribe(cid, second.id) as events:
+        await _append(store, cid, "m5", "m6", "m7")
+        writer = asyncio.create_task(_append(store, cid, *(f"m{i}" for i in range(8, 12))))
+        got = await asyncio.wait_for(_collect(events, 10), 10)
+        await writer
+    assert [_content(e) for e in got] == [f"m{i}" for i in range(2, 12)]
+    assert len({e.id for e in got}) == 10
+    assert [e.id for e in got] == [e.id for e in await store.read_events(cid, second.id, 100)]
+
+
+async def test_without_an_id_only_new_events(store: Store) -> None:
+    cid = (await store.create_conversation(conversation()))[0].id
+    other = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, "old")
+    async with _hub(store) as hub, hub.subscribe(cid, None) as events:
+        await _append(store, other, "elsewhere")
+        await _append(store, cid, "new", "newer")
+        got = await asyncio.wait_for(_collect(events, 2), 10)
+    assert [_content(e) for e in got] == ["new", "newer"]
+
+
+@pytest.fixture
+async def short_memory(store: Store, tmp_path: Path) -> AsyncIterator[Store]:
+    """The same backend keeping about 10 events per conversation (EVENTS_MAX_LEN)."""
+    if isinstance(store, RedisStore):
+        yield RedisStore(store.redis, store.keys, events_max_len=10)  # (its connection: store's)
+        return
+    async with open_sqlite_store(
+        tmp_path / "short", events_max_len=10, client_buffer=_BUFFER
+    ) as short:
+        yield short
+
+
+async def test_retention_keeps_the_newest_events_and_resume_gets_what_is_kept(
+    short_memory: Store,
+) -> None:
+    store = short_memory
+    cid = (await store.create_conversation(conversation()))[0].id
+    first_batch = [f"m{i}" for i in range(400)]
+    await _append(store, cid, *first_batch[:1])
+    oldest = await store.last_event_id(cid)
+    await _append(store, cid, *first_batch[1:])
+    kept = await store.read_events(cid, None, 1000)
+    # Trimmed (Redis trims whole nodes of its stream, `MAXLEN ~`: it keeps at least 10, and
+    # a little more), the newest kept, none missing among those kept.
+    assert 10 <= len(kept) < 400
+    assert [_content(e) for e in kept] == first_batch[-len(kept) :]
+    async with _hub(store) as hub, hub.subscribe(cid, oldest) as events:
+        resumed = await asyncio.wait_for(_collect(events, len(kept)), 10)
+    assert [e.id for e in resumed] == [e.id for e in kept]
+
+
+async def test_a_malformed_id_is_a_value_error(store: Store) -> None:
+    cid = (await store.create_conversation(conversation()))[0].id
+    async with _hub(store) as hub:
+        for bad in ("abc", "", "1-x", "-1"):
+            with pytest.raises(ValueError):
+                async with hub.subscribe(cid, bad) as events:
+                    await _collect(events, 1)
+            with pytest.raises(ValueError):
+                await store.read_events(cid, bad, 10)
+
+
+async def test_a_slow_consumer_is_dropped_without_slowing_the_others(store: Store) -> None:
+    cid = (await store.create_conversation(conversation()))[0].id
+    total = 4 * _BUFFER
+    async with (
+        _hub(store) as hub,
+        hub.subscribe(cid, None) as slow,
+        hub.subscribe(cid, None) as fast,
+    ):
+        # Both go live (a subscription is live once it has read past what was retained when it
+        # began: here, two events), then the slow one stops reading.
+        await _append(store, cid, "start")
+        starting = [asyncio.create_task(_collect(it, 1)) for it in (slow, fast)]
+        await asyncio.wait_for(asyncio.gather(*starting), 10)
+        starting = [asyncio.create_task(_collect(it, 1)) for it in (slow, fast)]
+        await _append(store, cid, "live")
+        await asyncio.wait_for(asyncio.gather(*starting), 10)
+        reader = asyncio.create_task(_collect(fast, total))
+        await _append(store, cid, *(f"m{i}" for i in range(total)))
+        got = await asyncio.wait_for(reader, 10)
+        with pytest.raises(SlowConsumer):
+            await asyncio.wait_for(_collect(slow, total), 10)
+    assert [_content(e) for e in got] == [f"m{i}" for i in range(total)]
+
+
+async def test_catching_up_on_more_than_the_buffer_is_no_overflow(store: Store) -> None:
+    cid = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, "first")
+    start = await store.last_event_id(cid)
+    await _append(store, cid, *(f"m{i}" for i in range(3 * _BUFFER)))
+    async with _hub(store) as hub, hub.subscribe(cid, start) as events:
+        got = await asyncio.wait_for(_collect(events, 3 * _BUFFER), 10)
+    assert [_content(e) for e in got] == [f"m{i}" for i in range(3 * _BUFFER)]
+
+
+async def test_closing_the_hub_ends_every_subscription(store: Store) -> None:
+    first = (await store.create_conversation(conversation()))[0].id
+    second = (await store.create_conversation(conversation()))[0].id
+    await _append(store, second, "retained")
+    async with _hub(store) as hub:
+        async with hub.subscribe(first, None) as a, hub.subscribe(second, None) as b:
+            readers = [asyncio.create_task(_collect(it, 10)) for it in (a, b)]
+            await hub.close()
+            assert await asyncio.wait_for(asyncio.gather(*readers), 10) == [[], []]
+        async with hub.subscribe(first, None) as late:
+            assert await asyncio.wait_for(_collect(late, 1), 10) == []
