@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the dev requirements, makes sure a Redis
-# server is there for the tests (the local one, or a throwaway one started here), runs pytest.
+# server is there for the tests (the local one, or a throwaway one started here), runs pytest
+# with coverage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/venv.sh requirements-dev.txt
@@ -40,4 +41,7 @@ if ! redis_up "$TEST_REDIS_URL"; then
   echo "started a throwaway redis-server for the tests at $TEST_REDIS_URL" >&2
 fi
 
-.venv/bin/python -m pytest "$@"
+# Two processes at a time (the tests mostly wait on servers), and the coverage of the package,
+# also of the servers and workers the tests start, printed at the end and in htmlcov/.
+.venv/bin/python -m pytest --numprocesses auto --maxprocesses 4 \
+  --cov=conversational_core --cov-report=term --cov-report=html "$@"

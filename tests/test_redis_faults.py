@@ -21,7 +21,7 @@ from testkit.redis import RedisProcess
 
 import redis
 from conversational_core.app import create_app
-from conversational_core.storage.redis.errors import TRANSIENT_REPLIES
+from conversational_core.storage.redis.errors import TRANSIENT_REPLIES, retry_after
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import SseEvent, collect_until_end, serve, sse_events
@@ -293,3 +293,20 @@ async def test_error_replies_are_503_then_recovery(
                 break
             await asyncio.sleep(0.05)
         assert after.status_code == 201, after.text
+
+
+def test_a_write_on_a_connection_closed_under_it_is_a_lost_connection() -> None:
+    """redis-py 8.1 leaks asyncio's AttributeError/TypeError from such a write (seen here during
+    a cluster failover): the table reads it as a lost connection, and nothing else as one."""
+    from redis.asyncio.connection import Connection as RedisPyConnection
+
+    async def write() -> None:
+        connection = RedisPyConnection()
+        connection._writer = None  # what a concurrent disconnect leaves behind
+        await connection._send_packed_command([b"PING"])
+
+    with pytest.raises(AttributeError) as leaked:
+        asyncio.run(write())
+    assert retry_after(leaked.value) == 2
+    assert retry_after(AttributeError("a bug elsewhere")) is None
+    assert retry_after(TypeError("a bug elsewhere")) is None

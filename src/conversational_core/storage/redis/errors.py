@@ -21,6 +21,7 @@ on a single server; a failover on a cluster) happen before a command has run.
 from __future__ import annotations
 
 import re
+import traceback
 
 from redis.exceptions import (
     BusyLoadingError,
@@ -71,6 +72,17 @@ TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
 DEFAULT_RETRY_AFTER = 2
 
 
+def _write_on_closed_connection(exc: BaseException) -> bool:
+    """redis-py 8.1 lets a write on a connection closed under it (a failover tearing down a
+    node's connections, a peer reset) escape as asyncio's AttributeError or TypeError instead
+    of its ConnectionError (redis/redis-py#4287, #3546; fixed after the pinned version): a lost
+    connection, recognised by where it was raised."""
+    if not isinstance(exc, (AttributeError, TypeError)):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(frame.filename.endswith("redis/asyncio/connection.py") for frame in frames)
+
+
 # redis-py's pipelines prefix the error of a command with its place: "Command # 1 (EVALSHA …)
 # of pipeline caused error: ('NOREPLICAS Not enough …',)".
 _IN_PIPELINE = re.compile(r"^Command # \d+ .* of pipeline caused error: \(?['\"]?(\S+)", re.S)
@@ -91,7 +103,7 @@ def retry_after(exc: BaseException) -> int | None:
     """Seconds to wait when `exc` means Redis cannot serve right now; None when it is a bug."""
     if isinstance(exc, BusyLoadingError):
         return TRANSIENT_REPLIES["LOADING"]
-    if isinstance(exc, TRANSIENT_EXCEPTIONS):
+    if isinstance(exc, TRANSIENT_EXCEPTIONS) or _write_on_closed_connection(exc):
         return DEFAULT_RETRY_AFTER
     if not isinstance(exc, (ResponseError, ReplyError)):
         return None
