@@ -3,7 +3,7 @@
 What it measures: a fresh conversation is filled with 10,000 messages of 200 characters through
 the store. Redis memory per message is the sum of `MEMORY USAGE … SAMPLES 0` (exact: every
 element counted) over the conversation's message keys (P:{cid}:c, P:{cid}:m, P:{cid}:i, the
-layout of storage/redis.py) divided by the count. Every other key of the conversation found by
+layout of storage/redis/keys.py) divided by the count. Every other key of the conversation found by
 SCAN (e.g. a bounded event stream) is measured and shown beside it, and the growth of
 `used_memory` (what the allocator holds, all keys included) divided by the count is the
 cross-check. It is compared with the mean size of a message's JSON as the API returns it

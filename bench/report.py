@@ -142,7 +142,7 @@ def fanout_lines(fan: fanout_bench.FanoutResult, warnings: dict[str, dict[str, i
             + ", ".join(f"{name} {n}" for name, n in fan.redis_connections_peak.items())
             + f" (redis-py pool of a process: REDIS_MAX_CONNECTIONS="
             f"{fanout_bench.REDIS_POOL_DEFAULT}, the default; beside it the script connections "
-            "of storage/resp.py and the API's event reader)"
+            "of storage/redis/client.py and the API's event reader)"
         )
     jobs = fan.jobs_unacknowledged
     if jobs.get("jobs"):

@@ -485,7 +485,7 @@ async def test_stale_writer_does_not_finish_a_reply_restarted_by_another_worker(
     backend: Backend,
 ) -> None:
     """Worker A writes attempt 1 and stalls (a paused process, a long event-loop stall, renewals
-    failing with StoreUnavailable) for longer than the lease; worker B takes the job over and
+    failing with Unavailable) for longer than the lease; worker B takes the job over and
     restarts the reply (attempt 2, `message.updated` with empty content). When A resumes, it
     must notice that the reply is no longer its own (generation.py: "a reply is finished exactly
     once, even if two workers ran it (the second CAS fails)"). Whatever ends the reply, its

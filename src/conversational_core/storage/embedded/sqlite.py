@@ -1,6 +1,6 @@
 """The embedded store: one SQLite file, used when REDIS_URL is not set.
 
-It behaves like :class:`~conversational_core.storage.redis.RedisStore` from the outside (same
+It behaves like :class:`~conversational_core.storage.redis.store.RedisStore` from the outside (same
 exceptions, pagination, idempotency and ownership rules); only the mechanics differ. Where Redis
 would silently do something wrong on a caller bug, this store refuses instead: a conversation or
 message id that already exists raises AlreadyExists (Redis overwrites it), and `changes` outside

@@ -1,4 +1,6 @@
-"""The embedded store's in-process event log, job queue, and the store's events and replies."""
+"""What only the embedded backend does: its in-process event log (ids across trimming and
+restarts, forgetting a deleted conversation), job queue (one waiting job per conversation) and
+recovery of queued replies after a restart. What every backend does is in the contract suites."""
 
 from __future__ import annotations
 
