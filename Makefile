@@ -11,8 +11,8 @@ test:
 
 lint:
 	@bash scripts/venv.sh requirements-dev.txt
-	.venv/bin/ruff check src tests bench testkit
-	.venv/bin/ruff format --check src tests bench testkit
+	.venv/bin/ruff check src tests bench testkit *.py
+	.venv/bin/ruff format --check src tests bench testkit *.py
 	.venv/bin/mypy
 
 format:
