@@ -36,6 +36,9 @@ def make_settings(**overrides: object) -> Settings:
         "REDIS_URL": None,
         "LOG_LEVEL": "WARNING",
         "DEV_PROVIDER_DELAY_MS": 0,
+        # A title is one more completion: tests that count a model's requests or script its
+        # answers would see it. Tests of titles turn it on.
+        "AUTO_TITLE": False,
     }
     base.update(overrides)
     return load_settings(**base)

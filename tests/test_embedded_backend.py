@@ -256,7 +256,7 @@ async def test_store_delete_stops_deltas(embedded: SqliteStore) -> None:
     first = message(conv.id, "", Role.ASSISTANT).replace(status=MessageStatus.STREAMING)
     second = message(conv.id, "", Role.ASSISTANT).replace(status=MessageStatus.STREAMING)
     await store.append_messages(conv.id, None, [first], utcnow(), reply_id=first.id)
-    await store.append_messages(conv.id, None, [second], utcnow(), reply_id=second.id)
+    await store.append_messages(conv.id, None, [second], utcnow(), reply_id=second.id, parent=None)
     assert await store.publish_delta(conv.id, first.id, "a")  # known from the file
     assert await store.publish_delta(conv.id, second.id, "b")
     assert not await store.publish_delta(conv.id, "no-such-message", "x")
@@ -265,7 +265,7 @@ async def test_store_delete_stops_deltas(embedded: SqliteStore) -> None:
     assert await store.reply_queue_head(conv.id) == second.id
     deleted = (await store.read_events(conv.id, None, 100))[-1]
     assert deleted.type == ev.MESSAGE_DELETED
-    assert deleted.data == ev.message_deleted_data(first.id)
+    assert deleted.data == ev.message_deleted_data(first.id, [first.id])
 
     updated = await store.update_conversation(conv.id, None, {"title": "x"}, None, utcnow())
     assert (await store.read_events(conv.id, deleted.id, 10))[0].data == ev.conversation_data(

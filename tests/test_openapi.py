@@ -24,11 +24,16 @@ from tests.fixtures.server import Service, start_service
 
 # Valid requests may still be answered these, which schemathesis's default list leaves out: a
 # cursor or a message id (after/before) the service did not issue (400: unknown opaque values,
-# never a schema violation), and an ETag in If-Match that is stale (412, by RFC 9110).
+# never a schema violation), a message id in a body or `leaf` that is not a message of the
+# conversation (422, as the contract says), and an ETag in If-Match that is stale (412, by
+# RFC 9110).
 _ALSO_VALID = {
-    "listMessages": ["400"],
+    "listMessages": ["400", "422"],
     "listConversations": ["400"],
-    "updateConversation": ["412"],
+    "listSiblings": ["400"],
+    "createMessage": ["422"],
+    "forkConversation": ["422"],
+    "updateConversation": ["412", "422"],
     "updateMessage": ["412"],
 }
 _POSITIVE = ["2xx", "401", "403", "404", "409", "429"]
@@ -272,6 +277,9 @@ def test_the_document_names_operations_and_their_problems() -> None:
         "updateMessage",
         "deleteMessage",
         "cancelReply",
+        "regenerateReply",
+        "listSiblings",
+        "forkConversation",
         "streamEvents",
         "getHealth",
         "getReadiness",
@@ -294,5 +302,7 @@ def test_the_document_names_operations_and_their_problems() -> None:
             assert {"413", "415"} <= set(problems), operation_id
     assert "412" in operations["updateConversation"][2]["responses"]
     assert "409" in operations["cancelReply"][2]["responses"]
+    assert "409" in operations["regenerateReply"][2]["responses"]  # not an assistant message
+    assert "409" in operations["createMessage"][2]["responses"]  # on_busy=reject
     assert "HTTPValidationError" not in document["components"]["schemas"]
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"

@@ -97,8 +97,9 @@ async def test_conversation_crud(store: Store) -> None:
 async def test_message_crud_and_counts(store: Store) -> None:
     conv, _ = await store.create_conversation(conversation())
     first, second = message(conv.id, "one"), message(conv.id, "two")
-    stored, replayed = await store.append_messages(conv.id, "alice", [first, second], utcnow())
-    assert stored == [first, second] and not replayed
+    appended = await store.append_messages(conv.id, "alice", [first, second], utcnow())
+    assert appended.messages == [first, second] and not appended.replayed
+    assert (first.parent_id, second.parent_id) == (None, first.id)
     assert (await store.get_conversation(conv.id, "alice")).message_count == 2
     assert await store.get_message(conv.id, "alice", first.id) == first
     with pytest.raises(NotFound):
@@ -116,7 +117,7 @@ async def test_message_crud_and_counts(store: Store) -> None:
 
     with pytest.raises(NotFound):
         await store.delete_message(conv.id, "bob", second.id)
-    assert (await store.delete_message(conv.id, "alice", second.id)).id == second.id
+    assert (await store.delete_message(conv.id, "alice", second.id)).message.id == second.id
     with pytest.raises(NotFound):
         await store.delete_message(conv.id, "alice", second.id)
     assert (await store.get_conversation(conv.id, "alice")).message_count == 1
@@ -236,12 +237,11 @@ async def test_idempotent_append_and_create(store: Store) -> None:
     conv, _ = await store.create_conversation(conversation())
     idem = Idempotency("key-1", "fp-1", 60)
     first = message(conv.id, "once")
-    _, replayed = await store.append_messages(conv.id, "alice", [first], utcnow(), idem)
-    assert not replayed
-    again, replayed = await store.append_messages(
+    assert not (await store.append_messages(conv.id, "alice", [first], utcnow(), idem)).replayed
+    again = await store.append_messages(
         conv.id, "alice", [message(conv.id, "once")], utcnow(), idem
     )
-    assert replayed and again == [first]
+    assert again.replayed and again.messages == [first]
     assert (await store.get_conversation(conv.id, "alice")).message_count == 1
     with pytest.raises(IdempotencyMismatch):
         await store.append_messages(
@@ -368,8 +368,8 @@ async def test_changes_against_a_stale_copy_write_and_emit_nothing(store: Store)
 
 async def test_deleting_a_reply_stops_its_deltas_and_dequeues_it(store: Store) -> None:
     cid, first = await _queued(store)
-    second = _reply(cid)
-    await store.append_messages(cid, None, [second], utcnow(), reply_id=second.id)
+    second = _reply(cid)  # a new root: not in the first reply's subtree
+    await store.append_messages(cid, None, [second], utcnow(), reply_id=second.id, parent=None)
     assert await store.publish_delta(cid, first.id, "a")
     assert await store.publish_delta(cid, second.id, "b")
     assert not await store.publish_delta(cid, new_id(), "x")  # no such message
@@ -378,7 +378,7 @@ async def test_deleting_a_reply_stops_its_deltas_and_dequeues_it(store: Store) -
     assert await store.reply_queue_head(cid) == second.id
     deleted = (await store.read_events(cid, None, 100))[-1]
     assert deleted.type == ev.MESSAGE_DELETED
-    assert deleted.data == ev.message_deleted_data(first.id)
+    assert deleted.data == ev.message_deleted_data(first.id, [first.id])
 
     updated = await store.update_conversation(cid, None, {"title": "x"}, None, utcnow())
     [changed] = await store.read_events(cid, deleted.id, 10)

@@ -63,6 +63,7 @@ def _config(llm: FakeLLM, **overrides: object) -> dict[str, object]:
         "WORKER_IN_API": False,
         "LLM_RETRY_BASE_SECONDS": 0.01,
         "REPLY_FLUSH_MS": 10,
+        "AUTO_TITLE": False,  # the model's requests are counted (see conftest)
     }
     config.update(overrides)
     return config

@@ -176,6 +176,8 @@ STORE_ERRORS: dict[type[store.StoreError], tuple[int, str]] = {
     store.StaleVersion: (412, "precondition-failed"),
     store.IdempotencyMismatch: (422, "validation-error"),
     store.UnknownAnchor: (400, "bad-request"),
+    store.UnknownMessage: (422, "validation-error"),
+    store.Busy: (409, "conflict"),
     store.Unavailable: (503, "store-unavailable"),
 }
 
@@ -184,10 +186,19 @@ def store_problem(exc: store.StoreError) -> Response:
     """The problem+json answer to a store error (see STORE_ERRORS)."""
     status, code = next(STORE_ERRORS[kind] for kind in type(exc).__mro__ if kind in STORE_ERRORS)
     headers = {}
+    errors = None
     if isinstance(exc, store.Unavailable):
         metrics.STORE_ERRORS.labels("api").inc()
         headers["Retry-After"] = str(exc.retry_after)
-    return problem_response(status, exc.message, code=code, headers=headers)
+    elif isinstance(exc, store.UnknownMessage):
+        errors = [
+            {
+                "loc": [exc.location, exc.field],
+                "type": "unknown_message",
+                "msg": "not a message of this conversation",
+            }
+        ]
+    return problem_response(status, exc.message, code=code, errors=errors, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -77,14 +77,15 @@ REPLAYED_HEADER = {
 }
 
 
-def idempotency(request: Request, body: BaseModel) -> Idempotency | None:
+def idempotency(request: Request, body: BaseModel, *extra: str) -> Idempotency | None:
     """The request's Idempotency-Key (read directly: a declared Header parameter costs a
-    measurable share of a request), scoped by the caller in the store."""
+    measurable share of a request), scoped by the caller in the store. `extra`: what else
+    tells this request from another with the same body (e.g. the operation)."""
     key = idempotency_key(request.headers.get("idempotency-key"))
     if key is None:
         return None
     settings: Settings = request.state.settings
-    return Idempotency(key, fingerprint(body), settings.IDEMPOTENCY_TTL_SECONDS)
+    return Idempotency(key, fingerprint(body, *extra), settings.IDEMPOTENCY_TTL_SECONDS)
 
 
 def idempotency_key(value: str | None) -> str | None:

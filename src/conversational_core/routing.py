@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -106,9 +107,13 @@ class Operation(APIRoute):
         self._header_aliases = [f.alias for f in dependant.header_params]
         self._body: type[BaseModel] | None = None
         self._body_name: str | None = None
+        self._body_optional = False  # `body: Model | None = None`: an empty body is None
         if dependant.body_params:
             body = dependant.body_params[0]
             annotation = body.field_info.annotation
+            options = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(options) == 1 and len(typing.get_args(annotation)) == 2:
+                annotation, self._body_optional = options[0], True
             if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
                 raise TypeError(f"{endpoint.__name__}: the body must be one pydantic model")
             self._body, self._body_name = annotation, body.name
@@ -189,16 +194,22 @@ class Operation(APIRoute):
                 raise _invalid(exc, "header") from None
         if self._body is not None:
             assert self._body_name is not None
-            arguments[self._body_name] = await self._parse_body(request, self._body)
+            arguments[self._body_name] = await self._parse_body(
+                request, self._body, self._body_optional
+            )
         return arguments
 
     @staticmethod
-    async def _parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    async def _parse_body(
+        request: Request, model: type[BaseModel], optional: bool
+    ) -> BaseModel | None:
         try:
             raw = await request.body()
         except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing to report
             raise BadRequest("The request body could not be read.") from None
-        if not raw:
+        if not raw or (optional and raw.strip() == b"null"):
+            if optional:
+                return None
             raise RequestValidationError(
                 [{"loc": ("body",), "type": "missing", "msg": "Field required"}]
             )

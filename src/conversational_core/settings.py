@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     LLM_MAX_OUTPUT_TOKENS: int = Field(1024, ge=1, le=1_000_000)
     LLM_HISTORY_MESSAGES: int = Field(200, ge=1, le=10_000)
     DEV_PROVIDER_DELAY_MS: int = Field(30, ge=0, le=10_000)
+    # A conversation created without a title gets one after its first reply (written by the
+    # model: one short completion).
+    AUTO_TITLE: bool = True
 
     # Workers and the job queue.
     WORKER_IN_API: bool = True

@@ -14,6 +14,7 @@ from conversational_core.conversations.schemas import (
     ConversationListQuery,
     ConversationOut,
     ConversationUpdate,
+    ForkRequest,
 )
 from conversational_core.conversations.service import ConversationService
 from conversational_core.http import (
@@ -93,7 +94,7 @@ async def get_conversation(request: Request, conversation_id: ConversationId) ->
 @router.put(
     "/{conversation_id}",
     operation_id="updateConversation",
-    summary="Change the fields given (`null` clears one)",
+    summary="Change the fields given (`null` clears one), or switch branch (`active_leaf_id`)",
     response_model=ConversationOut,
     responses={**_ONE, **problems(404, 412)},
 )
@@ -120,3 +121,20 @@ async def delete_conversation(request: Request, conversation_id: ConversationId)
     principal = principal_of(request)
     await _service(request).delete(principal, conversation_id)
     return Response(status_code=204)
+
+
+@router.post(
+    "/{conversation_id}/fork",
+    status_code=201,
+    operation_id="forkConversation",
+    summary="A new conversation holding a copy of a branch (root to `message_id`)",
+    response_model=ConversationOut,
+    responses={**success(201, "Created.", {**LOCATION_HEADER, **ETAG_HEADER}), **problems(404)},
+)
+async def fork_conversation(
+    request: Request, conversation_id: ConversationId, body: ForkRequest | None = None
+) -> Response:
+    principal = principal_of(request)
+    forked = await _service(request).fork(principal, conversation_id, body or ForkRequest())
+    headers = {"Location": f"/conversations/{forked.id}", "ETag": forked.etag}
+    return json_response(forked, 201, headers)

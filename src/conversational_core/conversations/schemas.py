@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from conversational_core.schemas import Metadata, MetadataOut, StrictModel
+from conversational_core.schemas import ID_PATTERN, Metadata, MetadataOut, StrictModel
 
 # Generous hard caps; MAX_SYSTEM_PROMPT_CHARS (a setting) is checked by the service.
 TITLE_MAX = 200
@@ -19,16 +21,60 @@ class ConversationSettings(StrictModel):
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
 
 
+OnBusy = Literal["queue", "reject", "interrupt"]
+_ON_BUSY = Field(
+    description="What a user message does while a reply is pending or being written: `queue` "
+    "(answered after it), `reject` (409, nothing stored) or `interrupt` (the reply is "
+    "cancelled, then the new message answered)."
+)
+
+
 class ConversationCreate(ConversationSettings):
-    title: str | None = Field(None, max_length=TITLE_MAX)
+    title: str | None = Field(
+        None,
+        max_length=TITLE_MAX,
+        description="Without one, a title is written after the "
+        "first reply (unless AUTO_TITLE is false).",
+    )
     metadata: Metadata = Field(default_factory=dict)
+    on_busy: OnBusy = Field("queue", description=_ON_BUSY.description)
 
 
 class ConversationUpdate(ConversationSettings):
     """Only the fields present are changed; `null` clears an optional field."""
 
-    title: str | None = Field(None, max_length=TITLE_MAX)
+    title: str | None = Field(
+        None,
+        max_length=TITLE_MAX,
+        description="A title set here is never replaced by one "
+        "written automatically (nor is a title cleared here).",
+    )
     metadata: Metadata | None = None
+    on_busy: OnBusy = Field(None, description=_ON_BUSY.description)  # type: ignore[arg-type]
+    active_leaf_id: str = Field(
+        None,  # type: ignore[assignment]
+        pattern=ID_PATTERN,
+        description="Switch branch: the active branch becomes the one reached from this message "
+        "by following its newest child at each step.",
+    )
+
+
+class ForkRequest(StrictModel):
+    message_id: str = Field(
+        None,  # type: ignore[assignment]
+        pattern=ID_PATTERN,
+        description="The last message to copy (default: the active leaf).",
+    )
+    title: str | None = Field(
+        None, max_length=TITLE_MAX, description="Default: the original's title."
+    )
+
+
+class ForkedFrom(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    conversation_id: str
+    message_id: str | None
 
 
 class ConversationOut(BaseModel):
@@ -46,8 +92,17 @@ class ConversationOut(BaseModel):
     max_tokens: int | None
     created_at: str
     updated_at: str
-    message_count: int
+    message_count: int = Field(description="Messages of every branch.")
     version: int
+    title_source: Literal["user", "auto"] | None = Field(
+        description="Who wrote the title: `user` (a title a user set or cleared is never "
+        "replaced), `auto` (written after the first reply), or null (none yet)."
+    )
+    on_busy: OnBusy
+    forked_from: ForkedFrom | None = Field(description="What this conversation was forked from.")
+    active_leaf_id: str | None = Field(
+        description="The last message of the branch shown (null while there are no messages)."
+    )
 
 
 class ConversationList(BaseModel):

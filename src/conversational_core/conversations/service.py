@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from conversational_core.auth.dependencies import Principal
-from conversational_core.conversations.schemas import ConversationCreate, ConversationUpdate
+from conversational_core.conversations.schemas import (
+    ConversationCreate,
+    ConversationUpdate,
+    ForkRequest,
+)
 from conversational_core.errors import BadRequest, Unprocessable
 from conversational_core.observability import metrics
 from conversational_core.settings import Settings
@@ -62,6 +67,8 @@ class ConversationService:
             max_tokens=body.max_tokens,
             created_at=now,
             updated_at=now,
+            title_source="user" if body.title is not None else None,
+            on_busy=body.on_busy,
         )
         created, replayed = await self._store.create_conversation(conversation, idempotency)
         if not replayed:
@@ -90,12 +97,54 @@ class ConversationService:
         expected_version: int | None,
     ) -> Conversation:
         changes: dict[str, Any] = body.model_dump(exclude_unset=True)
+        leaf = changes.pop("active_leaf_id", None)  # (null is refused by the schema)
         if "metadata" in changes and changes["metadata"] is None:
             changes["metadata"] = {}
+        if "title" in changes:
+            changes["title_source"] = "user"  # never replaced by an automatic title
         self._check_system_prompt(changes.get("system_prompt"))
-        return await self._store.update_conversation(
-            conversation_id, write_owner(principal), changes, expected_version, utcnow()
+        owner = write_owner(principal)
+        if leaf is None or changes:
+            updated = await self._store.update_conversation(
+                conversation_id, owner, changes, expected_version, utcnow()
+            )
+            if leaf is None:
+                return updated
+            # Both: the switch is based on the version the settings change produced.
+            expected_version = updated.version if expected_version is not None else None
+        return await self._store.set_active_leaf(
+            conversation_id, owner, leaf, expected_version, utcnow()
         )
+
+    async def fork(
+        self, principal: Principal, conversation_id: str, body: ForkRequest
+    ) -> Conversation:
+        """A new conversation of the caller's holding a copy of a branch. Only the
+        conversation's owner (or a service acting for them) may fork it: a copy is a write."""
+        owner = write_owner(principal)
+        source = await self._store.get_conversation(conversation_id, owner)
+        # Absent: the active leaf (null is refused by the schema).
+        message_id = body.message_id if body.message_id is not None else source.active_leaf_id
+        title = body.title if "title" in body.model_fields_set else source.title
+        now = utcnow()
+        new = dataclasses.replace(
+            source,
+            id=new_id(),
+            user_id=principal.user_id,
+            title=title,
+            title_source=source.title_source
+            if "title" not in body.model_fields_set
+            else ("user" if title is not None else None),
+            created_at=now,
+            updated_at=now,
+            message_count=0,
+            version=1,
+            forked_from={"conversation_id": conversation_id, "message_id": message_id},
+            active_leaf_id=None,
+        )
+        forked = await self._store.fork(conversation_id, owner, message_id, new)
+        metrics.CONVERSATIONS.inc()
+        return forked
 
     async def delete(self, principal: Principal, conversation_id: str) -> Conversation:
         return await self._store.delete_conversation(conversation_id, read_owner(principal))

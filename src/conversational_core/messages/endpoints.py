@@ -25,11 +25,14 @@ from conversational_core.messages.schemas import (
     MessageListQuery,
     MessageOut,
     MessageUpdate,
+    RegenerateRequest,
+    SiblingsQuery,
 )
 from conversational_core.messages.service import MessageService
 from conversational_core.openapi import problems, success
 from conversational_core.routing import Operation
 from conversational_core.schemas import ID_PATTERN
+from conversational_core.storage.models import Message
 
 router = APIRouter(
     prefix="/conversations/{conversation_id}/messages", tags=["messages"], route_class=Operation
@@ -59,8 +62,14 @@ async def create_message(
     request: Request, conversation_id: ConversationId, body: MessageCreate
 ) -> Response:
     principal = principal_of(request)
-    idem = idempotency(request, body)
+    # An absent parent_id (the active leaf) and null (a new root) are different requests.
+    given = ("parent",) if "parent_id" in body.model_fields_set else ()
+    idem = idempotency(request, body, *given)
     message, replayed = await _service(request).create(principal, conversation_id, body, idem)
+    return _created(conversation_id, message, replayed)
+
+
+def _created(conversation_id: str, message: Message, replayed: bool) -> Response:
     headers = {
         "Location": f"/conversations/{conversation_id}/messages/{message.id}",
         "ETag": message.etag,
@@ -73,7 +82,8 @@ async def create_message(
 @router.get(
     "",
     operation_id="listMessages",
-    summary="A page of the conversation's messages",
+    summary="A page of the active branch (or of the branch ending at `leaf`, or of every "
+    "message with `view=all`)",
     response_model=MessageList,
     responses=problems(404),
 )
@@ -91,6 +101,8 @@ async def list_messages(
         cursor=query.cursor,
         after=query.after,
         before=query.before,
+        leaf=query.leaf,
+        everything=query.view == "all",
     )
     # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
     tail = b',"next_cursor":' + orjson.dumps(page.next_cursor) + b"}"
@@ -137,7 +149,7 @@ async def update_message(
     "/{message_id}",
     status_code=204,
     operation_id="deleteMessage",
-    summary="Delete a message (a reply being written stops)",
+    summary="Delete a message and everything below it (replies being written stop)",
     responses=problems(404),
 )
 async def delete_message(
@@ -161,3 +173,48 @@ async def cancel_reply(
     principal = principal_of(request)
     message = await _service(request).cancel(principal, conversation_id, message_id)
     return json_response(message, headers={"ETag": message.etag})
+
+
+@router.post(
+    "/{message_id}/regenerate",
+    status_code=201,
+    operation_id="regenerateReply",
+    summary="Write another reply beside an assistant message; it becomes the active leaf",
+    response_model=MessageOut,
+    responses={**_CREATED, **problems(404, 409)},
+    openapi_extra=IDEMPOTENCY_OPENAPI,
+)
+async def regenerate_reply(
+    request: Request,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    body: RegenerateRequest | None = None,
+) -> Response:
+    principal = principal_of(request)
+    body = body or RegenerateRequest()
+    idem = idempotency(request, body, "regenerate", message_id)
+    message, replayed = await _service(request).regenerate(
+        principal, conversation_id, message_id, body, idem
+    )
+    return _created(conversation_id, message, replayed)
+
+
+@router.get(
+    "/{message_id}/siblings",
+    operation_id="listSiblings",
+    summary="The message and its siblings (the versions of its turn), in creation order",
+    response_model=MessageList,
+    responses=problems(404),
+)
+async def list_siblings(
+    request: Request,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    query: Annotated[SiblingsQuery, Query()],
+) -> Response:
+    principal = principal_of(request)
+    page = await _service(request).siblings(
+        principal, conversation_id, message_id, limit=query.limit, cursor=query.cursor
+    )
+    tail = b',"next_cursor":' + orjson.dumps(page.next_cursor) + b"}"
+    return Response(page.items.json_array(b'{"items":', tail), media_type="application/json")

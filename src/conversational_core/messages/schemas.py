@@ -18,6 +18,21 @@ class MessageCreate(StrictModel):
     content: str = Field(min_length=1, max_length=CONTENT_HARD_MAX)
     metadata: Metadata = Field(default_factory=dict)
     respond: bool = True
+    parent_id: str | None = Field(
+        None,
+        pattern=ID_PATTERN,
+        description="The message this one follows (default: the active leaf). Another message "
+        "starts a new branch (an edit: post the new text under the edited message's parent); "
+        "null starts a new root.",
+    )
+
+
+class RegenerateRequest(StrictModel):
+    """Settings for this reply only (the conversation's own are used otherwise)."""
+
+    model: str = Field(None, min_length=1, max_length=200)  # type: ignore[assignment]
+    temperature: float = Field(None, ge=0.0, le=2.0)  # type: ignore[assignment]
+    max_tokens: int = Field(None, ge=1, le=1_000_000)  # type: ignore[assignment]
 
 
 class MessageUpdate(StrictModel):
@@ -35,6 +50,7 @@ class MessageOut(BaseModel):
 
     id: str
     conversation_id: str
+    parent_id: str | None = Field(description="The message this one follows (null: a root).")
     role: Role
     content: str
     status: MessageStatus
@@ -51,8 +67,13 @@ class MessageOut(BaseModel):
     version: int = Field(description='Counts changes; the ETag is `"m<version>"`.')
     context: dict[str, Any] | None = Field(
         description="On a reply: what was sent to the model (model, provider, messages_sent, "
-        "history_messages, history_truncated, estimated_prompt_tokens, attempts)."
+        "history_messages, history_truncated, estimated_prompt_tokens, attempts; `requested`: "
+        "the settings a regenerate asked for)."
     )
+    sibling_count: int = Field(
+        description="Messages with the same parent (itself included): the versions of this turn."
+    )
+    sibling_index: int = Field(description="Its place among them, 0-based, in creation order.")
 
 
 class MessageList(BaseModel):
@@ -72,3 +93,20 @@ class MessageListQuery(BaseModel):
     cursor: str | None = Field(None, max_length=256)
     after: str | None = Field(None, pattern=ID_PATTERN)
     before: str | None = Field(None, pattern=ID_PATTERN)
+    leaf: str | None = Field(
+        None,
+        pattern=ID_PATTERN,
+        description="List the branch that ends at this message instead of the active one.",
+    )
+    view: Literal["branch", "all"] = Field(
+        "branch",
+        description="`branch`: one branch, root to leaf; `all`: every message of every branch, "
+        "in creation order.",
+    )
+
+
+class SiblingsQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, max_length=256)

@@ -18,16 +18,24 @@ from conversational_core.errors import (
     PreconditionFailed,
     Unprocessable,
 )
-from conversational_core.messages.schemas import MessageCreate, MessageUpdate
+from conversational_core.messages.schemas import (
+    MessageCreate,
+    MessageUpdate,
+    RegenerateRequest,
+)
 from conversational_core.observability import metrics
 from conversational_core.ratelimit import Limits, RateLimited
 from conversational_core.settings import Settings
 from conversational_core.storage.base import (
+    ACTIVE_LEAF,
+    ActiveLeaf,
+    Deleted,
     Idempotency,
     MessageQuery,
     MessageSlice,
     Store,
 )
+from conversational_core.storage.errors import NotFound
 from conversational_core.storage.models import Message, MessageStatus, Role, new_id, utcnow
 
 
@@ -37,20 +45,38 @@ class MessagePage:
     next_cursor: str | None
 
 
-def _encode_cursor(descending: bool, backward: bool, seq: int) -> str:
-    raw = orjson.dumps([int(descending), int(backward), seq])
+def _encode_cursor(*values: int) -> str:
+    raw = orjson.dumps(list(values))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(value: str) -> tuple[bool, bool, int]:
+def _decode_cursor(value: str, size: int) -> list[int]:
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        descending, backward, seq = orjson.loads(raw)
+        values = orjson.loads(raw)
     except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError):
         raise BadRequest("Invalid cursor.") from None
-    if not all(isinstance(v, int) for v in (descending, backward, seq)):
+    if (
+        not isinstance(values, list)
+        or len(values) != size
+        or not all(isinstance(v, int) for v in values)
+    ):
         raise BadRequest("Invalid cursor.")
-    return bool(descending), bool(backward), seq
+    return values
+
+
+def _assistant_reply(conversation_id: str, now: str) -> Message:
+    """The assistant message that will hold a reply: it exists from the start, pending."""
+    return Message(
+        id=new_id(),
+        conversation_id=conversation_id,
+        role=Role.ASSISTANT,
+        content="",
+        status=MessageStatus.PENDING,
+        metadata={},
+        created_at=now,
+        updated_at=now,
+    )
 
 
 class MessageService:
@@ -79,8 +105,10 @@ class MessageService:
         body: MessageCreate,
         idempotency: Idempotency | None,
     ) -> tuple[Message, bool]:
-        """Append a message. A plain user may only write `user` messages: the assistant's side
-        of the history (and system/tool messages) need the `service` or `admin` role."""
+        """Append a message under `parent_id` (default: the active leaf). A plain user may only
+        write `user` messages: the assistant's side of the history (and system/tool messages)
+        need the `service` or `admin` role. A user message follows the conversation's
+        `on_busy` while a reply is pending or being written."""
         if body.role is not Role.USER and not principal.may_write_any_role:
             raise Forbidden(
                 f"Adding a '{body.role.value}' message needs the service or admin role."
@@ -97,39 +125,98 @@ class MessageService:
             created_at=now,
             updated_at=now,
         )
+        parent: str | ActiveLeaf | None = ACTIVE_LEAF
+        if "parent_id" in body.model_fields_set:
+            parent = body.parent_id
         messages = [message]
-        reply_id = None
-        charged = False
+        reply = None
         if body.role is Role.USER and body.respond:
-            charged = await self._charge_ai_budget(principal)
-            # The assistant message exists from the start (pending) and is queued with the user
-            # message in one atomic step.
-            reply = Message(
-                id=new_id(),
-                conversation_id=conversation_id,
-                role=Role.ASSISTANT,
-                content="",
-                status=MessageStatus.PENDING,
-                metadata={},
-                created_at=now,
-                updated_at=now,
-            )
-            message.reply_message_id = reply_id = reply.id
+            # The assistant message is queued with the user message in one atomic step.
+            reply = _assistant_reply(conversation_id, now)
+            message.reply_message_id = reply.id
             messages.append(reply)
+        stored, replayed = await self._append(
+            principal,
+            conversation_id,
+            messages,
+            now,
+            idempotency,
+            reply,
+            parent,
+            user_turn=body.role is Role.USER,
+        )
+        return stored[0], replayed
+
+    async def regenerate(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        message_id: str,
+        body: RegenerateRequest,
+        idempotency: Idempotency | None,
+    ) -> tuple[Message, bool]:
+        """A new reply beside an assistant message (same parent), written from the branch up
+        to that parent; it becomes the active leaf. Like a user message, it follows the
+        conversation's `on_busy`."""
+        owner = write_owner(principal)
+        current = await self._store.get_message(conversation_id, owner, message_id)
+        if current.role is not Role.ASSISTANT:
+            raise Conflict("Only an assistant message can be regenerated.")
+        now = utcnow()
+        reply = _assistant_reply(conversation_id, now)
+        requested = body.model_dump(exclude_unset=True)
+        if requested:
+            reply.context = {"requested": requested}
+        stored, replayed = await self._append(
+            principal,
+            conversation_id,
+            [reply],
+            now,
+            idempotency,
+            reply,
+            current.parent_id,
+            user_turn=True,
+        )
+        return stored[0], replayed
+
+    async def _append(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        messages: list[Message],
+        now: str,
+        idempotency: Idempotency | None,
+        reply: Message | None,
+        parent: str | ActiveLeaf | None,
+        *,
+        user_turn: bool,
+    ) -> tuple[list[Message], bool]:
+        charged = False
+        if reply is not None:
+            charged = await self._charge_ai_budget(principal)
         try:
-            stored, replayed = await self._store.append_messages(
-                conversation_id, write_owner(principal), messages, now, idempotency, reply_id
+            appended = await self._store.append_messages(
+                conversation_id,
+                write_owner(principal),
+                messages,
+                now,
+                idempotency,
+                reply.id if reply is not None else None,
+                parent=parent,
+                on_busy=None if user_turn else "queue",
             )
-        except Exception:  # no reply was queued (not found, idempotency mismatch, …)
+        except Exception:  # no reply was queued (not found, busy, idempotency mismatch, …)
             if charged:
                 await self._refund_ai_budget(principal)
             raise
-        if replayed and charged:  # a retry: its reply was counted the first time
+        if appended.replayed and charged:  # a retry: its reply was counted the first time
             await self._refund_ai_budget(principal)
-        if not replayed:
+        if not appended.replayed:
             for created in messages:
                 metrics.MESSAGES.labels(created.role.value).inc()
-        return stored[0], replayed
+        for running in appended.interrupted:  # on_busy=interrupt
+            await self._stop(conversation_id, None, running)
+        return appended.messages, appended.replayed
 
     async def _charge_ai_budget(self, principal: Principal) -> bool:
         """AI_RATE_LIMIT: AI replies per user (a reply costs far more than a request). Charged
@@ -160,28 +247,58 @@ class MessageService:
         cursor: str | None,
         after: str | None,
         before: str | None,
+        leaf: str | None = None,
+        everything: bool = False,
     ) -> MessagePage:
         if sum(x is not None for x in (cursor, after, before)) > 1:
             raise BadRequest("Use only one of cursor, after and before.")
+        if leaf is not None and everything:
+            raise BadRequest("leaf names a branch; view=all lists every branch: use one.")
         descending = order == "desc"
+        anchor_seq, anchor_id, backward = None, None, False
         if cursor is not None:
-            cursor_desc, backward, seq = _decode_cursor(cursor)
-            if cursor_desc != descending:
+            cursor_desc, backward_flag, anchor_seq = _decode_cursor(cursor, 3)
+            if bool(cursor_desc) != descending:
                 raise BadRequest("The cursor was made for the other order.")
-            query = MessageQuery(limit, descending, anchor_seq=seq, backward=backward)
+            backward = bool(backward_flag)
         elif after is not None:
-            query = MessageQuery(limit, descending, anchor_id=after)
+            anchor_id = after
         elif before is not None:
-            query = MessageQuery(limit, descending, anchor_id=before, backward=True)
-        else:
-            query = MessageQuery(limit, descending)
+            anchor_id, backward = before, True
+        query = MessageQuery(
+            limit,
+            descending,
+            anchor_seq=anchor_seq,
+            anchor_id=anchor_id,
+            backward=backward,
+            leaf=leaf,
+            everything=everything,
+        )
         page = await self._store.list_messages(conversation_id, read_owner(principal), query)
         next_cursor = None
         if page.has_more and page.seqs:
             # Continue in the direction of travel: forward after the last item, backward before
             # the first.
             edge = page.seqs[0] if query.backward else page.seqs[-1]
-            next_cursor = _encode_cursor(descending, query.backward, edge)
+            next_cursor = _encode_cursor(int(descending), int(query.backward), edge)
+        return MessagePage(page, next_cursor)
+
+    async def siblings(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        message_id: str,
+        *,
+        limit: int,
+        cursor: str | None,
+    ) -> MessagePage:
+        after = -1 if cursor is None else _decode_cursor(cursor, 1)[0]
+        page = await self._store.list_siblings(
+            conversation_id, read_owner(principal), message_id, limit, after
+        )
+        next_cursor = None
+        if page.has_more and page.seqs:
+            next_cursor = _encode_cursor(page.seqs[-1])
         return MessagePage(page, next_cursor)
 
     async def update(
@@ -232,12 +349,26 @@ class MessageService:
             raise Conflict("Only an assistant reply can be cancelled.")
         if current.status.is_final:
             raise Conflict(f"The reply has already ended ({current.status.value}).")
-        # First stop the writer (no delta passes after this), then record exactly the text
-        # its clients received.
+        cancelled = await self._stop(conversation_id, owner, message_id)
+        if cancelled is None:
+            current = await self._store.get_message(conversation_id, owner, message_id)
+            raise Conflict(f"The reply has already ended ({current.status.value}).")
+        return cancelled
+
+    async def _stop(
+        self, conversation_id: str, owner: str | None, message_id: str
+    ) -> Message | None:
+        """Stop a reply and record it cancelled with exactly the text its clients received;
+        None when it had ended (or went) meanwhile. Should this process die between the two
+        steps, the reply's writer finishes the cancellation (it finds the reply stopped)."""
         published = await self._store.stop_reply(conversation_id, message_id)
         while True:
+            try:
+                current = await self._store.get_message(conversation_id, owner, message_id)
+            except NotFound:
+                return None
             if current.status.is_final:
-                raise Conflict(f"The reply has already ended ({current.status.value}).")
+                return None
             cancelled = current.replace(
                 status=MessageStatus.CANCELLED,
                 content=current.content if published is None else published,
@@ -248,7 +379,7 @@ class MessageService:
             if stored is not None:
                 metrics.REPLIES.labels("cancelled").inc()
                 return stored
-            current = await self._store.get_message(conversation_id, owner, message_id)
 
-    async def delete(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
+    async def delete(self, principal: Principal, conversation_id: str, message_id: str) -> Deleted:
+        """Delete a message and everything below it (their replies stop)."""
         return await self._store.delete_message(conversation_id, read_owner(principal), message_id)

@@ -52,10 +52,20 @@ def _as_chat(message: Message) -> ChatMessage | None:
     return ChatMessage(message.role.value, message.content)
 
 
-def build_prompt(settings: Settings, conversation: Conversation, history: list[Message]) -> Prompt:
-    """`history` is the conversation before the reply, newest first."""
-    model = conversation.model or settings.llm_model
-    max_output = conversation.max_tokens or settings.LLM_MAX_OUTPUT_TOKENS
+def build_prompt(
+    settings: Settings,
+    conversation: Conversation,
+    history: list[Message],
+    requested: dict[str, Any] | None = None,
+) -> Prompt:
+    """`history` is the reply's branch before it, newest first. `requested`: settings asked
+    for this reply only (a regenerate's model, temperature, max_tokens)."""
+    requested = requested or {}
+    model = requested.get("model") or conversation.model or settings.llm_model
+    max_output = (
+        requested.get("max_tokens") or conversation.max_tokens or settings.LLM_MAX_OUTPUT_TOKENS
+    )
+    temperature = requested.get("temperature", conversation.temperature)
     window = settings.context_tokens(model)
     system = conversation.system_prompt
     budget = window - max_output - (estimate_tokens(system) if system else 0)
@@ -77,7 +87,7 @@ def build_prompt(settings: Settings, conversation: Conversation, history: list[M
     chosen.reverse()
     messages = ([ChatMessage("system", system)] if system else []) + chosen
     request = CompletionRequest(
-        model=model, messages=messages, temperature=conversation.temperature, max_tokens=max_output
+        model=model, messages=messages, temperature=temperature, max_tokens=max_output
     )
     info = {
         "model": model,

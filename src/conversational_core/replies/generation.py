@@ -31,9 +31,10 @@ from conversational_core.replies.context import (
     estimate_text_tokens,
 )
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
+from conversational_core.replies.titles import TitleWriter
 from conversational_core.settings import Settings
 from conversational_core.storage.base import MessageQuery, Store
-from conversational_core.storage.errors import NotFound
+from conversational_core.storage.errors import NotFound, ReplyStopped
 from conversational_core.storage.models import Message, MessageStatus, rfc3339_to_ms, utcnow
 
 
@@ -46,6 +47,7 @@ class ReplyWriter:
         self._store = store
         self._provider = provider
         self._settings = settings
+        self._titles = TitleWriter(store, provider, settings)
         self._running: dict[str, int] = {}  # reply id -> the attempt this writer is writing
 
     async def write(self, conversation_id: str, reply_id: str) -> None:
@@ -69,19 +71,24 @@ class ReplyWriter:
                 error=f"The reply could not be written after {attempts - 1 - uncharged} attempts.",
             )
             return
+        requested = previous.get("requested") or {}
         try:
             conversation = await self._store.get_conversation(conversation_id, None)
+            # The branch that leads to the reply, newest first: never another branch.
             history = await self._store.list_messages(
                 conversation_id,
                 None,
                 MessageQuery(
-                    self._settings.LLM_HISTORY_MESSAGES, descending=True, anchor_id=reply_id
+                    self._settings.LLM_HISTORY_MESSAGES,
+                    descending=True,
+                    anchor_id=reply_id,
+                    leaf=reply_id,
                 ),
             )
         except NotFound:
             return
         try:
-            prompt = build_prompt(self._settings, conversation, history.items)
+            prompt = build_prompt(self._settings, conversation, history.items, requested)
         except PromptTooLong:
             await self._end(
                 conversation_id,
@@ -97,6 +104,8 @@ class ReplyWriter:
         }
         if uncharged:
             context["uncharged_attempts"] = uncharged
+        if requested:
+            context["requested"] = requested
         streaming = current.replace(
             status=MessageStatus.STREAMING,
             content="",
@@ -104,12 +113,20 @@ class ReplyWriter:
             updated_at=utcnow(),
             version=current.version + 1,
         )
-        stored = await self._store.start_attempt(conversation_id, streaming, current, attempts)
+        try:
+            stored = await self._store.start_attempt(conversation_id, streaming, current, attempts)
+        except ReplyStopped as stopped:
+            # Stopped by a cancel (or an interrupting message) whose process did not get to
+            # record it: finish the cancellation, with the text its clients received.
+            await self._cancelled(conversation_id, current, stopped.text)
+            return
         if stored is None:
             return  # changed meanwhile (cancelled, deleted, or another worker): not ours
         self._running[reply_id] = attempts
         try:
-            await self._stream(conversation_id, stored, prompt.request)
+            completed = await self._stream(conversation_id, stored, prompt.request)
+            if completed and self._settings.AUTO_TITLE and conversation.title_source is None:
+                await self._titles.write(conversation, history.items)
         except asyncio.CancelledError:
             raise  # the entry stays until the worker hands the attempt back, or forgets it
         except BaseException:
@@ -139,7 +156,8 @@ class ReplyWriter:
             if await self._store.flush_reply(conversation_id, released, current):
                 return
 
-    async def _stream(self, conversation_id: str, current: Message, request: Any) -> None:
+    async def _stream(self, conversation_id: str, current: Message, request: Any) -> bool:
+        """Write the reply; True when it completed (by this writer)."""
         settings = self._settings
         text: list[str] = []
         usage: Usage | None = None
@@ -163,11 +181,17 @@ class ReplyWriter:
                             first_token = False
                             waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
                             metrics.TIME_TO_FIRST_TOKEN.labels(provider).observe(max(0.0, waited))
-                        text.append(item)
                         if not await self._store.publish_delta(
                             conversation_id, current.id, item, attempt
                         ):
-                            return  # cancelled or deleted: closing the stream stops the provider
+                            # Cancelled, deleted or taken over: closing the stream stops the
+                            # provider. A reply still ours was stopped by a cancel that may not
+                            # get recorded (its process died): record it.
+                            latest = await self._reread(conversation_id, current)
+                            if latest is not None:
+                                await self._cancelled(conversation_id, latest, "".join(text))
+                            return False
+                        text.append(item)
                         now = time.monotonic()
                         if now - last_flush >= flush_every:
                             last_flush = now
@@ -180,14 +204,14 @@ class ReplyWriter:
                                 # a metadata edit does not.
                                 latest = await self._reread(conversation_id, current)
                                 if latest is None:
-                                    return
+                                    return False
                                 stored = await self._store.flush_reply(
                                     conversation_id,
                                     latest.replace(content="".join(text), updated_at=utcnow()),
                                     latest,
                                 )
                                 if stored is None:
-                                    return
+                                    return False
                             current = stored
                 break
             except ProviderError as exc:
@@ -205,7 +229,7 @@ class ReplyWriter:
                         metrics.GENERATION_DURATION.labels(provider, "failed").observe(
                             time.monotonic() - began
                         )
-                    return
+                    return False
                 delay = exc.retry_after
                 if delay is None:
                     delay = min(
@@ -243,6 +267,20 @@ class ReplyWriter:
             metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
             if self._settings.LOG_CONTENT:
                 logger.debug("reply {} text: {}", current.id, "".join(text))
+            return True
+        return False
+
+    async def _cancelled(self, conversation_id: str, current: Message, text: str | None) -> None:
+        """Record a stopped reply as cancelled, with `text` (what its deltas published); a
+        no-op when someone else recorded it first."""
+        cancelled = current.replace(
+            status=MessageStatus.CANCELLED,
+            content=current.content if text is None else text,
+            updated_at=utcnow(),
+            version=current.version + 1,
+        )
+        if await self._store.cancel_reply(conversation_id, None, cancelled, current):
+            metrics.REPLIES.labels("cancelled").inc()
 
     async def _reread(self, conversation_id: str, ours: Message) -> Message | None:
         """The reply as stored now, or None when it is no longer ours to write: ended, deleted,

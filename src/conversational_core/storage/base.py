@@ -14,6 +14,15 @@ between the check and the write. `owner=None` skips the check (the service decid
 Errors (storage/errors.py, nothing HTTP): every method raises `Unavailable` when the backend
 cannot serve right now, `NotFound` for a missing (or not owned) object and `StaleVersion` when
 `expected_version` does not match.
+
+Trees. A conversation's messages form a tree (each message has a `parent_id`; roots have none)
+and the conversation has an active leaf: the last message of the branch its user sees. A new
+message is appended under a parent (by default the active leaf) and becomes the active leaf with
+the messages that come with it. Children are ordered by creation; the "newest child" rule
+(set_active_leaf, delete_message) follows the last-created child at each step. Every tree
+operation is one atomic step, and costs what it changes, not what the conversation holds:
+appending, reading a page of a branch and regenerating cost the same at 10 messages as at
+100,000, and a switch of branch costs the length of the part that changes.
 """
 
 from __future__ import annotations
@@ -24,12 +33,27 @@ import contextlib
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 import orjson
 
-from conversational_core.storage.models import Conversation, Message, Page
+from conversational_core.storage import events
+from conversational_core.storage.models import Conversation, Message, MessageStatus, Page
+
+OnBusy = Literal["queue", "reject", "interrupt"]
+
+
+class ActiveLeaf:
+    """The parent of a new message when none is named: the conversation's active leaf."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ACTIVE_LEAF"
+
+
+ACTIVE_LEAF: Final = ActiveLeaf()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +94,14 @@ def decode_conversation_cursor(value: str) -> ConversationCursor:
 class MessageQuery:
     """A page of a conversation's messages.
 
-    The list is in conversation order (`descending=False`) or newest first. Without an anchor the
-    page starts at the list's beginning. With an anchor (a position `anchor_seq`, or a message id
-    `anchor_id`), `backward=False` returns the messages that follow the anchor in list order and
-    `backward=True` the `limit` messages closest before it (still in list order).
+    The list is a branch of the conversation's tree, root to leaf: the active branch, or with
+    `leaf` the branch that ends at that message; with `everything`, every message of the tree in
+    creation order instead. It is read in that order (`descending=False`) or from the end.
+    Without an anchor the page starts at the list's beginning. With an anchor (a position
+    `anchor_seq`, or a message id `anchor_id`, which must be in the list), `backward=False`
+    returns the messages that follow the anchor in list order and `backward=True` the `limit`
+    messages closest before it (still in list order). Positions are creation positions: they
+    grow along every branch, so a position is a cursor in any of these lists.
     """
 
     limit: int
@@ -81,6 +109,32 @@ class MessageQuery:
     anchor_seq: int | None = None
     anchor_id: str | None = None
     backward: bool = False
+    leaf: str | None = None
+    everything: bool = False
+
+
+@dataclass(slots=True)
+class Appended:
+    """What append_messages stored: the messages (with their parents and sibling positions), or
+    on an idempotent replay those of the first request."""
+
+    messages: list[Message]
+    replayed: bool = False
+    # With on_busy="interrupt": the replies that were pending or being written when these were
+    # added. The store stopped none of them; the caller cancels them (they are ahead in the
+    # reply queue, so the new reply is written only once they have ended).
+    interrupted: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Deleted:
+    """What delete_message removed: the message, as it was, and the ids of its whole subtree
+    (itself first). `conversation` is the conversation as it is now when its active branch
+    moved (its active leaf was in the subtree), else None."""
+
+    message: Message
+    deleted_ids: list[str]
+    conversation: Conversation | None = None
 
 
 class MessageSlice:
@@ -191,14 +245,28 @@ class Store(ABC):
         now: str,
         idempotency: Idempotency | None = None,
         reply_id: str | None = None,
-    ) -> tuple[list[Message], bool]:
-        """Append messages at the end of the conversation in one atomic step (a user message and
-        the assistant message that will hold its reply go together), bump `message_count` and the
-        conversation's activity, and emit `message.created` for each. With `reply_id` (one of
-        `messages`, a pending assistant message) the reply is put on the conversation's reply
-        queue and the job queue is told, in the same step: never a message without its job.
-        Returns the messages and whether this was an idempotent replay (then the messages stored
-        by the first request are returned and nothing is written)."""
+        *,
+        parent: str | ActiveLeaf | None = ACTIVE_LEAF,
+        on_busy: OnBusy | None = "queue",
+    ) -> Appended:
+        """Append messages in one atomic step: the first under `parent` (a message id, None for
+        a new root, or the active leaf), each next one under the one before (a user message and
+        the assistant message that will hold its reply go together). The last becomes the
+        active leaf. Bumps `message_count` and the conversation's activity, and emits
+        `message.created` for each (with its parent and sibling position). With `reply_id`
+        (one of `messages`, a pending assistant message) the reply is put on the conversation's
+        reply queue and the job queue is told, in the same step: never a message without its
+        job. The `parent_id` and `reply_message_id` the messages carry are ignored/kept as
+        given: the store sets `parent_id`, `sibling_count` and `sibling_index`.
+
+        While a reply is pending or being written (the reply queue is not empty), `on_busy`
+        decides (None: the conversation's own `on_busy`, read in the same atomic step): "queue"
+        appends, "reject" raises Busy and stores nothing, "interrupt" appends and returns the
+        replies ahead in `Appended.interrupted`.
+
+        Raises NotFound (conversation), UnknownMessage("parent_id") when `parent` is not a
+        message of the conversation, IdempotencyMismatch. On an idempotent replay the messages
+        of the first request are returned and nothing is written."""
 
     @abstractmethod
     async def get_message(
@@ -210,7 +278,39 @@ class Store(ABC):
     async def list_messages(
         self, conversation_id: str, owner: str | None, query: MessageQuery
     ) -> MessageSlice:
-        """A page of messages (see :class:`MessageQuery`); raises UnknownAnchor."""
+        """A page of messages (see :class:`MessageQuery`); raises UnknownAnchor, and
+        UnknownMessage("leaf") when `query.leaf` is not a message of the conversation."""
+
+    @abstractmethod
+    async def list_siblings(
+        self, conversation_id: str, owner: str | None, message_id: str, limit: int, after: int
+    ) -> MessageSlice:
+        """The message and its siblings (its parent's children) in creation order, from index
+        `after + 1` (-1: from the first), at most `limit`; the slice's `seqs` are their indexes.
+        Raises NotFound when the message is not in the conversation."""
+
+    @abstractmethod
+    async def set_active_leaf(
+        self,
+        conversation_id: str,
+        owner: str | None,
+        message_id: str,
+        expected_version: int | None,
+        now: str,
+    ) -> Conversation:
+        """Make the active branch the one reached from `message_id` by following the newest
+        child at each step; bumps the version and emits `conversation.updated`. Raises
+        UnknownMessage("active_leaf_id"), StaleVersion."""
+
+    @abstractmethod
+    async def fork(
+        self, conversation_id: str, owner: str | None, message_id: str | None, new: Conversation
+    ) -> Conversation:
+        """Create `new` (its settings and `forked_from` filled in by the caller) holding copies,
+        with new ids, of the branch from the root to `message_id` (None: an empty copy). The
+        copies keep their content, metadata, usage and times; a reply that had not ended is
+        copied `cancelled` with its text so far; `reply_message_id` points to the copy. Returns
+        `new` as stored. Raises NotFound, UnknownMessage("message_id")."""
 
     # Changes to one message. Each is a compare-and-set: it stores `message` if the stored one
     # still equals `expected` and returns it, or returns None when it changed meanwhile (the
@@ -229,7 +329,8 @@ class Store(ABC):
     ) -> Message | None:
         """A worker starts writing the reply (again): `message.updated`. The text published
         so far is forgotten, and from now on only deltas of `attempt` pass (a worker that lost
-        the reply to another is refused)."""
+        the reply to another is refused). Raises ReplyStopped (writing nothing) when the reply
+        was stopped: whoever stopped it did not get to cancel it, and the caller should."""
 
     @abstractmethod
     async def flush_reply(
@@ -255,10 +356,13 @@ class Store(ABC):
     @abstractmethod
     async def delete_message(
         self, conversation_id: str, owner: str | None, message_id: str
-    ) -> Message:
-        """Delete one message; returns it as it was. Emits `message.deleted`; a reply that was
-        pending or streaming leaves the reply queue and its generation stops (publish_delta
-        returns False)."""
+    ) -> Deleted:
+        """Delete a message and its whole subtree in one step. Emits one `message.deleted`
+        (`message_id`, and `deleted_message_ids`: the whole subtree); replies of the subtree that
+        were pending or streaming leave the reply queue and their generation stops
+        (publish_delta returns False). When the active leaf was in the subtree, the active
+        branch moves to the message's parent by the newest-child rule and
+        `conversation.updated` is emitted."""
 
     # Events and replies --------------------------------------------------------------------
 
@@ -290,6 +394,69 @@ class Store(ABC):
     async def reply_queue_head(self, conversation_id: str) -> str | None:
         """The id of the oldest reply of the conversation still to be written (or being
         written), or None. Replies of one conversation are written one after the other."""
+
+
+_ENDS = {
+    MessageStatus.COMPLETED: events.MESSAGE_COMPLETED,
+    MessageStatus.FAILED: events.MESSAGE_FAILED,
+    MessageStatus.CANCELLED: events.MESSAGE_CANCELLED,
+}
+
+
+class CompareAndSet(Store):
+    """The named changes to one message, for a backend that has one compare-and-set
+    (`_replace`) doing each with its event."""
+
+    async def update_message(
+        self, conversation_id: str, owner: str | None, message: Message, expected: Message
+    ) -> Message | None:
+        return await self._replace(
+            conversation_id, owner, message, expected, events.MESSAGE_UPDATED
+        )
+
+    async def start_attempt(
+        self, conversation_id: str, reply: Message, expected: Message, attempt: int
+    ) -> Message | None:
+        return await self._replace(
+            conversation_id, None, reply, expected, events.MESSAGE_UPDATED, restart=attempt
+        )
+
+    async def flush_reply(
+        self, conversation_id: str, reply: Message, expected: Message
+    ) -> Message | None:
+        return await self._replace(conversation_id, None, reply, expected, None)
+
+    async def finish_reply(
+        self, conversation_id: str, reply: Message, expected: Message
+    ) -> Message | None:
+        return await self._replace(
+            conversation_id, None, reply, expected, _ENDS[reply.status], ended=True
+        )
+
+    async def cancel_reply(
+        self, conversation_id: str, owner: str | None, reply: Message, expected: Message
+    ) -> Message | None:
+        return await self._replace(
+            conversation_id, owner, reply, expected, events.MESSAGE_CANCELLED, ended=True
+        )
+
+    @abstractmethod
+    async def _replace(
+        self,
+        conversation_id: str,
+        owner: str | None,
+        message: Message,
+        expected: Message,
+        event: str | None,
+        *,
+        ended: bool = False,
+        restart: int | None = None,
+    ) -> Message | None:
+        """Store `message` if the stored one is still `expected` (else None: it changed; the
+        message keeps the parent it is stored with). With `event`, emit it; `ended` takes the
+        reply off the queue and refuses its later deltas; `restart` forgets the text published
+        so far and lets only that attempt's deltas pass, unless the reply was stopped
+        (ReplyStopped, nothing written). Raises NotFound."""
 
 
 @dataclass(frozen=True, slots=True)

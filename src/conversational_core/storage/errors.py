@@ -46,6 +46,36 @@ class UnknownAnchor(StoreError):
         super().__init__("The message given in after/before is not in this conversation.")
 
 
+class UnknownMessage(StoreError):
+    """A message id given in a request (`field`, e.g. a body's `parent_id`) is not a message
+    of the conversation."""
+
+    def __init__(self, field: str, location: str = "body") -> None:
+        super().__init__(f"{field} is not a message of this conversation.")
+        self.field = field
+        self.location = location
+
+
+class Busy(StoreError):
+    """A reply of the conversation is pending or being written, and its `on_busy` setting is
+    "reject"."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A reply is being written in this conversation, which refuses new messages until"
+            " it ends (on_busy is reject)."
+        )
+
+
+class ReplyStopped(StoreError):
+    """A reply was stopped (stop_reply) and not yet cancelled: it must not start again. `text`
+    is what its deltas published before the stop."""
+
+    def __init__(self, text: str | None) -> None:
+        super().__init__("The reply was stopped.")
+        self.text = text
+
+
 class Unavailable(StoreError):
     """The store cannot serve right now (down, restarting, failing over, out of memory…);
     retry after `retry_after` seconds. Never a bug of the caller."""

@@ -25,8 +25,9 @@ def delta_data(message_id: str, delta: str) -> bytes:
     return orjson.dumps({"message_id": message_id, "delta": delta})
 
 
-def message_deleted_data(message_id: str) -> bytes:
-    return orjson.dumps({"message_id": message_id})
+def message_deleted_data(message_id: str, deleted_ids: list[str]) -> bytes:
+    """A message and its subtree went: `deleted_message_ids` names them all (itself first)."""
+    return orjson.dumps({"message_id": message_id, "deleted_message_ids": deleted_ids})
 
 
 def conversation_data(conversation: Conversation) -> bytes:

@@ -66,6 +66,14 @@ class Conversation:
     updated_at: str
     message_count: int = 0
     version: int = 1
+    # Who wrote the title: "user" (also when a user cleared it), "auto" (written after the
+    # first reply), or None (no title yet: one will be written).
+    title_source: str | None = None
+    on_busy: str = "queue"  # what a user message does while a reply is being written (OnBusy)
+    forked_from: dict[str, str | None] | None = None  # {"conversation_id", "message_id"}
+    # The last message of the branch the user sees (None while the conversation is empty). Last
+    # of the fields: a store that computes it appends it to the JSON it was given.
+    active_leaf_id: str | None = None
 
     @property
     def etag(self) -> str:
@@ -75,14 +83,35 @@ class Conversation:
         return orjson.dumps(self)
 
 
-# The fields a client may change on a conversation.
-CONVERSATION_MUTABLE = ("title", "metadata", "system_prompt", "model", "temperature", "max_tokens")
+# The fields of a conversation's settings (changed by update_conversation); `active_leaf_id`
+# changes by set_active_leaf and by new messages.
+CONVERSATION_MUTABLE = (
+    "title",
+    "metadata",
+    "system_prompt",
+    "model",
+    "temperature",
+    "max_tokens",
+    "title_source",
+    "on_busy",
+)
+ON_BUSY = ("queue", "reject", "interrupt")
+
+_ROLE_FIELD = b',"role":'
+_PARENT_FIELD = b'"parent_id":'
+_SIBLINGS_FIELD = b',"sibling_count":'
 
 
 @dataclass(slots=True)
 class Message:
+    """A message of a conversation's tree. `parent_id` is the message it follows (None: a root);
+    `sibling_count`/`sibling_index` say where it stands among its parent's children (in
+    creation order) when it was read: a store computes them, never stores them."""
+
     id: str
     conversation_id: str
+    # Third field: the stores find it at a fixed place in the JSON (see `stored_parts`).
+    parent_id: str | None = field(default=None, kw_only=True)
     role: Role
     content: str
     status: MessageStatus
@@ -95,6 +124,9 @@ class Message:
     version: int = 1
     # Extra fields the AI side records on a reply (e.g. how many messages were sent).
     context: dict[str, Any] | None = field(default=None)
+    # Computed by the store on every read (last: see `stored_parts`).
+    sibling_count: int = field(default=1, kw_only=True)
+    sibling_index: int = field(default=0, kw_only=True)
 
     @property
     def etag(self) -> str:
@@ -102,6 +134,22 @@ class Message:
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)
+
+    def stored_parts(self) -> tuple[bytes, bytes]:
+        """(`parent_id` as JSON, the body): the body is the JSON of the fields from `role` to
+        `context`, without braces. A store keeps `{"parent_id":…,<body>}` and rebuilds the
+        whole message by concatenation: ids, parent and sibling fields around the body."""
+        doc = orjson.dumps(self)
+        # Before `role` come only ids (no quotes to escape), and `,"sibling_count":` cannot
+        # occur inside a JSON string (its quotes would be escaped): both finds are exact.
+        role = doc.index(_ROLE_FIELD)
+        parent = doc.index(_PARENT_FIELD) + len(_PARENT_FIELD)
+        return doc[parent:role], doc[role + 1 : doc.rindex(_SIBLINGS_FIELD)]
+
+    def stored_json(self) -> bytes:
+        """What a store keeps: the message without its ids and sibling fields."""
+        parent, body = self.stored_parts()
+        return b'{"parent_id":' + parent + b"," + body + b"}"
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Message:

@@ -7,12 +7,14 @@ the first token has reached users.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,14 @@ class ProviderError(Exception):
         self.status = status
 
 
+TITLE_INSTRUCTIONS = (
+    "Write a title for the conversation that starts with the user's message below: at most "
+    "six words saying what it is about, in the language of the message. Answer with the "
+    "title alone, without quotes or a final period."
+)
+TITLE_MAX_TOKENS = 24
+
+
 class Provider(ABC):
     name: str
 
@@ -69,6 +79,26 @@ class Provider(ABC):
 
         Raises ProviderError. Closing the iterator early (`aclose`) stops reading from the
         provider and closes the connection."""
+
+    async def title(self, first_message: str, model: str) -> str:
+        """A few words naming a conversation that starts with `first_message`, written by the
+        model (a short completion of its own). Raises ProviderError."""
+        request = CompletionRequest(
+            model=model,
+            messages=[
+                ChatMessage("system", TITLE_INSTRUCTIONS),
+                ChatMessage("user", first_message),
+            ],
+            temperature=None,
+            max_tokens=TITLE_MAX_TOKENS,
+        )
+        parts: list[str] = []
+        stream: Any = self.stream(request)  # an async generator (closed when done)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, str):
+                    parts.append(item)
+        return "".join(parts)
 
     async def close(self) -> None:  # noqa: B027 - optional hook; most providers hold a client
         """Release connections."""

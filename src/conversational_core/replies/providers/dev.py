@@ -29,6 +29,14 @@ class DevProvider(Provider):
             "set LLM_PROVIDER to reach a real model."
         )
 
+    async def title(self, first_message: str, model: str) -> str:
+        """The first words of the first message (no model to ask)."""
+        words = first_message.split()
+        title = " ".join(words[:6])
+        if len(words) > 6 or len(title) > 60:
+            title = title[:60].rstrip(" ,.;:") + "…"
+        return title
+
     async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
         text = self.reply_for(request)
         words = text.split(" ")

@@ -29,6 +29,7 @@ import aiosqlite
 from loguru import logger
 
 from conversational_core.storage.base import Idempotency
+from conversational_core.storage.embedded import upgrade
 from conversational_core.storage.errors import IdempotencyMismatch, Unavailable
 
 DB_FILENAME: Final = "conversational-core.db"
@@ -37,48 +38,58 @@ DB_FILENAME: Final = "conversational-core.db"
 # (then the caller gets Unavailable, a 503 with Retry-After).
 BUSY_TIMEOUT_MS: Final = 5000
 
-# Bumped when the schema changes incompatibly; a file written by a newer version is refused
-# rather than misread.
-SCHEMA_VERSION: Final = 2  # 2: reply_queue
+# Bumped when the schema changes; a file written by a newer version is refused rather than
+# misread, and one written by an older version is upgraded when it is opened (upgrade.py).
+SCHEMA_VERSION: Final = 3  # 2: reply_queue; 3: trees (parent_seq, branch, active_leaf_id)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id            TEXT PRIMARY KEY,
-    user_id       TEXT NOT NULL,
-    data          TEXT NOT NULL,
-    updated_at    TEXT NOT NULL,
-    activity_ms   INTEGER NOT NULL,
-    message_count INTEGER NOT NULL DEFAULT 0,
-    seq           INTEGER NOT NULL DEFAULT 0,
-    version       INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS conversations_by_activity
-    ON conversations (user_id, activity_ms DESC, id DESC);
-
-CREATE TABLE IF NOT EXISTS messages (
+# The tables and indexes of a file at SCHEMA_VERSION, one statement each. Columns added by an
+# upgrade come last, so that a file has the same shape whichever version first wrote it.
+SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS conversations (
+    id             TEXT PRIMARY KEY,
+    user_id        TEXT NOT NULL,
+    data           TEXT NOT NULL,
+    updated_at     TEXT NOT NULL,
+    activity_ms    INTEGER NOT NULL,
+    message_count  INTEGER NOT NULL DEFAULT 0,
+    seq            INTEGER NOT NULL DEFAULT 0,
+    version        INTEGER NOT NULL,
+    active_leaf_id TEXT
+)""",
+    """CREATE INDEX IF NOT EXISTS conversations_by_activity
+    ON conversations (user_id, activity_ms DESC, id DESC)""",
+    """CREATE TABLE IF NOT EXISTS messages (
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     seq             INTEGER NOT NULL,
     id              TEXT NOT NULL,
     doc             TEXT NOT NULL,
+    parent_seq      INTEGER,
     PRIMARY KEY (conversation_id, seq)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (conversation_id, id);
-
-CREATE TABLE IF NOT EXISTS idempotency (
+)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (conversation_id, id)",
+    """CREATE INDEX IF NOT EXISTS messages_by_parent
+    ON messages (conversation_id, parent_seq, seq)""",
+    """CREATE TABLE IF NOT EXISTS branch (
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq             INTEGER NOT NULL,
+    detour          INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS branch_detours ON branch (conversation_id, seq) WHERE detour",
+    """CREATE TABLE IF NOT EXISTS idempotency (
     scope       TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     body        TEXT NOT NULL,
     expires_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at);
-
-CREATE TABLE IF NOT EXISTS reply_queue (
+)""",
+    "CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at)",
+    """CREATE TABLE IF NOT EXISTS reply_queue (
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     position        INTEGER NOT NULL,
     message_id      TEXT NOT NULL,
     PRIMARY KEY (conversation_id, position)
-);
-"""
+)""",
+)
 
 # SQLite's primary result codes that mean "the database cannot be used right now" (locked by
 # another process past the busy timeout, I/O failure, file gone or unwritable, disk full), as
@@ -129,6 +140,37 @@ async def run_many(db: aiosqlite.Connection, sql: str, params: Iterable[Sequence
         pass
 
 
+async def _ensure_schema(db: aiosqlite.Connection, path: Path) -> None:
+    """Create the schema of a new file, or upgrade an older one, in one IMMEDIATE transaction:
+    processes starting together queue on it, and the one that comes second finds the work done
+    (the version is read inside the transaction for that reason)."""
+    await run(db, "BEGIN IMMEDIATE")
+    try:
+        row = await first(db, "PRAGMA user_version", ())
+        found = int(row[0]) if row is not None else 0
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} was written by a newer version (schema {found}, this one knows "
+                f"{SCHEMA_VERSION}); refusing to open it"
+            )
+        if found < SCHEMA_VERSION:
+            # 1 and 2 differ only by reply_queue, which SCHEMA creates if missing.
+            legacy = found in (1, 2)
+            if legacy:
+                await upgrade.add_tree_columns(db)
+            for statement in SCHEMA:
+                await run(db, statement)
+            if legacy:
+                await upgrade.fill_trees(db)
+                logger.info("SQLite store at {} upgraded from schema {}", path, found)
+            await run(db, f"PRAGMA user_version={SCHEMA_VERSION}")
+        await run(db, "COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await db.rollback()
+        raise
+
+
 class Database:
     """The store's one connection, used by one operation at a time (see the module docstring),
     with effects that run once an operation has committed."""
@@ -154,17 +196,7 @@ class Database:
             await run(db, "PRAGMA synchronous=NORMAL")
             await run(db, "PRAGMA foreign_keys=ON")
             await run(db, f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            row = await first(db, "PRAGMA user_version", ())
-            found = int(row[0]) if row is not None else 0
-            if found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{path} was written by a newer version (schema {found}, this one knows "
-                    f"{SCHEMA_VERSION}); refusing to open it"
-                )
-            # One IMMEDIATE transaction so that workers starting together do not race on it.
-            await db.executescript(
-                f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-            )
+            await _ensure_schema(db, path)
         except BaseException:
             await db.close()
             raise

@@ -41,11 +41,19 @@ class ReplyTracker:
 
     def allows(self, conversation_id: str, message_id: str, attempt: int | None) -> bool:
         """Whether a delta of `attempt` may pass (not stopped, the attempt current)."""
-        key = (conversation_id, message_id)
-        until = self._stopped.get(key)
-        if until is not None and until > time.monotonic():
+        if self.stopped(conversation_id, message_id):
             return False
-        return attempt is None or self._attempts.get(key) == attempt
+        return attempt is None or self._attempts.get((conversation_id, message_id)) == attempt
+
+    def stopped(self, conversation_id: str, message_id: str) -> bool:
+        """Whether the reply was stopped (or ended) and still refuses deltas."""
+        until = self._stopped.get((conversation_id, message_id))
+        return until is not None and until > time.monotonic()
+
+    def text(self, conversation_id: str, message_id: str) -> str | None:
+        """What the reply's deltas published since it (re)started; None when nothing."""
+        parts = self.published(conversation_id, message_id)
+        return "".join(parts) if parts else None
 
     def stop(self, conversation_id: str, message_id: str) -> None:
         now = time.monotonic()

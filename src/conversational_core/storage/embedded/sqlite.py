@@ -5,19 +5,30 @@ exceptions, pagination, idempotency and ownership rules); only the mechanics dif
 would silently do something wrong on a caller bug, this store refuses instead: a conversation or
 message id that already exists raises AlreadyExists (Redis overwrites it), and `changes` outside
 CONVERSATION_MUTABLE raise ValueError. A conversation creation and its idempotency record are
-written in one transaction (Redis writes the record first, in a separate step).
+written in one transaction (Redis writes the record first, in a separate step), and so is a
+fork (Redis writes the copies first, then their conversation). An append of no messages raises
+ValueError.
 
-Layout (`DATA_DIR/conversational-core.db`):
+Layout (`DATA_DIR/conversational-core.db`, schema 3; database.py has the SQL, upgrade.py how a
+file of schema 1 or 2 becomes one):
 
     conversations  id, user_id, data (JSON of the settings), updated_at, activity_ms,
-                   message_count, seq (last position given), version
+                   message_count, seq (last position given), version, active_leaf_id
                    + index (user_id, activity_ms DESC, id DESC) for the per-user list
     messages       (conversation_id, seq) primary key, id (unique per conversation),
-                   doc (the exact JSON of Message.to_json()); deleted with their conversation
+                   doc (Message.stored_json(): the message without its ids and sibling position),
+                   parent_seq (the parent's seq; NULL for a root)
+                   + index (conversation_id, parent_seq, seq): each message's children, in order
+    branch         (conversation_id, seq) primary key, detour: the active branch, root to leaf
+                   + partial index of its detours (tree.py says what they are)
     idempotency    scope, fingerprint, body (JSON of the first result), expires_at (epoch s)
     reply_queue    (conversation_id, position) primary key, message_id: the replies still to
-                   write, oldest first (position is the reply's seq); deleted with their
-                   conversation
+                   write, oldest first (position is the reply's seq)
+
+Every table but idempotency goes with its conversation (ON DELETE CASCADE). Positions (`seq`) are
+given in creation order and never reused; sibling positions are computed on every read (tree.py).
+The code is split by subject: conversations, the changes to one message and replies here,
+messages and their tree in messages.py and tree.py.
 
 Events, jobs and the state of replies being written live in this process's memory (events.py,
 jobs.py, replies.py): `store.events` (a MemoryEventLog, which is also the process's EventHub) and
@@ -39,22 +50,19 @@ import asyncio
 import contextlib
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
-import aiosqlite
 import orjson
 from loguru import logger
 
 from conversational_core.storage import events as ev
 from conversational_core.storage.base import (
+    CompareAndSet,
     ConversationCursor,
     Event,
     Idempotency,
-    MessageQuery,
-    MessageSlice,
-    Store,
     encode_conversation_cursor,
 )
 from conversational_core.storage.embedded.database import (
@@ -63,96 +71,61 @@ from conversational_core.storage.embedded.database import (
     IdempotencyRecords,
     first,
     run,
-    run_many,
 )
 from conversational_core.storage.embedded.events import MemoryEventLog
 from conversational_core.storage.embedded.jobs import MemoryJobQueue, recover
+from conversational_core.storage.embedded.messages import SqliteMessages
+from conversational_core.storage.embedded.records import (
+    SELECT_CONVERSATION,
+    clamp_int64,
+    conversation_data,
+    conversation_from_row,
+    owned,
+)
 from conversational_core.storage.embedded.replies import ReplyTracker
+from conversational_core.storage.embedded.upgrade import settings_with_defaults
 from conversational_core.storage.errors import (
     AlreadyExists,
     NotFound,
+    ReplyStopped,
     StaleVersion,
-    UnknownAnchor,
 )
 from conversational_core.storage.models import (
     CONVERSATION_MUTABLE,
     Conversation,
     Message,
-    MessageStatus,
     Page,
     rfc3339_to_ms,
 )
-
-# The conversation's columns that are not in its `data` JSON (they change on their own).
-_COLUMN_FIELDS: Final = frozenset({"updated_at", "message_count", "version"})
-_CONV_SELECT: Final = "SELECT user_id, data, updated_at, message_count, version FROM conversations"
 
 # A page of a user's conversations: (activity_ms, id) descending, after an exclusive cursor.
 # A row-value comparison, so that SQLite seeks the index straight to the cursor (an OR of the
 # two columns would scan the user's whole range from the top).
 _LIST_CONVERSATIONS: Final = (
-    "SELECT user_id, data, updated_at, message_count, version, activity_ms, id"
-    " FROM conversations"
+    f"{SELECT_CONVERSATION}, activity_ms, id FROM conversations"
     " WHERE user_id = ? ORDER BY activity_ms DESC, id DESC LIMIT ?"
 )
 _LIST_CONVERSATIONS_AFTER: Final = (
-    "SELECT user_id, data, updated_at, message_count, version, activity_ms, id"
-    " FROM conversations"
+    f"{SELECT_CONVERSATION}, activity_ms, id FROM conversations"
     " WHERE user_id = ? AND (activity_ms, id) < (?, ?)"
     " ORDER BY activity_ms DESC, id DESC LIMIT ?"
 )
 
-# A page of messages, keyed by (ascending?, anchored?): whole statements, picked, never assembled.
-_PAGE: Final = {
-    (True, False): "SELECT seq, doc FROM messages WHERE conversation_id = ?"
-    " ORDER BY seq ASC LIMIT ?",
-    (True, True): "SELECT seq, doc FROM messages WHERE conversation_id = ? AND seq > ?"
-    " ORDER BY seq ASC LIMIT ?",
-    (False, False): "SELECT seq, doc FROM messages WHERE conversation_id = ?"
-    " ORDER BY seq DESC LIMIT ?",
-    (False, True): "SELECT seq, doc FROM messages WHERE conversation_id = ? AND seq < ?"
-    " ORDER BY seq DESC LIMIT ?",
-}
-
-_INT64_MIN: Final = -(2**63)
-_INT64_MAX: Final = 2**63 - 1
-
-_ENDS: Final = {
-    MessageStatus.COMPLETED: ev.MESSAGE_COMPLETED,
-    MessageStatus.FAILED: ev.MESSAGE_FAILED,
-    MessageStatus.CANCELLED: ev.MESSAGE_CANCELLED,
-}
+# The compare-and-set of a message: it writes only if the conversation is visible to the owner
+# (NULL: anyone) and the stored document is the expected one; it returns the message's sibling
+# position (for its event), so that the whole change is one statement.
+_REPLACE: Final = (
+    "UPDATE messages SET doc = ?1 WHERE conversation_id = ?2 AND id = ?3 AND doc = ?4"
+    " AND EXISTS (SELECT 1 FROM conversations WHERE id = ?2 AND (?5 IS NULL OR user_id = ?5))"
+    " RETURNING"
+    " (SELECT COUNT(*) FROM messages AS s WHERE s.conversation_id = messages.conversation_id"
+    " AND s.parent_seq IS messages.parent_seq),"
+    " (SELECT COUNT(*) FROM messages AS s WHERE s.conversation_id = messages.conversation_id"
+    " AND s.parent_seq IS messages.parent_seq AND s.seq < messages.seq)"
+)
 
 
-def _owned(user_id: str, owner: str | None) -> bool:
-    return owner is None or user_id == owner
-
-
-def _conversation_data(conversation: Conversation) -> str:
-    doc = {
-        f.name: getattr(conversation, f.name)
-        for f in dataclasses.fields(conversation)
-        if f.name not in _COLUMN_FIELDS
-    }
-    return orjson.dumps(doc).decode()
-
-
-def _conversation_from_row(row: Sequence[Any]) -> Conversation:
-    """From (user_id, data, updated_at, message_count, version, ...)."""
-    doc = orjson.loads(row[1])
-    doc["updated_at"] = row[2]
-    doc["message_count"] = int(row[3])
-    doc["version"] = int(row[4])
-    return Conversation(**doc)
-
-
-def _clamp_int64(value: int) -> int:
-    # An anchor outside SQLite's integer range would raise OverflowError on binding; clamping
-    # keeps its meaning (an exclusive bound beyond every stored seq).
-    return max(_INT64_MIN, min(_INT64_MAX, value))
-
-
-class SqliteStore(Store):
+class SqliteStore(SqliteMessages, CompareAndSet):
     backend = "sqlite"
 
     def __init__(
@@ -181,34 +154,17 @@ class SqliteStore(Store):
         on_reply: Callable[[str], None] | None = None,
         lease_seconds: float = 15.0,
     ) -> SqliteStore:
-        """The store in the database at `path` (created if needed)."""
+        """The store in the database at `path` (created, or upgraded, if needed)."""
         db = await Database.open(path)
         return cls(db, events=events, on_reply=on_reply, lease_seconds=lease_seconds)
-
-    # Plumbing ------------------------------------------------------------------------------------
-
-    def _emit(self, conversation_id: str, type: str, data: bytes) -> None:
-        """Publish an event once the current operation has committed."""
-        self._db.after_commit(lambda: self._publish(conversation_id, type, data))
-
-    def _publish(self, conversation_id: str, type: str, data: bytes) -> None:
-        self.events.publish(conversation_id, type, data)
-
-    async def _conversation_row(
-        self, db: aiosqlite.Connection, conversation_id: str, owner: str | None
-    ) -> sqlite3.Row:
-        row = await first(db, f"{_CONV_SELECT} WHERE id = ?", (conversation_id,))
-        if row is None or not _owned(row[0], owner):
-            raise NotFound("Conversation not found.")
-        return row
-
-    # Store ---------------------------------------------------------------------------------------
 
     async def ping(self) -> None:
         await self._db.ping()
 
     async def close(self) -> None:
         await self._db.close()
+
+    # Conversations -------------------------------------------------------------------------------
 
     async def create_conversation(
         self, conversation: Conversation, idempotency: Idempotency | None = None
@@ -218,7 +174,9 @@ class SqliteStore(Store):
             if idempotency is not None:
                 previous = await self._idempotency.replay(db, scope, idempotency)
                 if previous is not None:
-                    return Conversation(**orjson.loads(previous)), True
+                    # A record may predate the settings added with trees.
+                    doc = settings_with_defaults(orjson.loads(previous))
+                    return Conversation(**doc), True
             try:
                 # Like Redis, a new conversation starts with no messages whatever it says.
                 await run(
@@ -229,7 +187,7 @@ class SqliteStore(Store):
                     (
                         conversation.id,
                         conversation.user_id,
-                        _conversation_data(conversation),
+                        conversation_data(conversation),
                         conversation.updated_at,
                         rfc3339_to_ms(conversation.updated_at),
                         conversation.version,
@@ -246,7 +204,7 @@ class SqliteStore(Store):
     async def get_conversation(self, conversation_id: str, owner: str | None) -> Conversation:
         async with self._db.session() as db:
             row = await self._conversation_row(db, conversation_id, owner)
-        return _conversation_from_row(row)
+        return conversation_from_row(row)
 
     async def list_conversations(
         self, user_id: str, limit: int, after: ConversationCursor | None
@@ -259,7 +217,7 @@ class SqliteStore(Store):
                     _LIST_CONVERSATIONS_AFTER,
                     (
                         user_id,
-                        _clamp_int64(after.activity_ms),
+                        clamp_int64(after.activity_ms),
                         after.conversation_id,
                         limit + 1,
                     ),
@@ -271,8 +229,8 @@ class SqliteStore(Store):
         if has_more and page:
             last = page[-1]
             # The cursor is the stored activity (what the order is by), as Redis uses the score.
-            next_cursor = encode_conversation_cursor(ConversationCursor(int(last[5]), last[6]))
-        return Page([_conversation_from_row(r) for r in page], next_cursor)
+            next_cursor = encode_conversation_cursor(ConversationCursor(int(last[6]), last[7]))
+        return Page([conversation_from_row(r) for r in page], next_cursor)
 
     async def update_conversation(
         self,
@@ -287,7 +245,7 @@ class SqliteStore(Store):
             # A caller bug, not a client error: the HTTP layer only passes mutable fields.
             raise ValueError(f"not mutable conversation fields: {sorted(unknown)}")
         async with self._db.session("IMMEDIATE") as db:
-            current = _conversation_from_row(
+            current = conversation_from_row(
                 await self._conversation_row(db, conversation_id, owner)
             )
             if expected_version is not None and current.version != expected_version:
@@ -301,7 +259,7 @@ class SqliteStore(Store):
                 "UPDATE conversations SET data = ?, updated_at = ?,"
                 " activity_ms = MAX(activity_ms, ?), version = ? WHERE id = ?",
                 (
-                    _conversation_data(updated),
+                    conversation_data(updated),
                     now,
                     rfc3339_to_ms(now),
                     updated.version,
@@ -314,7 +272,7 @@ class SqliteStore(Store):
     async def delete_conversation(self, conversation_id: str, owner: str | None) -> Conversation:
         async with self._db.session("IMMEDIATE") as db:
             row = await self._conversation_row(db, conversation_id, owner)
-            # Messages go by ON DELETE CASCADE.
+            # Messages, branch and reply queue go by ON DELETE CASCADE.
             await run(db, "DELETE FROM conversations WHERE id = ?", (conversation_id,))
             # Its append idempotency records can never be replayed now (appends to a missing
             # conversation fail first); drop them rather than wait for expiry. ';' follows ':'.
@@ -323,173 +281,21 @@ class SqliteStore(Store):
                 "DELETE FROM idempotency WHERE scope >= ? AND scope < ?",
                 (f"m:{conversation_id}:", f"m:{conversation_id};"),
             )
-            # Its reply queue goes by ON DELETE CASCADE; its replies stop (publish_delta finds
-            # them gone) and its event log goes once connected clients have the deletion.
+            # Its replies stop (publish_delta finds them gone) and its event log goes once
+            # connected clients have the deletion.
             self._emit(
                 conversation_id,
                 ev.CONVERSATION_DELETED,
                 ev.conversation_deleted_data(conversation_id),
             )
             self._db.after_commit(lambda: self._forget_conversation(conversation_id))
-        return _conversation_from_row(row)
+        return conversation_from_row(row)
 
     def _forget_conversation(self, conversation_id: str) -> None:
         self._replies.conversation_deleted(conversation_id)
         self.events.forget(conversation_id)
 
-    # Messages ------------------------------------------------------------------------------------
-
-    async def append_messages(
-        self,
-        conversation_id: str,
-        owner: str | None,
-        messages: list[Message],
-        now: str,
-        idempotency: Idempotency | None = None,
-        reply_id: str | None = None,
-    ) -> tuple[list[Message], bool]:
-        reply_index: int | None = None
-        if reply_id is not None:
-            reply_index = next((i for i, m in enumerate(messages) if m.id == reply_id), None)
-            if reply_index is None:  # a caller bug: Redis would queue an id with no message
-                raise ValueError("reply_id is not one of the messages")
-        docs = [m.to_json().decode() for m in messages]
-        scope = f"m:{conversation_id}:{owner or '*'}:{idempotency.key}" if idempotency else ""
-        async with self._db.session("IMMEDIATE") as db:
-            row = await first(
-                db, "SELECT user_id, seq FROM conversations WHERE id = ?", (conversation_id,)
-            )
-            if row is None or not _owned(row[0], owner):
-                raise NotFound("Conversation not found.")
-            if idempotency is not None:
-                previous = await self._idempotency.replay(db, scope, idempotency)
-                if previous is not None:
-                    return [Message.from_dict(d) for d in orjson.loads(previous)], True
-            last_seq = int(row[1])
-            try:
-                await run_many(
-                    db,
-                    "INSERT INTO messages (conversation_id, seq, id, doc) VALUES (?, ?, ?, ?)",
-                    (
-                        (conversation_id, last_seq + i, m.id, doc)
-                        for i, (m, doc) in enumerate(zip(messages, docs, strict=True), start=1)
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists("A message with this id already exists.") from exc
-            n = len(messages)
-            await run(
-                db,
-                "UPDATE conversations SET seq = seq + ?, message_count = message_count + ?,"
-                " updated_at = ?, activity_ms = MAX(activity_ms, ?) WHERE id = ?",
-                (n, n, now, rfc3339_to_ms(now), conversation_id),
-            )
-            if reply_index is not None:
-                await run(
-                    db,
-                    "INSERT INTO reply_queue (conversation_id, position, message_id)"
-                    " VALUES (?, ?, ?)",
-                    (conversation_id, last_seq + reply_index + 1, reply_id),
-                )
-            if idempotency is not None:
-                await self._idempotency.remember(db, scope, idempotency, "[" + ",".join(docs) + "]")
-            for m in messages:
-                self._emit(conversation_id, ev.MESSAGE_CREATED, ev.message_data(m))
-            if reply_index is not None:
-                self._db.after_commit(lambda: self._on_reply(conversation_id))
-        return messages, False
-
-    async def get_message(
-        self, conversation_id: str, owner: str | None, message_id: str
-    ) -> Message:
-        async with self._db.session() as db:
-            # One statement: the owner check and the message read see the same state.
-            row = await first(
-                db,
-                "SELECT c.user_id, m.doc FROM conversations AS c"
-                " LEFT JOIN messages AS m ON m.conversation_id = c.id AND m.id = ?"
-                " WHERE c.id = ?",
-                (message_id, conversation_id),
-            )
-        if row is None or not _owned(row[0], owner):
-            raise NotFound("Conversation not found.")
-        if row[1] is None:
-            raise NotFound("Message not found.")
-        return Message.from_json(row[1])
-
-    async def list_messages(
-        self, conversation_id: str, owner: str | None, query: MessageQuery
-    ) -> MessageSlice:
-        async with self._db.session("DEFERRED") as db:
-            row = await first(
-                db,
-                "SELECT c.user_id,"
-                " (SELECT seq FROM messages WHERE conversation_id = c.id AND id = ?)"
-                " FROM conversations AS c WHERE c.id = ?",
-                (query.anchor_id or "", conversation_id),
-            )
-            if row is None or not _owned(row[0], owner):
-                raise NotFound("Conversation not found.")
-            anchor: int | None = None
-            if query.anchor_id:  # an id takes precedence over a position, as in Redis
-                if row[1] is None:
-                    raise UnknownAnchor()
-                anchor = int(row[1])
-            elif query.anchor_seq is not None:
-                anchor = _clamp_int64(query.anchor_seq)
-            # Walking forward through an ascending list, or backward through a descending one,
-            # reads seqs upwards; the other two combinations read them downwards.
-            ascending = query.descending == query.backward
-            sql = _PAGE[(ascending, anchor is not None)]
-            params: tuple[Any, ...] = (
-                (conversation_id, query.limit + 1)
-                if anchor is None
-                else (conversation_id, anchor, query.limit + 1)
-            )
-            rows = list(await db.execute_fetchall(sql, params))
-        has_more = len(rows) > query.limit
-        rows = rows[: query.limit]
-        if query.backward:
-            # Read nearest-first from the anchor; the page is returned in list order.
-            rows.reverse()
-        # The stored documents are exactly Message.to_json(): handed over undecoded.
-        return MessageSlice(
-            None, [int(r[0]) for r in rows], has_more, raw=[str(r[1]).encode() for r in rows]
-        )
-
     # Changes to a message, each one compare-and-set (see Store) ---------------------------------
-
-    async def update_message(
-        self, conversation_id: str, owner: str | None, message: Message, expected: Message
-    ) -> Message | None:
-        return await self._replace(conversation_id, owner, message, expected, ev.MESSAGE_UPDATED)
-
-    async def start_attempt(
-        self, conversation_id: str, reply: Message, expected: Message, attempt: int
-    ) -> Message | None:
-        stored = await self._replace(
-            conversation_id, None, reply, expected, ev.MESSAGE_UPDATED, restart=attempt
-        )
-        return stored
-
-    async def flush_reply(
-        self, conversation_id: str, reply: Message, expected: Message
-    ) -> Message | None:
-        return await self._replace(conversation_id, None, reply, expected, None)
-
-    async def finish_reply(
-        self, conversation_id: str, reply: Message, expected: Message
-    ) -> Message | None:
-        return await self._replace(
-            conversation_id, None, reply, expected, _ENDS[reply.status], ended=True
-        )
-
-    async def cancel_reply(
-        self, conversation_id: str, owner: str | None, reply: Message, expected: Message
-    ) -> Message | None:
-        return await self._replace(
-            conversation_id, owner, reply, expected, ev.MESSAGE_CANCELLED, ended=True
-        )
 
     async def _replace(
         self,
@@ -504,27 +310,31 @@ class SqliteStore(Store):
     ) -> Message | None:
         """Store `message` if the stored one is still `expected` (else None). With `event`,
         emit it; `ended` takes the reply off the queue and refuses its later deltas; `restart`
-        forgets the text published so far and lets only that attempt's deltas pass."""
+        forgets the text published so far and lets only that attempt's deltas pass, unless the
+        reply was stopped (ReplyStopped)."""
+        # The message stays under the parent it is stored with (the one `expected` names, or
+        # nothing is written), whatever parent the new copy names.
+        parent, expected_body = expected.stored_parts()
+        expected_doc = (b'{"parent_id":' + parent + b"," + expected_body + b"}").decode()
+        doc = (b'{"parent_id":' + parent + b"," + message.stored_parts()[1] + b"}").decode()
         # Without `ended` the write is one statement, atomic by itself; with it, a transaction.
         async with self._db.session("IMMEDIATE" if ended else None) as db:
-            # The compare-and-set: it writes only if the conversation is visible to `owner` and
-            # the stored JSON is `expected`.
-            changed = await run(
+            if restart is not None and self._replies.stopped(conversation_id, message.id):
+                # Whoever stopped it will cancel it: it must not start again. (A copy that is
+                # not the stored one gets None, as without the stop.)
+                same = await first(
+                    db,
+                    "SELECT 1 FROM messages WHERE conversation_id = ? AND id = ? AND doc = ?",
+                    (conversation_id, message.id, expected_doc),
+                )
+                if same is not None:
+                    raise ReplyStopped(self._replies.text(conversation_id, message.id))
+            written = await first(
                 db,
-                "UPDATE messages SET doc = ? WHERE conversation_id = ? AND id = ? AND doc = ?"
-                " AND EXISTS (SELECT 1 FROM conversations"
-                " WHERE id = ? AND (? IS NULL OR user_id = ?))",
-                (
-                    message.to_json().decode(),
-                    conversation_id,
-                    message.id,
-                    expected.to_json().decode(),
-                    conversation_id,
-                    owner,
-                    owner,
-                ),
+                _REPLACE,
+                (doc, conversation_id, message.id, expected_doc, owner),
             )
-            if changed:
+            if written is not None:
                 if ended:
                     await run(
                         db,
@@ -537,7 +347,12 @@ class SqliteStore(Store):
                         lambda: self._replies.restarted(conversation_id, message.id, restart)
                     )
                 if event is not None:
-                    self._emit(conversation_id, event, ev.message_data(message))
+                    placed = message.replace(
+                        parent_id=expected.parent_id,
+                        sibling_count=int(written[0]),
+                        sibling_index=int(written[1]),
+                    )
+                    self._emit(conversation_id, event, ev.message_data(placed))
                 return message
             # Not written: missing (or not owned) or changed meanwhile. Redis answers
             # "Message not found." for a missing conversation here too.
@@ -547,42 +362,9 @@ class SqliteStore(Store):
                 " ON m.conversation_id = c.id WHERE c.id = ? AND m.id = ?",
                 (conversation_id, message.id),
             )
-        if row is None or not _owned(row[0], owner):
+        if row is None or not owned(row[0], owner):
             raise NotFound("Message not found.")
         return None
-
-    async def delete_message(
-        self, conversation_id: str, owner: str | None, message_id: str
-    ) -> Message:
-        async with self._db.session("IMMEDIATE") as db:
-            row = await first(
-                db,
-                "SELECT c.user_id, m.doc FROM conversations AS c JOIN messages AS m"
-                " ON m.conversation_id = c.id WHERE c.id = ? AND m.id = ?",
-                (conversation_id, message_id),
-            )
-            # As in Redis, a missing conversation reads "Message not found." here.
-            if row is None or not _owned(row[0], owner):
-                raise NotFound("Message not found.")
-            await run(
-                db,
-                "DELETE FROM messages WHERE conversation_id = ? AND id = ?",
-                (conversation_id, message_id),
-            )
-            # Only the count: the seq counter never goes back, so positions are never reused.
-            await run(
-                db,
-                "UPDATE conversations SET message_count = message_count - 1 WHERE id = ?",
-                (conversation_id,),
-            )
-            await run(
-                db,
-                "DELETE FROM reply_queue WHERE conversation_id = ? AND message_id = ?",
-                (conversation_id, message_id),
-            )
-            self._db.after_commit(lambda: self._replies.deleted(conversation_id, message_id))
-            self._emit(conversation_id, ev.MESSAGE_DELETED, ev.message_deleted_data(message_id))
-        return Message.from_json(row[1])
 
     # Events and replies --------------------------------------------------------------------
 

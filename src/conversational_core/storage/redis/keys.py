@@ -5,9 +5,15 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
 `{cid}`, so that they live in one slot and every multi-key write is one Lua script there.
 
     P:{cid}:c          hash    user, data (JSON of the conversation's settings), updated_at,
-                               count (messages), seq (last position given), version
-    P:{cid}:m          hash    message id -> message JSON (without `id` and `conversation_id`)
-    P:{cid}:i          zset    message id scored by its position (seq) in the conversation
+                               count (messages), seq (last position given), version, leaf
+                               (the active leaf), lin and cut (the tree, below)
+    P:{cid}:m          hash    message id -> {"parent_id":…, then the message's JSON from `role`
+                               to `context`} (ids and sibling positions are not stored)
+    P:{cid}:i          zset    message id scored by its position (seq): creation order
+    P:{cid}:b          zset    the active branch past the first chain, scored by position
+    P:{cid}:t          hash    message id (or "-" for the roots) -> its children created after
+                               the first branch, comma-separated, oldest first
+    P:{cid}:f          zset    messages of the first chain that have such children (forks)
     P:{cid}:e          stream  the conversation's events (bounded: MAXLEN ~ and a TTL)
     P:{cid}:q          list    ids of the replies still to write, oldest first
     P:{cid}:l          string  the lease of the worker writing the conversation's replies
@@ -20,6 +26,15 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
     P:{jobs}:s         stream  job signals (conversation ids) for the workers (queue.py)
     P:{jobs}:s:sweep   string  who sweeps for lost signals this period (queue.py)
     P:{rl:<s>:<id>}:<n>/<w>  string  a rate-limit counter (limiter.py)
+
+The tree costs nothing until a conversation branches: its messages form one chain in creation
+order (the parent of each is the one before it), which `i` already is. At the first branch
+(an edit, a regenerate, a new root) `lin` records the chain's last position; from then on a
+message's children are the next one on that chain (for chain messages) and those listed in
+`t`. The active branch is the chain's messages up to position `cut`, then `b`. So a branch page
+is two range reads, an append is a few O(log N) writes, and a switch rewrites only the part of
+`b` that changes (lua/tree.lua has the algorithms). Documents written before trees existed have
+no `parent_id`: they are all on the first chain.
 """
 
 from __future__ import annotations
@@ -45,6 +60,20 @@ class Keys:
 
     def index(self, cid: str) -> str:
         return f"{self.prefix}:{{{cid}}}:i"
+
+    def branch(self, cid: str) -> str:
+        return f"{self.prefix}:{{{cid}}}:b"
+
+    def tree(self, cid: str) -> str:
+        return f"{self.prefix}:{{{cid}}}:t"
+
+    def forks(self, cid: str) -> str:
+        return f"{self.prefix}:{{{cid}}}:f"
+
+    def tree_keys(self, cid: str) -> list[str]:
+        """The first keys of every script of lua/: c, m, i, b, t, f."""
+        tag = f"{self.prefix}:{{{cid}}}:"
+        return [tag + "c", tag + "m", tag + "i", tag + "b", tag + "t", tag + "f"]
 
     def events(self, cid: str) -> str:
         return f"{self.prefix}:{{{cid}}}:e"

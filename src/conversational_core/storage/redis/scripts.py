@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -27,121 +28,24 @@ class Script:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-# --- Conversations and messages (store.py) --------------------------------------------------------
-# KEYS: conv, msgs, index, idem, events, queue[, user index, job stream].
-# ARGV: owner|'', updated_at, idem ttl, idem payload|'', n, maxlen, events ttl, reply id|'',
-#       activity score, conversation id, ids…, jsons…, event data…
-# On a single Redis server the user's index and the job signal are written by the same script
-# (KEYS 7 and 8): one round trip, and a queued reply always has its signal. On a cluster they
-# live in other slots: the index is updated beside the script, the signal sent after it.
-APPEND = Script(
-    """
-local owner = redis.call('HGET', KEYS[1], 'user')
-if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
-if ARGV[4] ~= '' then
-  local prev = redis.call('GET', KEYS[4])
-  if prev then return {'replay', prev} end
-end
-local n = tonumber(ARGV[5])
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', n) - n
-for i = 1, n do
-  redis.call('HSET', KEYS[2], ARGV[10 + i], ARGV[10 + n + i])
-  redis.call('ZADD', KEYS[3], seq + i, ARGV[10 + i])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 't', 'message.created',
-             'd', ARGV[10 + 2 * n + i])
-end
-redis.call('EXPIRE', KEYS[5], ARGV[7])
-if ARGV[8] ~= '' then redis.call('RPUSH', KEYS[6], ARGV[8]) end
-if #KEYS >= 8 then
-  redis.call('ZADD', KEYS[7], 'XX', 'GT', ARGV[9], ARGV[10])
-  if ARGV[8] ~= '' then redis.call('XADD', KEYS[8], '*', 'c', ARGV[10]) end
-end
-redis.call('HINCRBY', KEYS[1], 'count', n)
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', tonumber(ARGV[3])) end
-return {'ok', seq + 1}
-"""
-)
+# --- Messages and the tree (messages.py, replies.py) -------------------------------------------
+# In lua/: each prefixed with lua/tree.lua, the tree's shared functions (its comments say how a
+# conversation's tree is kept). KEYS of each begin with the conversation's c, m, i, b, t, f.
+_LUA = Path(__file__).with_name("lua")
 
-# KEYS: conv, msgs, index.
-# ARGV: owner|'', limit, descending, anchor_seq|'', anchor_id|'', backward
-PAGE = Script(
-    """
-local owner = redis.call('HGET', KEYS[1], 'user')
-if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
-local anchor = nil
-if ARGV[5] ~= '' then
-  local s = redis.call('ZSCORE', KEYS[3], ARGV[5])
-  if not s then return {'noanchor'} end
-  anchor = s
-elseif ARGV[4] ~= '' then
-  anchor = ARGV[4]
-end
-local limit = tonumber(ARGV[2])
-local rows
-if (ARGV[3] == '1') == (ARGV[6] == '1') then
-  local min = anchor and ('(' .. anchor) or '-inf'
-  rows = redis.call('ZRANGE', KEYS[3], min, '+inf', 'BYSCORE', 'LIMIT', 0, limit + 1, 'WITHSCORES')
-else
-  local max = anchor and ('(' .. anchor) or '+inf'
-  rows = redis.call('ZRANGE', KEYS[3], max, '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, limit + 1,
-                    'WITHSCORES')
-end
-local count = #rows / 2
-local more = 0
-if count > limit then more = 1; count = limit end
--- Ids and positions in list order (backward reads reversed here). The documents are read by the
--- caller with one HMGET: building a large reply from Lua strings costs Redis ~5 us a message.
-local out = {'ok', more}
-local first, last, step = 1, count, 1
-if ARGV[6] == '1' then first, last, step = count, 1, -1 end
-for i = first, last, step do
-  out[#out + 1] = rows[2 * i - 1]
-  out[#out + 1] = rows[2 * i]
-end
-return out
-"""
-)
 
-# KEYS: conv, msgs, events, queue, stop flag, partial text, attempt.
-# ARGV: owner|'', id, expected json, new json, event type|'', event data, dequeue, stop,
-#       maxlen, events ttl, stop ttl, restart attempt|''
-REPLACE = Script(
-    """
-local owner = redis.call('HGET', KEYS[1], 'user')
-if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
-local cur = redis.call('HGET', KEYS[2], ARGV[2])
-if not cur then return {'missing'} end
-if cur ~= ARGV[3] then return {'changed'} end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
-if ARGV[7] == '1' then redis.call('LREM', KEYS[4], 0, ARGV[2]) end
-if ARGV[8] == '1' then redis.call('SET', KEYS[5], '1', 'EX', ARGV[11]) end
-if ARGV[12] ~= '' or ARGV[7] == '1' then redis.call('DEL', KEYS[6]) end
-if ARGV[12] ~= '' then redis.call('SET', KEYS[7], ARGV[12], 'EX', ARGV[11]) end
-if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 't', ARGV[5], 'd', ARGV[6])
-  redis.call('EXPIRE', KEYS[3], ARGV[10])
-end
-return {'ok'}
-"""
-)
+def _tree_script(name: str) -> Script:
+    prelude = (_LUA / "tree.lua").read_text()
+    return Script(prelude + "\n" + (_LUA / f"{name}.lua").read_text())
 
-# KEYS: conv, msgs, index, events, queue.  ARGV: owner|'', id, event data, maxlen, events ttl
-DELETE_MESSAGE = Script(
-    """
-local owner = redis.call('HGET', KEYS[1], 'user')
-if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {'missing'} end
-local cur = redis.call('HGET', KEYS[2], ARGV[2])
-if not cur then return {'missing'} end
-redis.call('HDEL', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('LREM', KEYS[5], 0, ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'count', -1)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 't', 'message.deleted', 'd', ARGV[3])
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-return {'ok', cur}
-"""
-)
+
+APPEND = _tree_script("append")
+PAGE = _tree_script("page")
+GET_MESSAGE = _tree_script("get_message")
+SIBLINGS = _tree_script("siblings")
+SWITCH = _tree_script("switch")
+DELETE_MESSAGE = _tree_script("delete_message")
+REPLACE = _tree_script("replace")
 
 # KEYS: msgs, events, stop flag, partial text, attempt.
 # ARGV: id, event data, maxlen, delta, ttl, attempt|''
@@ -170,44 +74,76 @@ return redis.call('GET', KEYS[2])
 """
 )
 
-# KEYS: conv.  ARGV: user, data json, updated_at, version.  Creates only if absent.
+# --- Conversations (store.py) --------------------------------------------------------------------
+# KEYS: conv[, msgs, index].  ARGV: user, data json, updated_at, version, on_busy[, count, leaf].
+# Creates only if absent. A fork's messages are written first (FORK_COPY, keys that expire) and
+# kept (PERSIST) once their conversation exists. `busy` repeats the on_busy setting of `data`
+# for the append script (which reads hash fields, not JSON).
 CREATE = Script(
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'user', ARGV[1], 'data', ARGV[2], 'updated_at', ARGV[3],
-           'count', 0, 'seq', 0, 'version', ARGV[4])
+           'count', ARGV[6] or 0, 'seq', ARGV[6] or 0, 'version', ARGV[4], 'busy', ARGV[5])
+if ARGV[7] then
+  redis.call('HSET', KEYS[1], 'leaf', ARGV[7])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+end
 return 1
 """
 )
 
-# KEYS: conv, events.
-# ARGV: owner|'', expected version|'', data json, updated_at, event data, maxlen, events ttl
-UPDATE_CONVERSATION = Script(
+# KEYS: msgs, index.  ARGV: first position, ttl, n, ids…, documents…
+FORK_COPY = Script(
     """
-local cur = redis.call('HMGET', KEYS[1], 'user', 'version')
-if not cur[1] or (ARGV[1] ~= '' and cur[1] ~= ARGV[1]) then return {'missing'} end
-if ARGV[2] ~= '' and cur[2] ~= ARGV[2] then return {'changed'} end
-redis.call('HSET', KEYS[1], 'data', ARGV[3], 'updated_at', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', 'conversation.updated',
-           'd', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-return {'ok'}
+local n = tonumber(ARGV[3])
+for k = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[3 + k], ARGV[3 + n + k])
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + k - 1, ARGV[3 + k])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return n
 """
 )
 
-# KEYS: conv, msgs, index, events, queue.  ARGV: owner|'', event data, maxlen, linger seconds
+# KEYS: conv, events, index.
+# ARGV: owner|'', expected version|'', data json, updated_at, event data up to the active leaf's
+#       value, maxlen, events ttl, on_busy
+# The active leaf moves with every new message (which does not change the version): the event
+# gets it as it is now. Returns it ('' : none).
+UPDATE_CONVERSATION = Script(
+    """
+local cur = redis.call('HMGET', KEYS[1], 'user', 'version', 'leaf')
+if not cur[1] or (ARGV[1] ~= '' and cur[1] ~= ARGV[1]) then return {'missing'} end
+if ARGV[2] ~= '' and cur[2] ~= ARGV[2] then return {'changed'} end
+local leaf = cur[3]
+if not leaf then leaf = redis.call('ZRANGE', KEYS[3], -1, -1)[1] or '' end
+local leaf_json = 'null'
+if leaf ~= '' then leaf_json = '"' .. leaf .. '"' end
+redis.call('HSET', KEYS[1], 'data', ARGV[3], 'updated_at', ARGV[4], 'busy', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', 'conversation.updated',
+           'd', ARGV[5] .. leaf_json .. '}}')
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return {'ok', leaf}
+"""
+)
+
+# KEYS: conv, msgs, index, events, queue, branch, tree, forks.
+# ARGV: owner|'', event data, maxlen, linger seconds
 # The event stream outlives the conversation briefly so that connected clients get
 # `conversation.deleted`; nobody new can subscribe (the conversation is gone).
 DELETE_CONVERSATION = Script(
     """
-local cur = redis.call('HMGET', KEYS[1], 'user', 'data', 'updated_at', 'count', 'version')
+local cur = redis.call('HMGET', KEYS[1], 'user', 'data', 'updated_at', 'count', 'version',
+                       'leaf')
 if not cur[1] or (ARGV[1] ~= '' and cur[1] ~= ARGV[1]) then return {'missing'} end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 't', 'conversation.deleted',
            'd', ARGV[2])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
-return {'ok', cur[2], cur[3], cur[4], cur[5]}
+return {'ok', cur[2], cur[3], cur[4], cur[5], cur[6]}
 """
 )
 

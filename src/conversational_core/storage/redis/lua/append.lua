@@ -1,0 +1,91 @@
+-- Append messages under a parent; the last becomes the active leaf (tree.lua comes before this).
+-- KEYS: c, m, i, b, t, f, idempotency record, events, reply queue[, user index, job stream]
+-- ARGV: owner|'', updated_at, idem ttl, idem fingerprint|'', n, maxlen, events ttl,
+--       reply id|'', activity score, conversation id, parent ('' the active leaf, '-' a new root,
+--       else a message id), on_busy ('' : the conversation's own, field `busy`), ids…, bodies…
+--       (a body: the message's JSON from `role` to `context`, without braces)
+-- On a single Redis server the user's index and the job signal are written here too (KEYS 10
+-- and 11): one round trip, and a queued reply always has its signal. On a cluster they live in
+-- other slots: the index is updated beside the script, the signal sent after it.
+local E, Q = KEYS[8], KEYS[9]
+local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'leaf', 'busy')
+if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
+if ARGV[4] ~= '' then
+  local prev = redis.call('GET', KEYS[7])
+  if prev then return {'replay', prev} end
+end
+local policy = ARGV[12]
+if policy == '' then policy = h[5] or 'queue' end
+local busy = {}
+if policy ~= 'queue' and redis.call('LLEN', Q) > 0 then
+  if policy == 'reject' then return {'busy'} end
+  busy = redis.call('LRANGE', Q, 0, -1)
+end
+local lin, cut = tonumber(h[2]), tonumber(h[3])
+local leaf = h[4]
+if not leaf then leaf = last_of_chain(lin) end
+local parent = ARGV[11]
+if parent == '' then
+  parent = leaf
+elseif parent == '-' then
+  parent = ''
+elseif redis.call('HEXISTS', M, parent) == 0 then
+  return {'noparent'}
+end
+local n = tonumber(ARGV[5])
+local seq = redis.call('HINCRBY', C, 'seq', n) - n
+local tree = lin ~= nil or parent ~= leaf
+if tree then
+  if lin == nil then  -- the first branch: the chain so far keeps its implicit links
+    lin, cut = seq, seq
+    redis.call('HSET', C, 'lin', lin)
+  end
+  if parent ~= leaf then cut = retarget(parent, lin, cut) end
+  redis.call('HSET', C, 'cut', cut)
+end
+local cid = ARGV[10]
+local out = {'ok', seq + 1, busy}
+local record = {}
+local prev, pseq = parent, nil
+if parent ~= '' and tree then pseq = seq_of(parent) end
+for k = 1, n do
+  local id, body = ARGV[12 + k], ARGV[12 + n + k]
+  local pj = parent_json(prev)
+  local s = seq + k
+  redis.call('HSET', M, id, '{"parent_id":' .. pj .. ',' .. body .. '}')
+  redis.call('ZADD', I, s, id)
+  local count, index = 1, 0
+  if tree then
+    local field = kids_field(prev)
+    local listed = redis.call('HGET', T, field)
+    if listed then listed = listed .. ',' .. id else listed = id end
+    redis.call('HSET', T, field, listed)
+    if k == 1 then
+      if prev ~= '' and on_chain(pseq, lin) then redis.call('ZADD', F, pseq, prev) end
+      count, index = siblings_of(id, s, prev, pseq, lin)
+    end
+    redis.call('ZADD', B, s, id)
+  end
+  local full = message_json(id, cid, pj, body, count, index)
+  record[k] = full
+  redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.created',
+             'd', '{"message_id":"' .. id .. '","message":' .. full .. '}')
+  out[#out + 1] = count
+  out[#out + 1] = index
+  prev, pseq = id, s
+end
+redis.call('EXPIRE', E, ARGV[7])
+redis.call('HSET', C, 'leaf', prev)
+out[#out + 1] = parent
+if ARGV[8] ~= '' then redis.call('RPUSH', Q, ARGV[8]) end
+if #KEYS >= 11 then
+  redis.call('ZADD', KEYS[10], 'XX', 'GT', ARGV[9], cid)
+  if ARGV[8] ~= '' then redis.call('XADD', KEYS[11], '*', 'c', cid) end
+end
+redis.call('HINCRBY', C, 'count', n)
+redis.call('HSET', C, 'updated_at', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[7], ARGV[4] .. '\n[' .. table.concat(record, ',') .. ']', 'EX',
+             tonumber(ARGV[3]))
+end
+return out

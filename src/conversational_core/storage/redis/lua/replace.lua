@@ -1,0 +1,39 @@
+-- Compare-and-set of one message, with its event (tree.lua comes before this).
+-- KEYS: c, m, i, b, t, f, events, reply queue, stop flag, published text, attempt
+-- ARGV: owner|'', id, expected parent json, expected body, new parent json, new body,
+--       event|'', conversation id, ended, maxlen, ttl, restart attempt|''
+-- A document written before trees (no parent_id) matches on its body, and is written back
+-- with its parent.
+local h = redis.call('HMGET', C, 'user', 'lin')
+if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
+local id = ARGV[2]
+local cur = redis.call('HGET', M, id)
+if not cur then return {'missing'} end
+if cur ~= '{"parent_id":' .. ARGV[3] .. ',' .. ARGV[4] .. '}' and cur ~= '{' .. ARGV[4] .. '}' then
+  return {'changed'}
+end
+if ARGV[12] ~= '' and redis.call('EXISTS', KEYS[9]) == 1 then
+  return {'stopped', redis.call('GET', KEYS[10])}
+end
+redis.call('HSET', M, id, '{"parent_id":' .. ARGV[5] .. ',' .. ARGV[6] .. '}')
+if ARGV[9] == '1' then
+  redis.call('LREM', KEYS[8], 0, id)
+  redis.call('SET', KEYS[9], '1', 'EX', ARGV[11])
+end
+if ARGV[12] ~= '' or ARGV[9] == '1' then redis.call('DEL', KEYS[10]) end
+if ARGV[12] ~= '' then redis.call('SET', KEYS[11], ARGV[12], 'EX', ARGV[11]) end
+if ARGV[7] ~= '' then
+  local lin = tonumber(h[2])
+  local c, x = 1, 0
+  if lin then
+    local pid, pseq = '', nil
+    if ARGV[5] ~= 'null' then
+      pid = string.sub(ARGV[5], 2, -2)
+      pseq = seq_of(pid)
+    end
+    c, x = siblings_of(id, seq_of(id), pid, pseq, lin)
+  end
+  emit(KEYS[7], ARGV[10], ARGV[11], ARGV[7], '{"message_id":"' .. id .. '","message":'
+       .. message_json(id, ARGV[8], ARGV[5], ARGV[6], c, x) .. '}')
+end
+return {'ok'}
