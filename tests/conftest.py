@@ -30,6 +30,9 @@ from tests.fixtures.app import app_client
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+pytest_plugins = ["tests.fixtures.replies"]
+
+
 def make_settings(**overrides: object) -> Settings:
     base: dict[str, object] = {
         "ENVIRONMENT": "test",

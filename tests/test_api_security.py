@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -32,13 +34,45 @@ def _endpoints(cid: str, mid: str) -> list[tuple[str, str, dict[str, object] | N
         ("PUT", f"/conversations/{cid}", {"title": "hacked"}),
         ("DELETE", f"/conversations/{cid}", None),
         ("POST", f"/conversations/{cid}/messages", {"content": "x", "respond": False}),
+        ("POST", f"/conversations/{cid}/messages", {"content": "x", "parent_id": mid}),
         ("GET", f"/conversations/{cid}/messages", None),
+        ("GET", f"/conversations/{cid}/messages?leaf={mid}", None),
+        ("GET", f"/conversations/{cid}/messages?view=all", None),
         ("GET", f"/conversations/{cid}/messages/{mid}", None),
         ("PUT", f"/conversations/{cid}/messages/{mid}", {"content": "hacked"}),
         ("POST", f"/conversations/{cid}/messages/{mid}/cancel", None),
+        ("POST", f"/conversations/{cid}/messages/{mid}/regenerate", None),
+        ("GET", f"/conversations/{cid}/messages/{mid}/siblings", None),
+        ("PUT", f"/conversations/{cid}", {"active_leaf_id": mid}),
+        ("POST", f"/conversations/{cid}/fork", {}),
+        ("POST", f"/conversations/{cid}/fork", {"message_id": mid}),
         ("GET", f"/conversations/{cid}/events", None),
         ("DELETE", f"/conversations/{cid}/messages/{mid}", None),
     ]
+
+
+def test_every_operation_is_checked_here(settings: Settings) -> None:
+    """The lists above reach every authenticated operation of the app (a new one must be added
+    to them)."""
+    from conversational_core.app import create_app
+
+    document = create_app(settings).openapi()
+    operations = {
+        (method.upper(), path)
+        for path, methods in document["paths"].items()
+        for method in methods
+        if not path.startswith("/health")
+    }
+    checked = {
+        (
+            method,
+            re.sub(r"\?.*", "", url)
+            .replace("CID", "{conversation_id}")
+            .replace("MID", "{message_id}"),
+        )
+        for method, url, _ in _endpoints("CID", "MID")
+    }
+    assert operations == checked
 
 
 async def _unchanged(client: httpx.AsyncClient, settings: Settings, cid: str, mid: str) -> None:

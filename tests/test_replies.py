@@ -2,86 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-from testkit.fake_llm import Fail, FakeLLM, FakeLLMServer, Reply
+from testkit.fake_llm import Fail, FakeLLM, Reply
 
-from conversational_core.app import create_app
 from conversational_core.settings import Settings
-from conversational_core.storage.factory import Backend
-from tests.conftest import make_settings
-from tests.fixtures.app import auth
-from tests.fixtures.live import SseEvent, collect_until_end, serve
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[FakeLLM]:
-    async with FakeLLMServer(FakeLLM()) as fake:
-        yield fake
+from tests.fixtures.live import collect_until_end
+from tests.fixtures.replies import ask, deltas, llm_settings, new_conversation, wait_end
 
 
 @pytest.fixture
 def settings(llm: FakeLLM) -> Settings:
-    return make_settings(
-        LLM_PROVIDER="openai",
-        LLM_BASE_URL=llm.url,
-        LLM_MODEL="fake-model",
-        LLM_RETRY_BASE_SECONDS=0.01,
-        JOB_LEASE_SECONDS=2,
-        REPLY_FLUSH_MS=10,
-    )
-
-
-@pytest.fixture
-async def api(backend: Backend, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(create_app(settings, backend=backend)) as base:
-        headers = auth(settings, "alice")
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=20) as client:
-            yield client
-
-
-async def _conversation(api: httpx.AsyncClient, **fields: object) -> str:
-    response = await api.post("/conversations", json=fields)
-    assert response.status_code == 201
-    cid: str = response.json()["id"]
-    return cid
-
-
-async def _ask(api: httpx.AsyncClient, cid: str, content: str) -> str:
-    response = await api.post(f"/conversations/{cid}/messages", json={"content": content})
-    assert response.status_code == 201, response.text
-    body = response.json()
-    assert body["reply_message_id"]
-    reply_id: str = body["reply_message_id"]
-    return reply_id
-
-
-def _deltas(events: list[SseEvent], reply_id: str) -> str:
-    return "".join(
-        e.data["delta"]
-        for e in events
-        if e.event == "message.delta" and e.data["message_id"] == reply_id
-    )
-
-
-async def _wait_end(api: httpx.AsyncClient, cid: str, reply_id: str) -> list[SseEvent]:
-    # From the start of the retained events: nothing can be missed, even if it already ended.
-    return await collect_until_end(api, f"/conversations/{cid}/events", {}, reply_id, after="0")
+    return llm_settings(llm)
 
 
 async def test_reply_streams_and_completes(api: httpx.AsyncClient, llm: FakeLLM) -> None:
-    cid = await _conversation(api, system_prompt="You are terse.", temperature=0.2)
-    reply_id = await _ask(api, cid, "Say hello")
+    cid = await new_conversation(api, system_prompt="You are terse.", temperature=0.2)
+    reply_id = await ask(api, cid, "Say hello")
     pending = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert pending["role"] == "assistant"
     assert pending["status"] in ("pending", "streaming", "completed")
 
-    events = await _wait_end(api, cid, reply_id)
+    events = await wait_end(api, cid, reply_id)
     final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert final["status"] == "completed"
-    assert final["content"] == llm.text() == _deltas(events, reply_id)
+    assert final["content"] == llm.text() == deltas(events, reply_id)
     assert final["usage"] == {"input_tokens": 11, "output_tokens": 7, "total_tokens": 18}
     assert final["context"]["messages_sent"] == 2
     completed = [e for e in events if e.event == "message.completed"]
@@ -102,10 +47,10 @@ async def test_history_is_sent_and_replies_are_queued_in_order(
     api: httpx.AsyncClient, llm: FakeLLM
 ) -> None:
     llm.script = [Reply(["first ", "answer"], delay=0.02), Reply(["second"])]
-    cid = await _conversation(api)
-    first = await _ask(api, cid, "one")
-    second = await _ask(api, cid, "two")  # while the first reply is being written
-    await _wait_end(api, cid, second)
+    cid = await new_conversation(api)
+    first = await ask(api, cid, "one")
+    second = await ask(api, cid, "two")  # while the first reply is being written
+    await wait_end(api, cid, second)
     items = (await api.get(f"/conversations/{cid}/messages")).json()["items"]
     assert [(m["role"], m["content"], m["status"]) for m in items] == [
         ("user", "one", "completed"),
@@ -127,9 +72,9 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
 ) -> None:
     tokens = [f"t{i} " for i in range(12)]
     llm.script = [Reply(tokens, hold_after=4)]
-    cid = await _conversation(api)
+    cid = await new_conversation(api)
     url = f"/conversations/{cid}/events"
-    reply_id = await _ask(api, cid, "count")
+    reply_id = await ask(api, cid, "count")
     before = await collect_until_end(api, url, {}, reply_id, after="0", stop_after_deltas=3)
     last_id = before[-1].id
     assert last_id is not None
@@ -139,14 +84,14 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
     assert len(ids) == len(set(ids))
     final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert final["content"] == "".join(tokens)
-    assert _deltas(before, reply_id) + _deltas(after, reply_id) == final["content"]
+    assert deltas(before, reply_id) + deltas(after, reply_id) == final["content"]
 
 
 async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     tokens = [f"w{i} " for i in range(200)]
     llm.script = [Reply(tokens, hold_after=3, delay=0.002)]
-    cid = await _conversation(api)
-    reply_id = await _ask(api, cid, "talk")
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "talk")
     events = await collect_until_end(
         api, f"/conversations/{cid}/events", {}, reply_id, after="0", stop_after_deltas=3
     )
@@ -164,7 +109,7 @@ async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm:
     )
     final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert final["status"] == "cancelled"
-    assert final["content"] == _deltas(events + rest, reply_id)
+    assert final["content"] == deltas(events + rest, reply_id)
     assert [e.event for e in rest if e.data.get("message_id") == reply_id][-1] == (
         "message.cancelled"
     )
@@ -173,9 +118,9 @@ async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm:
 
 async def test_retries_server_errors_then_completes(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     llm.script = [Fail(503), Fail(503, retry_after=0.05), Reply(["ok"])]
-    cid = await _conversation(api)
-    reply_id = await _ask(api, cid, "hi")
-    await _wait_end(api, cid, reply_id)
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "hi")
+    await wait_end(api, cid, reply_id)
     final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert final["status"] == "completed" and final["content"] == "ok"
     assert len(llm.requests) == 3
@@ -185,9 +130,9 @@ async def test_client_error_fails_at_once_with_a_readable_error(
     api: httpx.AsyncClient, llm: FakeLLM
 ) -> None:
     llm.script = [Fail(400)]
-    cid = await _conversation(api)
-    reply_id = await _ask(api, cid, "hi")
-    events = await _wait_end(api, cid, reply_id)
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "hi")
+    events = await wait_end(api, cid, reply_id)
     final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert final["status"] == "failed"
     assert final["error"] == "The AI provider rejected the request. (HTTP 400)"
@@ -200,8 +145,8 @@ async def test_deleting_the_conversation_stops_the_reply(
     api: httpx.AsyncClient, llm: FakeLLM
 ) -> None:
     llm.script = [Reply([f"x{i}" for i in range(200)], hold_after=2, delay=0.002)]
-    cid = await _conversation(api)
-    await _ask(api, cid, "go")
+    cid = await new_conversation(api)
+    await ask(api, cid, "go")
     await llm.holding.wait()
     assert (await api.delete(f"/conversations/{cid}")).status_code == 204
     llm.release.set()
@@ -213,8 +158,8 @@ async def test_partial_text_is_readable_while_streaming(
     api: httpx.AsyncClient, llm: FakeLLM
 ) -> None:
     llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
-    cid = await _conversation(api)
-    reply_id = await _ask(api, cid, "go")
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "go")
     await collect_until_end(
         api, f"/conversations/{cid}/events", {}, reply_id, after="0", stop_after_deltas=3
     )
@@ -225,13 +170,13 @@ async def test_partial_text_is_readable_while_streaming(
     assert message["status"] == "streaming"
     assert message["content"] in ("a", "ab", "abc")
     llm.release.set()
-    await _wait_end(api, cid, reply_id)
+    await wait_end(api, cid, reply_id)
 
 
 async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     llm.script = [Reply([f"y{i}" for i in range(200)], hold_after=2, delay=0.002)]
-    cid = await _conversation(api)
-    reply_id = await _ask(api, cid, "go")
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "go")
     await llm.holding.wait()
     deleted = await api.delete(f"/conversations/{cid}/messages/{reply_id}")
     assert deleted.status_code == 204

@@ -77,15 +77,21 @@ REPLAYED_HEADER = {
 }
 
 
-def idempotency(request: Request, body: BaseModel, *extra: str) -> Idempotency | None:
+def idempotency(
+    request: Request, body: BaseModel, *extra: str, unset: set[str] | None = None
+) -> Idempotency | None:
     """The request's Idempotency-Key (read directly: a declared Header parameter costs a
     measurable share of a request), scoped by the caller in the store. `extra`: what else
-    tells this request from another with the same body (e.g. the operation)."""
+    tells this request from another with the same body (e.g. the operation); `unset`: fields
+    left out of the fingerprint (a field added later, when a request does not give it, so that
+    a retry across an upgrade still matches its first request)."""
     key = idempotency_key(request.headers.get("idempotency-key"))
     if key is None:
         return None
     settings: Settings = request.state.settings
-    return Idempotency(key, fingerprint(body, *extra), settings.IDEMPOTENCY_TTL_SECONDS)
+    return Idempotency(
+        key, fingerprint(body, *extra, exclude=unset), settings.IDEMPOTENCY_TTL_SECONDS
+    )
 
 
 def idempotency_key(value: str | None) -> str | None:
@@ -96,10 +102,10 @@ def idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def fingerprint(model: BaseModel, *extra: str) -> str:
+def fingerprint(model: BaseModel, *extra: str, exclude: set[str] | None = None) -> str:
     """A stable digest of a request body (whitespace and key order do not matter)."""
     digest = hashlib.sha256(
-        orjson.dumps(model.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        orjson.dumps(model.model_dump(mode="json", exclude=exclude), option=orjson.OPT_SORT_KEYS)
     )
     for part in extra:
         digest.update(b"\0" + part.encode())

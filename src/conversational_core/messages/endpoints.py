@@ -62,9 +62,10 @@ async def create_message(
     request: Request, conversation_id: ConversationId, body: MessageCreate
 ) -> Response:
     principal = principal_of(request)
-    # An absent parent_id (the active leaf) and null (a new root) are different requests.
-    given = ("parent",) if "parent_id" in body.model_fields_set else ()
-    idem = idempotency(request, body, *given)
+    # An absent parent_id (the active leaf) and null (a new root) are different requests; an
+    # absent one leaves the fingerprint as it was before trees (a retry across the upgrade).
+    unset = None if "parent_id" in body.model_fields_set else {"parent_id"}
+    idem = idempotency(request, body, unset=unset)
     message, replayed = await _service(request).create(principal, conversation_id, body, idem)
     return _created(conversation_id, message, replayed)
 

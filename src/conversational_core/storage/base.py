@@ -39,6 +39,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from conversational_core.storage import events
+from conversational_core.storage.errors import NotFound
 from conversational_core.storage.models import Conversation, Message, MessageStatus, Page
 
 OnBusy = Literal["queue", "reject", "interrupt"]
@@ -394,6 +395,24 @@ class Store(ABC):
     async def reply_queue_head(self, conversation_id: str) -> str | None:
         """The id of the oldest reply of the conversation still to be written (or being
         written), or None. Replies of one conversation are written one after the other."""
+
+
+async def replayed_messages(
+    store: Store, conversation_id: str, docs: list[dict[str, Any]]
+) -> list[Message]:
+    """The messages of an append's idempotency record. A record written before trees has no
+    parent or sibling position: such a message is given as it is stored now (or as recorded,
+    once it is gone), rather than as a root it never was."""
+    out: list[Message] = []
+    for doc in docs:
+        if "parent_id" not in doc:
+            try:
+                out.append(await store.get_message(conversation_id, None, doc["id"]))
+                continue
+            except NotFound:
+                pass
+        out.append(Message.from_dict(doc))
+    return out
 
 
 _ENDS = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -20,6 +20,7 @@ from conversational_core.storage.base import (
     MessageQuery,
     MessageSlice,
     OnBusy,
+    replayed_messages,
 )
 from conversational_core.storage.embedded import tree
 from conversational_core.storage.embedded.database import first, run, run_many
@@ -76,6 +77,8 @@ class SqliteMessages(SqliteParts):
             if reply_index is None:  # a caller bug: Redis would queue an id with no message
                 raise ValueError("reply_id is not one of the messages")
         scope = f"m:{conversation_id}:{owner or '*'}:{idempotency.key}" if idempotency else ""
+        replayed: list[dict[str, Any]] | None = None
+        interrupted: list[str] = []
         async with self._db.session("IMMEDIATE") as db:
             row = await first(
                 db,
@@ -90,71 +93,77 @@ class SqliteMessages(SqliteParts):
             if idempotency is not None:
                 previous = await self._idempotency.replay(db, scope, idempotency)
                 if previous is not None:
-                    return Appended(
-                        [Message.from_dict(d) for d in orjson.loads(previous)], replayed=True
+                    replayed = orjson.loads(previous)
+            if replayed is None:
+                if on_busy is None:
+                    on_busy = row[4] or "queue"
+                if on_busy != "queue":
+                    queued = await db.execute_fetchall(
+                        "SELECT message_id FROM reply_queue WHERE conversation_id = ?"
+                        " ORDER BY position",
+                        (conversation_id,),
                     )
-            interrupted: list[str] = []
-            if on_busy is None:
-                on_busy = row[4] or "queue"
-            if on_busy != "queue":
-                queued = await db.execute_fetchall(
-                    "SELECT message_id FROM reply_queue WHERE conversation_id = ?"
-                    " ORDER BY position",
-                    (conversation_id,),
-                )
-                interrupted = [str(r[0]) for r in queued]
-                if interrupted and on_busy == "reject":
-                    raise Busy()
-            last_seq, leaf_seq = int(row[1]), row[3]
-            parent_id: str | None
-            parent_seq: int | None
-            if isinstance(parent, ActiveLeaf):
-                parent_id, parent_seq = row[2], leaf_seq
-            elif parent is None:
-                parent_id, parent_seq = None, None
-            else:
-                parent_id, parent_seq = parent, await tree.seq_of(db, conversation_id, parent)
-                if parent_seq is None:
-                    raise UnknownMessage("parent_id")
-            if parent_seq != leaf_seq:
-                await tree.retarget(db, conversation_id, parent_seq)
-            siblings = await tree.children_count(db, conversation_id, parent_seq)
-            rows: list[tuple[str, int, str, int | None, str]] = []
-            for i, m in enumerate(messages, start=1):
-                # The store places the messages: each under the one before it.
-                m.parent_id = parent_id
-                m.sibling_count, m.sibling_index = (siblings + 1, siblings) if i == 1 else (1, 0)
-                rows.append(
-                    (conversation_id, last_seq + i, m.id, parent_seq, m.stored_json().decode())
-                )
-                parent_id, parent_seq = m.id, last_seq + i
-            try:
-                await run_many(db, _INSERT_MESSAGE, rows)
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists("A message with this id already exists.") from exc
-            await run_many(db, _INSERT_BRANCH, ((conversation_id, r[1]) for r in rows))
-            n = len(messages)
-            await run(
-                db,
-                "UPDATE conversations SET seq = seq + ?, message_count = message_count + ?,"
-                " updated_at = ?, activity_ms = MAX(activity_ms, ?), active_leaf_id = ?"
-                " WHERE id = ?",
-                (n, n, now, rfc3339_to_ms(now), messages[-1].id, conversation_id),
-            )
-            if reply_index is not None:
+                    interrupted = [str(r[0]) for r in queued]
+                    if interrupted and on_busy == "reject":
+                        raise Busy()
+                last_seq, leaf_seq = int(row[1]), row[3]
+                parent_id: str | None
+                parent_seq: int | None
+                if isinstance(parent, ActiveLeaf):
+                    parent_id, parent_seq = row[2], leaf_seq
+                elif parent is None:
+                    parent_id, parent_seq = None, None
+                else:
+                    parent_id, parent_seq = parent, await tree.seq_of(db, conversation_id, parent)
+                    if parent_seq is None:
+                        raise UnknownMessage("parent_id")
+                if parent_seq != leaf_seq:
+                    await tree.retarget(db, conversation_id, parent_seq)
+                siblings = await tree.children_count(db, conversation_id, parent_seq)
+                rows: list[tuple[str, int, str, int | None, str]] = []
+                for i, m in enumerate(messages, start=1):
+                    # The store places the messages: each under the one before it.
+                    m.parent_id = parent_id
+                    m.sibling_count, m.sibling_index = (
+                        (siblings + 1, siblings) if i == 1 else (1, 0)
+                    )
+                    rows.append(
+                        (conversation_id, last_seq + i, m.id, parent_seq, m.stored_json().decode())
+                    )
+                    parent_id, parent_seq = m.id, last_seq + i
+                try:
+                    await run_many(db, _INSERT_MESSAGE, rows)
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists("A message with this id already exists.") from exc
+                await run_many(db, _INSERT_BRANCH, ((conversation_id, r[1]) for r in rows))
+                n = len(messages)
                 await run(
                     db,
-                    "INSERT INTO reply_queue (conversation_id, position, message_id)"
-                    " VALUES (?, ?, ?)",
-                    (conversation_id, last_seq + reply_index + 1, reply_id),
+                    "UPDATE conversations SET seq = seq + ?, message_count = message_count + ?,"
+                    " updated_at = ?, activity_ms = MAX(activity_ms, ?), active_leaf_id = ?"
+                    " WHERE id = ?",
+                    (n, n, now, rfc3339_to_ms(now), messages[-1].id, conversation_id),
                 )
-            if idempotency is not None:
-                record = b"[" + b",".join(m.to_json() for m in messages) + b"]"
-                await self._idempotency.remember(db, scope, idempotency, record.decode())
-            for m in messages:
-                self._emit(conversation_id, ev.MESSAGE_CREATED, ev.message_data(m))
-            if reply_index is not None:
-                self._db.after_commit(lambda: self._on_reply(conversation_id))
+                if reply_index is not None:
+                    await run(
+                        db,
+                        "INSERT INTO reply_queue (conversation_id, position, message_id)"
+                        " VALUES (?, ?, ?)",
+                        (conversation_id, last_seq + reply_index + 1, reply_id),
+                    )
+                if idempotency is not None:
+                    record = b"[" + b",".join(m.to_json() for m in messages) + b"]"
+                    await self._idempotency.remember(db, scope, idempotency, record.decode())
+                for m in messages:
+                    self._emit(conversation_id, ev.MESSAGE_CREATED, ev.message_data(m))
+                if reply_index is not None:
+                    self._db.after_commit(lambda: self._on_reply(conversation_id))
+        if replayed is not None:
+            # Outside the transaction: an old record's messages are read as they are now.
+            return Appended(
+                await replayed_messages(self, conversation_id, replayed),  # type: ignore[arg-type]
+                replayed=True,
+            )
         return Appended(messages, interrupted=interrupted)
 
     async def get_message(

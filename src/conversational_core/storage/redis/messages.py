@@ -23,6 +23,7 @@ from conversational_core.storage.base import (
     MessageQuery,
     MessageSlice,
     OnBusy,
+    replayed_messages,
 )
 from conversational_core.storage.errors import (
     Busy,
@@ -142,7 +143,11 @@ class RedisMessages(RedisParts):
             fingerprint_stored, _, body = result[1].partition(b"\n")
             if idempotency is None or fingerprint_stored.decode() != idempotency.fingerprint:
                 raise IdempotencyMismatch()
-            return Appended([Message.from_dict(d) for d in orjson.loads(body)], replayed=True)
+            docs = orjson.loads(body)
+            return Appended(
+                await replayed_messages(self, conversation_id, docs),  # type: ignore[arg-type]
+                replayed=True,
+            )
         # The store sets each message's parent and sibling position.
         above = result[-1].decode() or None
         for k, m in enumerate(messages):
