@@ -279,10 +279,11 @@ def _wait(child: Child, port: int, path: str) -> None:
     child.check_alive()
 
 
-def issue_token(redis_url: str, subject: str) -> str:
+def issue_token(redis_url: str, subject: str, roles: str | None = None) -> str:
     """A token from `python run.py token`, in the service's own environment (same key)."""
+    extra = ["--roles", roles] if roles else []
     done = subprocess.run(
-        [sys.executable, "run.py", "token", "--sub", subject, "--ttl", "7200"],
+        [sys.executable, "run.py", "token", "--sub", subject, "--ttl", "7200", *extra],
         cwd=ROOT,
         env=service_env(redis_url),
         capture_output=True,

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bench import fanout as fanout_bench
+from bench import trees as trees_bench
 from bench import ttft as ttft_bench
 from bench.memory import GOAL_MAX_RATIO as MEMORY_GOAL
 from bench.memory import MemoryResult
 from bench.scaling import Pair
 from bench.throughput import Comparison
+from bench.trees import TreeResult
 
 if TYPE_CHECKING:
     from bench.run import Replies
@@ -52,6 +54,33 @@ def scaling_line(p: Pair) -> str:
         f"{p.name:<29} p50 {big} {p.big_p50:5.2f} ms vs {small} {p.small_p50:5.2f} ms | "
         f"ratio {p.ratio:.2f}x{goal}"
     )
+
+
+def trees_lines(t: TreeResult) -> list[str]:
+    small = trees_bench.SMALL
+    switches = [
+        f"{'PUT active_leaf_id, k=' + format(k, ','):<29} p50 {s.p50:7.2f} ms "
+        f"({s.to_json()['us_per_message_changed']:.2f} us per message changed, "
+        f"{len(s.ms)} samples)"
+        for k, s in t.switches.items()
+    ]
+    small_k, big_k = t.switches[10], t.switches[10_000]
+    marginal = (big_k.p50 - small_k.p50) * 1000 / (big_k.k - small_k.k)
+    m = t.memory
+    return [
+        f"Trees: {trees_bench.TOTAL:,} messages in {t.leaves:,} branches (active branch "
+        f"{t.active_branch_length} messages) vs conversations of {small} (p50, interleaved):",
+        *(scaling_line(p) for p in t.pairs.values()),
+        *switches,
+        f"{'switch cost per message':<29} {marginal:.1f} us for each message more in the "
+        f"switched part (k=10,000 vs k=10: the request's own cost is the k=10 figure)",
+        f"{'Redis memory per message':<29} {m['bytes_per_message']:,.0f} B in c/m/i/b/t/f | "
+        f"JSON {m['json_mean_bytes']:,.0f} B | ratio {m['ratio']:.2f}x",
+    ]
+
+
+def trees_table(t: TreeResult) -> str:
+    return "\n".join(["", "=" * 100, *trees_lines(t), "=" * 100])
 
 
 def memory_line(m: MemoryResult) -> str:
@@ -176,6 +205,7 @@ def table(
     memory: MemoryResult,
     notes: list[str],
     replies: Replies | None = None,
+    trees: TreeResult | None = None,
 ) -> str:
     lines = [
         "",
@@ -191,6 +221,8 @@ def table(
         "Memory (10,000 messages of 200 characters):",
         memory_line(memory),
     ]
+    if trees is not None:
+        lines += ["", *trees_lines(trees)]
     if replies is not None:
         t = ttft_bench
         lines += [

@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
-from bench import fanout, memory, report, scaling, throughput, ttft
+from bench import fanout, memory, report, scaling, throughput, trees, ttft
 from bench.client import RawClient
 from bench.fixtures import create_conversation, fill, message_body, open_store
 from bench.procs import (
@@ -91,6 +91,38 @@ async def _fill_and_measure_memory(
         small = [(cid, await fill(store, cid, USER, scaling.SMALL)) for cid in data.small]
         version = (await redis.info("server"))["redis_version"]
     return mem, scaling.Setup(data.big, big_ids, small), str(version)
+
+
+def _run_trees(redis_url: str, workdir: Path) -> trees.TreeResult:
+    """The tree benchmark on a service of its own with no reply worker (WORKER_IN_API=false):
+    its regenerates queue replies that nobody writes (bench/trees.py)."""
+    _step(
+        f"trees: {trees.TOTAL:,} messages in about {trees.BRANCHES:,} branches (through the store)"
+    )
+    with service_process(redis_url, workdir, {"WORKER_IN_API": "false"}, name="service-trees") as (
+        child,
+        port,
+    ):
+        token = issue_token(redis_url, USER)
+        service_token = issue_token(redis_url, USER, "service")
+
+        async def build() -> tuple[trees.TreeSetup, dict[str, object]]:
+            async with open_store(redis_url) as store, aioredis.Redis.from_url(redis_url) as r:
+                made = await trees.build(store, port, token, USER)
+                return made, await trees.memory(r, port, token, made.big_id)
+
+        started = time.perf_counter()
+        setup, tree_memory = asyncio.run(build())
+        _step(f"  made in {time.perf_counter() - started:.1f} s ({setup.leaves:,} leaves)")
+        _step(
+            f"trees: latency at {trees.TOTAL:,} messages vs {trees.SMALL}, {trees.SAMPLES:,} "
+            "samples per side, interleaved; then switches"
+        )
+        with RawClient(port) as client:
+            result = trees.measure(client, token, service_token, setup)
+        result.memory = tree_memory
+        child.check_alive()
+    return result
 
 
 def _cpu_busy(seconds: float = 1.0) -> float | None:
@@ -271,6 +303,12 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             f"other work used {busy_before:.0%} of the CPUs just before the run: figures may be "
             "noisy"
         )
+    if os.environ.get("BENCH_ONLY") == "trees":  # the tree benchmark alone
+        with redis_server(redis_binary, workdir) as (_, redis_url):
+            result = _run_trees(redis_url, workdir)
+        print(report.trees_table(result))
+        print(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
+        return 0
     with contextlib.ExitStack() as stack:
         _step("starting redis-server and the service (python run.py, 1 worker)")
         redis, redis_url = stack.enter_context(redis_server(redis_binary, workdir))
@@ -341,6 +379,8 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         with RawClient(ours_port) as latency_client:
             pairs = scaling.measure(latency_client, token, setup, body)
         ours.check_alive()
+        ours.stop()
+        tree = _run_trees(redis_url, workdir)
 
     (workdir / "replies").mkdir()
     replies = _run_replies(redis_binary, workdir)
@@ -384,6 +424,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             **{key: pair.to_json() for key, pair in pairs.items()},
         },
         "memory": mem.to_json(),
+        "trees": tree.to_json(),
         "ttft": {
             **replies.ttft_sequential.to_json(),
             "with_idle_clients": replies.ttft_loaded.to_json() if replies.ttft_loaded else None,
@@ -399,7 +440,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         "notes": notes,
     }
     path = report.write_json(results)
-    print(report.table(comparisons, list(pairs.values()), mem, notes, replies))
+    print(report.table(comparisons, list(pairs.values()), mem, notes, replies, tree))
     _step(f"done in {time.monotonic() - started:.0f} s ({path.relative_to(ROOT)})")
     return 0
 

@@ -27,7 +27,8 @@ elseif ARGV[4] ~= '' then
   anchor = tonumber(ARGV[4])
 end
 local limit = tonumber(ARGV[2])
-local rows = read(segs, path, anchor, limit + 1, (ARGV[3] == '1') == (ARGV[6] == '1'))
+local up = (ARGV[3] == '1') == (ARGV[6] == '1')
+local rows = read(segs, path, anchor, limit + 1, up)
 local count = #rows / 2
 local more = 0
 if count > limit then more = 1; count = limit end
@@ -35,14 +36,23 @@ local out = {'ok', more, 0}
 if lin then out[3] = 1 end
 local first, last, step = 1, count, 1
 if ARGV[6] == '1' then first, last, step = count, 1, -1 end  -- read backward: list order
+-- On a branch, a message's parent is the one before it (read just before it going up, just
+-- after it going down): only the page's first message needs its parent looked up.
+local branch = ARGV[8] ~= '1'
+local before = up and -1 or 1
 for k = first, last, step do
   local id, s = rows[2 * k - 1], tonumber(rows[2 * k])
   out[#out + 1] = id
   out[#out + 1] = s
   if lin then
-    local pid = parent_of(id, s)
-    local pseq = nil
-    if pid ~= '' then pseq = seq_of(pid) end
+    local pid, pseq
+    local near = k + before
+    if branch and near >= 1 and near <= count then
+      pid, pseq = rows[2 * near - 1], tonumber(rows[2 * near])
+    else
+      pid = parent_of(id, s)
+      if pid ~= '' then pseq = seq_of(pid) end
+    end
     local c, x = siblings_of(id, s, pid, pseq, lin)
     out[#out + 1] = c
     out[#out + 1] = x
