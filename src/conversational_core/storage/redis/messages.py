@@ -211,15 +211,15 @@ class RedisMessages(RedisParts):
             raise UnknownMessage("leaf", "query")
         more = bool(result[1])
         width = 4 if result[2] else 2  # id, position[, sibling count, sibling index]
-        rows = result[3:]
+        rows = result[4:]
         ids = rows[::width]
         if not ids:
             return MessageSlice([], [], more)
-        seqs = [int(s) for s in rows[1::width]]
         docs = await self.redis.call("HMGET", messages, *ids)
+        seqs = rows[1::width]
         # Only the edges' positions make cursors: those of the page as the index gave it, so
         # that messages deleted in between are walked past, not taken for the end.
-        edges = [seqs[0], seqs[-1]] if len(seqs) > 1 else [seqs[0]]
+        edges = [int(seqs[0]), int(seqs[-1])] if len(seqs) > 1 else [int(seqs[0])]
         tails: Any
         if width == 4:
             tails = [
@@ -227,8 +227,11 @@ class RedisMessages(RedisParts):
             ]
         else:
             tails = itertools.repeat(ONLY_CHILD)
-        if None in docs or not all(d.startswith(PARENT_HEAD) for d in docs):
-            return await self._irregular_page(conversation_id, ids, seqs, docs, tails, more, edges)
+        # result[3]: documents written before trees may be here (they name no parent).
+        if None in docs or (result[3] and not all(d.startswith(PARENT_HEAD) for d in docs)):
+            return await self._irregular_page(
+                conversation_id, ids, [int(s) for s in seqs], docs, tails, more, edges
+            )
         # The stored documents, each given back its ids and sibling position: the pieces of the
         # JSON array, joined once when the page is written (a page is the hottest read: no
         # decoding, no per-message copy). Built by map/zip in C: a Python loop over the page
@@ -414,7 +417,7 @@ class RedisMessages(RedisParts):
                 if page[0] == b"noleaf":
                     raise UnknownMessage("message_id")
                 width = 4 if page[2] else 2
-                rows = page[3:]
+                rows = page[4:]
                 branch.extend(i.decode() for i in rows[::width])
                 if not page[1]:
                     break

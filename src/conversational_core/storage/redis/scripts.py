@@ -78,12 +78,14 @@ return redis.call('GET', KEYS[2])
 # KEYS: conv[, msgs, index].  ARGV: user, data json, updated_at, version, on_busy[, count, leaf].
 # Creates only if absent. A fork's messages are written first (FORK_COPY, keys that expire) and
 # kept (PERSIST) once their conversation exists. `busy` repeats the on_busy setting of `data`
-# for the append script (which reads hash fields, not JSON).
+# for the append script (which reads hash fields, not JSON); `v` 2 marks a conversation created
+# since trees (all its documents name their parent: pages need not look).
 CREATE = Script(
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'user', ARGV[1], 'data', ARGV[2], 'updated_at', ARGV[3],
-           'count', ARGV[6] or 0, 'seq', ARGV[6] or 0, 'version', ARGV[4], 'busy', ARGV[5])
+           'count', ARGV[6] or 0, 'seq', ARGV[6] or 0, 'version', ARGV[4], 'busy', ARGV[5],
+           'v', 2)
 if ARGV[7] then
   redis.call('HSET', KEYS[1], 'leaf', ARGV[7])
   redis.call('PERSIST', KEYS[2])

@@ -7,6 +7,7 @@
 -- On a single Redis server the user's index and the job signal are written here too (KEYS 10
 -- and 11): one round trip, and a queued reply always has its signal. On a cluster they live in
 -- other slots: the index is updated beside the script, the signal sent after it.
+local L  -- the tree's functions (tree.lua), once needed
 local E, Q = KEYS[8], KEYS[9]
 local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'leaf', 'busy')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
@@ -23,7 +24,10 @@ if policy ~= 'queue' and redis.call('LLEN', Q) > 0 then
 end
 local lin, cut = tonumber(h[2]), tonumber(h[3])
 local leaf = h[4]
-if not leaf then leaf = last_of_chain(lin) end
+if not leaf then  -- a new conversation, or one written before trees
+  L = L or tree()
+  leaf = L.last_of_chain(lin)
+end
 local parent = ARGV[11]
 if parent == '' then
   parent = leaf
@@ -34,48 +38,52 @@ elseif redis.call('HEXISTS', M, parent) == 0 then
 end
 local n = tonumber(ARGV[5])
 local seq = redis.call('HINCRBY', C, 'seq', n) - n
-local tree = lin ~= nil or parent ~= leaf
-if tree then
+local branched = lin ~= nil or parent ~= leaf
+if branched then
+  L = L or tree()
   if lin == nil then  -- the first branch: the chain so far keeps its implicit links
     lin, cut = seq, seq
     redis.call('HSET', C, 'lin', lin)
   end
-  if parent ~= leaf then cut = retarget(parent, lin, cut) end
+  if parent ~= leaf then cut = L.retarget(parent, lin, cut) end
   redis.call('HSET', C, 'cut', cut)
 end
 local cid = ARGV[10]
 local out = {'ok', seq + 1, busy}
 local record = {}
 local prev, pseq = parent, nil
-if parent ~= '' and tree then pseq = seq_of(parent) end
+if parent ~= '' and branched then pseq = L.seq_of(parent) end
 for k = 1, n do
   local id, body = ARGV[12 + k], ARGV[12 + n + k]
-  local pj = parent_json(prev)
+  local pj = 'null'
+  if prev ~= '' then pj = '"' .. prev .. '"' end
   local s = seq + k
   redis.call('HSET', M, id, '{"parent_id":' .. pj .. ',' .. body .. '}')
   redis.call('ZADD', I, s, id)
   local count, index = 1, 0
-  if tree then
-    local field = kids_field(prev)
+  if branched then
+    local field = L.kids_field(prev)
     local listed = redis.call('HGET', T, field)
     if listed then listed = listed .. ',' .. id else listed = id end
     redis.call('HSET', T, field, listed)
     if k == 1 then
-      if prev ~= '' and on_chain(pseq, lin) then redis.call('ZADD', F, pseq, prev) end
-      count, index = siblings_of(id, s, prev, pseq, lin)
+      if prev ~= '' and L.on_chain(pseq, lin) then redis.call('ZADD', F, pseq, prev) end
+      count, index = L.siblings_of(id, s, prev, pseq, lin)
     end
     redis.call('ZADD', B, s, id)
   end
-  local full = message_json(id, cid, pj, body, count, index)
-  record[k] = full
+  -- The event carries the message as clients see it (one concatenation: a reply's document is
+  -- the largest string a script builds).
+  local head = '{"id":"' .. id .. '","conversation_id":"' .. cid .. '","parent_id":' .. pj .. ','
+  local tail = ',"sibling_count":' .. count .. ',"sibling_index":' .. index .. '}'
   redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.created',
-             'd', '{"message_id":"' .. id .. '","message":' .. full .. '}')
+             'd', '{"message_id":"' .. id .. '","message":' .. head .. body .. tail .. '}')
+  if ARGV[4] ~= '' then record[k] = head .. body .. tail end
   out[#out + 1] = count
   out[#out + 1] = index
   prev, pseq = id, s
 end
 redis.call('EXPIRE', E, ARGV[7])
-redis.call('HSET', C, 'leaf', prev)
 out[#out + 1] = parent
 if ARGV[8] ~= '' then redis.call('RPUSH', Q, ARGV[8]) end
 if #KEYS >= 11 then
@@ -83,7 +91,7 @@ if #KEYS >= 11 then
   if ARGV[8] ~= '' then redis.call('XADD', KEYS[11], '*', 'c', cid) end
 end
 redis.call('HINCRBY', C, 'count', n)
-redis.call('HSET', C, 'updated_at', ARGV[2])
+redis.call('HSET', C, 'updated_at', ARGV[2], 'leaf', prev)
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[7], ARGV[4] .. '\n[' .. table.concat(record, ',') .. ']', 'EX',
              tonumber(ARGV[3]))

@@ -4,6 +4,7 @@
 --       event|'', conversation id, ended, maxlen, ttl, restart attempt|''
 -- A document written before trees (no parent_id) matches on its body, and is written back
 -- with its parent.
+local L  -- the tree's functions (tree.lua), once needed
 local h = redis.call('HMGET', C, 'user', 'lin')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
 local id = ARGV[2]
@@ -23,17 +24,18 @@ end
 if ARGV[12] ~= '' or ARGV[9] == '1' then redis.call('DEL', KEYS[10]) end
 if ARGV[12] ~= '' then redis.call('SET', KEYS[11], ARGV[12], 'EX', ARGV[11]) end
 if ARGV[7] ~= '' then
+  L = L or tree()
   local lin = tonumber(h[2])
   local c, x = 1, 0
   if lin then
     local pid, pseq = '', nil
     if ARGV[5] ~= 'null' then
       pid = string.sub(ARGV[5], 2, -2)
-      pseq = seq_of(pid)
+      pseq = L.seq_of(pid)
     end
-    c, x = siblings_of(id, seq_of(id), pid, pseq, lin)
+    c, x = L.siblings_of(id, L.seq_of(id), pid, pseq, lin)
   end
-  emit(KEYS[7], ARGV[10], ARGV[11], ARGV[7], '{"message_id":"' .. id .. '","message":'
-       .. message_json(id, ARGV[8], ARGV[5], ARGV[6], c, x) .. '}')
+  L.emit(KEYS[7], ARGV[10], ARGV[11], ARGV[7], '{"message_id":"' .. id .. '","message":'
+       .. L.message_json(id, ARGV[8], ARGV[5], ARGV[6], c, x) .. '}')
 end
 return {'ok'}

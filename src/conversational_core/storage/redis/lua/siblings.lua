@@ -1,17 +1,19 @@
 -- A message and its siblings, a page of them by index (tree.lua comes before this).
 -- KEYS: c, m, i, b, t, f.  ARGV: owner|'', id, limit, after (an index; -1: from the first)
+local L  -- the tree's functions (tree.lua), once needed
 local h = redis.call('HMGET', C, 'user', 'lin')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
+L = L or tree()
 local id = ARGV[2]
-local s = seq_of(id)
+local s = L.seq_of(id)
 if not s then return {'nomessage'} end
 local lin = tonumber(h[2])
-local pid = parent_of(id, s)
+local pid = L.parent_of(id, s)
 local kids = {id}
 if lin then
   local pseq = nil
-  if pid ~= '' then pseq = seq_of(pid) end
-  kids = children_of(pid, pseq, lin)
+  if pid ~= '' then pseq = L.seq_of(pid) end
+  kids = L.children_of(pid, pseq, lin)
 end
 local from, limit = tonumber(ARGV[4]) + 1, tonumber(ARGV[3])
 local last = math.min(#kids, from + limit)
