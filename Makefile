@@ -1,4 +1,4 @@
-.PHONY: run test lint format bench worker install
+.PHONY: run test lint format bench worker
 
 # Install the runtime dependencies (in .venv) and serve the API (HOST, PORT, RELOAD, WORKERS).
 run:
