@@ -5,6 +5,11 @@ run:
 	@bash scripts/venv.sh requirements.txt
 	.venv/bin/python run.py
 
+# A reply worker as a process of its own (Redis store; REDIS_URL as for the API).
+worker:
+	@bash scripts/venv.sh requirements.txt
+	.venv/bin/python run.py worker
+
 # Install the dev dependencies, make sure Redis is up for the tests, run the whole suite.
 test:
 	@bash scripts/test.sh

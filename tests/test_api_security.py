@@ -43,6 +43,11 @@ def _endpoints(cid: str, mid: str) -> list[tuple[str, str, dict[str, object] | N
         ("POST", f"/conversations/{cid}/messages/{mid}/cancel", None),
         ("POST", f"/conversations/{cid}/messages/{mid}/regenerate", None),
         ("GET", f"/conversations/{cid}/messages/{mid}/siblings", None),
+        (
+            "POST",
+            f"/conversations/{cid}/messages/{mid}/tool_results",
+            {"results": [{"tool_call_id": "call_1", "output": "42"}]},
+        ),
         ("PUT", f"/conversations/{cid}", {"active_leaf_id": mid}),
         ("POST", f"/conversations/{cid}/fork", {}),
         ("POST", f"/conversations/{cid}/fork", {"message_id": mid}),

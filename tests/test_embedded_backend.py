@@ -232,7 +232,7 @@ async def test_store_events_and_reply_queue(embedded: SqliteStore) -> None:
     assert await store.start_attempt(conv.id, streaming, reply, 1)
     assert await store.publish_delta(conv.id, reply.id, "Hel")
     assert await store.publish_delta(conv.id, reply.id, "lo")
-    assert await store.stop_reply(conv.id, reply.id) == "Hello"
+    assert await store.stop_reply(conv.id, reply.id) == [{"type": "text", "text": "Hello"}]
     assert not await store.publish_delta(conv.id, reply.id, "!")
     cancelled = streaming.replace(status=MessageStatus.CANCELLED, content="Hello", version=3)
     stored = await store.cancel_reply(conv.id, None, cancelled, streaming)

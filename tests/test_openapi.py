@@ -26,8 +26,11 @@ from tests.fixtures.server import Service, start_service
 # cursor or a message id (after/before) the service did not issue (400: unknown opaque values,
 # never a schema violation), a message id in a body or `leaf` that is not a message of the
 # conversation (422, as the contract says), and an ETag in If-Match that is stale (412, by
-# RFC 9110).
+# RFC 9110); tools and tool results that JSON Schema cannot check (a tool_choice naming no
+# declared tool, a result for no call of the message, the size settings: 422).
 _ALSO_VALID = {
+    "createConversation": ["422"],
+    "submitToolResults": ["422"],
     "listMessages": ["400", "422"],
     "listConversations": ["400"],
     "listSiblings": ["400"],
@@ -278,6 +281,7 @@ def test_the_document_names_operations_and_their_problems() -> None:
         "deleteMessage",
         "cancelReply",
         "regenerateReply",
+        "submitToolResults",
         "listSiblings",
         "forkConversation",
         "streamEvents",

@@ -324,7 +324,7 @@ async def test_a_new_attempt_fences_the_old_one(store: Store) -> None:
     # The worker that lost the reply writes no more into it; the new one starts from nothing.
     assert not await store.publish_delta(cid, reply.id, "stale", 1)
     assert await store.publish_delta(cid, reply.id, "new", 2)
-    assert await store.stop_reply(cid, reply.id) == "new"
+    assert await store.stop_reply(cid, reply.id) == [{"type": "text", "text": "new"}]
     assert not await store.publish_delta(cid, reply.id, "late", 2)
 
 
@@ -334,7 +334,7 @@ async def test_a_cancelled_reply_keeps_what_its_clients_received(store: Store) -
     assert await store.start_attempt(cid, streaming, reply, 1)
     assert await store.publish_delta(cid, reply.id, "Hel", 1)
     assert await store.publish_delta(cid, reply.id, "lo", 1)
-    assert await store.stop_reply(cid, reply.id) == "Hello"
+    assert await store.stop_reply(cid, reply.id) == [{"type": "text", "text": "Hello"}]
     assert not await store.publish_delta(cid, reply.id, "!", 1)
     cancelled = streaming.replace(status=MessageStatus.CANCELLED, content="Hello", version=3)
     with pytest.raises(NotFound):  # only its owner (or a caller that names no owner)

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     LLM_MODEL: str | None = None
     # The name of the output limit in OpenAI-protocol requests (replies/providers/openai.py).
     LLM_MAX_TOKENS_PARAM: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
+    # Anthropic's extended thinking: the tokens the model may think for (0: off; at least 1024).
+    LLM_REASONING_BUDGET_TOKENS: int = Field(0, ge=0, le=1_000_000)
     LLM_TIMEOUT_SECONDS: float = Field(60.0, gt=0, le=3600)
     LLM_MAX_RETRIES: int = Field(3, ge=0, le=10)
     LLM_RETRY_BASE_SECONDS: float = Field(0.5, ge=0, le=60)
@@ -131,6 +133,14 @@ class Settings(BaseSettings):
     # A conversation created without a title gets one after its first reply (written by the
     # model: one short completion).
     AUTO_TITLE: bool = True
+
+    # Typed parts and client-side tools.
+    TOOL_RESULT_TIMEOUT_SECONDS: int = Field(600, ge=1, le=7 * 86_400)
+    MAX_TOOL_ROUNDS: int = Field(10, ge=1, le=1000)
+    MAX_PARTS: int = Field(64, ge=1, le=10_000)
+    MAX_TOOLS: int = Field(64, ge=1, le=1000)
+    MAX_TOOL_SCHEMA_BYTES: int = Field(16_384, ge=64, le=1_048_576)
+    MAX_INLINE_FILE_BYTES: int = Field(16_384, ge=0, le=10_485_760)
 
     # Workers and the job queue.
     WORKER_IN_API: bool = True

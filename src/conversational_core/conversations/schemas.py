@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conversational_core.messages.parts import ToolChoice, ToolSpec
 from conversational_core.schemas import ID_PATTERN, Metadata, MetadataOut, StrictModel
 
 # Generous hard caps; MAX_SYSTEM_PROMPT_CHARS (a setting) is checked by the service.
@@ -19,6 +20,10 @@ class ConversationSettings(StrictModel):
     model: str | None = Field(None, min_length=1, max_length=MODEL_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    tools: list[ToolSpec] | None = Field(
+        None, max_length=10_000, description="Client-side tools the model may call."
+    )
+    tool_choice: ToolChoice | None = None
 
 
 OnBusy = Literal["queue", "reject", "interrupt"]
@@ -100,6 +105,8 @@ class ConversationOut(BaseModel):
     )
     on_busy: OnBusy
     forked_from: ForkedFrom | None = Field(description="What this conversation was forked from.")
+    tools: list[ToolSpec] | None = Field(description="Client-side tools the model may call.")
+    tool_choice: str | None = Field(description="auto, none, required or a tool's name.")
     active_leaf_id: str | None = Field(
         description="The last message of the branch shown (null while there are no messages)."
     )

@@ -12,6 +12,7 @@ from conversational_core.conversations.schemas import (
     ForkRequest,
 )
 from conversational_core.errors import BadRequest, Unprocessable
+from conversational_core.messages.parts import check_tools
 from conversational_core.observability import metrics
 from conversational_core.settings import Settings
 from conversational_core.storage.base import (
@@ -55,6 +56,8 @@ class ConversationService:
         self, principal: Principal, body: ConversationCreate, idempotency: Idempotency | None
     ) -> tuple[Conversation, bool]:
         self._check_system_prompt(body.system_prompt)
+        tools = body.model_dump(include={"tools"})["tools"]
+        check_tools(self._settings, tools, body.tool_choice)
         now = utcnow()
         conversation = Conversation(
             id=new_id(),
@@ -69,6 +72,8 @@ class ConversationService:
             updated_at=now,
             title_source="user" if body.title is not None else None,
             on_busy=body.on_busy,
+            tools=tools,
+            tool_choice=body.tool_choice,
         )
         created, replayed = await self._store.create_conversation(conversation, idempotency)
         if not replayed:
@@ -104,6 +109,11 @@ class ConversationService:
             changes["title_source"] = "user"  # never replaced by an automatic title
         self._check_system_prompt(changes.get("system_prompt"))
         owner = write_owner(principal)
+        if "tools" in changes or "tool_choice" in changes:
+            tools, choice = changes.get("tools"), changes.get("tool_choice")
+            if "tools" not in changes and choice not in (None, "auto", "none", "required"):
+                tools = (await self._store.get_conversation(conversation_id, owner)).tools
+            check_tools(self._settings, tools, choice)
         if leaf is None or changes:
             updated = await self._store.update_conversation(
                 conversation_id, owner, changes, expected_version, utcnow()

@@ -19,6 +19,7 @@ from conversational_core.http import (
     idempotency,
     json_response,
 )
+from conversational_core.messages.parts import ToolResults
 from conversational_core.messages.schemas import (
     MessageCreate,
     MessageList,
@@ -49,6 +50,9 @@ def _service(request: Request) -> MessageService:
     return service
 
 
+_NEWER_FIELDS = frozenset({"parent_id", "parts", "tools", "tool_choice"})
+
+
 @router.post(
     "",
     status_code=201,
@@ -62,9 +66,10 @@ async def create_message(
     request: Request, conversation_id: ConversationId, body: MessageCreate
 ) -> Response:
     principal = principal_of(request)
-    # An absent parent_id (the active leaf) and null (a new root) are different requests; an
-    # absent one leaves the fingerprint as it was before trees (a retry across the upgrade).
-    unset = None if "parent_id" in body.model_fields_set else {"parent_id"}
+    # An absent parent_id (the active leaf) and null (a new root) are different requests; the
+    # fields added since the last release, when absent, leave the fingerprint as it was (a
+    # retry across the upgrade).
+    unset = set(_NEWER_FIELDS - body.model_fields_set)
     idem = idempotency(request, body, unset=unset)
     message, replayed = await _service(request).create(principal, conversation_id, body, idem)
     return _created(conversation_id, message, replayed)
@@ -195,6 +200,33 @@ async def regenerate_reply(
     body = body or RegenerateRequest()
     idem = idempotency(request, body, "regenerate", message_id)
     message, replayed = await _service(request).regenerate(
+        principal, conversation_id, message_id, body, idem
+    )
+    return _created(conversation_id, message, replayed)
+
+
+@router.post(
+    "/{message_id}/tool_results",
+    status_code=201,
+    operation_id="submitToolResults",
+    summary="Answer the tool calls of a reply that requires action; the next reply is queued",
+    description="In one atomic step: a `tool` message holding the results (child of the "
+    "assistant message, returned here with `reply_message_id`), the assistant message "
+    "`completed`, and the next reply queued under the tool message. Every call must be "
+    "answered, once (422 otherwise); a message that is not waiting answers 409.",
+    response_model=MessageOut,
+    responses={**_CREATED, **problems(404, 409)},
+    openapi_extra=IDEMPOTENCY_OPENAPI,
+)
+async def submit_tool_results(
+    request: Request,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    body: ToolResults,
+) -> Response:
+    principal = principal_of(request)
+    idem = idempotency(request, body, "tool_results", message_id)
+    message, replayed = await _service(request).answer_tools(
         principal, conversation_id, message_id, body, idem
     )
     return _created(conversation_id, message, replayed)

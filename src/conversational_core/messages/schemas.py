@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conversational_core.messages.parts import PartIn, ToolChoice, ToolSpec
 from conversational_core.schemas import ID_PATTERN, Metadata, MetadataOut, StrictModel
 from conversational_core.storage.models import MessageStatus, Role
 
@@ -14,8 +15,18 @@ CONTENT_HARD_MAX = 10_000_000
 
 
 class MessageCreate(StrictModel):
+    """Either `content` (one text part) or `parts`."""
+
     role: Role = Role.USER
-    content: str = Field(min_length=1, max_length=CONTENT_HARD_MAX)
+    content: str = Field(None, min_length=1, max_length=CONTENT_HARD_MAX)  # type: ignore[assignment]
+    parts: list[PartIn] = Field(None, min_length=1, max_length=10_000)  # type: ignore[arg-type]
+    tools: list[ToolSpec] = Field(
+        None,  # type: ignore[arg-type]
+        max_length=10_000,
+        description="Tools the model may call while answering this (user) message, in place "
+        "of the conversation's (an empty list: none).",
+    )
+    tool_choice: ToolChoice = Field(None)  # type: ignore[assignment]
     metadata: Metadata = Field(default_factory=dict)
     respond: bool = True
     parent_id: str | None = Field(
@@ -25,6 +36,12 @@ class MessageCreate(StrictModel):
         "starts a new branch (an edit: post the new text under the edited message's parent); "
         "null starts a new root.",
     )
+
+    @model_validator(mode="after")
+    def _content_or_parts(self) -> MessageCreate:
+        if (self.content is None) == (self.parts is None):
+            raise ValueError("give either content or parts")
+        return self
 
 
 class RegenerateRequest(StrictModel):
@@ -52,7 +69,8 @@ class MessageOut(BaseModel):
     conversation_id: str
     parent_id: str | None = Field(description="The message this one follows (null: a root).")
     role: Role
-    content: str
+    content: str = Field(description="The concatenation of the text parts.")
+    parts: list[PartIn] = Field(description="The message's typed parts, in order.")
     status: MessageStatus
     metadata: MetadataOut
     created_at: str

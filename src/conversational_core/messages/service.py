@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -18,6 +18,7 @@ from conversational_core.errors import (
     PreconditionFailed,
     Unprocessable,
 )
+from conversational_core.messages.parts import ToolResults, check_parts, check_tools, invalid
 from conversational_core.messages.schemas import (
     MessageCreate,
     MessageUpdate,
@@ -35,8 +36,19 @@ from conversational_core.storage.base import (
     MessageSlice,
     Store,
 )
-from conversational_core.storage.errors import NotFound
-from conversational_core.storage.models import Message, MessageStatus, Role, new_id, utcnow
+from conversational_core.storage.errors import Changed, NotFound
+from conversational_core.storage.models import (
+    TOOL_RESULT,
+    Message,
+    MessageStatus,
+    Part,
+    Role,
+    content_of,
+    new_id,
+    text_parts,
+    tool_calls_of,
+    utcnow,
+)
 
 
 @dataclass(slots=True)
@@ -79,6 +91,26 @@ def _assistant_reply(conversation_id: str, now: str) -> Message:
     )
 
 
+def _not_waiting(message: Message) -> Conflict:
+    return Conflict(f"The message is not waiting for tool results (it is {message.status.value}).")
+
+
+def _check_results(message: Message, results: list[dict[str, Any]]) -> None:
+    """Every call of the message answered, once, and nothing else (422 otherwise)."""
+    calls = {p["id"] for p in tool_calls_of(message.parts or [])}
+    seen: set[str] = set()
+    for i, result in enumerate(results):
+        call_id = result["tool_call_id"]
+        if call_id not in calls:
+            raise invalid(["body", "results", i, "tool_call_id"], "not a call of this message")
+        if call_id in seen:
+            raise invalid(["body", "results", i, "tool_call_id"], "answered twice")
+        seen.add(call_id)
+    missing = sorted(calls - seen)
+    if missing:
+        raise invalid(["body", "results"], f"calls not answered: {', '.join(missing)}", "missing")
+
+
 class MessageService:
     def __init__(self, store: Store, settings: Settings, limits: Limits | None = None) -> None:
         self._store = store
@@ -114,16 +146,29 @@ class MessageService:
                 f"Adding a '{body.role.value}' message needs the service or admin role."
             )
         self._check_content(body.content)
+        dumped = body.model_dump(include={"parts", "tools"}, exclude_none=True)
+        parts: list[Part] = dumped.get("parts") or text_parts(body.content)
+        check_parts(self._settings, body.role, parts)
+        turn: dict[str, Any] | None = None
+        if body.tools is not None or body.tool_choice is not None:
+            if body.role is not Role.USER:
+                raise invalid(["body", "tools"], "only a user message declares tools")
+            check_tools(self._settings, dumped.get("tools", []), body.tool_choice)
+            # The tools of this turn (its replies and tool rounds), kept on the user message.
+            turn = {"tools": dumped.get("tools"), "tool_choice": body.tool_choice}
+            turn = {k: v for k, v in turn.items() if v is not None}
         now = utcnow()
         message = Message(
             id=new_id(),
             conversation_id=conversation_id,
             role=body.role,
-            content=body.content,
+            content=content_of(parts),
+            parts=parts,
             status=MessageStatus.COMPLETED,
             metadata=body.metadata,
             created_at=now,
             updated_at=now,
+            context=turn,
         )
         parent: str | ActiveLeaf | None = ACTIVE_LEAF
         if "parent_id" in body.model_fields_set:
@@ -179,6 +224,67 @@ class MessageService:
         )
         return stored[0], replayed
 
+    async def answer_tools(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        message_id: str,
+        body: ToolResults,
+        idempotency: Idempotency | None,
+    ) -> tuple[Message, bool]:
+        """Answer every tool call of an assistant message waiting for them, in one atomic step:
+        a `tool` message holding the results (child of the assistant message), the assistant
+        message `completed`, and the next reply queued under the tool message. The owner (or
+        a service acting for them) may answer, and admins."""
+        owner = None if principal.is_admin else principal.user_id
+        current = await self._store.get_message(conversation_id, owner, message_id)
+        results = [r.model_dump() for r in body.results]
+        if len(results) > self._settings.MAX_PARTS:
+            raise invalid(["body", "results"], f"at most {self._settings.MAX_PARTS} results")
+        while True:
+            waiting = current.status is MessageStatus.REQUIRES_ACTION
+            if waiting:
+                _check_results(current, results)
+            elif idempotency is None:
+                raise _not_waiting(current)
+            now = utcnow()
+            reply = _assistant_reply(conversation_id, now)
+            parts = [{"type": TOOL_RESULT, **r} for r in results]
+            check_parts(self._settings, Role.TOOL, parts, "results")
+            tool = Message(
+                id=new_id(),
+                conversation_id=conversation_id,
+                role=Role.TOOL,
+                content="",
+                parts=parts,
+                status=MessageStatus.COMPLETED,
+                metadata={},
+                created_at=now,
+                updated_at=now,
+                reply_message_id=reply.id,
+            )
+            answered = current.replace(
+                status=MessageStatus.COMPLETED, updated_at=now, version=current.version + 1
+            )
+            try:
+                stored, replayed = await self._append(
+                    principal,
+                    conversation_id,
+                    [tool, reply],
+                    now,
+                    idempotency,
+                    reply,
+                    current.id,
+                    user_turn=False,
+                    answering=(answered, current),
+                )
+            except Changed:
+                current = await self._store.get_message(conversation_id, owner, message_id)
+                if current.status is not MessageStatus.REQUIRES_ACTION:
+                    raise _not_waiting(current) from None
+                continue  # only its metadata changed: again
+            return stored[0], replayed
+
     async def _append(
         self,
         principal: Principal,
@@ -190,6 +296,7 @@ class MessageService:
         parent: str | ActiveLeaf | None,
         *,
         user_turn: bool,
+        answering: tuple[Message, Message] | None = None,
     ) -> tuple[list[Message], bool]:
         charged = False
         if reply is not None:
@@ -204,6 +311,7 @@ class MessageService:
                 reply.id if reply is not None else None,
                 parent=parent,
                 on_busy=None if user_turn else "queue",
+                answering=answering,
             )
         except Exception:  # no reply was queued (not found, busy, idempotency mismatch, …)
             if charged:
@@ -358,7 +466,7 @@ class MessageService:
     async def _stop(
         self, conversation_id: str, owner: str | None, message_id: str
     ) -> Message | None:
-        """Stop a reply and record it cancelled with exactly the text its clients received;
+        """Stop a reply and record it cancelled with exactly the parts its clients received;
         None when it had ended (or went) meanwhile. Should this process die between the two
         steps, the reply's writer finishes the cancellation (it finds the reply stopped)."""
         published = await self._store.stop_reply(conversation_id, message_id)
@@ -369,11 +477,8 @@ class MessageService:
                 return None
             if current.status.is_final:
                 return None
-            cancelled = current.replace(
-                status=MessageStatus.CANCELLED,
-                content=current.content if published is None else published,
-                updated_at=utcnow(),
-                version=current.version + 1,
+            cancelled = (current if published is None else current.with_parts(published)).replace(
+                status=MessageStatus.CANCELLED, updated_at=utcnow(), version=current.version + 1
             )
             stored = await self._store.cancel_reply(conversation_id, owner, cancelled, current)
             if stored is not None:

@@ -25,17 +25,21 @@ from typing import Any
 from loguru import logger
 
 from conversational_core.observability import metrics
-from conversational_core.replies.context import (
-    PromptTooLong,
-    build_prompt,
-    estimate_text_tokens,
-)
+from conversational_core.replies.assembly import PartsBuilder
+from conversational_core.replies.context import PromptTooLong, build_prompt, part_tokens
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.replies.titles import TitleWriter
 from conversational_core.settings import Settings
-from conversational_core.storage.base import MessageQuery, Store
+from conversational_core.storage.base import JobQueue, MessageQuery, Store
 from conversational_core.storage.errors import NotFound, ReplyStopped
-from conversational_core.storage.models import Message, MessageStatus, rfc3339_to_ms, utcnow
+from conversational_core.storage.models import (
+    Message,
+    MessageStatus,
+    Part,
+    content_of,
+    rfc3339_to_ms,
+    utcnow,
+)
 
 
 def _attempt(message: Message) -> int:
@@ -43,8 +47,15 @@ def _attempt(message: Message) -> int:
 
 
 class ReplyWriter:
-    def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        settings: Settings,
+        deadlines: JobQueue | None = None,
+    ) -> None:
         self._store = store
+        self._deadlines = deadlines  # where a reply waiting for tool results gets its deadline
         self._provider = provider
         self._settings = settings
         self._titles = TitleWriter(store, provider, settings)
@@ -56,7 +67,7 @@ class ReplyWriter:
             current = await self._store.get_message(conversation_id, None, reply_id)
         except NotFound:
             return
-        if current.status.is_final:
+        if current.status.is_written:
             return
         previous = current.context or {}
         attempts = int(previous.get("attempts", 0)) + 1
@@ -118,7 +129,7 @@ class ReplyWriter:
         except ReplyStopped as stopped:
             # Stopped by a cancel (or an interrupting message) whose process did not get to
             # record it: finish the cancellation, with the text its clients received.
-            await self._cancelled(conversation_id, current, stopped.text)
+            await self._cancelled(conversation_id, current, stopped.parts)
             return
         if stored is None:
             return  # changed meanwhile (cancelled, deleted, or another worker): not ours
@@ -148,7 +159,7 @@ class ReplyWriter:
                 current = await self._store.get_message(conversation_id, None, reply_id)
             except NotFound:
                 return
-            if current.status.is_final or _attempt(current) != attempt:
+            if current.status.is_written or _attempt(current) != attempt:
                 return  # ended meanwhile, or already another worker's
             context = dict(current.context or {})
             context["uncharged_attempts"] = int(context.get("uncharged_attempts", 0)) + 1
@@ -159,7 +170,7 @@ class ReplyWriter:
     async def _stream(self, conversation_id: str, current: Message, request: Any) -> bool:
         """Write the reply; True when it completed (by this writer)."""
         settings = self._settings
-        text: list[str] = []
+        built = PartsBuilder()
         usage: Usage | None = None
         flush_every = settings.REPLY_FLUSH_MS / 1000
         attempt = _attempt(current)  # deltas of another attempt are refused by the store
@@ -177,41 +188,36 @@ class ReplyWriter:
                             usage = item
                             continue
                         started = True
+                        delta = built.add(item)
+                        if delta is None:
+                            continue
                         if first_token:
                             first_token = False
                             waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
                             metrics.TIME_TO_FIRST_TOKEN.labels(provider).observe(max(0.0, waited))
                         if not await self._store.publish_delta(
-                            conversation_id, current.id, item, attempt
+                            conversation_id,
+                            current.id,
+                            delta.text,
+                            attempt,
+                            part_index=delta.part_index,
+                            part_type=delta.part_type,
+                            start=delta.start,
                         ):
                             # Cancelled, deleted or taken over: closing the stream stops the
                             # provider. A reply still ours was stopped by a cancel that may not
-                            # get recorded (its process died): record it.
+                            # get recorded (its process died): record it (without this last
+                            # piece, which no client received).
                             latest = await self._reread(conversation_id, current)
                             if latest is not None:
-                                await self._cancelled(conversation_id, latest, "".join(text))
+                                await self._cancelled(conversation_id, latest, built.without(delta))
                             return False
-                        text.append(item)
                         now = time.monotonic()
                         if now - last_flush >= flush_every:
                             last_flush = now
-                            flushed = current.replace(content="".join(text), updated_at=utcnow())
-                            stored = await self._store.flush_reply(
-                                conversation_id, flushed, current
-                            )
+                            stored = await self._flush(conversation_id, current, built.snapshot())
                             if stored is None:
-                                # Changed by someone else: a cancel or delete ends our work;
-                                # a metadata edit does not.
-                                latest = await self._reread(conversation_id, current)
-                                if latest is None:
-                                    return False
-                                stored = await self._store.flush_reply(
-                                    conversation_id,
-                                    latest.replace(content="".join(text), updated_at=utcnow()),
-                                    latest,
-                                )
-                                if stored is None:
-                                    return False
+                                return False
                             current = stored
                 break
             except ProviderError as exc:
@@ -224,7 +230,7 @@ class ReplyWriter:
                         current,
                         MessageStatus.FAILED,
                         error=exc.message,
-                        content="".join(text),
+                        parts=built.snapshot(),
                     ):
                         metrics.GENERATION_DURATION.labels(provider, "failed").observe(
                             time.monotonic() - began
@@ -245,39 +251,87 @@ class ReplyWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
-        content = "".join(text)
+        parts = built.snapshot()
         noted: dict[str, Any] = {}
         if usage is None:
             # Some servers report none (llama-cpp-python's): an estimate, marked as one.
             prompt_tokens = int((current.context or {}).get("estimated_prompt_tokens", 0))
-            usage = Usage(prompt_tokens, estimate_text_tokens(content))
+            usage = Usage(prompt_tokens, sum(part_tokens(p) for p in parts))
             noted["usage_estimated"] = True
+        status = MessageStatus.COMPLETED
+        if built.tool_calls:
+            # The client runs the tools: the reply waits for their results (tool_results),
+            # and fails if none come in time. The deadline is registered first: never lost.
+            status = MessageStatus.REQUIRES_ACTION
+            if self._deadlines is not None:
+                await self._deadlines.add_deadline(
+                    conversation_id,
+                    current.id,
+                    time.time() + settings.TOOL_RESULT_TIMEOUT_SECONDS,
+                )
         if await self._end(
-            conversation_id,
-            current,
-            MessageStatus.COMPLETED,
-            content=content,
-            usage=usage.as_dict(),
-            noted=noted,
+            conversation_id, current, status, parts=parts, usage=usage.as_dict(), noted=noted
         ):
-            metrics.GENERATION_DURATION.labels(provider, "completed").observe(
+            metrics.GENERATION_DURATION.labels(provider, status.value).observe(
                 time.monotonic() - began
             )
             metrics.TOKENS.labels(provider, "prompt").inc(usage.input_tokens)
             metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
             if self._settings.LOG_CONTENT:
-                logger.debug("reply {} text: {}", current.id, "".join(text))
-            return True
+                logger.debug("reply {} text: {}", current.id, content_of(parts))
+            return status is MessageStatus.COMPLETED
         return False
 
-    async def _cancelled(self, conversation_id: str, current: Message, text: str | None) -> None:
-        """Record a stopped reply as cancelled, with `text` (what its deltas published); a
+    async def _flush(
+        self, conversation_id: str, current: Message, parts: list[Part]
+    ) -> Message | None:
+        """Store the reply's parts so far; None when it is no longer ours to write."""
+        stored = await self._store.flush_reply(
+            conversation_id, current.with_parts(parts, updated_at=utcnow()), current
+        )
+        if stored is not None:
+            return stored
+        # Changed by someone else: a cancel or delete ends our work; a metadata edit does not.
+        latest = await self._reread(conversation_id, current)
+        if latest is None:
+            return None
+        return await self._store.flush_reply(
+            conversation_id, latest.with_parts(parts, updated_at=utcnow()), latest
+        )
+
+    async def expire(self, conversation_id: str, message_id: str) -> float | None:
+        """A deadline came (JobQueue.due_deadlines): a reply still waiting for tool results
+        TOOL_RESULT_TIMEOUT_SECONDS after it asked for them ends `failed`. Returns when to look
+        again if it is not due yet (a deadline registered early, as on a start), else None."""
+        timeout = self._settings.TOOL_RESULT_TIMEOUT_SECONDS
+        for _ in range(5):
+            try:
+                current = await self._store.get_message(conversation_id, None, message_id)
+            except NotFound:
+                return None
+            if current.status is not MessageStatus.REQUIRES_ACTION:
+                return None  # answered, cancelled or deleted
+            due = rfc3339_to_ms(current.updated_at) / 1000 + timeout
+            if due > time.time():
+                return due
+            failed = current.replace(
+                status=MessageStatus.FAILED,
+                error=f"No tool results arrived within {timeout} seconds.",
+                updated_at=utcnow(),
+                version=current.version + 1,
+            )
+            if await self._store.finish_reply(conversation_id, failed, current):
+                metrics.REPLIES.labels("failed").inc()
+                return None
+        return None
+
+    async def _cancelled(
+        self, conversation_id: str, current: Message, parts: list[Part] | None
+    ) -> None:
+        """Record a stopped reply as cancelled, with `parts` (what its deltas published); a
         no-op when someone else recorded it first."""
-        cancelled = current.replace(
-            status=MessageStatus.CANCELLED,
-            content=current.content if text is None else text,
-            updated_at=utcnow(),
-            version=current.version + 1,
+        cancelled = (current if parts is None else current.with_parts(parts)).replace(
+            status=MessageStatus.CANCELLED, updated_at=utcnow(), version=current.version + 1
         )
         if await self._store.cancel_reply(conversation_id, None, cancelled, current):
             metrics.REPLIES.labels("cancelled").inc()
@@ -289,7 +343,7 @@ class ReplyWriter:
             latest = await self._store.get_message(conversation_id, None, ours.id)
         except NotFound:
             return None
-        if latest.status.is_final or _attempt(latest) != _attempt(ours):
+        if latest.status.is_written or _attempt(latest) != _attempt(ours):
             return None
         return latest
 
@@ -300,16 +354,15 @@ class ReplyWriter:
         status: MessageStatus,
         *,
         error: str | None = None,
-        content: str | None = None,
+        parts: list[Part] | None = None,
         usage: dict[str, int] | None = None,
         noted: dict[str, Any] | None = None,
     ) -> bool:
         """Finish the reply exactly once: a CAS against what this writer last stored (re-read
         when only its metadata changed meanwhile). False when someone else ended it."""
         for _ in range(5):
-            final = current.replace(
+            final = (current if parts is None else current.with_parts(parts)).replace(
                 status=status,
-                content=current.content if content is None else content,
                 error=error,
                 usage=usage,
                 context={**(current.context or {}), **noted} if noted else current.context,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from conversational_core.conversations.schemas import ConversationOut
 from conversational_core.messages.schemas import MessageOut
 
 
 class MessageEvent(BaseModel):
-    """`message.created`, `.updated`, `.completed`, `.failed`, `.cancelled`: the whole message."""
+    """`message.created`, `.updated`, `.completed`, `.failed`, `.cancelled`,
+    `.requires_action`: the whole message."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -21,12 +22,20 @@ class MessageEvent(BaseModel):
 
 
 class DeltaEvent(BaseModel):
-    """`message.delta`: new text of a reply being written (one token or several)."""
+    """`message.delta`: new text of a reply being written (one token or several), of its part
+    `part_index` (the deltas of one part concatenate to its text; a tool call's, to its
+    `arguments`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     message_id: str
     delta: str
+    part_index: int = Field(description="Which part of the message the text belongs to.")
+    part_type: Literal["text", "reasoning", "tool_call"]
+    tool_call_id: str | None = Field(
+        None, description="On the first delta of a tool call: its id (`name` too)."
+    )
+    name: str | None = Field(None, description="On the first delta of a tool call: the tool.")
 
 
 class MessageDeletedEvent(BaseModel):
@@ -59,6 +68,7 @@ EventType = Literal[
     "message.completed",
     "message.failed",
     "message.cancelled",
+    "message.requires_action",
     "message.deleted",
     "conversation.updated",
     "conversation.deleted",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import uuid_utils
@@ -52,6 +53,7 @@ class Worker:
         once and restarts their replies)."""
         limit = self._settings.WORKER_CONCURRENCY
         backoff = 0.1
+        watcher = asyncio.create_task(self._watch_deadlines(), name="reply-deadlines")
         try:
             while not self._stopping.is_set():
                 free = limit - len(self._tasks)
@@ -81,6 +83,7 @@ class Worker:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
+            watcher.cancel()
             running = set(self._tasks)
             grace = self._settings.WORKER_SHUTDOWN_GRACE_SECONDS
             if running and grace > 0 and self._stopping.is_set():
@@ -90,6 +93,24 @@ class Worker:
                 task.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+
+    async def _watch_deadlines(self) -> None:
+        """Fail replies that waited too long for tool results: every worker looks at the
+        deadlines that came (a few times per TOOL_RESULT_TIMEOUT_SECONDS, at most every
+        second); ending one is a compare-and-set, so two workers on one are harmless."""
+        period = min(1.0, self._settings.TOOL_RESULT_TIMEOUT_SECONDS / 4)
+        while True:
+            await asyncio.sleep(period)  # a timer: time is the point
+            try:
+                for cid, mid in await self._jobs.due_deadlines(time.time(), 100):
+                    later = await self._writer.expire(cid, mid)
+                    if later is not None:
+                        await self._jobs.add_deadline(cid, mid, later)
+                    else:
+                        await self._jobs.remove_deadline(cid, mid)
+            except Exception as exc:  # the watch must outlive any store hiccup
+                metrics.STORE_ERRORS.labels("worker").inc()
+                logger.warning("worker {}: deadlines: {}", self.name, type(exc).__name__)
 
     async def _take(self, count: int) -> list[Job]:
         """Jobs, waiting up to a second for some; nothing once :meth:`stop` is called (a
@@ -195,9 +216,8 @@ class Worker:
 async def run_worker(settings: Settings, backend: Backend) -> AsyncIterator[Worker]:
     """A worker running in the background for as long as the context is open."""
     provider = build_provider(settings)
-    worker = Worker(
-        backend.store, backend.jobs, ReplyWriter(backend.store, provider, settings), settings
-    )
+    writer = ReplyWriter(backend.store, provider, settings, backend.jobs)
+    worker = Worker(backend.store, backend.jobs, writer, settings)
     task = asyncio.create_task(worker.run(), name="reply-worker")
     try:
         yield worker

@@ -40,7 +40,14 @@ import orjson
 
 from conversational_core.storage import events
 from conversational_core.storage.errors import NotFound
-from conversational_core.storage.models import Conversation, Message, MessageStatus, Page
+from conversational_core.storage.models import (
+    TEXT,
+    Conversation,
+    Message,
+    MessageStatus,
+    Page,
+    Part,
+)
 
 OnBusy = Literal["queue", "reject", "interrupt"]
 
@@ -249,6 +256,7 @@ class Store(ABC):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
+        answering: tuple[Message, Message] | None = None,
     ) -> Appended:
         """Append messages in one atomic step: the first under `parent` (a message id, None for
         a new root, or the active leaf), each next one under the one before (a user message and
@@ -264,6 +272,11 @@ class Store(ABC):
         decides (None: the conversation's own `on_busy`, read in the same atomic step): "queue"
         appends, "reject" raises Busy and stores nothing, "interrupt" appends and returns the
         replies ahead in `Appended.interrupted`.
+
+        With `answering` = (answered, expected) — tool results: `parent` is the id of an
+        assistant message waiting for them — that message is first replaced, in the same step,
+        by `answered` (a compare-and-set against `expected`, its event `message.completed`);
+        Changed is raised, and nothing written, when it is no longer `expected`.
 
         Raises NotFound (conversation), UnknownMessage("parent_id") when `parent` is not a
         message of the conversation, IdempotencyMismatch. On an idempotent replay the messages
@@ -344,8 +357,9 @@ class Store(ABC):
     async def finish_reply(
         self, conversation_id: str, reply: Message, expected: Message
     ) -> Message | None:
-        """The reply ended (`reply.status` completed or failed): its event, the reply leaves
-        the reply queue, and no later delta passes (not even a stale writer's)."""
+        """The reply ended (`reply.status` completed, failed, or requires_action: it waits for
+        tool results): its event, the reply leaves the reply queue, and no later delta passes
+        (not even a stale writer's)."""
 
     @abstractmethod
     async def cancel_reply(
@@ -369,17 +383,25 @@ class Store(ABC):
 
     @abstractmethod
     async def publish_delta(
-        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+        self,
+        conversation_id: str,
+        message_id: str,
+        delta: str,
+        attempt: int | None = None,
+        *,
+        part_index: int = 0,
+        part_type: str = TEXT,
+        start: dict[str, Any] | None = None,
     ) -> bool:
-        """Emit `message.delta` for a reply being written. False (and nothing emitted) when the
-        reply ended, was cancelled or deleted, or its conversation deleted, or when `attempt` is
-        not the reply's current one: the writer must stop. The store keeps the concatenation of
-        a reply's published deltas (see stop_reply)."""
+        """Emit `message.delta` (events.delta_data) for a reply being written: a piece of its
+        part `part_index`. False (and nothing emitted) when the reply ended, was cancelled or
+        deleted, or its conversation deleted, or when `attempt` is not the reply's current
+        one: the writer must stop. The store keeps a reply's published deltas (stop_reply)."""
 
     @abstractmethod
-    async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
-        """Refuse every later delta of the reply (atomically), and return exactly the text its
-        deltas published so far (None when none was published)."""
+    async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
+        """Refuse every later delta of the reply (atomically), and return exactly the parts its
+        deltas published so far (events.parts_from_deltas; None when none was published)."""
 
     @abstractmethod
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
@@ -419,6 +441,7 @@ _ENDS = {
     MessageStatus.COMPLETED: events.MESSAGE_COMPLETED,
     MessageStatus.FAILED: events.MESSAGE_FAILED,
     MessageStatus.CANCELLED: events.MESSAGE_CANCELLED,
+    MessageStatus.REQUIRES_ACTION: events.MESSAGE_REQUIRES_ACTION,
 }
 
 
@@ -572,6 +595,23 @@ class JobQueue(ABC):
     @abstractmethod
     async def stats(self) -> tuple[int, float]:
         """(jobs waiting or running, age in seconds of the oldest one), for metrics."""
+
+    # Deadlines: messages to look at again at a given time (a reply waiting for tool results
+    # fails once TOOL_RESULT_TIMEOUT_SECONDS have passed), shared by every worker. A deadline
+    # is registered before the state it guards is written and removed only once handled, so
+    # that none is lost to a worker that dies; handling one twice must be harmless.
+
+    @abstractmethod
+    async def add_deadline(self, conversation_id: str, message_id: str, at: float) -> None:
+        """Look at the message again at `at` (seconds since the epoch)."""
+
+    @abstractmethod
+    async def due_deadlines(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (conversation id, message id) whose time has come, oldest first."""
+
+    @abstractmethod
+    async def remove_deadline(self, conversation_id: str, message_id: str) -> None:
+        """The deadline was handled (or is moot)."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -6,6 +6,8 @@ Messages are written so that they can be shown to a client as they are ("Message
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StoreError(Exception):
     """Every error a store raises on purpose."""
@@ -67,13 +69,20 @@ class Busy(StoreError):
         )
 
 
-class ReplyStopped(StoreError):
-    """A reply was stopped (stop_reply) and not yet cancelled: it must not start again. `text`
-    is what its deltas published before the stop."""
+class Changed(StoreError):
+    """A compare-and-set found the message changed since it was read."""
 
-    def __init__(self, text: str | None) -> None:
+    def __init__(self) -> None:
+        super().__init__("The message changed meanwhile.")
+
+
+class ReplyStopped(StoreError):
+    """A reply was stopped (stop_reply) and not yet cancelled: it must not start again. `parts`
+    are what its deltas published before the stop (models.Part dicts)."""
+
+    def __init__(self, parts: list[dict[str, Any]] | None) -> None:
         super().__init__("The reply was stopped.")
-        self.text = text
+        self.parts = parts
 
 
 class Unavailable(StoreError):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
-from conversational_core.storage.models import Conversation, Message
+from conversational_core.storage.models import TEXT, TOOL_CALL, Conversation, Message, Part
 
 MESSAGE_CREATED = "message.created"
 MESSAGE_DELTA = "message.delta"
@@ -12,6 +14,7 @@ MESSAGE_UPDATED = "message.updated"
 MESSAGE_COMPLETED = "message.completed"
 MESSAGE_FAILED = "message.failed"
 MESSAGE_CANCELLED = "message.cancelled"
+MESSAGE_REQUIRES_ACTION = "message.requires_action"
 MESSAGE_DELETED = "message.deleted"
 CONVERSATION_UPDATED = "conversation.updated"
 CONVERSATION_DELETED = "conversation.deleted"
@@ -21,8 +24,46 @@ def message_data(message: Message) -> bytes:
     return orjson.dumps({"message_id": message.id, "message": message})
 
 
-def delta_data(message_id: str, delta: str) -> bytes:
-    return orjson.dumps({"message_id": message_id, "delta": delta})
+def delta_data(
+    message_id: str,
+    delta: str,
+    part_index: int = 0,
+    part_type: str = TEXT,
+    start: dict[str, Any] | None = None,
+) -> bytes:
+    """A piece of part `part_index` (its `text`; a tool call's `arguments`). The first delta of
+    a tool call names it (`tool_call_id`, `name`): `start`."""
+    data: dict[str, Any] = {
+        "message_id": message_id,
+        "delta": delta,
+        "part_index": part_index,
+        "part_type": part_type,
+    }
+    if start:
+        data.update(start)
+    return orjson.dumps(data)
+
+
+def parts_from_deltas(log: bytes | list[bytes]) -> list[Part]:
+    """The parts that deltas published (their `delta_data`, one per line, or a list), as a
+    message holds them: what a cancelled reply keeps."""
+    lines = log.split(b"\n") if isinstance(log, bytes) else log
+    parts: dict[int, Part] = {}
+    for line in lines:
+        if not line:
+            continue
+        data = orjson.loads(line)
+        index, kind = data["part_index"], data["part_type"]
+        part = parts.get(index)
+        if part is None:
+            if kind == TOOL_CALL:
+                part = {"type": kind, "id": data.get("tool_call_id", ""),
+                        "name": data.get("name", ""), "arguments": ""}  # fmt: skip
+            else:
+                part = {"type": kind, "text": ""}
+            parts[index] = part
+        part["arguments" if kind == TOOL_CALL else "text"] += data["delta"]
+    return [parts[k] for k in sorted(parts)]
 
 
 def message_deleted_data(message_id: str, deleted_ids: list[str]) -> bytes:

@@ -43,6 +43,8 @@ class Role(StrEnum):
 class MessageStatus(StrEnum):
     PENDING = "pending"
     STREAMING = "streaming"
+    # The reply called tools and waits for their results (tool_results); not written any more.
+    REQUIRES_ACTION = "requires_action"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -50,6 +52,58 @@ class MessageStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (MessageStatus.COMPLETED, MessageStatus.FAILED, MessageStatus.CANCELLED)
+
+    @property
+    def is_written(self) -> bool:
+        """No longer written by a worker: ended, or waiting for tool results."""
+        return self not in (MessageStatus.PENDING, MessageStatus.STREAMING)
+
+
+# --- Parts ---------------------------------------------------------------------------------------
+# A message's content is a list of typed parts (plain dicts: they are stored and sent as they
+# are, and validated at the HTTP edge by messages/schemas.py):
+#   {"type": "text", "text"}                    {"type": "reasoning", "text"[, "provider_data"]}
+#   {"type": "tool_call", "id", "name", "arguments"}   (arguments: JSON text)
+#   {"type": "tool_result", "tool_call_id", "output", "is_error"}
+#   {"type": "file", "url", "mime_type", "name"}
+# `content` is the concatenation of the text parts.
+Part = dict[str, Any]
+TEXT, REASONING, TOOL_CALL, TOOL_RESULT, FILE = (
+    "text",
+    "reasoning",
+    "tool_call",
+    "tool_result",
+    "file",
+)
+
+
+def text_parts(content: str) -> list[Part]:
+    """The parts of a message that is only text (none for no text)."""
+    return [{"type": TEXT, "text": content}] if content else []
+
+
+def content_of(parts: list[Part]) -> str:
+    return "".join(p["text"] for p in parts if p["type"] == TEXT)
+
+
+def with_text(parts: list[Part], content: str) -> list[Part]:
+    """`parts` with their text parts replaced by one holding `content`."""
+    out: list[Part] = []
+    placed = False
+    for part in parts:
+        if part["type"] != TEXT:
+            out.append(part)
+        elif not placed:
+            placed = True
+            if content:
+                out.append({"type": TEXT, "text": content})
+    if not placed and content:
+        out.insert(0, {"type": TEXT, "text": content})
+    return out
+
+
+def tool_calls_of(parts: list[Part]) -> list[Part]:
+    return [p for p in parts if p["type"] == TOOL_CALL]
 
 
 @dataclass(slots=True)
@@ -71,6 +125,10 @@ class Conversation:
     title_source: str | None = None
     on_busy: str = "queue"  # what a user message does while a reply is being written (OnBusy)
     forked_from: dict[str, str | None] | None = None  # {"conversation_id", "message_id"}
+    # Client-side tools the model may call: [{"name", "description", "parameters"}], and
+    # tool_choice: "auto" | "none" | "required" | a tool's name (None: auto when tools).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
     # The last message of the branch the user sees (None while the conversation is empty). Last
     # of the fields: a store that computes it appends it to the JSON it was given.
     active_leaf_id: str | None = None
@@ -94,6 +152,8 @@ CONVERSATION_MUTABLE = (
     "max_tokens",
     "title_source",
     "on_busy",
+    "tools",
+    "tool_choice",
 )
 ON_BUSY = ("queue", "reject", "interrupt")
 
@@ -114,6 +174,9 @@ class Message:
     parent_id: str | None = field(default=None, kw_only=True)
     role: Role
     content: str
+    # The typed parts (see Part); None when built from `content` alone: the text part is made
+    # from it (documents written before parts existed have none either).
+    parts: list[Part] | None = field(default=None, kw_only=True)
     status: MessageStatus
     metadata: dict[str, Any]
     created_at: str
@@ -128,9 +191,17 @@ class Message:
     sibling_count: int = field(default=1, kw_only=True)
     sibling_index: int = field(default=0, kw_only=True)
 
+    def __post_init__(self) -> None:
+        if self.parts is None:
+            self.parts = text_parts(self.content)
+
     @property
     def etag(self) -> str:
         return f'"m{self.version}"'
+
+    def with_parts(self, parts: list[Part], **changes: Any) -> Message:
+        """A copy holding `parts` (and `content` made from them)."""
+        return dataclasses.replace(self, parts=parts, content=content_of(parts), **changes)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)
@@ -162,6 +233,10 @@ class Message:
         return cls(**data)
 
     def replace(self, **changes: Any) -> Message:
+        """A copy with `changes`. A new `content` without `parts` takes the place of the text
+        parts (the first one's place; the other parts stay)."""
+        if "content" in changes and "parts" not in changes:
+            changes["parts"] = with_text(self.parts or [], changes["content"])
         return dataclasses.replace(self, **changes)
 
 

@@ -24,6 +24,7 @@ def build_provider(settings: Settings) -> Provider:
             api_key=settings.LLM_API_KEY,
             base_url=settings.LLM_BASE_URL,
             timeout=settings.LLM_TIMEOUT_SECONDS,
+            reasoning_budget=settings.LLM_REASONING_BUDGET_TOKENS,
         )
     from conversational_core.replies.providers.dev import DevProvider
 

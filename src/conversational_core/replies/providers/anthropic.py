@@ -1,69 +1,187 @@
-"""Anthropic's Messages API through the official `anthropic` SDK."""
+"""Anthropic's Messages API through the official `anthropic` SDK.
+
+Parts map to content blocks: text, images (`image` with a URL or base64 source, from `file`
+parts; PDFs as `document`), `tool_use` / `tool_result` for tool calls and results, and `thinking`
+blocks for reasoning this provider wrote (with their signature, which Anthropic wants back on the
+next turn of a tool round). Reasoning another provider wrote is not sent (it has no signature).
+LLM_REASONING_BUDGET_TOKENS > 0 turns extended thinking on.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anthropic
+import orjson
 from anthropic import AsyncAnthropic
 
 from conversational_core.replies.providers.base import (
     ChatMessage,
     CompletionRequest,
+    Piece,
     Provider,
     Usage,
+    is_image,
     translate_sdk_error,
+    unsupported,
+)
+from conversational_core.storage.models import (
+    FILE,
+    REASONING,
+    TEXT,
+    TOOL_CALL,
+    TOOL_RESULT,
+    Part,
 )
 
+NAME = "anthropic"
 
-def _alternating(messages: list[ChatMessage]) -> list[dict[str, str]]:
+
+def _file_block(part: Part) -> dict[str, Any]:
+    url: str = part["url"]
+    mime = part.get("mime_type") or ""
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        media = header[5:].split(";", 1)[0]
+        kind = "image" if media.startswith("image/") else "document"
+        if kind == "document" and media != "application/pdf":
+            raise unsupported(f"files of type {media or 'unknown'}", NAME)
+        return {"type": kind, "source": {"type": "base64", "media_type": media, "data": data}}
+    if is_image(part):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    if mime == "application/pdf" or url.split("?", 1)[0].lower().endswith(".pdf"):
+        return {"type": "document", "source": {"type": "url", "url": url}}
+    raise unsupported(f"files of type {mime or 'unknown'}", NAME)
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        return {}  # what the model wrote was not JSON; the call is still shown to it
+    return value if isinstance(value, dict) else {}
+
+
+def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    for part in message.all_parts():
+        kind = part["type"]
+        if kind == TEXT:
+            text = part["text"]
+            if message.role == "tool":
+                text = f"[tool output]\n{text}"
+            if text:
+                blocks.append({"type": "text", "text": text})
+        elif kind == FILE:
+            blocks.append(_file_block(part))
+        elif kind == REASONING:
+            data = part.get("provider_data") or {}
+            if data.get("provider") == NAME and data.get("signature"):
+                blocks.append(
+                    {"type": "thinking", "thinking": part["text"], "signature": data["signature"]}
+                )
+        elif kind == TOOL_CALL:
+            blocks.append({"type": "tool_use", "id": part["id"], "name": part["name"],
+                           "input": _arguments(part["arguments"])})  # fmt: skip
+        elif kind == TOOL_RESULT:
+            blocks.append({"type": "tool_result", "tool_use_id": part["tool_call_id"],
+                           "content": part["output"], "is_error": part["is_error"]})  # fmt: skip
+    return blocks
+
+
+def anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The Messages API wants user/assistant turns alternating and starting with the user:
-    consecutive turns of one role are joined."""
-    turns: list[dict[str, str]] = []
+    consecutive turns of one role are joined (tool results are a user turn)."""
+    turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "system":
             continue
         role = "assistant" if message.role == "assistant" else "user"
+        blocks = _blocks(message)
+        if not blocks:
+            continue
         if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + message.content
+            turns[-1]["content"] += blocks
         else:
-            turns.append({"role": role, "content": message.content})
+            turns.append({"role": role, "content": blocks})
     if turns and turns[0]["role"] == "assistant":
-        turns.insert(0, {"role": "user", "content": "(conversation continues)"})
+        opening = [{"type": "text", "text": "(conversation continues)"}]
+        turns.insert(0, {"role": "user", "content": opening})
     return turns
 
 
-class AnthropicProvider(Provider):
-    name = "anthropic"
+def _tool_choice(choice: str) -> dict[str, Any]:
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if choice == "required":
+        return {"type": "any"}
+    return {"type": "tool", "name": choice}
 
-    def __init__(self, *, api_key: str | None, base_url: str | None, timeout: float) -> None:
+
+class AnthropicProvider(Provider):
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        timeout: float,
+        reasoning_budget: int = 0,
+    ) -> None:
         self._client = AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             timeout=timeout,
             max_retries=0,  # the worker retries (before the first token only)
         )
+        self._reasoning_budget = reasoning_budget
 
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
         system = "\n\n".join(m.content for m in request.messages if m.role == "system")
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         if system:
             kwargs["system"] = system
-        if request.temperature is not None:
+        budget = min(self._reasoning_budget, request.max_tokens - 1)
+        if self._reasoning_budget and budget >= 1024:  # Anthropic's least budget
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        elif request.temperature is not None:  # (thinking takes no temperature)
             kwargs["temperature"] = min(request.temperature, 1.0)  # Anthropic's range is 0-1
+        if request.tools:
+            kwargs["tools"] = [
+                {"name": t["name"], "description": t.get("description", ""),
+                 "input_schema": t["parameters"]}
+                for t in request.tools
+            ]  # fmt: skip
+            if request.tool_choice is not None:
+                kwargs["tool_choice"] = _tool_choice(request.tool_choice)
+        messages: Any = anthropic_messages(request.messages)
         try:
             async with self._client.messages.stream(
-                model=request.model,
-                max_tokens=request.max_tokens,
-                messages=_alternating(request.messages),  # type: ignore[arg-type]
-                **kwargs,  # type: ignore[arg-type]
+                model=request.model, max_tokens=request.max_tokens, messages=messages, **kwargs
             ) as stream:
-                async for text in stream.text_stream:
-                    if text:
-                        yield text
+                async for event in stream:
+                    if event.type == "content_block_start":
+                        block = event.content_block
+                        if block.type == "tool_use":
+                            yield Piece(TOOL_CALL, "", key=event.index, id=block.id,
+                                        name=block.name)  # fmt: skip
+                    elif event.type == "content_block_delta":
+                        delta = event.delta
+                        if delta.type == "text_delta":
+                            yield Piece(TEXT, delta.text, key=event.index)
+                        elif delta.type == "thinking_delta":
+                            yield Piece(REASONING, delta.thinking, key=event.index)
+                        elif delta.type == "signature_delta":
+                            yield Piece(REASONING, "", key=event.index,
+                                        provider_data={"provider": NAME,
+                                                       "signature": delta.signature})  # fmt: skip
+                        elif delta.type == "input_json_delta":
+                            yield Piece(TOOL_CALL, delta.partial_json, key=event.index)
                 final = await stream.get_final_message()
                 yield Usage(final.usage.input_tokens, final.usage.output_tokens)
         except anthropic.AnthropicError as exc:

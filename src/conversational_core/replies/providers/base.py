@@ -1,4 +1,7 @@
-"""The provider interface: stream a chat completion as text deltas, then its token usage.
+"""The provider interface: stream a chat completion as pieces of its parts (text, reasoning,
+tool calls), then its token usage. Requests are built from typed parts (storage/models.py):
+a provider turns them into its own format, and refuses (ProviderError, not retryable) a part it
+cannot take, so that the reply ends `failed` with a readable error.
 
 Only `replies/providers/` knows an LLM SDK. Providers make one attempt: retries (with backoff,
 honouring Retry-After) are the worker's, so that every provider retries alike and only before
@@ -11,16 +14,25 @@ import contextlib
 import email.utils
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Hashable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from conversational_core.storage.models import Part, text_parts
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+    """One message of a prompt. `parts`: text and file (system, user), reasoning, text and
+    tool_call (assistant), tool_result (tool); by default one text part of `content`."""
+
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    parts: list[Part] | None = None
+
+    def all_parts(self) -> list[Part]:
+        return self.parts if self.parts is not None else text_parts(self.content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +41,41 @@ class CompletionRequest:
     messages: list[ChatMessage]
     temperature: float | None
     max_tokens: int
+    # Client-side tools ({"name", "description", "parameters"}) and the choice among them
+    # ("auto", "none", "required" or a tool's name); None: no tools.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A piece of the reply being written, beside plain text (a `str`): a piece of a part of
+    `type` (text, reasoning, tool_call). `key` tells the parts of the reply apart (a provider's
+    content-block or tool-call index): a piece with the key of the part before it continues
+    that part (a tool call also when other parts came between). A tool call's first piece has
+    its `id` and `name`, then `text` pieces of its arguments; `provider_data` (a reasoning
+    part's signature, say) is kept on the part and sent back only to this provider."""
+
+    type: str
+    text: str = ""
+    key: Hashable = None
+    id: str | None = None
+    name: str | None = None
+    provider_data: dict[str, Any] | None = None
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
+def is_image(part: Part) -> bool:
+    """Whether a file part is an image (by its mime type, its data: URL, or its name)."""
+    mime = part.get("mime_type") or ""
+    url: str = part["url"]
+    if mime:
+        return mime.startswith("image/")
+    if url.startswith("data:"):
+        return url.startswith("data:image/")
+    return url.split("?", 1)[0].lower().endswith(_IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +109,11 @@ class ProviderError(Exception):
         self.status = status
 
 
+def unsupported(what: str, provider: str) -> ProviderError:
+    """A part the provider cannot take: the reply fails with this (no retry can help)."""
+    return ProviderError(f"The AI provider ({provider}) cannot take {what}.", retryable=False)
+
+
 TITLE_INSTRUCTIONS = (
     "Write a title for the conversation that starts with the user's message below: at most "
     "six words saying what it is about, in the language of the message. Answer with the "
@@ -74,8 +126,9 @@ class Provider(ABC):
     name: str
 
     @abstractmethod
-    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
-        """Text deltas as they arrive, then (when the provider reports it) one Usage.
+    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+        """Text deltas (`str`) and pieces of other parts as they arrive, then (when the
+        provider reports it) one Usage.
 
         Raises ProviderError. Closing the iterator early (`aclose`) stops reading from the
         provider and closes the connection."""

@@ -12,6 +12,10 @@ What a request carries is what every one of those servers accepts (checked again
   `max_tokens` for everything else (llama.cpp's server and vLLM accept both).
 - `stream_options.include_usage`, which every one of them accepts (llama-cpp-python ignores
   it and reports no usage: the worker then estimates it).
+- Tools as `tools` (`type: function`) and `tool_choice` only when the conversation has tools;
+  calls stream back as `tool_calls` deltas (arguments in pieces, by index), results go as `tool`
+  messages; images as `image_url` content parts (any other file type is refused: the reply
+  fails with a readable error).
 """
 
 from __future__ import annotations
@@ -24,10 +28,22 @@ import openai
 from openai import AsyncOpenAI
 
 from conversational_core.replies.providers.base import (
+    ChatMessage,
     CompletionRequest,
+    Piece,
     Provider,
     Usage,
+    is_image,
     translate_sdk_error,
+    unsupported,
+)
+from conversational_core.storage.models import (
+    FILE,
+    REASONING,
+    TEXT,
+    TOOL_CALL,
+    TOOL_RESULT,
+    Part,
 )
 
 
@@ -65,11 +81,19 @@ class OpenAIProvider(Provider):
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Usage]:
-        messages: Any = [{"role": m.role, "content": m.content} for m in request.messages]
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+        messages: Any = openai_messages(request.messages)
         options: dict[str, Any] = {self._max_tokens_param: request.max_tokens}
         if request.temperature is not None:
             options["temperature"] = request.temperature
+        if request.tools:
+            options["tools"] = [
+                {"type": "function", "function": {"name": t["name"],
+                 "description": t.get("description", ""), "parameters": t["parameters"]}}
+                for t in request.tools
+            ]  # fmt: skip
+            if request.tool_choice is not None:
+                options["tool_choice"] = openai_tool_choice(request.tool_choice)
         try:
             stream = await self._client.chat.completions.create(
                 model=request.model,
@@ -83,11 +107,89 @@ class OpenAIProvider(Provider):
         try:
             async for chunk in stream:
                 for choice in chunk.choices:
-                    if choice.delta is not None and choice.delta.content:
-                        yield choice.delta.content
+                    delta = choice.delta
+                    if delta is None:
+                        continue
+                    # DeepSeek, vLLM and llama.cpp's server stream the model's thinking as
+                    # `reasoning_content` (newer vLLM: `reasoning`), beside the answer: fields
+                    # the SDK keeps as extras.
+                    thought = getattr(delta, "reasoning_content", None) or getattr(
+                        delta, "reasoning", None
+                    )
+                    if isinstance(thought, str) and thought:
+                        yield Piece(REASONING, thought, key="reasoning")
+                    if delta.content:
+                        yield delta.content
+                    for call in delta.tool_calls or ():
+                        fn = call.function
+                        yield Piece(
+                            TOOL_CALL,
+                            (fn.arguments if fn is not None else None) or "",
+                            key=call.index,
+                            id=call.id,
+                            name=fn.name if fn is not None else None,
+                        )
                 if chunk.usage is not None:
                     yield Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         except openai.OpenAIError as exc:
             raise translate_sdk_error(exc, openai) from None
         finally:
             await stream.close()
+
+
+def openai_tool_choice(choice: str) -> Any:
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _image_url(part: Part) -> dict[str, Any]:
+    if not is_image(part):
+        raise unsupported(f"files of type {part.get('mime_type') or 'unknown'}", "openai")
+    return {"type": "image_url", "image_url": {"url": part["url"]}}
+
+
+def openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The chat-completions messages of a prompt. Reasoning is not sent back (DeepSeek refuses
+    it, and the others ignore it); a tool message becomes one `tool` message per result (a
+    tool message of plain text, written before tool calls existed, a user message)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        parts = message.all_parts()
+        if message.role == "tool":
+            for part in parts:
+                if part["type"] == TOOL_RESULT:
+                    output = part["output"]
+                    if part["is_error"]:
+                        output = f"Error: {output}"
+                    out.append(
+                        {"role": "tool", "tool_call_id": part["tool_call_id"], "content": output}
+                    )
+                elif part["type"] == TEXT:
+                    out.append({"role": "user", "content": f"[tool output]\n{part['text']}"})
+            continue
+        if message.role == "assistant":
+            turn: dict[str, Any] = {"role": "assistant", "content": message.content or None}
+            calls = [
+                {"id": p["id"], "type": "function",
+                 "function": {"name": p["name"], "arguments": p["arguments"] or "{}"}}
+                for p in parts if p["type"] == TOOL_CALL
+            ]  # fmt: skip
+            if calls:
+                turn["tool_calls"] = calls
+            if turn["content"] is not None or calls:
+                out.append(turn)
+            continue
+        files = [p for p in parts if p["type"] == FILE]
+        if not files:
+            out.append({"role": message.role, "content": message.content})
+            continue
+        if message.role != "user":
+            raise unsupported(f"files in {message.role} messages", "openai")
+        content = [
+            {"type": "text", "text": p["text"]} if p["type"] == TEXT else _image_url(p)
+            for p in parts
+            if p["type"] in (TEXT, FILE)
+        ]
+        out.append({"role": "user", "content": content})
+    return out

@@ -67,6 +67,7 @@ class MemoryJobQueue(JobQueue):
         self._ready_by_conversation: dict[str, str] = {}  # conversation id -> ready job id
         self._taken: dict[str, _Entry] = {}
         self._leases: dict[str, tuple[str, float]] = {}  # conversation id -> (token, expiry)
+        self._deadlines: dict[tuple[str, str], float] = {}  # (cid, mid) -> when (epoch s)
         self._wake = asyncio.Event()
         self._closed = False
 
@@ -178,6 +179,16 @@ class MemoryJobQueue(JobQueue):
         if entry is not None:
             self._make_ready(entry)
 
+    async def add_deadline(self, conversation_id: str, message_id: str, at: float) -> None:
+        self._deadlines[(conversation_id, message_id)] = at
+
+    async def due_deadlines(self, now: float, limit: int) -> list[tuple[str, str]]:
+        due = sorted((at, key) for key, at in self._deadlines.items() if at <= now)
+        return [key for _, key in due[:limit]]
+
+    async def remove_deadline(self, conversation_id: str, message_id: str) -> None:
+        self._deadlines.pop((conversation_id, message_id), None)
+
     async def stats(self) -> tuple[int, float]:
         entries = [*self._ready.values(), *self._taken.values()]
         if not entries:
@@ -192,8 +203,11 @@ class MemoryJobQueue(JobQueue):
 
 async def recover(store: SqliteStore) -> int:
     """After a start: signal a job for every conversation with replies still queued (their jobs
-    were in the memory of the previous run). Returns how many were signalled."""
+    were in the memory of the previous run), and look again at once at every reply waiting for
+    tool results (the worker knows their deadline). Returns how many jobs were signalled."""
     conversation_ids = await store.conversations_with_replies()
     for cid in conversation_ids:
         store.jobs.signal(cid)
+    for cid, mid in await store.replies_waiting_for_tools():
+        await store.jobs.add_deadline(cid, mid, 0.0)
     return len(conversation_ids)

@@ -36,6 +36,7 @@ from conversational_core.storage.embedded.records import (
 from conversational_core.storage.errors import (
     AlreadyExists,
     Busy,
+    Changed,
     NotFound,
     StaleVersion,
     UnknownAnchor,
@@ -68,6 +69,7 @@ class SqliteMessages(SqliteParts):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
+        answering: tuple[Message, Message] | None = None,
     ) -> Appended:
         if not messages:  # a caller bug: there would be no new leaf
             raise ValueError("no messages to append")
@@ -94,6 +96,21 @@ class SqliteMessages(SqliteParts):
                 previous = await self._idempotency.replay(db, scope, idempotency)
                 if previous is not None:
                     replayed = orjson.loads(previous)
+            if replayed is None and answering is not None:
+                answered, expected = answering
+                updated = await run(
+                    db,
+                    "UPDATE messages SET doc = ? WHERE conversation_id = ? AND id = ? AND doc = ?",
+                    (
+                        answered.stored_json().decode(),
+                        conversation_id,
+                        answered.id,
+                        expected.replace(parent_id=answered.parent_id).stored_json().decode(),
+                    ),
+                )
+                if updated != 1:
+                    raise Changed()
+                self._emit(conversation_id, ev.MESSAGE_COMPLETED, ev.message_data(answered))
             if replayed is None:
                 if on_busy is None:
                     on_busy = row[4] or "queue"

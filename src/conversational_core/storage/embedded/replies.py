@@ -2,7 +2,7 @@
 the Redis backend keeps in a reply's `x:`, `p:` and `a:` keys (storage/redis/keys.py).
 
 - which replies are stopped (ended or cancelled: their deltas are refused), for a day;
-- the text each reply published since it (re)started (a cancel keeps exactly that text);
+- the deltas each reply published since it (re)started (a cancel keeps exactly those parts);
 - the attempt that may publish (a worker that lost the reply to another is refused).
 
 A reply this process does not know yet (it started before a restart) is looked up once in the
@@ -15,6 +15,9 @@ import time
 from collections import OrderedDict
 from typing import Final
 
+from conversational_core.storage.events import parts_from_deltas
+from conversational_core.storage.models import Part
+
 # How long a stopped reply keeps refusing deltas (Redis: the stop flag's TTL); far longer than any
 # reply takes to notice.
 STOP_TTL_SECONDS: Final = 86_400.0
@@ -25,17 +28,18 @@ class ReplyTracker:
         # conversation id -> message id -> deltas published since the reply (re)started.
         # Dropped when the message or its conversation is deleted, so that the next delta
         # finds it gone.
-        self._published: dict[str, dict[str, list[str]]] = {}
+        self._published: dict[str, dict[str, list[bytes]]] = {}
         # Stopped replies (conversation id, message id) -> until when (monotonic), oldest first.
         self._stopped: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._attempts: dict[tuple[str, str], int] = {}
 
-    def published(self, conversation_id: str, message_id: str) -> list[str] | None:
-        """The deltas the reply published, when this process knows the reply exists."""
+    def published(self, conversation_id: str, message_id: str) -> list[bytes] | None:
+        """The deltas the reply published (their event data), when this process knows the reply
+        exists."""
         replies = self._published.get(conversation_id)
         return replies.get(message_id) if replies is not None else None
 
-    def known(self, conversation_id: str, message_id: str) -> list[str]:
+    def known(self, conversation_id: str, message_id: str) -> list[bytes]:
         """The reply exists (just checked): its published deltas, from now on kept here."""
         return self._published.setdefault(conversation_id, {}).setdefault(message_id, [])
 
@@ -50,10 +54,10 @@ class ReplyTracker:
         until = self._stopped.get((conversation_id, message_id))
         return until is not None and until > time.monotonic()
 
-    def text(self, conversation_id: str, message_id: str) -> str | None:
-        """What the reply's deltas published since it (re)started; None when nothing."""
-        parts = self.published(conversation_id, message_id)
-        return "".join(parts) if parts else None
+    def parts(self, conversation_id: str, message_id: str) -> list[Part] | None:
+        """The parts the reply's deltas published since it (re)started; None when nothing."""
+        published = self.published(conversation_id, message_id)
+        return parts_from_deltas(published) if published else None
 
     def stop(self, conversation_id: str, message_id: str) -> None:
         now = time.monotonic()

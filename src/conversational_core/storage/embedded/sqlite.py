@@ -92,9 +92,11 @@ from conversational_core.storage.errors import (
 )
 from conversational_core.storage.models import (
     CONVERSATION_MUTABLE,
+    TEXT,
     Conversation,
     Message,
     Page,
+    Part,
     rfc3339_to_ms,
 )
 
@@ -328,7 +330,7 @@ class SqliteStore(SqliteMessages, CompareAndSet):
                     (conversation_id, message.id, expected_doc),
                 )
                 if same is not None:
-                    raise ReplyStopped(self._replies.text(conversation_id, message.id))
+                    raise ReplyStopped(self._replies.parts(conversation_id, message.id))
             written = await first(
                 db,
                 _REPLACE,
@@ -369,13 +371,21 @@ class SqliteStore(SqliteMessages, CompareAndSet):
     # Events and replies --------------------------------------------------------------------
 
     async def publish_delta(
-        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+        self,
+        conversation_id: str,
+        message_id: str,
+        delta: str,
+        attempt: int | None = None,
+        *,
+        part_index: int = 0,
+        part_type: str = TEXT,
+        start: dict[str, Any] | None = None,
     ) -> bool:
         # Called for every token: no write to the file, and usually no read either.
         if not self._replies.allows(conversation_id, message_id, attempt):
             return False
-        parts = self._replies.published(conversation_id, message_id)
-        if parts is None:
+        published = self._replies.published(conversation_id, message_id)
+        if published is None:
             # A reply this process does not know as existing: check the file once. Under the
             # lock, so that a delete committing later also drops what is registered here.
             async with self._db.session() as db:
@@ -386,16 +396,16 @@ class SqliteStore(SqliteMessages, CompareAndSet):
                 )
                 if row is None or not self._replies.allows(conversation_id, message_id, attempt):
                     return False
-                parts = self._replies.known(conversation_id, message_id)
-        parts.append(delta)
-        self._publish(conversation_id, ev.MESSAGE_DELTA, ev.delta_data(message_id, delta))
+                published = self._replies.known(conversation_id, message_id)
+        data = ev.delta_data(message_id, delta, part_index, part_type, start)
+        published.append(data)
+        self._publish(conversation_id, ev.MESSAGE_DELTA, data)
         return True
 
-    async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
-        # Synchronous: no delta can pass between the stop and the read of the text.
+    async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
+        # Synchronous: no delta can pass between the stop and the read of the parts.
         self._replies.stop(conversation_id, message_id)
-        parts = self._replies.published(conversation_id, message_id)
-        return "".join(parts) if parts else None
+        return self._replies.parts(conversation_id, message_id)
 
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
         return self.events.read(conversation_id, after, limit)
@@ -418,6 +428,16 @@ class SqliteStore(SqliteMessages, CompareAndSet):
         async with self._db.session() as db:
             rows = await db.execute_fetchall("SELECT DISTINCT conversation_id FROM reply_queue")
         return [str(r[0]) for r in rows]
+
+    async def replies_waiting_for_tools(self) -> list[tuple[str, str]]:
+        """(conversation id, message id) of every reply waiting for tool results (a scan: run
+        once, on start, to look again at their deadlines)."""
+        async with self._db.session() as db:
+            rows = await db.execute_fetchall(
+                "SELECT conversation_id, id FROM messages"
+                " WHERE json_extract(doc, '$.status') = 'requires_action'"
+            )
+        return [(str(r[0]), str(r[1])) for r in rows]
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,8 @@ their hash. Shared by the store's parts (store.py, messages.py, replies.py).
 A message is stored as `{"parent_id":…,<body>}`, the body being its JSON from `role` to
 `context` (Message.stored_parts): ids are the hash field and the key, sibling positions are
 computed on every read. Documents written before trees existed are `{<body>}`; their parent is
-the message before them (they are all on the first chain), which the reader supplies. A whole
+the message before them (they are all on the first chain), which the reader supplies, and their
+text part is made from `content` (legacy_body). A whole
 message is rebuilt by concatenation, never by decoding and encoding JSON.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from conversational_core.storage.models import Conversation, Message
+from conversational_core.storage.models import Conversation, Message, text_parts
 from conversational_core.storage.redis.client import Connection
 from conversational_core.storage.redis.keys import Keys
 
@@ -33,6 +34,18 @@ class RedisParts:
 
 def has_parent(stored: bytes) -> bool:
     return stored.startswith(PARENT_HEAD)
+
+
+def legacy_body(stored: bytes) -> bytes:
+    """The body of a document written before trees (and parts): `{<body>}` as the store keeps
+    it, with the text part it implies added after `content` (an old document is text only)."""
+    doc = orjson.loads(stored)
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        out[key] = value
+        if key == "content":
+            out["parts"] = text_parts(value)
+    return orjson.dumps(out)[1:-1]
 
 
 def id_head(message_id: str | bytes, conversation_id: str) -> bytes:
@@ -73,6 +86,7 @@ def full_json(
     head = id_head(message_id, conversation_id)
     if not has_parent(stored):
         head += b'"parent_id":' + parent_json(parent_id) + b","
+        return head + legacy_body(stored) + sibling_tail(count, index)
     return head + stored[1:-1] + sibling_tail(count, index)
 
 
@@ -111,6 +125,8 @@ def conversation_data(conversation: Conversation) -> bytes:
             "title_source": conversation.title_source,
             "on_busy": conversation.on_busy,
             "forked_from": conversation.forked_from,
+            "tools": conversation.tools,
+            "tool_choice": conversation.tool_choice,
         }
     )
 

@@ -18,13 +18,15 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
     P:{cid}:q          list    ids of the replies still to write, oldest first
     P:{cid}:l          string  the lease of the worker writing the conversation's replies
     P:{cid}:x:<mid>    string  "stop" flag of a reply that ended or was cancelled
-    P:{cid}:p:<mid>    string  the text a reply's deltas published so far
+    P:{cid}:p:<mid>    string  the deltas a reply published so far (their event data, a line each)
     P:{cid}:a:<mid>    string  the attempt allowed to publish deltas for the reply
     P:{cid}:k:<s>:<k>  string  idempotency record of an append (scope s: the caller)
     P:{u:uid}:convs    zset    the user's conversation ids scored by last activity (ms)
     P:{u:uid}:k:<key>  string  idempotency record of a conversation creation
     P:{jobs}:s         stream  job signals (conversation ids) for the workers (queue.py)
     P:{jobs}:s:sweep   string  who sweeps for lost signals this period (queue.py)
+    P:{jobs}:due       zset    "<cid> <mid>" scored by when to look at the message again
+                               (a reply waiting for tool results: queue.py)
     P:{rl:<s>:<id>}:<n>/<w>  string  a rate-limit counter (limiter.py)
 
 The tree costs nothing until a conversation branches: its messages form one chain in creation
@@ -45,6 +47,7 @@ class Keys:
         self.prefix = prefix
         self.jobs = f"{prefix}:{{jobs}}:s"
         self.sweep_lock = f"{self.jobs}:sweep"
+        self.deadlines = f"{prefix}:{{jobs}}:due"
 
     # A conversation's keys.
 

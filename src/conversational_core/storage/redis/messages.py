@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from conversational_core.storage import events
 from conversational_core.storage.base import (
     ACTIVE_LEAF,
     ActiveLeaf,
@@ -27,6 +28,7 @@ from conversational_core.storage.base import (
 )
 from conversational_core.storage.errors import (
     Busy,
+    Changed,
     IdempotencyMismatch,
     NotFound,
     StaleVersion,
@@ -49,6 +51,7 @@ from conversational_core.storage.redis.codec import (
     conversation_data,
     conversation_from,
     id_head,
+    legacy_body,
     message_from,
     parent_json,
     sibling_tail,
@@ -73,6 +76,7 @@ class RedisMessages(RedisParts):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
+        answering: tuple[Message, Message] | None = None,
     ) -> Appended:
         keys = self.keys
         if idempotency is not None:
@@ -114,6 +118,16 @@ class RedisMessages(RedisParts):
             *(m.id for m in messages),
             *(m.stored_parts()[1] for m in messages),
         ]
+        if answering is not None:
+            answered, expected = answering
+            parent_doc, body = answered.stored_parts()
+            args += [
+                answered.id,
+                parent_doc,
+                expected.stored_parts()[1],
+                body,
+                events.message_data(answered),
+            ]
         if one_script or owner is None:
             result = await self.redis.script(scripts.APPEND, script_keys, args)
         else:
@@ -131,6 +145,8 @@ class RedisMessages(RedisParts):
             raise UnknownMessage("parent_id")
         if status == b"busy":
             raise Busy()
+        if status == b"changed":
+            raise Changed()
         if reply_id is not None and not one_script:
             # The reply was queued by the script (the conversation's slot); this signals the
             # workers, in the jobs' slot, only once the script has run: a signal sent alongside
@@ -290,7 +306,7 @@ class RedisMessages(RedisParts):
                 + b'"parent_id":'
                 + parent_json(parent)
                 + b","
-                + doc[1:-1]
+                + legacy_body(doc)
                 + tail
             )
         return MessageSlice(None, edges, more, raw=raw)

@@ -174,6 +174,21 @@ class RedisJobQueue(JobQueue):
         ms = int(oldest[0][0].split(b"-")[0])
         return int(depth), max(0.0, time.time() - ms / 1000)
 
+    async def add_deadline(self, conversation_id: str, message_id: str, at: float) -> None:
+        await self._redis.call(
+            "ZADD", self._keys.deadlines, round(at, 3), f"{conversation_id} {message_id}"
+        )
+
+    async def due_deadlines(self, now: float, limit: int) -> list[tuple[str, str]]:
+        members = await self._redis.call(
+            "ZRANGE", self._keys.deadlines, "-inf", now, "BYSCORE", "LIMIT", 0, limit
+        )
+        pairs = (m.decode().split(" ", 1) for m in members)
+        return [(cid, mid) for cid, mid in pairs]
+
+    async def remove_deadline(self, conversation_id: str, message_id: str) -> None:
+        await self._redis.call("ZREM", self._keys.deadlines, f"{conversation_id} {message_id}")
+
     async def _sweep_if_elected(self) -> None:
         try:
             # One sweep per period across all workers.

@@ -5,11 +5,12 @@ of a conversation's events."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from conversational_core.storage import events
 from conversational_core.storage.base import CompareAndSet, Event
 from conversational_core.storage.errors import NotFound, ReplyStopped
-from conversational_core.storage.models import Message
+from conversational_core.storage.models import TEXT, Message, Part
 from conversational_core.storage.redis import scripts
 from conversational_core.storage.redis.codec import RedisParts
 
@@ -64,11 +65,20 @@ class RedisReplies(RedisParts, CompareAndSet):
         if result[0] == b"changed":
             return None
         if result[0] == b"stopped":
-            raise ReplyStopped(result[1].decode() if result[1] is not None else None)
+            log = result[1]
+            raise ReplyStopped(events.parts_from_deltas(log) if log is not None else None)
         return message
 
     async def publish_delta(
-        self, conversation_id: str, message_id: str, delta: str, attempt: int | None = None
+        self,
+        conversation_id: str,
+        message_id: str,
+        delta: str,
+        attempt: int | None = None,
+        *,
+        part_index: int = 0,
+        part_type: str = TEXT,
+        start: dict[str, Any] | None = None,
     ) -> bool:
         keys = self.keys
         published = await self.redis.script(
@@ -82,17 +92,16 @@ class RedisReplies(RedisParts, CompareAndSet):
             ],
             [
                 message_id,
-                events.delta_data(message_id, delta),
+                events.delta_data(message_id, delta, part_index, part_type, start),
                 self._max_len,
-                delta,
                 self._events_ttl,
                 "" if attempt is None else attempt,
             ],
         )
         return bool(published)
 
-    async def stop_reply(self, conversation_id: str, message_id: str) -> str | None:
-        text = await self.redis.script(
+    async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
+        log = await self.redis.script(
             scripts.STOP,
             [
                 self.keys.stopped(conversation_id, message_id),
@@ -100,7 +109,7 @@ class RedisReplies(RedisParts, CompareAndSet):
             ],
             [self._events_ttl],
         )
-        return text.decode() if text is not None else None
+        return events.parts_from_deltas(log) if log is not None else None
 
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
         if after is not None and not _STREAM_ID.fullmatch(after):

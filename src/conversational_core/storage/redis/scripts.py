@@ -47,26 +47,27 @@ SWITCH = _tree_script("switch")
 DELETE_MESSAGE = _tree_script("delete_message")
 REPLACE = _tree_script("replace")
 
-# KEYS: msgs, events, stop flag, partial text, attempt.
-# ARGV: id, event data, maxlen, delta, ttl, attempt|''
-# The partial text is exactly the concatenation of the deltas emitted, so that a cancelled
-# reply keeps precisely what its clients received. A writer of an older attempt (a worker that
-# lost the reply to another) is refused.
+# KEYS: msgs, events, stop flag, published deltas, attempt.
+# ARGV: id, event data, maxlen, ttl, attempt|''
+# The reply's published deltas are kept as their event data, one per line (JSON has no raw
+# newline), so that a cancelled reply keeps precisely the parts its clients received. A writer
+# of an older attempt (a worker that lost the reply to another) is refused.
 DELTA = Script(
     """
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-if ARGV[6] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[6] then return 0 end
+if ARGV[5] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[5] then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', 'message.delta', 'd', ARGV[2])
-if redis.call('APPEND', KEYS[4], ARGV[4]) == string.len(ARGV[4]) then
-  redis.call('EXPIRE', KEYS[4], ARGV[5])
+local line = ARGV[2] .. '\\n'
+if redis.call('APPEND', KEYS[4], line) == string.len(line) then
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
 end
 return 1
 """
 )
 
-# KEYS: stop flag, partial text.  ARGV: ttl.  Stops deltas; returns the text emitted so far.
+# KEYS: stop flag, published deltas.  ARGV: ttl.  Stops deltas; returns the deltas emitted so far.
 STOP = Script(
     """
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])

@@ -3,7 +3,9 @@
 -- ARGV: owner|'', updated_at, idem ttl, idem fingerprint|'', n, maxlen, events ttl,
 --       reply id|'', activity score, conversation id, parent ('' the active leaf, '-' a new root,
 --       else a message id), on_busy ('' : the conversation's own, field `busy`), ids…, bodies…
---       (a body: the message's JSON from `role` to `context`, without braces)
+--       (a body: the message's JSON from `role` to `context`, without braces)[, answered id,
+--       its parent json, expected body, new body, event data]: tool results (the answered
+--       message is the parent; compare-and-set, with its `message.completed`)
 -- On a single Redis server the user's index and the job signal are written here too (KEYS 10
 -- and 11): one round trip, and a queued reply always has its signal. On a cluster they live in
 -- other slots: the index is updated beside the script, the signal sent after it.
@@ -14,6 +16,17 @@ if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
 if ARGV[4] ~= '' then
   local prev = redis.call('GET', KEYS[7])
   if prev then return {'replay', prev} end
+end
+local n = tonumber(ARGV[5])
+local answered = 12 + 2 * n
+if ARGV[answered + 1] then
+  local aid, apj = ARGV[answered + 1], ARGV[answered + 2]
+  if redis.call('HGET', M, aid) ~= '{"parent_id":' .. apj .. ',' .. ARGV[answered + 3] .. '}' then
+    return {'changed'}
+  end
+  redis.call('HSET', M, aid, '{"parent_id":' .. apj .. ',' .. ARGV[answered + 4] .. '}')
+  redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.completed', 'd',
+             ARGV[answered + 5])
 end
 local policy = ARGV[12]
 if policy == '' then policy = h[5] or 'queue' end
@@ -36,7 +49,6 @@ elseif parent == '-' then
 elseif redis.call('HEXISTS', M, parent) == 0 then
   return {'noparent'}
 end
-local n = tonumber(ARGV[5])
 local seq = redis.call('HINCRBY', C, 'seq', n) - n
 local branched = lin ~= nil or parent ~= leaf
 if branched then

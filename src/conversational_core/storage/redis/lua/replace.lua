@@ -2,16 +2,23 @@
 -- KEYS: c, m, i, b, t, f, events, reply queue, stop flag, published text, attempt
 -- ARGV: owner|'', id, expected parent json, expected body, new parent json, new body,
 --       event|'', conversation id, ended, maxlen, ttl, restart attempt|''
--- A document written before trees (no parent_id) matches on its body, and is written back
--- with its parent.
+-- A document written before trees (no parent_id, no parts) matches on its body without the
+-- `parts` its reader added (only a text part, made from `content`: the first `,"status":` after
+-- it ends it), and is written back with its parent.
 local L  -- the tree's functions (tree.lua), once needed
 local h = redis.call('HMGET', C, 'user', 'lin')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
 local id = ARGV[2]
 local cur = redis.call('HGET', M, id)
 if not cur then return {'missing'} end
-if cur ~= '{"parent_id":' .. ARGV[3] .. ',' .. ARGV[4] .. '}' and cur ~= '{' .. ARGV[4] .. '}' then
-  return {'changed'}
+if cur ~= '{"parent_id":' .. ARGV[3] .. ',' .. ARGV[4] .. '}' then
+  local old = string.sub(cur, 1, 13) ~= '{"parent_id":'
+  local at = old and string.find(ARGV[4], ',"parts":', 1, true)
+  local status = at and string.find(ARGV[4], ',"status":', at, true)
+  if not status or cur ~= '{' .. string.sub(ARGV[4], 1, at - 1)
+      .. string.sub(ARGV[4], status) .. '}' then
+    return {'changed'}
+  end
 end
 if ARGV[12] ~= '' and redis.call('EXISTS', KEYS[9]) == 1 then
   return {'stopped', redis.call('GET', KEYS[10])}

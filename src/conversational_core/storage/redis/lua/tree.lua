@@ -302,14 +302,15 @@ local function tree()
 
   -- The conversation as clients see it, from its hash (h: data, updated_at, count, version) and
   -- its active leaf. Conversations written before trees lack the newer settings: their defaults
-  -- are added (a title they have was given by a user).
+  -- are added (a title they have was given by a user; no tools).
   conversation_json = function(data, updated_at, count, version, leaf)
     local extra = ''
-    if not string.find(data, '"on_busy":', 1, true) then
+    if not string.find(data, '"tool_choice":', 1, true) then
       local at = string.find(data, '"title":', 1, true)
       local source = '"user"'
       if string.sub(data, at + 8, at + 8) == 'n' then source = 'null' end
       extra = ',"title_source":' .. source .. ',"on_busy":"queue","forked_from":null'
+        .. ',"tools":null,"tool_choice":null'
     end
     return string.sub(data, 1, -2) .. extra .. ',"updated_at":"' .. updated_at
       .. '","message_count":' .. count .. ',"version":' .. version .. ',"active_leaf_id":'

@@ -1,0 +1,205 @@
+"""Typed parts and client-side tools: their schemas, and the rules a request's parts and tools
+must follow (roles, counts, sizes), checked at the HTTP edge before anything is stored.
+
+Parts are stored as the plain dicts of storage/models.py (Part). The settings that bound them
+(MAX_PARTS, MAX_TOOLS, MAX_TOOL_SCHEMA_BYTES, MAX_INLINE_FILE_BYTES, MAX_MESSAGE_CHARS) are read
+per request; the schemas carry only generous hard caps.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import Field
+
+from conversational_core.errors import Unprocessable
+from conversational_core.schemas import StrictModel
+from conversational_core.settings import Settings
+from conversational_core.storage.models import (
+    FILE,
+    REASONING,
+    TEXT,
+    TOOL_CALL,
+    TOOL_RESULT,
+    Part,
+    Role,
+)
+
+HARD_MAX_TEXT = 10_000_000
+HARD_MAX_ITEMS = 10_000
+# OpenAI's rule for function names (Anthropic's is the same): what every provider accepts.
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# Ids of tool calls are the providers' (call_…, toolu_…) or a client's: printable, no spaces.
+CALL_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+URL_PATTERN = r"^(https?://|data:)"
+MIME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str = Field(max_length=HARD_MAX_TEXT)
+
+
+class ReasoningPart(StrictModel):
+    """The model's visible thinking (assistant messages only; never part of `content`)."""
+
+    type: Literal["reasoning"]
+    text: str = Field(max_length=HARD_MAX_TEXT)
+    provider_data: dict[str, Any] | None = Field(
+        None,
+        description="Opaque data of the provider that wrote it (e.g. a signature), sent back "
+        "only to that provider.",
+    )
+
+
+class ToolCallPart(StrictModel):
+    type: Literal["tool_call"]
+    id: str = Field(pattern=CALL_ID)
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str = Field(max_length=HARD_MAX_TEXT, description="JSON text.")
+
+
+class ToolResultPart(StrictModel):
+    type: Literal["tool_result"]
+    tool_call_id: str = Field(pattern=CALL_ID)
+    output: str = Field(max_length=HARD_MAX_TEXT)
+    is_error: bool = False
+
+
+class FilePart(StrictModel):
+    """A file by reference. Images are shown to models that accept them."""
+
+    type: Literal["file"]
+    url: str = Field(max_length=HARD_MAX_TEXT, pattern=URL_PATTERN)
+    mime_type: str | None = Field(None, pattern=MIME_PATTERN)
+    name: str | None = Field(None, max_length=255)
+
+
+PartIn = Annotated[
+    TextPart | ReasoningPart | ToolCallPart | ToolResultPart | FilePart,
+    Field(discriminator="type"),
+]
+
+
+class ToolSpec(StrictModel):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = Field("", max_length=HARD_MAX_TEXT)
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of the arguments (an object).",
+    )
+
+
+ToolChoice = Annotated[
+    str,
+    Field(
+        pattern=TOOL_NAME,
+        description="`auto` (the default when there are tools), `none`, `required`, or the "
+        "name of one of the tools (that tool must be called).",
+    ),
+]
+
+
+class ToolResultIn(StrictModel):
+    tool_call_id: str = Field(pattern=CALL_ID)
+    output: str = Field(max_length=HARD_MAX_TEXT)
+    is_error: bool = False
+
+
+class ToolResults(StrictModel):
+    results: list[ToolResultIn] = Field(min_length=1, max_length=HARD_MAX_ITEMS)
+
+
+# Which roles may hold which part types.
+_ROLES_OF = {
+    TEXT: None,  # any
+    FILE: None,
+    REASONING: {Role.ASSISTANT},
+    TOOL_CALL: {Role.ASSISTANT},
+    TOOL_RESULT: {Role.TOOL},
+}
+
+
+def invalid(loc: list[str | int], message: str, kind: str = "value_error") -> Unprocessable:
+    # As for schema errors, every element of `loc` is a string (list indexes too).
+    where = [str(p) for p in loc]
+    return Unprocessable(
+        "The request has invalid fields.", errors=[{"loc": where, "type": kind, "msg": message}]
+    )
+
+
+def _json_size(value: Any, loc: list[str | int]) -> int:
+    """The size of `value` as JSON; 422 when JSON cannot hold it (an integer over 64 bits in
+    free-form data such as a tool's schema: every store and provider would refuse it)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise invalid(loc, "numbers must fit in 64 bits") from None
+
+
+def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = "parts") -> None:
+    """Roles, counts and sizes of a message's parts (already validated by their schema)."""
+    _json_size(parts, ["body", field])
+    if len(parts) > settings.MAX_PARTS:
+        raise invalid(["body", field], f"at most {settings.MAX_PARTS} parts", "too_long")
+    chars = 0
+    call_ids: set[str] = set()
+    for i, part in enumerate(parts):
+        kind = part["type"]
+        roles = _ROLES_OF[kind]
+        if roles is not None and role not in roles:
+            raise invalid(["body", field, i], f"a '{kind}' part cannot be in a '{role}' message")
+        if kind == FILE:
+            url = part["url"]
+            if url.startswith("data:") and len(url) > settings.MAX_INLINE_FILE_BYTES:
+                raise invalid(
+                    ["body", field, i, "url"],
+                    f"a data: URL may have at most {settings.MAX_INLINE_FILE_BYTES} bytes; "
+                    "give larger files by https:// URL",
+                    "too_long",
+                )
+            continue
+        if kind == TOOL_CALL:
+            if part["id"] in call_ids:
+                raise invalid(["body", field, i, "id"], "tool call ids must be unique")
+            call_ids.add(part["id"])
+            try:
+                orjson.loads(part["arguments"] or "{}")
+            except orjson.JSONDecodeError:
+                raise invalid(["body", field, i, "arguments"], "must be JSON text") from None
+            chars += len(part["arguments"])
+        elif kind == TOOL_RESULT:
+            chars += len(part["output"])
+        else:
+            chars += len(part["text"])
+    if chars > settings.MAX_MESSAGE_CHARS:
+        raise invalid(
+            ["body", field],
+            f"at most {settings.MAX_MESSAGE_CHARS} characters in all",
+            "string_too_long",
+        )
+
+
+def check_tools(
+    settings: Settings, tools: list[dict[str, Any]] | None, tool_choice: str | None
+) -> None:
+    """Counts and sizes of declared tools; a named tool_choice must name one of them."""
+    tools = tools or []
+    if len(tools) > settings.MAX_TOOLS:
+        raise invalid(["body", "tools"], f"at most {settings.MAX_TOOLS} tools", "too_long")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        if tool["name"] in names:
+            raise invalid(["body", "tools", i, "name"], "tool names must be unique")
+        names.add(tool["name"])
+        if _json_size(tool, ["body", "tools", i]) > settings.MAX_TOOL_SCHEMA_BYTES:
+            raise invalid(
+                ["body", "tools", i],
+                f"a tool may have at most {settings.MAX_TOOL_SCHEMA_BYTES} bytes of JSON",
+                "too_long",
+            )
+        if tool["parameters"].get("type", "object") != "object":
+            raise invalid(["body", "tools", i, "parameters"], "must be a JSON Schema object")
+    if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
+        raise invalid(["body", "tool_choice"], "must be auto, none, required or a declared tool")

@@ -1,0 +1,95 @@
+"""A reply's parts, put together from the pieces a provider streams (providers/base.py: `str`
+text and Piece), and the delta each piece becomes.
+
+A piece continues the part before it when it has the same type and key; a tool call's pieces
+go to that call's part even when others came between (OpenAI-compatible servers may interleave
+the arguments of parallel calls). Every delta names the part it belongs to (`part_index`,
+`part_type`), so that a client concatenating the deltas of one part gets exactly its text (a
+tool call's `arguments`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from conversational_core.replies.providers.base import Piece
+from conversational_core.storage.models import REASONING, TEXT, TOOL_CALL, Part
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What to publish for one piece (`start`: the first delta of a tool call names it)."""
+
+    text: str
+    part_index: int
+    part_type: str
+    start: dict[str, Any] | None = None
+
+
+class PartsBuilder:
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self._last_key: tuple[str, Hashable] | None = None
+        self._calls: dict[Hashable, int] = {}  # a tool call's key -> its part's index
+
+    def add(self, item: str | Piece) -> Delta | None:
+        """Add a piece; the delta to publish (None when there is nothing to tell clients)."""
+        if isinstance(item, str):
+            item = Piece(TEXT, item)
+        if item.type == TOOL_CALL:
+            return self._tool_call(item)
+        key = (item.type, item.key)
+        if self.parts and key == self._last_key:
+            index = len(self.parts) - 1
+        elif not item.text and item.provider_data is None:
+            return None
+        else:
+            self.parts.append({"type": item.type, "text": ""})
+            index = len(self.parts) - 1
+            self._last_key = key
+        part = self.parts[index]
+        if item.provider_data is not None and item.type == REASONING:
+            part["provider_data"] = {**part.get("provider_data", {}), **item.provider_data}
+        if not item.text:
+            return None
+        part["text"] += item.text
+        return Delta(item.text, index, item.type)
+
+    def _tool_call(self, item: Piece) -> Delta | None:
+        index = self._calls.get(item.key)
+        start = None
+        if index is None:
+            call_id = item.id or f"call_{len(self._calls) + 1}"
+            self.parts.append(
+                {"type": TOOL_CALL, "id": call_id, "name": item.name or "", "arguments": ""}
+            )
+            index = len(self.parts) - 1
+            self._calls[item.key] = index
+            start = {"tool_call_id": call_id, "name": item.name or ""}
+        self._last_key = (TOOL_CALL, item.key)
+        part = self.parts[index]
+        part["arguments"] += item.text
+        if not item.text and start is None:
+            return None
+        return Delta(item.text, index, TOOL_CALL, start)
+
+    def snapshot(self) -> list[Part]:
+        """The parts so far (copies: the builder keeps growing its own)."""
+        return [dict(p) for p in self.parts]
+
+    def without(self, delta: Delta) -> list[Part]:
+        """The parts as they were before the piece of `delta` (refused by the store: no client
+        received it)."""
+        parts = self.snapshot()
+        part = parts[delta.part_index]
+        field = "arguments" if delta.part_type == TOOL_CALL else "text"
+        part[field] = part[field][: len(part[field]) - len(delta.text)]
+        if delta.start is not None or (delta.part_type != TOOL_CALL and not part[field]):
+            del parts[delta.part_index]  # the piece began it
+        return parts
+
+    @property
+    def tool_calls(self) -> list[Part]:
+        return [p for p in self.parts if p["type"] == TOOL_CALL]
