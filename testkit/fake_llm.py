@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from testkit.ports import free_port
+from testkit.ports import ServedApp
 
 _TAG = re.compile(r"\[bench:([A-Za-z0-9_-]{1,64})\]")
 
@@ -55,6 +54,27 @@ class Reply:
     first_delay: float | None = None  # before the first token, when it differs from `delay`
     hold_after: int | None = None  # pause after this many tokens until `release` is set
     usage: tuple[int, int] | None = (11, 7)  # (prompt, completion) tokens, None: not reported
+    # Raw `delta` objects to stream instead of `tokens` (reasoning_content, tool_calls…), and
+    # the finish reason ("tool_calls" after calls).
+    deltas: list[dict[str, Any]] | None = None
+    finish: str = "stop"
+
+
+def tool_call_deltas(
+    calls: list[tuple[str, str, str]], pieces: int = 3, text: str = ""
+) -> list[dict[str, Any]]:
+    """The deltas of an OpenAI reply calling tools [(id, name, arguments)], as OpenAI streams
+    them: some text, then per call a first delta with its index, id and name, then its
+    arguments in `pieces` pieces."""
+    out: list[dict[str, Any]] = [{"content": text}] if text else []
+    for index, (call_id, name, arguments) in enumerate(calls):
+        out.append({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]})  # fmt: skip
+        step = max(1, -(-len(arguments) // pieces))
+        for at in range(0, len(arguments), step):
+            piece = {"arguments": arguments[at : at + step]}
+            out.append({"tool_calls": [{"index": index, "function": piece}]})
+    return out
 
 
 def token(i: int) -> str:
@@ -146,7 +166,11 @@ class FakeLLM:
         finished = False
         try:
             yield choice({"role": "assistant", "content": ""})
-            for i, text in enumerate(reply.tokens):
+            for delta in reply.deltas or ():
+                if reply.delay:
+                    await asyncio.sleep(reply.delay)  # the model's pace
+                yield choice(delta)
+            for i, text in enumerate(reply.tokens if reply.deltas is None else ()):
                 if reply.hold_after is not None and i == reply.hold_after:
                     self.holding.set()
                     await self.release.wait()
@@ -159,7 +183,7 @@ class FakeLLM:
                 if i == 0 and tag is not None:
                     # Resumed right after the chunk was written to the socket.
                     self.first_tokens[tag]["first_token"] = time.time()
-            yield choice({}, "stop")
+            yield choice({}, reply.finish)
             if reply.usage is not None and body.get("stream_options", {}).get("include_usage"):
                 prompt, completion = reply.usage
                 usage = {
@@ -228,30 +252,17 @@ def _has_null(value: Any) -> bool:
     return False
 
 
-class FakeLLMServer:
+class FakeLLMServer(ServedApp):
     """Runs a FakeLLM with uvicorn on a free port, in the current event loop."""
 
     def __init__(self, llm: FakeLLM) -> None:
+        super().__init__(llm.app())
         self.llm = llm
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                llm.app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-            )
-        )
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> FakeLLM:
-        self._task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
-            await asyncio.sleep(0.005)  # uvicorn exposes no start event
-        self.llm.url = f"http://127.0.0.1:{self.port}/v1"
+    async def __aenter__(self) -> FakeLLM:  # type: ignore[override]
+        await self.start()
+        self.llm.url = f"{self.url}/v1"
         return self.llm
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        if self._task is not None:
-            await self._task
 
 
 # `uvicorn testkit.fake_llm:bench_app`: the benchmarks' fake model, in a process of its own.

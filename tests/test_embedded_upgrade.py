@@ -18,7 +18,7 @@ import pytest
 from conversational_core.storage.base import MessageQuery
 from conversational_core.storage.embedded.database import DB_FILENAME, SCHEMA_VERSION
 from conversational_core.storage.embedded.sqlite import SqliteStore, open_sqlite_store
-from conversational_core.storage.models import Message, MessageStatus, Role, utcnow
+from conversational_core.storage.models import Message, MessageStatus, Role, text_parts, utcnow
 from tests.fixtures.legacy.load import copy_sqlite, load_expected
 from tests.test_store_contract import message
 
@@ -64,6 +64,8 @@ async def test_the_released_file_reads_as_one_branch_per_conversation(data_dir: 
             old_items = recorded["messages"]["body"]["items"]
             items = await _branch(store, cid, owner)
             assert len(items) == old["message_count"] == conv.message_count
+            assert all(m.parts == text_parts(m.content) for m in items)
+            assert (conv.tools, conv.tool_choice) == (None, None)
             for was, got in zip(old_items, items, strict=True):
                 fields = orjson.loads(got.to_json())
                 assert {k: fields[k] for k in was} == was

@@ -77,12 +77,18 @@ async def test_old_conversations_read_as_one_branch(
         assert got.headers["etag"] == recorded["conversation"]["etag"]
         assert conversation["title_source"] == ("user" if old["title"] is not None else None)
         assert (conversation["on_busy"], conversation["forked_from"]) == ("queue", None)
+        assert (conversation["tools"], conversation["tool_choice"]) == (None, None)
 
         listed = await http.get(recorded["messages"]["path"], headers=headers)
         old_items = recorded["messages"]["body"]["items"]
         items = listed.json()["items"]
         assert [_fields(was, now) for was, now in zip(old_items, items, strict=True)] == old_items
         assert len(items) == len(old_items)
+        # Text only, as parts too (an empty reply: none).
+        assert all(
+            m["parts"] == ([{"type": "text", "text": m["content"]}] if m["content"] else [])
+            for m in items
+        )
         # Each follows the one before it (a deleted message's reply follows what came before
         # the deleted one), an only child.
         assert [m["parent_id"] for m in items] == [None, *(m["id"] for m in items[:-1])][
