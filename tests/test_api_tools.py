@@ -70,6 +70,14 @@ def assert_deltas_make_the_parts(events: list[SseEvent], message: dict[str, Any]
             assert (deltas[0]["tool_call_id"], deltas[0]["name"]) == (part["id"], part["name"])
 
 
+async def _answer_both(api: httpx.AsyncClient, cid: str, reply_id: str) -> httpx.Response:
+    """Answer the two CALLS of a reply."""
+    results = [{"tool_call_id": i, "output": "x"} for i, _, _ in CALLS]
+    return await api.post(
+        f"/conversations/{cid}/messages/{reply_id}/tool_results", json={"results": results}
+    )
+
+
 async def _waiting_reply(api: httpx.AsyncClient, llm: FakeLLM, **conv: Any) -> tuple[str, str]:
     """A conversation with WEATHER and TIME whose reply called both and waits."""
     llm.script = [calling(*CALLS)]
@@ -248,16 +256,7 @@ async def test_a_reply_left_waiting_fails_after_the_timeout(
         assert ended["status"] == "failed"
         assert ended["error"] == "No tool results arrived within 1 seconds."
         assert [p["type"] for p in ended["parts"]] == ["text", "tool_call", "tool_call"]
-        late = await api.post(
-            f"/conversations/{cid}/messages/{reply_id}/tool_results",
-            json={
-                "results": [
-                    {"tool_call_id": "call_a", "output": "x"},
-                    {"tool_call_id": "call_b", "output": "y"},
-                ]
-            },
-        )
-        assert late.status_code == 409
+        assert (await _answer_both(api, cid, reply_id)).status_code == 409
 
 
 async def test_a_waiting_reply_can_be_cancelled(api: httpx.AsyncClient, llm: FakeLLM) -> None:
@@ -267,16 +266,7 @@ async def test_a_waiting_reply_can_be_cancelled(api: httpx.AsyncClient, llm: Fak
     body = cancelled.json()
     assert body["status"] == "cancelled"
     assert [p["type"] for p in body["parts"]] == ["text", "tool_call", "tool_call"]
-    late = await api.post(
-        f"/conversations/{cid}/messages/{reply_id}/tool_results",
-        json={
-            "results": [
-                {"tool_call_id": "call_a", "output": "x"},
-                {"tool_call_id": "call_b", "output": "y"},
-            ]
-        },
-    )
-    assert late.status_code == 409
+    assert (await _answer_both(api, cid, reply_id)).status_code == 409
     # The next turn's prompt leaves the unanswered calls out (no call without its result).
     await wait_end(api, cid, await ask(api, cid, "Never mind."))
     assert llm.requests[-1]["messages"] == [
@@ -429,3 +419,16 @@ async def test_text_messages_look_as_before_plus_parts(api: httpx.AsyncClient) -
 def test_tool_call_deltas_split_arguments() -> None:
     deltas = tool_call_deltas([("c", "f", orjson.dumps({"a": 1}).decode())], pieces=3)
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"a":1}'
+
+
+async def test_tools_changed_later_keep_their_defaults(api: httpx.AsyncClient) -> None:
+    cid = await new_conversation(api)
+    changed = await api.put(
+        f"/conversations/{cid}", json={"tools": [{"name": "ping"}], "tool_choice": "ping"}
+    )
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["tools"] == [
+        {"name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}}
+    ]
+    cleared = await api.put(f"/conversations/{cid}", json={"tools": None, "tool_choice": None})
+    assert (cleared.json()["tools"], cleared.json()["tool_choice"]) == (None, None)

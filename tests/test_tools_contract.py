@@ -13,6 +13,7 @@ from conversational_core.storage import events as ev
 from conversational_core.storage.base import JobQueue, Store
 from conversational_core.storage.errors import Changed
 from conversational_core.storage.models import Message, MessageStatus, Role, utcnow
+from conversational_core.storage.redis.store import RedisStore
 from tests.test_jobs_contract import _leased
 from tests.test_store_contract import _queued, _types_after, message
 
@@ -108,3 +109,12 @@ async def test_deadlines_come_due_once_their_time_has_come(store: Store, tmp_pat
         assert await queue.due_deadlines(now + 61, 10) == [("c1", "m1"), ("c3", "m3")]
         for cid, mid in (("c1", "m1"), ("c3", "m3")):
             await queue.remove_deadline(cid, mid)
+
+
+async def test_text_published_before_parts_is_kept_by_a_cancel(any_redis_store: RedisStore) -> None:
+    """A reply streaming while the service is upgraded: its deltas so far were kept as plain
+    text (by the version before parts); a cancel by the new version keeps them as a text part."""
+    store = any_redis_store
+    cid, reply = await _streaming(store)
+    await store.redis.call("SET", store.keys.published(cid, reply.id), "Hello wor")
+    assert await store.stop_reply(cid, reply.id) == [{"type": "text", "text": "Hello wor"}]

@@ -109,6 +109,9 @@ class ConversationService:
             changes["title_source"] = "user"  # never replaced by an automatic title
         self._check_system_prompt(changes.get("system_prompt"))
         owner = write_owner(principal)
+        if changes.get("tools") is not None:
+            # Whole (exclude_unset above would drop a tool's defaulted `parameters`).
+            changes["tools"] = [t.model_dump() for t in body.tools or ()]
         if "tools" in changes or "tool_choice" in changes:
             tools, choice = changes.get("tools"), changes.get("tool_choice")
             if "tools" not in changes and choice not in (None, "auto", "none", "required"):

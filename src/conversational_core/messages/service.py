@@ -146,16 +146,21 @@ class MessageService:
                 f"Adding a '{body.role.value}' message needs the service or admin role."
             )
         self._check_content(body.content)
-        dumped = body.model_dump(include={"parts", "tools"}, exclude_none=True)
-        parts: list[Part] = dumped.get("parts") or text_parts(body.content)
-        check_parts(self._settings, body.role, parts)
+        parts: list[Part]
+        if body.parts is None:  # (the hot path: no model_dump, nothing more to check)
+            parts = text_parts(body.content)
+        else:
+            parts = [p.model_dump(exclude_none=True) for p in body.parts]
+            check_parts(self._settings, body.role, parts)
         turn: dict[str, Any] | None = None
         if body.tools is not None or body.tool_choice is not None:
             if body.role is not Role.USER:
                 raise invalid(["body", "tools"], "only a user message declares tools")
-            check_tools(self._settings, dumped.get("tools", []), body.tool_choice)
+            tools = [t.model_dump() for t in body.tools or ()]
+            check_tools(self._settings, tools, body.tool_choice)
             # The tools of this turn (its replies and tool rounds), kept on the user message.
-            turn = {"tools": dumped.get("tools"), "tool_choice": body.tool_choice}
+            turn = {"tools": tools if body.tools is not None else None,
+                    "tool_choice": body.tool_choice}  # fmt: skip
             turn = {k: v for k, v in turn.items() if v is not None}
         now = utcnow()
         message = Message(

@@ -120,6 +120,7 @@ class ReplyWriter:
         streaming = current.replace(
             status=MessageStatus.STREAMING,
             content="",
+            parts=[],  # an attempt starts from nothing (a previous one's calls included)
             context=context,
             updated_at=utcnow(),
             version=current.version + 1,

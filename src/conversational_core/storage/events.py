@@ -6,7 +6,14 @@ from typing import Any
 
 import orjson
 
-from conversational_core.storage.models import TEXT, TOOL_CALL, Conversation, Message, Part
+from conversational_core.storage.models import (
+    TEXT,
+    TOOL_CALL,
+    Conversation,
+    Message,
+    Part,
+    text_parts,
+)
 
 MESSAGE_CREATED = "message.created"
 MESSAGE_DELTA = "message.delta"
@@ -52,7 +59,12 @@ def parts_from_deltas(log: bytes | list[bytes]) -> list[Part]:
     for line in lines:
         if not line:
             continue
-        data = orjson.loads(line)
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # Text kept by a version before parts (a reply streaming across the upgrade).
+            raw = log if isinstance(log, bytes) else b"".join(log)
+            return text_parts(raw.decode())
         index, kind = data["part_index"], data["part_type"]
         part = parts.get(index)
         if part is None:

@@ -63,24 +63,30 @@ if not lin then  -- one chain: ids and positions, in list order (backward reads 
 end
 -- With each one's sibling position. On a branch, a message's parent is the one before it
 -- (read just before it going up, just after it going down): only the page's first message
--- needs its parent looked up.
+-- needs its parent looked up; the parents' children lists are read with one HMGET.
 L = L or tree()
 local out, n = {'ok', more, 1, h[4] and 0 or 1}, 4
 local first, last, step = 1, count, 1
 if backward then first, last, step = count, 1, -1 end
 local branch = ARGV[8] ~= '1'
 local before = up and -1 or 1
-for k = first, last, step do
-  local id, s = rows[2 * k - 1], tonumber(rows[2 * k])
-  local pid, pseq
+local pids, pseqs, fields = {}, {}, {}
+for k = 1, count do
   local near = k + before
   if branch and near >= 1 and near <= count then
-    pid, pseq = rows[2 * near - 1], tonumber(rows[2 * near])
+    pids[k], pseqs[k] = rows[2 * near - 1], tonumber(rows[2 * near])
   else
-    pid = L.parent_of(id, s)
-    if pid ~= '' then pseq = L.seq_of(pid) end
+    local s = tonumber(rows[2 * k])
+    pids[k] = L.parent_of(rows[2 * k - 1], s)
+    if pids[k] ~= '' then pseqs[k] = L.seq_of(pids[k]) end
   end
-  local c, x = L.siblings_of(id, s, pid, pseq, lin)
+  fields[k] = L.kids_field(pids[k])
+end
+local listed = {}
+if count > 0 then listed = redis.call('HMGET', T, unpack(fields)) end
+for k = first, last, step do
+  local id, s = rows[2 * k - 1], tonumber(rows[2 * k])
+  local c, x = L.siblings_of(id, s, pids[k], pseqs[k], lin, listed[k])
   out[n + 1] = id
   out[n + 2] = s
   out[n + 3] = c

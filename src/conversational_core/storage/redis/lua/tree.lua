@@ -154,9 +154,10 @@ local function tree()
   end
 
   -- (sibling_count, sibling_index) of message `id` (position `seq`) under `pid` (position `pseq`).
-  siblings_of = function(id, seq, pid, pseq, lin)
+  -- `listed`: pid's field of `t` when the caller read it already (false: none).
+  siblings_of = function(id, seq, pid, pseq, lin, listed)
     if lin == nil then return 1, 0 end
-    local listed = redis.call('HGET', T, kids_field(pid))
+    if listed == nil then listed = redis.call('HGET', T, kids_field(pid)) end
     local n, at = 0, 0
     if listed then
       for kid in string.gmatch(listed, '[^,]+') do
