@@ -41,8 +41,10 @@ async def create_message(conversation_id: str, body: MessageCreate) -> Response:
     message = {
         "id": FIXED_ID,
         "conversation_id": conversation_id,
+        "parent_id": FIXED_ID,
         "role": body.role,
         "content": body.content,
+        "parts": [{"type": "text", "text": body.content}],
         "status": "completed",
         "metadata": body.metadata,
         "created_at": FIXED_TIME,
@@ -52,6 +54,8 @@ async def create_message(conversation_id: str, body: MessageCreate) -> Response:
         "error": None,
         "version": 1,
         "context": None,
+        "sibling_count": 1,
+        "sibling_index": 0,
     }
     return Response(orjson.dumps(message), status_code=201, media_type="application/json")
 
