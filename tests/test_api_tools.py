@@ -163,6 +163,13 @@ async def test_a_two_call_round_trip_completes(api: httpx.AsyncClient, llm: Fake
         ("message.created", tool["id"]),
         ("message.created", final["id"]),
     ]
+    # Regenerating the answer asks again with the same tool round (a sibling under the tool
+    # message).
+    again = await api.post(f"/conversations/{cid}/messages/{final['id']}/regenerate")
+    assert again.status_code == 201, again.text
+    assert (again.json()["parent_id"], again.json()["sibling_index"]) == (tool["id"], 1)
+    await wait_end(api, cid, again.json()["id"])
+    assert llm.requests[2]["messages"] == llm.requests[1]["messages"]
 
 
 async def test_reasoning_is_kept_apart_from_content(api: httpx.AsyncClient, llm: FakeLLM) -> None:
@@ -432,3 +439,21 @@ async def test_tools_changed_later_keep_their_defaults(api: httpx.AsyncClient) -
     ]
     cleared = await api.put(f"/conversations/{cid}", json={"tools": None, "tool_choice": None})
     assert (cleared.json()["tools"], cleared.json()["tool_choice"]) == (None, None)
+
+
+async def test_an_admin_may_answer_a_users_tool_calls(
+    api: httpx.AsyncClient, llm: FakeLLM, settings: Settings
+) -> None:
+    cid, reply_id = await _waiting_reply(api, llm)
+    admin = auth(settings, "root", ["admin"])
+    results = [{"tool_call_id": i, "output": "x"} for i, _, _ in CALLS]
+    answered = await api.post(
+        f"/conversations/{cid}/messages/{reply_id}/tool_results",
+        json={"results": results},
+        headers=admin,
+    )
+    assert answered.status_code == 201, answered.text
+    final = await wait_end(api, cid, answered.json()["reply_message_id"])
+    assert final[-1].event == "message.completed"
+    conv = (await api.get(f"/conversations/{cid}")).json()
+    assert (conv["user_id"], conv["active_leaf_id"]) == ("alice", final[-1].data["message_id"])

@@ -282,6 +282,7 @@ class MessageService:
                     current.id,
                     user_turn=False,
                     answering=(answered, current),
+                    any_owner=principal.is_admin,
                 )
             except Changed:
                 current = await self._store.get_message(conversation_id, owner, message_id)
@@ -302,6 +303,7 @@ class MessageService:
         *,
         user_turn: bool,
         answering: tuple[Message, Message] | None = None,
+        any_owner: bool = False,
     ) -> tuple[list[Message], bool]:
         charged = False
         if reply is not None:
@@ -309,7 +311,7 @@ class MessageService:
         try:
             appended = await self._store.append_messages(
                 conversation_id,
-                write_owner(principal),
+                None if any_owner else write_owner(principal),
                 messages,
                 now,
                 idempotency,

@@ -1,6 +1,9 @@
 """Writing one reply: build the prompt, stream the provider's answer into events, finish once.
 
-The reply's lifecycle is `pending → streaming → completed | failed | cancelled`. Every state
+The reply's lifecycle is `pending → streaming → completed | failed | cancelled`, or
+`requires_action` when the model called tools: the client answers them (tool_results: the reply
+becomes `completed` and the next one is queued), or it fails at its deadline (`expire`). The
+reply is written as parts (replies/assembly.py): text, reasoning and tool calls. Every state
 change is a compare-and-set on the stored message (the Store's start_attempt, flush_reply and
 finish_reply), so that:
 - a cancel, a delete or another worker's write is noticed at the next write and the generation

@@ -11,6 +11,7 @@ message is rebuilt by concatenation, never by decoding and encoding JSON.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ def parent_json(parent_id: str | bytes | None) -> bytes:
     return b'"' + pid + b'"'
 
 
+@functools.lru_cache(maxsize=4096)  # a branched page asks for the same few pairs again and again
 def sibling_tail(count: int, index: int) -> bytes:
     return (
         b',"sibling_count":'
