@@ -105,3 +105,28 @@ async def test_a_tool_round_trip_sends_thinking_back_with_its_signature(
              "is_error": False},
         ]},
     ]  # fmt: skip
+
+
+async def test_titles_are_written_from_anthropic_text(
+    backend: Any, claude: FakeAnthropic, settings: Settings
+) -> None:
+    from conversational_core.app import create_app
+    from tests.fixtures.app import auth
+    from tests.fixtures.live import collect_until, serve
+
+    titled = settings.model_copy(update={"AUTO_TITLE": True})
+    claude.script = [[Block("text", ["Sure."])], [Block("text", ["Lisbon ", "weather"])]]
+    async with serve(create_app(titled, backend=backend)) as base:
+        headers = auth(titled, "alice")
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=20) as api:
+            cid = await new_conversation(api)
+            posted = await api.post(f"/conversations/{cid}/messages", json={"content": "Hi"})
+            assert posted.status_code == 201
+
+            def named(event: Any) -> bool:
+                conv = event.data.get("conversation") or {}
+                return event.event == "conversation.updated" and conv.get("title") is not None
+
+            events = await collect_until(api, f"/conversations/{cid}/events", named)
+            assert events[-1].data["conversation"]["title"] == "Lisbon weather"
+            assert events[-1].data["conversation"]["title_source"] == "auto"

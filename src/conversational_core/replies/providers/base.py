@@ -151,6 +151,8 @@ class Provider(ABC):
             async for item in stream:
                 if isinstance(item, str):
                     parts.append(item)
+                elif isinstance(item, Piece) and item.type == "text":
+                    parts.append(item.text)
         return "".join(parts)
 
     async def close(self) -> None:  # noqa: B027 - optional hook; most providers hold a client
