@@ -28,6 +28,9 @@ class Delta:
     start: dict[str, Any] | None = None
 
 
+_PLAIN: tuple[str, Hashable] = (TEXT, None)  # the key of plain-text pieces (a provider's `str`)
+
+
 class PartsBuilder:
     def __init__(self) -> None:
         self.parts: list[Part] = []
@@ -36,26 +39,29 @@ class PartsBuilder:
 
     def add(self, item: str | Piece) -> Delta | None:
         """Add a piece; the delta to publish (None when there is nothing to tell clients)."""
-        if isinstance(item, str):
-            item = Piece(TEXT, item)
-        if item.type == TOOL_CALL:
+        data: dict[str, Any] | None
+        key: tuple[str, Hashable]
+        if isinstance(item, str):  # plain text, most tokens: no Piece made for it
+            kind, text, key, data = TEXT, item, _PLAIN, None
+        elif item.type == TOOL_CALL:
             return self._tool_call(item)
-        key = (item.type, item.key)
+        else:
+            kind, text, key, data = item.type, item.text, (item.type, item.key), item.provider_data
         if self.parts and key == self._last_key:
             index = len(self.parts) - 1
-        elif not item.text and item.provider_data is None:
+        elif not text and data is None:
             return None
         else:
-            self.parts.append({"type": item.type, "text": ""})
+            self.parts.append({"type": kind, "text": ""})
             index = len(self.parts) - 1
             self._last_key = key
         part = self.parts[index]
-        if item.provider_data is not None and item.type == REASONING:
-            part["provider_data"] = {**part.get("provider_data", {}), **item.provider_data}
-        if not item.text:
+        if data is not None and kind == REASONING:
+            part["provider_data"] = {**part.get("provider_data", {}), **data}
+        if not text:
             return None
-        part["text"] += item.text
-        return Delta(item.text, index, item.type)
+        part["text"] += text
+        return Delta(text, index, kind)
 
     def _tool_call(self, item: Piece) -> Delta | None:
         index = self._calls.get(item.key)
