@@ -8,7 +8,7 @@ local doc = redis.call('HGET', M, id)
 if not doc then return {'nomessage'} end
 local lin = tonumber(h[2])
 if lin == nil and string.sub(doc, 1, 13) == '{"parent_id":' then return {'ok', doc} end
-L = L or tree()
+L = L or reader()
 local s = L.seq_of(id)
 local pid = L.parent_of(id, s)
 local c, x = 1, 0

@@ -27,7 +27,7 @@ if (ARGV[8] == '1' or not lin) and ARGV[7] == '' and ARGV[5] == '' then
                       'WITHSCORES')
   end
 else
-  L = L or tree()
+  L = L or reader()
   local segs, path
   if ARGV[8] == '1' or (not lin and ARGV[7] == '') then
     segs, path = {{I, nil}}, {}
@@ -64,7 +64,7 @@ end
 -- With each one's sibling position. On a branch, a message's parent is the one before it
 -- (read just before it going up, just after it going down): only the page's first message
 -- needs its parent looked up; the parents' children lists are read with one HMGET.
-L = L or tree()
+L = L or reader()
 local out, n = {'ok', more, 1, h[4] and 0 or 1}, 4
 local first, last, step = 1, count, 1
 if backward then first, last, step = count, 1, -1 end

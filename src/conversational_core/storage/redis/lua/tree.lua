@@ -16,17 +16,17 @@
 
 local C, M, I, B, T, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
--- The tree's functions, made by `tree()` only when a script needs them: an append or a page of a
--- conversation that never branched makes none. (tree() captures nothing of the script: a
--- closure over many of its locals costs Redis an allocation each, on every call, measured as a
--- fifth of an append.)
-local function tree()
+-- The tree's functions, made only when a script needs them: an append or a page of a
+-- conversation that never branched makes none. `reader()` makes those that read it (all a page
+-- needs), `tree()` all of them: making the functions costs every call that needs them (tree()
+-- about 2 us of a page, reader() too little to measure). Neither captures anything of the
+-- script: a closure over many of its locals costs Redis an allocation each, on every call,
+-- measured as a fifth of an append.
+local function reader()
   local C, M, I, B, T, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
   local ROOT = '-'  -- t's field for the roots (no message id is '-')
-  local BATCH = 500  -- arguments per command when a script writes many members at once
-  local seq_of, on_chain, read, message_json, parent_json, emit, parent_of, chain_child
-  local kids_field, children_of, siblings_of, zadd_all, del_all, last_of_chain, retarget, descend
-  local branch_to, on_branch, conversation_json
+  local seq_of, on_chain, read, parent_of, chain_child, kids_field, siblings_of, branch_to
+  local on_branch
   seq_of = function(id)
     local s = redis.call('ZSCORE', I, id)
     if s then return tonumber(s) end
@@ -96,22 +96,6 @@ local function tree()
     return out
   end
 
-  -- A message as clients see it, from its pieces (ids, parent, stored body, sibling position).
-  message_json = function(id, cid, pj, body, count, index)
-    return '{"id":"' .. id .. '","conversation_id":"' .. cid .. '","parent_id":' .. pj .. ','
-      .. body .. ',"sibling_count":' .. count .. ',"sibling_index":' .. index .. '}'
-  end
-
-  parent_json = function(pid)
-    if pid == '' then return 'null' end
-    return '"' .. pid .. '"'
-  end
-
-  emit = function(events, maxlen, ttl, kind, data)
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
-    redis.call('EXPIRE', events, ttl)
-  end
-
   -- The parent of a message ('' for a root), from its document.
   parent_of = function(id, seq)
     local doc = redis.call('HGET', M, id)
@@ -141,18 +125,6 @@ local function tree()
     return pid
   end
 
-  -- Every child of `pid` in creation order: its first-chain child, then its explicit ones.
-  children_of = function(pid, pseq, lin)
-    local out = {}
-    local first = chain_child(pid, pseq, lin)
-    if first then out[1] = first end
-    local listed = redis.call('HGET', T, kids_field(pid))
-    if listed then
-      for kid in string.gmatch(listed, '[^,]+') do out[#out + 1] = kid end
-    end
-    return out
-  end
-
   -- (sibling_count, sibling_index) of message `id` (position `seq`) under `pid` (position `pseq`).
   -- `listed`: pid's field of `t` when the caller read it already (false: none).
   siblings_of = function(id, seq, pid, pseq, lin, listed)
@@ -168,6 +140,101 @@ local function tree()
     if on_chain(seq, lin) then return n + 1, 0 end  -- it is the first-chain child
     if chain_child(pid, pseq, lin) then return n + 1, at + 1 end
     return n, at
+  end
+
+  -- The branch that ends at `leaf` (position `lseq`; nil : the active branch) as the segments a
+  -- page is read from, in root-to-leaf order: {key, max position (nil: any)}, then the messages
+  -- of the path that are in neither (a list of {id, seq}, root side first).
+  branch_to = function(leaf, lseq, lin, cut)
+    if lin == nil then
+      return {{I, lseq}}, {}
+    end
+    if leaf == nil then
+      return {{I, cut}, {B, nil}}, {}
+    end
+    local path = {}
+    local id, s = leaf, lseq
+    local segs
+    while true do
+      if s <= lin then
+        segs = {{I, s}}
+        break
+      end
+      if redis.call('ZSCORE', B, id) then
+        segs = {{I, cut}, {B, s}}
+        break
+      end
+      table.insert(path, 1, {id, s})
+      local p = parent_of(id, s)
+      if p == '' then
+        segs = {}
+        break
+      end
+      id, s = p, seq_of(p)
+    end
+    return segs, path
+  end
+
+  -- Whether message `id` (position `s`) is on the branch of (segs, path).
+  on_branch = function(id, s, segs, path)
+    for _, seg in ipairs(segs) do
+      if seg[2] == nil or s <= seg[2] then
+        if seg[1] == I or redis.call('ZSCORE', seg[1], id) then return true end
+      end
+    end
+    for _, entry in ipairs(path) do
+      if entry[1] == id then return true end
+    end
+    return false
+  end
+  return {
+    seq_of = seq_of,
+    on_chain = on_chain,
+    read = read,
+    parent_of = parent_of,
+    chain_child = chain_child,
+    kids_field = kids_field,
+    siblings_of = siblings_of,
+    branch_to = branch_to,
+    on_branch = on_branch,
+  }
+end
+
+-- Every function of the tree: the reader's, and those that change it or build answers.
+local function tree()
+  local L = reader()
+  local I, B, T, F = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+  local BATCH = 500  -- arguments per command when a script writes many members at once
+  local seq_of, on_chain, parent_of, chain_child = L.seq_of, L.on_chain, L.parent_of, L.chain_child
+  local kids_field, siblings_of = L.kids_field, L.siblings_of
+  local message_json, parent_json, emit, children_of, zadd_all, del_all, last_of_chain, retarget
+  local descend, conversation_json
+  -- A message as clients see it, from its pieces (ids, parent, stored body, sibling position).
+  message_json = function(id, cid, pj, body, count, index)
+    return '{"id":"' .. id .. '","conversation_id":"' .. cid .. '","parent_id":' .. pj .. ','
+      .. body .. ',"sibling_count":' .. count .. ',"sibling_index":' .. index .. '}'
+  end
+
+  parent_json = function(pid)
+    if pid == '' then return 'null' end
+    return '"' .. pid .. '"'
+  end
+
+  emit = function(events, maxlen, ttl, kind, data)
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
+    redis.call('EXPIRE', events, ttl)
+  end
+
+  -- Every child of `pid` in creation order: its first-chain child, then its explicit ones.
+  children_of = function(pid, pseq, lin)
+    local out = {}
+    local first = chain_child(pid, pseq, lin)
+    if first then out[1] = first end
+    local listed = redis.call('HGET', T, kids_field(pid))
+    if listed then
+      for kid in string.gmatch(listed, '[^,]+') do out[#out + 1] = kid end
+    end
+    return out
   end
 
   zadd_all = function(key, pairs)  -- pairs: {score, member, score, member, ...}
@@ -255,52 +322,6 @@ local function tree()
     return cur, cut
   end
 
-  -- The branch that ends at `leaf` (position `lseq`; nil : the active branch) as the segments a
-  -- page is read from, in root-to-leaf order: {key, max position (nil: any)}, then the messages
-  -- of the path that are in neither (a list of {id, seq}, root side first).
-  branch_to = function(leaf, lseq, lin, cut)
-    if lin == nil then
-      return {{I, lseq}}, {}
-    end
-    if leaf == nil then
-      return {{I, cut}, {B, nil}}, {}
-    end
-    local path = {}
-    local id, s = leaf, lseq
-    local segs
-    while true do
-      if s <= lin then
-        segs = {{I, s}}
-        break
-      end
-      if redis.call('ZSCORE', B, id) then
-        segs = {{I, cut}, {B, s}}
-        break
-      end
-      table.insert(path, 1, {id, s})
-      local p = parent_of(id, s)
-      if p == '' then
-        segs = {}
-        break
-      end
-      id, s = p, seq_of(p)
-    end
-    return segs, path
-  end
-
-  -- Whether message `id` (position `s`) is on the branch of (segs, path).
-  on_branch = function(id, s, segs, path)
-    for _, seg in ipairs(segs) do
-      if seg[2] == nil or s <= seg[2] then
-        if seg[1] == I or redis.call('ZSCORE', seg[1], id) then return true end
-      end
-    end
-    for _, entry in ipairs(path) do
-      if entry[1] == id then return true end
-    end
-    return false
-  end
-
   -- The conversation as clients see it, from its hash (h: data, updated_at, count, version) and
   -- its active leaf. Conversations written before trees lack the newer settings: their defaults
   -- are added (a title they have was given by a user; no tools).
@@ -317,25 +338,15 @@ local function tree()
       .. '","message_count":' .. count .. ',"version":' .. version .. ',"active_leaf_id":'
       .. parent_json(leaf) .. '}'
   end
-  return {
-    seq_of = seq_of,
-    on_chain = on_chain,
-    read = read,
-    message_json = message_json,
-    parent_json = parent_json,
-    emit = emit,
-    parent_of = parent_of,
-    chain_child = chain_child,
-    kids_field = kids_field,
-    children_of = children_of,
-    siblings_of = siblings_of,
-    zadd_all = zadd_all,
-    del_all = del_all,
-    last_of_chain = last_of_chain,
-    retarget = retarget,
-    descend = descend,
-    branch_to = branch_to,
-    on_branch = on_branch,
-    conversation_json = conversation_json,
-  }
+  L.message_json = message_json
+  L.parent_json = parent_json
+  L.emit = emit
+  L.children_of = children_of
+  L.zadd_all = zadd_all
+  L.del_all = del_all
+  L.last_of_chain = last_of_chain
+  L.retarget = retarget
+  L.descend = descend
+  L.conversation_json = conversation_json
+  return L
 end
