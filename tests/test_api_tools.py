@@ -457,3 +457,25 @@ async def test_an_admin_may_answer_a_users_tool_calls(
     assert final[-1].event == "message.completed"
     conv = (await api.get(f"/conversations/{cid}")).json()
     assert (conv["user_id"], conv["active_leaf_id"]) == ("alice", final[-1].data["message_id"])
+
+
+async def test_tokens_that_pile_up_go_out_as_one_delta_per_part(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    """A model faster than the store (no delay between 600 chunks): the tokens that arrive while
+    a delta is written go out together, as one delta per part, and every part's deltas still
+    add up to exactly its text."""
+    thinking = [{"reasoning_content": f"r{i} "} for i in range(200)]
+    text = [{"content": f"t{i} "} for i in range(200)]
+    arguments = '{"city": "' + "L" * 400 + '"}'
+    call = tool_call_deltas([("call_z", "get_weather", arguments)], pieces=200)
+    llm.script = [Reply([], deltas=thinking + text + call, finish="tool_calls")]
+    cid = await new_conversation(api, tools=[WEATHER])
+    reply_id = await ask(api, cid, "Think, write, then call.")
+    events = await wait_end(api, cid, reply_id)
+    reply = events[-1].data["message"]
+    assert [p["type"] for p in reply["parts"]] == ["reasoning", "text", "tool_call"]
+    assert reply["parts"][2]["arguments"] == arguments
+    assert_deltas_make_the_parts(events, reply)
+    sent = sum(1 for e in events if e.event == "message.delta" and e.data["message_id"] == reply_id)
+    assert sent < len(thinking) + len(text) + len(call)

@@ -113,7 +113,7 @@ async def test_manual_failover_under_load_without_restart(own_cluster: RedisClus
         events_url = f"/conversations/{cid}/events"
         # The reply has started streaming (to a client that stays connected throughout).
         stream = asyncio.create_task(collect_until_end(api, events_url, {}, reply_id, after="0"))
-        await collect_until_end(api, events_url, {}, reply_id, after="0", stop_after_deltas=3)
+        await collect_until_end(api, events_url, {}, reply_id, after="0", until_chars=3)
 
         await asyncio.to_thread(own_cluster.failover, f"{prefix}:{{{cid}}}:c")
         switched = load.switched = time.monotonic()

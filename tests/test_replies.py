@@ -75,7 +75,7 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(
     cid = await new_conversation(api)
     url = f"/conversations/{cid}/events"
     reply_id = await ask(api, cid, "count")
-    before = await collect_until_end(api, url, {}, reply_id, after="0", stop_after_deltas=3)
+    before = await collect_until_end(api, url, {}, reply_id, after="0", until_chars=9)
     last_id = before[-1].id
     assert last_id is not None
     llm.release.set()
@@ -93,7 +93,7 @@ async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm:
     cid = await new_conversation(api)
     reply_id = await ask(api, cid, "talk")
     events = await collect_until_end(
-        api, f"/conversations/{cid}/events", {}, reply_id, after="0", stop_after_deltas=3
+        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=9
     )
     await llm.holding.wait()
     cancel = await api.post(f"/conversations/{cid}/messages/{reply_id}/cancel")
@@ -161,11 +161,11 @@ async def test_partial_text_is_readable_while_streaming(
     cid = await new_conversation(api)
     reply_id = await ask(api, cid, "go")
     await collect_until_end(
-        api, f"/conversations/{cid}/events", {}, reply_id, after="0", stop_after_deltas=3
+        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
     )
     await llm.holding.wait()
-    # The writer stores the text on the first delta and then every REPLY_FLUSH_MS, before it
-    # publishes the next delta: having seen three deltas, at least the first is stored.
+    # The writer stores the text with the first delta and then every REPLY_FLUSH_MS, before it
+    # publishes the next one: having seen "abc", at least the first delta's text is stored.
     message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert message["status"] == "streaming"
     assert message["content"] in ("a", "ab", "abc")

@@ -301,7 +301,7 @@ async def _worker_stops_mid_reply(
         # The first attempt's deltas reached clients before the worker goes.
         seen = await asyncio.wait_for(
             collect_until_end(
-                api, f"/conversations/{cid}/events", {}, reply_id, after="0", stop_after_deltas=3
+                api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=15
             ),
             EVENT_TIMEOUT,
         )

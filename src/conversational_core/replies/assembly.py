@@ -10,9 +10,11 @@ tool call's `arguments`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from conversational_core.replies.providers.base import Piece
 from conversational_core.storage.models import REASONING, TEXT, TOOL_CALL, Part
@@ -99,3 +101,65 @@ class PartsBuilder:
     @property
     def tool_calls(self) -> list[Part]:
         return [p for p in self.parts if p["type"] == TOOL_CALL]
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+async def batched(stream: AsyncIterator[T]) -> AsyncGenerator[list[T], None]:
+    """The items of `stream` in batches: each batch is every item that arrived while the
+    consumer was busy with the one before (at least one). A reply written alone gets one item
+    a batch — a delta a token; one whose writes fall behind the model (a busy store, a loaded
+    worker) gets the tokens that piled up meanwhile, to go out as one delta. The stream is read
+    by a task of its own, closed (which stops the provider) when this generator is closed; its
+    errors are raised here, after the items before them."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            source: Any = stream  # an async generator (a provider's stream): it has aclose
+            async with contextlib.aclosing(source):
+                async for item in source:
+                    queue.put_nowait(item)
+        except Exception as exc:
+            queue.put_nowait(_Failed(exc))
+            return
+        queue.put_nowait(_END)
+
+    reader = asyncio.create_task(pump(), name="provider-stream")
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            items = [i for i in batch if i is not _END and not isinstance(i, _Failed)]
+            if items:
+                yield items
+            last = batch[-1]
+            if isinstance(last, _Failed):
+                raise last.error
+            if last is _END:
+                return
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+def merged(deltas: list[Delta]) -> list[Delta]:
+    """Consecutive deltas of one part as one (the first's `start` kept): what a batch sends."""
+    out: list[Delta] = []
+    for delta in deltas:
+        if out and out[-1].part_index == delta.part_index and delta.start is None:
+            out[-1] = replace(out[-1], text=out[-1].text + delta.text)
+        else:
+            out.append(delta)
+    return out

@@ -28,7 +28,7 @@ from typing import Any
 from loguru import logger
 
 from conversational_core.observability import metrics
-from conversational_core.replies.assembly import PartsBuilder
+from conversational_core.replies.assembly import Delta, PartsBuilder, batched, merged
 from conversational_core.replies.context import PromptTooLong, build_prompt, part_tokens
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.replies.titles import TitleWriter
@@ -185,39 +185,47 @@ class ReplyWriter:
         for try_number in range(settings.LLM_MAX_RETRIES + 1):
             started = False
             try:
-                stream: Any = self._provider.stream(request)
-                async with contextlib.aclosing(stream):
-                    async for item in stream:
-                        if isinstance(item, Usage):
-                            usage = item
-                            continue
-                        started = True
-                        delta = built.add(item)
-                        if delta is None:
-                            continue
-                        if first_token:
-                            first_token = False
-                            waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
-                            metrics.TIME_TO_FIRST_TOKEN.labels(provider).observe(max(0.0, waited))
-                        if not await self._store.publish_delta(
-                            conversation_id,
-                            current.id,
-                            delta.text,
-                            attempt,
-                            part_index=delta.part_index,
-                            part_type=delta.part_type,
-                            start=delta.start,
-                        ):
-                            # Cancelled, deleted or taken over: closing the stream stops the
-                            # provider. A reply still ours was stopped by a cancel that may not
-                            # get recorded (its process died): record it (without this last
-                            # piece, which no client received).
-                            latest = await self._reread(conversation_id, current)
-                            if latest is not None:
-                                await self._cancelled(conversation_id, latest, built.without(delta))
-                            return False
+                batches = batched(self._provider.stream(request))
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        deltas: list[Delta] = []
+                        for item in batch:
+                            if isinstance(item, Usage):
+                                usage = item
+                                continue
+                            started = True
+                            delta = built.add(item)
+                            if delta is not None:
+                                deltas.append(delta)
+                        for delta in merged(deltas):
+                            if first_token:
+                                first_token = False
+                                waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
+                                metrics.TIME_TO_FIRST_TOKEN.labels(provider).observe(
+                                    max(0.0, waited)
+                                )
+                            if not await self._store.publish_delta(
+                                conversation_id,
+                                current.id,
+                                delta.text,
+                                attempt,
+                                part_index=delta.part_index,
+                                part_type=delta.part_type,
+                                start=delta.start,
+                            ):
+                                # Cancelled, deleted or taken over: leaving `batched` closes the
+                                # stream, which stops the provider. A reply still ours was stopped
+                                # by a cancel that may not get recorded (its process died): record
+                                # it, with exactly what its deltas published.
+                                latest = await self._reread(conversation_id, current)
+                                if latest is not None:
+                                    published = await self._store.stop_reply(
+                                        conversation_id, current.id
+                                    )
+                                    await self._cancelled(conversation_id, latest, published)
+                                return False
                         now = time.monotonic()
-                        if now - last_flush >= flush_every:
+                        if deltas and now - last_flush >= flush_every:
                             last_flush = now
                             stored = await self._flush(conversation_id, current, built.snapshot())
                             if stored is None:
