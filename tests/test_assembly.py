@@ -1,6 +1,6 @@
 """How a reply's parts are put together from streamed pieces (replies/assembly.py): parallel tool
-calls whose arguments interleave, a signature that arrives after its thinking, and the parts as
-they were before a piece the store refused."""
+calls whose arguments interleave, a signature that arrives after its thinking, and the merging
+of a batch's deltas."""
 
 from __future__ import annotations
 
@@ -42,10 +42,23 @@ def test_a_signature_after_its_thinking_goes_on_that_part() -> None:
     ]
 
 
-def test_the_parts_before_a_refused_piece() -> None:
+def test_a_batch_sends_one_delta_per_part_in_order() -> None:
+    from conversational_core.replies.assembly import merged
+
     built = PartsBuilder()
-    built.add("Hello")
-    refused = built.add(" world")
-    assert refused is not None and built.without(refused) == [{"type": "text", "text": "Hello"}]
-    call = built.add(Piece("tool_call", "", key=0, id="a", name="f"))
-    assert call is not None and built.without(call) == [{"type": "text", "text": "Hello world"}]
+    deltas = [
+        built.add(p)
+        for p in (
+            "a",
+            "b",
+            Piece("tool_call", "{", key=0, id="c", name="f"),
+            Piece("tool_call", "}", key=0),
+            "c",
+        )
+    ]
+    sent = merged([d for d in deltas if d is not None])
+    assert [(d.part_index, d.text, d.start) for d in sent] == [
+        (0, "ab", None),
+        (1, "{}", {"tool_call_id": "c", "name": "f"}),
+        (2, "c", None),
+    ]

@@ -87,17 +87,6 @@ class PartsBuilder:
         """The parts so far (copies: the builder keeps growing its own)."""
         return [dict(p) for p in self.parts]
 
-    def without(self, delta: Delta) -> list[Part]:
-        """The parts as they were before the piece of `delta` (refused by the store: no client
-        received it)."""
-        parts = self.snapshot()
-        part = parts[delta.part_index]
-        field = "arguments" if delta.part_type == TOOL_CALL else "text"
-        part[field] = part[field][: len(part[field]) - len(delta.text)]
-        if delta.start is not None or (delta.part_type != TOOL_CALL and not part[field]):
-            del parts[delta.part_index]  # the piece began it
-        return parts
-
     @property
     def tool_calls(self) -> list[Part]:
         return [p for p in self.parts if p["type"] == TOOL_CALL]
