@@ -208,6 +208,7 @@ def error_for_status(status: int, retry_after: float | None) -> ProviderError:
 
 TIMEOUT_ERROR = "The AI provider did not answer in time; please try again."
 CONNECTION_ERROR = "The AI provider could not be reached; please try again later."
+UNREADABLE = "The AI provider sent a response that could not be read."
 
 
 def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
@@ -219,4 +220,4 @@ def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
         return ProviderError(TIMEOUT_ERROR, retryable=True)
     if isinstance(exc, sdk.APIConnectionError):
         return ProviderError(CONNECTION_ERROR, retryable=True)
-    return ProviderError("The AI provider sent a response that could not be read.", retryable=True)
+    return ProviderError(UNREADABLE, retryable=True)

@@ -33,6 +33,7 @@ from openai import AsyncOpenAI
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
     TIMEOUT_ERROR,
+    UNREADABLE,
     ChatMessage,
     CompletionRequest,
     Piece,
@@ -125,8 +126,10 @@ class OpenAIProvider(Provider):
                         yield item
             except httpx.TimeoutException:
                 raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-            except (httpx.HTTPError, orjson.JSONDecodeError):
+            except httpx.HTTPError:
                 raise ProviderError(CONNECTION_ERROR, retryable=True) from None
+            except orjson.JSONDecodeError:
+                raise ProviderError(UNREADABLE, retryable=True) from None
 
 
 def _data_value(line: bytes) -> bytes:
