@@ -146,6 +146,9 @@ def map_headers(context: Any, headers: dict[str, Any] | None) -> dict[str, Any] 
     return headers
 
 
+# Every operation is a subtest of this one test: about 40 s alone, more on a loaded CI machine,
+# against the suite's 60 s per test (the SSE cases alone hold a stream open a second each).
+@pytest.mark.timeout(300)
 @schema.parametrize()
 def test_every_operation_conforms(case: Any) -> None:
     case.call_and_validate(headers=_headers())
