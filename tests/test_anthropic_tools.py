@@ -12,8 +12,12 @@ import httpx
 import pytest
 from testkit.fake_anthropic import Block, FakeAnthropic, FakeAnthropicServer
 
+from conversational_core.app import create_app
 from conversational_core.settings import Settings
+from conversational_core.storage.factory import Backend
 from tests.conftest import make_settings
+from tests.fixtures.app import auth
+from tests.fixtures.live import collect_until, serve
 from tests.fixtures.replies import new_conversation, wait_end
 from tests.test_api_tools import WEATHER, assert_deltas_make_the_parts
 
@@ -108,12 +112,8 @@ async def test_a_tool_round_trip_sends_thinking_back_with_its_signature(
 
 
 async def test_titles_are_written_from_anthropic_text(
-    backend: Any, claude: FakeAnthropic, settings: Settings
+    backend: Backend, claude: FakeAnthropic, settings: Settings
 ) -> None:
-    from conversational_core.app import create_app
-    from tests.fixtures.app import auth
-    from tests.fixtures.live import collect_until, serve
-
     titled = settings.model_copy(update={"AUTO_TITLE": True})
     claude.script = [[Block("text", ["Sure."])], [Block("text", ["Lisbon ", "weather"])]]
     async with serve(create_app(titled, backend=backend)) as base:

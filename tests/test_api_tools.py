@@ -14,9 +14,11 @@ import orjson
 import pytest
 from testkit.fake_llm import FakeLLM, Reply, tool_call_deltas
 
+from conversational_core.app import create_app
 from conversational_core.settings import Settings
+from conversational_core.storage.factory import Backend
 from tests.fixtures.app import auth
-from tests.fixtures.live import SseEvent
+from tests.fixtures.live import SseEvent, collect_until, serve
 from tests.fixtures.replies import ask, llm_settings, new_conversation, wait_end
 
 WEATHER = {
@@ -70,11 +72,15 @@ def assert_deltas_make_the_parts(events: list[SseEvent], message: dict[str, Any]
             assert (deltas[0]["tool_call_id"], deltas[0]["name"]) == (part["id"], part["name"])
 
 
-async def _answer_both(api: httpx.AsyncClient, cid: str, reply_id: str) -> httpx.Response:
+async def _answer_both(
+    api: httpx.AsyncClient, cid: str, reply_id: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """Answer the two CALLS of a reply."""
     results = [{"tool_call_id": i, "output": "x"} for i, _, _ in CALLS]
     return await api.post(
-        f"/conversations/{cid}/messages/{reply_id}/tool_results", json={"results": results}
+        f"/conversations/{cid}/messages/{reply_id}/tool_results",
+        json={"results": results},
+        headers=headers,
     )
 
 
@@ -241,11 +247,8 @@ async def test_tool_results_errors(
 
 
 async def test_a_reply_left_waiting_fails_after_the_timeout(
-    backend: Any, llm: FakeLLM, settings: Settings
+    backend: Backend, llm: FakeLLM, settings: Settings
 ) -> None:
-    from conversational_core.app import create_app
-    from tests.fixtures.live import serve
-
     quick = settings.model_copy(update={"TOOL_RESULT_TIMEOUT_SECONDS": 1})
     async with (
         serve(create_app(quick, backend=backend)) as base,
@@ -253,7 +256,6 @@ async def test_a_reply_left_waiting_fails_after_the_timeout(
     ):
         cid, reply_id = await _waiting_reply(api, llm)
         url = f"/conversations/{cid}/events"
-        from tests.fixtures.live import collect_until
 
         def failed(event: SseEvent) -> bool:
             return event.event == "message.failed" and event.data["message_id"] == reply_id
@@ -445,13 +447,7 @@ async def test_an_admin_may_answer_a_users_tool_calls(
     api: httpx.AsyncClient, llm: FakeLLM, settings: Settings
 ) -> None:
     cid, reply_id = await _waiting_reply(api, llm)
-    admin = auth(settings, "root", ["admin"])
-    results = [{"tool_call_id": i, "output": "x"} for i, _, _ in CALLS]
-    answered = await api.post(
-        f"/conversations/{cid}/messages/{reply_id}/tool_results",
-        json={"results": results},
-        headers=admin,
-    )
+    answered = await _answer_both(api, cid, reply_id, auth(settings, "root", ["admin"]))
     assert answered.status_code == 201, answered.text
     final = await wait_end(api, cid, answered.json()["reply_message_id"])
     assert final[-1].event == "message.completed"

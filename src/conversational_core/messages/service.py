@@ -159,9 +159,9 @@ class MessageService:
             tools = [t.model_dump() for t in body.tools or ()]
             check_tools(self._settings, tools, body.tool_choice)
             # The tools of this turn (its replies and tool rounds), kept on the user message.
-            turn = {"tools": tools if body.tools is not None else None,
-                    "tool_choice": body.tool_choice}  # fmt: skip
-            turn = {k: v for k, v in turn.items() if v is not None}
+            turn = {"tools": tools} if body.tools is not None else {}
+            if body.tool_choice is not None:
+                turn["tool_choice"] = body.tool_choice
         now = utcnow()
         message = Message(
             id=new_id(),
@@ -244,18 +244,15 @@ class MessageService:
         owner = None if principal.is_admin else principal.user_id
         current = await self._store.get_message(conversation_id, owner, message_id)
         results = [r.model_dump() for r in body.results]
-        if len(results) > self._settings.MAX_PARTS:
-            raise invalid(["body", "results"], f"at most {self._settings.MAX_PARTS} results")
+        parts = [{"type": TOOL_RESULT, **r} for r in results]
+        check_parts(self._settings, Role.TOOL, parts, "results")  # count and sizes
         while True:
-            waiting = current.status is MessageStatus.REQUIRES_ACTION
-            if waiting:
+            if current.status is MessageStatus.REQUIRES_ACTION:
                 _check_results(current, results)
             elif idempotency is None:
                 raise _not_waiting(current)
             now = utcnow()
             reply = _assistant_reply(conversation_id, now)
-            parts = [{"type": TOOL_RESULT, **r} for r in results]
-            check_parts(self._settings, Role.TOOL, parts, "results")
             tool = Message(
                 id=new_id(),
                 conversation_id=conversation_id,

@@ -83,6 +83,10 @@ SCHEMA: Final = (
     expires_at  REAL NOT NULL
 )""",
     "CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at)",
+    # The few replies waiting for tool results, found without a scan when the store opens
+    # (jobs.recover; the query repeats this WHERE so that SQLite uses the index).
+    """CREATE INDEX IF NOT EXISTS messages_waiting ON messages (conversation_id)
+       WHERE json_extract(doc, '$.status') = 'requires_action'""",
     """CREATE TABLE IF NOT EXISTS reply_queue (
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     position        INTEGER NOT NULL,

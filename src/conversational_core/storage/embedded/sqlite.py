@@ -430,8 +430,8 @@ class SqliteStore(SqliteMessages, CompareAndSet):
         return [str(r[0]) for r in rows]
 
     async def replies_waiting_for_tools(self) -> list[tuple[str, str]]:
-        """(conversation id, message id) of every reply waiting for tool results (a scan: run
-        once, on start, to look again at their deadlines)."""
+        """(conversation id, message id) of every reply waiting for tool results (on start, to
+        look again at their deadlines: read from a partial index, not by a scan)."""
         async with self._db.session() as db:
             rows = await db.execute_fetchall(
                 "SELECT conversation_id, id FROM messages"
