@@ -271,6 +271,17 @@ def fake_llm(workdir: Path) -> Iterator[tuple[Child, int]]:
         yield child, port
 
 
+@contextlib.contextmanager
+def fake_model(workdir: Path) -> Iterator[tuple[Child, int]]:
+    """The relay benchmark's fast fake model (`bench/fake_model.py`); yields it and its port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": _bench_python_path()}
+    argv = [sys.executable, "-m", "bench.fake_model", str(port)]
+    with spawn("fake-model", argv, workdir, env) as child:
+        _wait(child, port, "/fake/stats")
+        yield child, port
+
+
 def _wait(child: Child, port: int, path: str) -> None:
     try:
         wait_until_serving(port, path)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bench import fanout as fanout_bench
+from bench import relay as relay_bench
 from bench import trees as trees_bench
 from bench import ttft as ttft_bench
 from bench.memory import GOAL_MAX_RATIO as MEMORY_GOAL
@@ -199,6 +200,68 @@ def fanout_lines(fan: fanout_bench.FanoutResult, warnings: dict[str, dict[str, i
     return lines
 
 
+def relay_line(r: relay_bench.RelayResult) -> str:
+    j = r.to_json()
+    ratio = j["reply_time_over_model"] or {"p50": float("nan"), "p99": float("nan")}
+    first = j["first_delta_ms"] or {"p50": float("nan"), "p99": float("nan")}
+    overhead = j["first_delta_overhead_ms"] or {"p50": float("nan"), "p99": float("nan")}
+    lag = j["model_time_over_nominal"] or {"p99": float("nan")}
+    asked = j["post_to_model_request_ms"] or {"p50": float("nan"), "p99": float("nan")}
+    complete = f"{r.completed}/{r.load.streams} complete"
+    return (
+        f"{r.load.name:<20} {r.tokens_per_second:>8,.0f} tok/s  {r.cpu_us_per_token():6.1f} "
+        f"us CPU/token  reply/model p50 {ratio['p50']:.2f}x p99 {ratio['p99']:.2f}x  "
+        f"first delta p50 {first['p50']:.0f} ms p99 {first['p99']:.0f} ms (overhead after the "
+        f"model's p50 {overhead['p50']:.1f} ms p99 {overhead['p99']:.1f} ms; model asked after "
+        f"p50 {asked['p50']:.0f} ms p99 {asked['p99']:.0f} ms)  {r.events_per_token:.2f} "
+        f"events/token  [{complete}; model on schedule p99 {lag['p99']:.2f}x]"
+    )
+
+
+def relay_goals(results: list[relay_bench.RelayResult]) -> list[str]:
+    """The goals of issue 12 against the loads they are set at."""
+    by_load = {(r.load.streams, r.load.tokens, r.load.token_delay_ms): r for r in results}
+    lines = []
+    heavy = by_load.get((500, 200, 2.0))
+    if heavy is not None:
+        tps, cpu = heavy.tokens_per_second, heavy.cpu_us_per_token()
+        lines.append(
+            f"  500 x 200 x 2 ms: {tps:,.0f} tok/s (goal >= 40,000: {_verdict(tps >= 40_000)}), "
+            f"{cpu:.1f} us CPU/token (goal <= 30: {_verdict(cpu <= 30)})"
+        )
+        overhead = heavy.to_json()["first_delta_overhead_ms"]
+        if overhead is not None:
+            lines.append(
+                f"  first-delta overhead p99 with 500 streams: {overhead['p99']:.0f} ms "
+                f"(goal <= 20: {_verdict(overhead['p99'] <= 20)})"
+            )
+    light = by_load.get((200, 200, 5.0))
+    if light is not None and light.reply_ratio:
+        p99 = light.to_json()["reply_time_over_model"]["p99"]
+        lines.append(
+            f"  200 x 200 x 5 ms: reply time p99 {p99:.2f}x the model's own "
+            f"(goal <= 1.5: {_verdict(p99 <= 1.5)})"
+        )
+    complete = all(r.completed == r.load.streams for r in results)
+    lines.append(f"  every reply complete and exact: {_verdict(complete)}")
+    return lines
+
+
+def relay_table(results: list[relay_bench.RelayResult]) -> str:
+    return "\n".join(relay_lines(results))
+
+
+def relay_lines(results: list[relay_bench.RelayResult]) -> list[str]:
+    r = relay_bench
+    return [
+        f"Relay: streams x tokens x token delay (after {r.FIRST_DELAY_MS:g} ms), one SSE client "
+        f"each; API (WORKER_IN_API=false) + {r.WORKERS} worker processes, default settings; CPU "
+        "of API + workers + Redis; bench/fake_model.py:",
+        *(relay_line(x) for x in results),
+        *relay_goals(results),
+    ]
+
+
 def table(
     comparisons: list[Comparison],
     pairs: list[Pair],
@@ -206,6 +269,7 @@ def table(
     notes: list[str],
     replies: Replies | None = None,
     trees: TreeResult | None = None,
+    relays: list[relay_bench.RelayResult] | None = None,
 ) -> str:
     lines = [
         "",
@@ -250,6 +314,8 @@ def table(
             f"{'GC pauses >= 10 ms':<29} {pauses} (wall-clock, whole reply benchmarks; "
             "bench/gcprobe)"
         )
+    if relays:
+        lines += ["", *relay_lines(relays)]
     if notes:
         lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     lines += ["=" * 100, f"figures written to {RESULTS}"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
-from bench import fanout, memory, report, scaling, throughput, trees, ttft
+from bench import fanout, memory, relay, report, scaling, throughput, trees, ttft
 from bench.client import RawClient
 from bench.fixtures import create_conversation, fill, message_body, open_store
 from bench.procs import (
@@ -37,6 +37,7 @@ from bench.procs import (
     bare_app,
     ensure_binary,
     fake_llm,
+    fake_model,
     issue_token,
     redis_server,
     reply_worker,
@@ -208,6 +209,16 @@ def _gc_pauses(log: Path, names: dict[int, str]) -> dict[str, dict[str, float]]:
     return found
 
 
+def _reply_env(llm_port: int) -> dict[str, str]:
+    """The settings of an API and workers that answer from a fake model on `llm_port`."""
+    return {
+        "WORKER_IN_API": "false",
+        "LLM_PROVIDER": "openai",
+        "LLM_BASE_URL": f"http://127.0.0.1:{llm_port}/v1",
+        "LLM_MODEL": "bench-fake",
+    }
+
+
 def _run_replies(redis_binary: str, workdir: Path) -> Replies:
     """The AI-reply benchmarks on processes of their own: Redis, the fake model, the API with
     WORKER_IN_API=false and worker processes (`python run.py worker`)."""
@@ -219,10 +230,7 @@ def _run_replies(redis_binary: str, workdir: Path) -> Replies:
         redis, redis_url = stack.enter_context(redis_server(redis_binary, workdir / "replies"))
         llm, llm_port = stack.enter_context(fake_llm(workdir))
         env = {
-            "WORKER_IN_API": "false",
-            "LLM_PROVIDER": "openai",
-            "LLM_BASE_URL": f"http://127.0.0.1:{llm_port}/v1",
-            "LLM_MODEL": "bench-fake",
+            **_reply_env(llm_port),
             "WORKER_CONCURRENCY": str(fanout.WORKER_CONCURRENCY),
             # bench/gcprobe: the API and the workers log their slow garbage collections.
             "PYTHONPATH": os.pathsep.join(
@@ -294,6 +302,41 @@ def _run_replies(redis_binary: str, workdir: Path) -> Replies:
         return Replies(sequential, fan, loaded, _log_warnings([api, *workers, llm]), gc_pauses)
 
 
+def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
+    """The relay at the loads of relay.LOADS, on processes of their own: Redis, the fast fake
+    model (bench/fake_model.py), the API with WORKER_IN_API=false and WORKERS worker processes,
+    all with the service's default settings."""
+    (workdir / "redis").mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        _step(
+            f"relay: starting redis-server, the fast fake model, the API and {relay.WORKERS} "
+            "worker processes"
+        )
+        redis, redis_url = stack.enter_context(redis_server(redis_binary, workdir / "redis"))
+        model, model_port = stack.enter_context(fake_model(workdir))
+        env = {**_reply_env(model_port), "AUTO_TITLE": "false"}
+        api, port = stack.enter_context(service_process(redis_url, workdir, env, name="api"))
+        workers = [
+            stack.enter_context(reply_worker(redis_url, workdir, env, f"worker-{n}"))
+            for n in range(1, relay.WORKERS + 1)
+        ]
+        token = issue_token(redis_url, USER)
+        pids = {
+            "api": api.proc.pid,
+            **{w.name: w.proc.pid for w in workers},
+            "redis": redis.proc.pid,
+            "fake_model": model.proc.pid,
+        }
+        results = []
+        for load in relay.LOADS:
+            _step(f"relay: {load.name}")
+            results.append(relay.measure(port, token, model_port, redis_url, pids, load))
+            for child in (redis, model, api, *workers):
+                child.check_alive()
+            print(report.relay_line(results[-1]), flush=True)
+        return results
+
+
 def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
     started = time.monotonic()
     busy_before = _cpu_busy()
@@ -303,6 +346,11 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             f"other work used {busy_before:.0%} of the CPUs just before the run: figures may be "
             "noisy"
         )
+    if os.environ.get("BENCH_ONLY") == "relay":  # the relay benchmark alone
+        relays = _run_relay(redis_binary, workdir / "relay")
+        print(report.relay_table(relays))
+        print(orjson.dumps([r.to_json() for r in relays], option=orjson.OPT_INDENT_2).decode())
+        return 0
     if os.environ.get("BENCH_ONLY") == "trees":  # the tree benchmark alone
         with redis_server(redis_binary, workdir) as (_, redis_url):
             result = _run_trees(redis_url, workdir)
@@ -384,6 +432,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
 
     (workdir / "replies").mkdir()
     replies = _run_replies(redis_binary, workdir)
+    relays = _run_relay(redis_binary, workdir / "relay")
 
     results = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -437,10 +486,11 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
                 **replies.gc_pauses,
             },
         },
+        "relay": [r.to_json() for r in relays],
         "notes": notes,
     }
     path = report.write_json(results)
-    print(report.table(comparisons, list(pairs.values()), mem, notes, replies, tree))
+    print(report.table(comparisons, list(pairs.values()), mem, notes, replies, tree, relays))
     _step(f"done in {time.monotonic() - started:.0f} s ({path.relative_to(ROOT)})")
     return 0
 

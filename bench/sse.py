@@ -135,6 +135,7 @@ class ReplyTrace:
 
     first_delta: FirstDelta | None = None
     deltas: list[str] = field(default_factory=list)
+    delta_events: int = 0  # every delta received, those of a restarted attempt included
     restarts: int = 0  # updates that dropped text already received
     final_type: str | None = None
     final_message: dict[str, Any] | None = None
@@ -144,6 +145,7 @@ class ReplyTrace:
         """Apply one event of this reply (delta, updated or final); `now` for a final one."""
         if kind == DELTA:
             self.deltas.append(payload["delta"])
+            self.delta_events += 1
         elif kind == UPDATED:
             content = str((payload.get("message") or {}).get("content") or "")
             text = "".join(self.deltas)

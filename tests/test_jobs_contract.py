@@ -67,7 +67,9 @@ async def test_a_queued_reply_is_a_job_and_its_lease_is_exclusive(
 ) -> None:
     store, jobs = backend
     cid, reply_id = await _queue_reply(store)
+    assert await jobs.waiting() == 1  # queued, not yet taken by a worker
     job = await _take_one(jobs)
+    assert await jobs.waiting() == 0
     assert job.conversation_id == cid
     assert await jobs.acquire(cid, "a")
     assert not await jobs.acquire(cid, "b")  # one worker at a time writes a conversation

@@ -72,12 +72,20 @@ async def check_store(store: Store) -> dict[str, object]:
 
 async def check_queue(jobs: JobQueue) -> dict[str, object]:
     try:
-        depth, oldest = await asyncio.wait_for(jobs.stats(), _CHECK_TIMEOUT_SECONDS)
+        (depth, oldest), waiting = await asyncio.wait_for(
+            asyncio.gather(jobs.stats(), jobs.waiting()), _CHECK_TIMEOUT_SECONDS
+        )
     except (Unavailable, TimeoutError):
         return {"status": "unavailable"}
     metrics.QUEUE_JOBS.set(depth)
     metrics.QUEUE_OLDEST_AGE.set(oldest)
-    return {"status": "ok", "jobs": depth, "oldest_job_age_seconds": round(oldest, 3)}
+    metrics.QUEUE_WAITING.set(waiting)
+    return {
+        "status": "ok",
+        "jobs": depth,
+        "waiting_jobs": waiting,
+        "oldest_job_age_seconds": round(oldest, 3),
+    }
 
 
 def draining() -> bool:

@@ -144,10 +144,16 @@ class Settings(BaseSettings):
 
     # Workers and the job queue.
     WORKER_IN_API: bool = True
-    WORKER_CONCURRENCY: int = Field(16, ge=1, le=10_000)
+    # Streams are I/O-bound: a worker writes many at once, and admits no more while its event
+    # loop falls behind by WORKER_MAX_LAG_MS (the jobs wait in the queue, in order).
+    WORKER_CONCURRENCY: int = Field(256, ge=1, le=10_000)
+    WORKER_MAX_LAG_MS: int = Field(20, ge=1, le=10_000)
     JOB_LEASE_SECONDS: float = Field(15.0, ge=0.5, le=3600)
     JOB_MAX_TRIES: int = Field(3, ge=1, le=100)
     REPLY_FLUSH_MS: int = Field(100, ge=10, le=60_000)
+    # While a worker writes more than one reply, the tokens a reply gets within this window go
+    # out as one delta (one stream entry, one SSE event); 0: a delta per token read.
+    DELTA_BATCH_MS: int = Field(25, ge=0, le=100)
 
     # Events (SSE).
     EVENTS_MAX_LEN: int = Field(10_000, ge=10, le=10_000_000)

@@ -77,6 +77,21 @@ QUEUE_OLDEST_AGE = Gauge(
     "Age of the oldest reply job (read from the queue at scrape time).",
     multiprocess_mode="livemostrecent",
 )
+QUEUE_WAITING = Gauge(
+    f"{_NS}_queue_waiting_jobs",
+    "Reply jobs no worker has taken yet: waiting for admission (read at scrape time).",
+    multiprocess_mode="livemostrecent",
+)
+WORKER_REPLIES = Gauge(
+    f"{_NS}_worker_replies",
+    "Replies being written by a worker process (admitted jobs).",
+    multiprocess_mode="livesum",
+)
+WORKER_LOOP_LAG = Gauge(
+    f"{_NS}_worker_loop_lag_seconds",
+    "How late a worker's event loop runs (smoothed); past WORKER_MAX_LAG_MS it admits no job.",
+    multiprocess_mode="livemax",
+)
 SSE_CONNECTIONS = Gauge(
     f"{_NS}_sse_connections",
     "Open event streams.",
@@ -122,6 +137,9 @@ METRIC_NAMES = tuple(
         TOKENS,
         QUEUE_JOBS,
         QUEUE_OLDEST_AGE,
+        QUEUE_WAITING,
+        WORKER_REPLIES,
+        WORKER_LOOP_LAG,
         SSE_CONNECTIONS,
         STORE_ERRORS,
         RATE_LIMITED,

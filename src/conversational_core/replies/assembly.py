@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -103,14 +103,19 @@ class _Failed:
 _END = object()
 
 
-async def batched(stream: AsyncIterator[T]) -> AsyncGenerator[list[T], None]:
+async def batched(
+    stream: AsyncIterator[T], window: Callable[[], float] = lambda: 0.0
+) -> AsyncGenerator[list[T], None]:
     """The items of `stream` in batches: each batch is every item that arrived while the
-    consumer was busy with the one before (at least one). A reply written alone gets one item
-    a batch — a delta a token; one whose writes fall behind the model (a busy store, a loaded
-    worker) gets the tokens that piled up meanwhile, to go out as one delta. The stream is read
-    by a task of its own, closed (which stops the provider) when this generator is closed; its
-    errors are raised here, after the items before them."""
+    consumer was busy with the one before (at least one), and, when `window()` (seconds) is
+    not 0, every item until `window()` after the batch before: a reply written alone gets one
+    item a batch — a delta a token; one written beside others (or whose writes fall behind the
+    model) gets the tokens of a window as one delta. The first batch and the last (the stream
+    ended) are not held back. The stream is read by a task of its own, closed (which stops the
+    provider) when this generator is closed; its errors are raised here, after the items
+    before them."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    finished = asyncio.Event()  # the stream ended or failed: nothing more to wait for
 
     async def pump() -> None:
         try:
@@ -120,22 +125,34 @@ async def batched(stream: AsyncIterator[T]) -> AsyncGenerator[list[T], None]:
                     queue.put_nowait(item)
         except Exception as exc:
             queue.put_nowait(_Failed(exc))
+            finished.set()
             return
         queue.put_nowait(_END)
+        finished.set()
 
     reader = asyncio.create_task(pump(), name="provider-stream")
+    loop = asyncio.get_running_loop()
+    last: float | None = None  # loop.time() of the batch before
     try:
         while True:
             batch = [await queue.get()]
+            wait = window() if last is not None else 0.0
+            if wait > 0 and not finished.is_set():
+                remaining = last + wait - loop.time() if last is not None else 0.0
+                if remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await finished.wait()
             while not queue.empty():
                 batch.append(queue.get_nowait())
+            last = loop.time()
             items = [i for i in batch if i is not _END and not isinstance(i, _Failed)]
             if items:
                 yield items
-            last = batch[-1]
-            if isinstance(last, _Failed):
-                raise last.error
-            if last is _END:
+            end = batch[-1]
+            if isinstance(end, _Failed):
+                raise end.error
+            if end is _END:
                 return
     finally:
         reader.cancel()

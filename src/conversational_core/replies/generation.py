@@ -63,6 +63,7 @@ class ReplyWriter:
         self._settings = settings
         self._titles = TitleWriter(store, provider, settings)
         self._running: dict[str, int] = {}  # reply id -> the attempt this writer is writing
+        self._batch_window = settings.DELTA_BATCH_MS / 1000
 
     async def write(self, conversation_id: str, reply_id: str) -> None:
         """Write (or finish) one reply; returns when it has ended or is no longer ours to write."""
@@ -149,6 +150,11 @@ class ReplyWriter:
             raise
         self.forget(reply_id)
 
+    def _window(self) -> float:
+        """How long a reply's tokens are gathered into one delta: DELTA_BATCH_MS while this
+        writer writes more than one reply, else nothing (a delta per token read)."""
+        return self._batch_window if len(self._running) > 1 else 0.0
+
     def forget(self, reply_id: str) -> None:
         self._running.pop(reply_id, None)
 
@@ -185,7 +191,7 @@ class ReplyWriter:
         for try_number in range(settings.LLM_MAX_RETRIES + 1):
             started = False
             try:
-                batches = batched(self._provider.stream(request))
+                batches = batched(self._provider.stream(request), self._window)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
                         deltas: list[Delta] = []

@@ -3,6 +3,13 @@
 Replies of one conversation are written one after the other (a second user message while a
 reply is being written is answered after it, with the first reply in its history); replies of
 different conversations are written concurrently, up to WORKER_CONCURRENCY per worker.
+
+Admission: streams are I/O-bound, so a worker takes many at once, but never more than it can
+relay at the model's pace. It takes jobs a few at a time (so that the jobs of a burst spread
+over the worker processes instead of going to whichever asked first) and only while its event
+loop keeps up (LoopLag below WORKER_MAX_LAG_MS). Past that, jobs wait in the queue in order
+(the queue metrics show them) and the replies already started keep the model's full speed,
+instead of every reply slowing down alike.
 """
 
 from __future__ import annotations
@@ -26,6 +33,34 @@ from conversational_core.storage.base import Job, JobQueue, Store
 from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.factory import Backend
 
+TAKE_AT_ONCE = 8  # jobs taken per read: a burst spreads over the worker processes
+
+
+class LoopLag:
+    """How late this process's event loop runs: a timer every PERIOD seconds notes how much
+    later than asked it fired, smoothed. `calm` is set while the lag is below `limit`."""
+
+    PERIOD = 0.005
+
+    def __init__(self, limit_ms: int) -> None:
+        self.limit = limit_ms / 1000
+        self.lag = 0.0
+        self.calm = asyncio.Event()
+        self.calm.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(self.PERIOD)  # a probe: being late is the measurement
+            late = max(0.0, loop.time() - asked - self.PERIOD)
+            self.lag = 0.7 * self.lag + 0.3 * late
+            metrics.WORKER_LOOP_LAG.set(self.lag)
+            if self.lag < self.limit:
+                self.calm.set()
+            else:
+                self.calm.clear()
+
 
 class Worker:
     def __init__(
@@ -43,6 +78,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid_utils.uuid4().hex[:6]}"
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self.lag = LoopLag(settings.WORKER_MAX_LAG_MS)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -54,20 +90,27 @@ class Worker:
         limit = self._settings.WORKER_CONCURRENCY
         backoff = 0.1
         watcher = asyncio.create_task(self._watch_deadlines(), name="reply-deadlines")
+        probe = asyncio.create_task(self.lag.run(), name="loop-lag")
         try:
             while not self._stopping.is_set():
                 free = limit - len(self._tasks)
-                if free <= 0:  # busy: wait for a free slot, or for stop()
-                    stop = asyncio.ensure_future(self._stopping.wait())
+                if free <= 0 or not self.lag.calm.is_set():
+                    # Full, or falling behind the streams it writes: wait for a free slot (or
+                    # for the loop to catch up), or for stop(). The jobs wait in the queue.
+                    waits = {self._stopping.wait(), self.lag.calm.wait()}
+                    if free <= 0:
+                        waits = {self._stopping.wait()}
+                    pending = {asyncio.ensure_future(w) for w in waits}
                     try:
                         await asyncio.wait(
-                            {*self._tasks, stop}, return_when=asyncio.FIRST_COMPLETED
+                            {*self._tasks, *pending}, return_when=asyncio.FIRST_COMPLETED
                         )
                     finally:
-                        stop.cancel()
+                        for future in pending:
+                            future.cancel()
                     continue
                 try:
-                    jobs = await self._take(free)
+                    jobs = await self._take(min(free, TAKE_AT_ONCE))
                     backoff = 0.1
                 except Exception as exc:  # the loop must outlive any store hiccup
                     metrics.STORE_ERRORS.labels("worker").inc()
@@ -81,9 +124,11 @@ class Worker:
                 for job in jobs:
                     task = asyncio.create_task(self._handle(job), name=f"job-{job.id}")
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._done)
+                metrics.WORKER_REPLIES.set(len(self._tasks))
         finally:
             watcher.cancel()
+            probe.cancel()
             running = set(self._tasks)
             grace = self._settings.WORKER_SHUTDOWN_GRACE_SECONDS
             if running and grace > 0 and self._stopping.is_set():
@@ -93,6 +138,10 @@ class Worker:
                 task.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        metrics.WORKER_REPLIES.set(len(self._tasks))
 
     async def _watch_deadlines(self) -> None:
         """Fail replies that waited too long for tool results: every worker looks at the

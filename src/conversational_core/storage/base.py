@@ -596,6 +596,10 @@ class JobQueue(ABC):
     async def stats(self) -> tuple[int, float]:
         """(jobs waiting or running, age in seconds of the oldest one), for metrics."""
 
+    @abstractmethod
+    async def waiting(self) -> int:
+        """Jobs no worker has taken yet (waiting for admission), for metrics."""
+
     # Deadlines: messages to look at again at a given time (a reply waiting for tool results
     # fails once TOOL_RESULT_TIMEOUT_SECONDS have passed), shared by every worker. A deadline
     # is registered before the state it guards is written and removed only once handled, so

@@ -16,6 +16,8 @@ def build_provider(settings: Settings) -> Provider:
             base_url=settings.LLM_BASE_URL,
             timeout=settings.LLM_TIMEOUT_SECONDS,
             max_tokens_param=settings.LLM_MAX_TOKENS_PARAM,
+            # every reply of the worker, and its titles, on a connection kept open
+            max_connections=settings.WORKER_CONCURRENCY + 16,
         )
     if kind == "anthropic":
         from conversational_core.replies.providers.anthropic import AnthropicProvider

@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
+import httpx2
 import openai
 import orjson
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
@@ -73,16 +73,28 @@ class OpenAIProvider(Provider):
         base_url: str | None,
         timeout: float,
         max_tokens_param: str = "auto",
+        max_connections: int = 1000,
     ) -> None:
         self._max_tokens_param = (
             max_tokens_param if max_tokens_param != "auto" else default_max_tokens_param(base_url)
         )
         # Local servers (Ollama, llama.cpp, vLLM) take any key; the SDK insists on one.
+        # The SDK's aiohttp transport (its `aiohttp` extra): a stream's bytes come in reads of
+        # whatever has arrived, chunked coding undone in C, where its default (httpx) goes
+        # through h11 and an anyio timeout per HTTP chunk — a server writes one per token, and
+        # that was ~25 us of a token's worker CPU (bench/relay.py). Connections kept for every
+        # reply a worker writes at once (WORKER_CONCURRENCY), not re-opened per reply.
         self._client = AsyncOpenAI(
             api_key=api_key or "not-needed",
             base_url=base_url,
             timeout=timeout,
             max_retries=0,  # the worker retries (before the first token only)
+            http_client=DefaultAioHttpClient(
+                timeout=timeout,
+                limits=httpx2.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+            ),
         )
 
     async def close(self) -> None:
@@ -124,9 +136,10 @@ class OpenAIProvider(Provider):
                         break
                     for item in chunk_items(orjson.loads(data)):
                         yield item
-            except httpx.TimeoutException:
+            # (the SDK's HTTP layer is httpx2, whose errors are not httpx's)
+            except httpx2.TimeoutException:
                 raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 raise ProviderError(CONNECTION_ERROR, retryable=True) from None
             except orjson.JSONDecodeError:
                 raise ProviderError(UNREADABLE, retryable=True) from None

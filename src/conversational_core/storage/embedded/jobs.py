@@ -196,6 +196,9 @@ class MemoryJobQueue(JobQueue):
         oldest = min(e.created for e in entries)
         return len(entries), max(time.monotonic() - oldest, 0.0)
 
+    async def waiting(self) -> int:
+        return len(self._ready)
+
     async def close(self) -> None:
         self._closed = True
         self._wake.set()

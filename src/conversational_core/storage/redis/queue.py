@@ -174,6 +174,23 @@ class RedisJobQueue(JobQueue):
         ms = int(oldest[0][0].split(b"-")[0])
         return int(depth), max(0.0, time.time() - ms / 1000)
 
+    async def waiting(self) -> int:
+        try:
+            groups: Any = await self._redis.call("XINFO", "GROUPS", self._key)
+        except Exception as exc:
+            if reply_code(exc) == "ERR":  # no such key: no job at all
+                return 0
+            raise
+        for raw in groups:
+            info = dict(zip(raw[::2], raw[1::2], strict=True))
+            if info.get(b"name") == GROUP.encode():
+                lag = info.get(b"lag")  # entries not delivered to any consumer (Redis >= 7)
+                if lag is not None:
+                    return int(lag)
+                depth = int(await self._redis.call("XLEN", self._key))
+                return max(0, depth - int(info.get(b"pending", 0)))
+        return int(await self._redis.call("XLEN", self._key))  # no group yet: nothing taken
+
     async def add_deadline(self, conversation_id: str, message_id: str, at: float) -> None:
         await self._redis.call(
             "ZADD", self._keys.deadlines, round(at, 3), f"{conversation_id} {message_id}"
