@@ -13,14 +13,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
+import httpx2
 import orjson
 from anthropic import AsyncAnthropic
 
 from conversational_core.replies.providers.base import (
+    CONNECTION_ERROR,
+    TIMEOUT_ERROR,
     ChatMessage,
     CompletionRequest,
     Piece,
     Provider,
+    ProviderError,
     Usage,
     is_image,
     translate_sdk_error,
@@ -186,3 +190,8 @@ class AnthropicProvider(Provider):
                 yield Usage(final.usage.input_tokens, final.usage.output_tokens)
         except anthropic.AnthropicError as exc:
             raise translate_sdk_error(exc, anthropic) from None
+        # A body cut or stalled mid-stream: the SDK lets its HTTP layer's (httpx2) errors out.
+        except httpx2.TimeoutException:
+            raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
+        except httpx2.HTTPError:
+            raise ProviderError(CONNECTION_ERROR, retryable=True) from None

@@ -1,0 +1,135 @@
+"""A model server that dies or goes silent in the middle of a reply: each provider reads what
+came before, then fails with a ProviderError (retryable) that the worker turns into a failed
+reply — never an unexpected exception that leaves the reply `streaming` until its job's retry.
+
+Real HTTP from a server of the test's own that writes the start of a genuine stream (OpenAI's
+chunks, Anthropic's events) and then cuts the connection or stops writing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+import orjson
+import pytest
+
+from conversational_core.replies.providers.anthropic import AnthropicProvider
+from conversational_core.replies.providers.base import (
+    CONNECTION_ERROR,
+    TIMEOUT_ERROR,
+    ChatMessage,
+    CompletionRequest,
+    Provider,
+    ProviderError,
+)
+from conversational_core.replies.providers.openai import OpenAIProvider
+
+
+def _event(data: dict[str, object], name: str | None = None) -> bytes:
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+_OPENAI = [_event({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})] * 2
+_TEXT_DELTA = {
+    "type": "content_block_delta",
+    "index": 0,
+    "delta": {"type": "text_delta", "text": "Hi"},
+}
+_ANTHROPIC = [
+    _event(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "m",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 3, "output_tokens": 1},
+            },
+        },
+        "message_start",
+    ),
+    _event(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        "content_block_start",
+    ),
+    *[_event(_TEXT_DELTA, "content_block_delta")] * 2,
+]
+
+
+class _CutServer(asyncio.Protocol):
+    """Answers a request with the head of an event stream and `events`, then cuts the
+    connection (`stall` False) or says nothing more (`stall` True)."""
+
+    def __init__(self, events: list[bytes], stall: bool) -> None:
+        self.events = events
+        self.stall = stall
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, sep, body = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+             if line.lower().startswith(b"content-length:")),
+            0,
+        )  # fmt: skip
+        if len(body) < length:
+            return
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in self.events)
+        )
+        if not self.stall:
+            self.transport.abort()  # the model server died mid-reply
+
+
+def _openai(port: int) -> Provider:
+    return OpenAIProvider(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.5)
+
+
+def _anthropic(port: int) -> Provider:
+    return AnthropicProvider(
+        api_key="x", base_url=f"http://127.0.0.1:{port}", timeout=0.5, reasoning_budget=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "events"), [(_openai, _OPENAI), (_anthropic, _ANTHROPIC)], ids=["openai", "anthropic"]
+)
+@pytest.mark.parametrize(
+    ("stall", "message"), [(False, CONNECTION_ERROR), (True, TIMEOUT_ERROR)], ids=["cut", "stall"]
+)
+async def test_a_stream_cut_or_stalled_mid_reply_fails_with_a_provider_error(
+    make: Callable[[int], Provider], events: list[bytes], stall: bool, message: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _CutServer(events, stall), "127.0.0.1", 0)
+    provider = make(server.sockets[0].getsockname()[1])
+    request = CompletionRequest("m", [ChatMessage("user", "hi")], None, 10)
+    texts: list[str] = []
+
+    async def read() -> None:
+        async for item in provider.stream(request):
+            texts.append(item if isinstance(item, str) else getattr(item, "text", ""))
+
+    try:
+        with pytest.raises(ProviderError) as failed:
+            await read()
+    finally:
+        await provider.close()
+        server.close()
+    assert texts == ["Hi", "Hi"]  # what came before the cut was read
+    assert failed.value.message == message
+    assert failed.value.retryable
