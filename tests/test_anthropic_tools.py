@@ -38,7 +38,6 @@ def settings(claude: FakeAnthropic) -> Settings:
         LLM_REASONING_BUDGET_TOKENS=2048,
         LLM_MAX_OUTPUT_TOKENS=4096,
         JOB_LEASE_SECONDS=2,
-        REPLY_FLUSH_MS=10,
     )
 
 

@@ -14,7 +14,7 @@ from tests.test_api_tools import WEATHER, assert_deltas_make_the_parts
 
 @pytest.fixture
 def settings() -> Settings:
-    return make_settings(LLM_PROVIDER="dev", DEV_PROVIDER_DELAY_MS=0, REPLY_FLUSH_MS=10)
+    return make_settings(LLM_PROVIDER="dev", DEV_PROVIDER_DELAY_MS=0)
 
 
 async def test_the_dev_provider_calls_the_tool_a_message_names(api: httpx.AsyncClient) -> None:

@@ -164,13 +164,17 @@ async def test_partial_text_is_readable_while_streaming(
         api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
     )
     await llm.holding.wait()
-    # The writer stores the text with the first delta and then every REPLY_FLUSH_MS, before it
-    # publishes the next one: having seen "abc", at least the first delta's text is stored.
+    # A GET shows what the deltas published so far: exactly what the stream's clients have.
     message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert message["status"] == "streaming"
-    assert message["content"] in ("a", "ab", "abc")
+    assert message["content"] == "abc"
+    assert message["parts"] == [{"type": "text", "text": "abc"}]
+    page = (await api.get(f"/conversations/{cid}/messages")).json()["items"]
+    assert [(m["status"], m["content"]) for m in page] == [("completed", "go"), ("streaming", "abc")]
     llm.release.set()
     await wait_end(api, cid, reply_id)
+    message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
+    assert (message["status"], message["content"]) == ("completed", "abcde")
 
 
 async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM) -> None:

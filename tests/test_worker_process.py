@@ -62,7 +62,6 @@ def _config(llm: FakeLLM, **overrides: object) -> dict[str, object]:
         "JOB_LEASE_SECONDS": 1,
         "WORKER_IN_API": False,
         "LLM_RETRY_BASE_SECONDS": 0.01,
-        "REPLY_FLUSH_MS": 10,
         "AUTO_TITLE": False,  # the model's requests are counted (see conftest)
     }
     config.update(overrides)
@@ -492,7 +491,7 @@ async def test_stale_writer_does_not_finish_a_reply_restarted_by_another_worker(
     once, even if two workers ran it (the second CAS fails)"). Whatever ends the reply, its
     clients must be able to trust the stream: after the last reset, the deltas add up to the
     final text, and no delta follows the end."""
-    settings = make_settings(WORKER_IN_API=False, REPLY_FLUSH_MS=10)
+    settings = make_settings(WORKER_IN_API=False)
     async with app_client(create_app(settings, backend=backend)) as http:
         headers = auth(settings, "alice")
         cid = (await http.post("/conversations", json={}, headers=headers)).json()["id"]

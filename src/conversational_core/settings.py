@@ -150,7 +150,6 @@ class Settings(BaseSettings):
     WORKER_MAX_LAG_MS: int = Field(20, ge=1, le=10_000)
     JOB_LEASE_SECONDS: float = Field(15.0, ge=0.5, le=3600)
     JOB_MAX_TRIES: int = Field(3, ge=1, le=100)
-    REPLY_FLUSH_MS: int = Field(100, ge=10, le=60_000)
     # While a worker writes more than one reply, the tokens a reply gets within this window go
     # out as one delta (one stream entry, one SSE event); 0: a delta per token read.
     DELTA_BATCH_MS: int = Field(25, ge=0, le=100)

@@ -57,6 +57,18 @@ class MessagePage:
     next_cursor: str | None
 
 
+_STREAMING = b'"status":"streaming"'
+
+
+def _may_stream(page: MessageSlice) -> bool:
+    """Whether `page` may hold a streaming reply (True when it holds decoded messages)."""
+    if page.raw is not None:
+        return any(_STREAMING in doc for doc in page.raw)
+    if page.array is not None:
+        return any(_STREAMING in bytes(piece) for piece in page.array)
+    return True
+
+
 def _encode_cursor(*values: int) -> str:
     raw = orjson.dumps(list(values))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -347,7 +359,31 @@ class MessageService:
             await limits.limiter.refund("ai", principal.user_id, limits.ai)
 
     async def get(self, principal: Principal, conversation_id: str, message_id: str) -> Message:
-        return await self._store.get_message(conversation_id, read_owner(principal), message_id)
+        message = await self._store.get_message(conversation_id, read_owner(principal), message_id)
+        if message.status is not MessageStatus.STREAMING:
+            return message
+        return (await self._live(conversation_id, [message]))[0]
+
+    async def _live(self, conversation_id: str, messages: list[Message]) -> list[Message]:
+        """Replies being written with the parts their deltas published so far (the stored
+        document of a streaming reply is not rewritten as it goes: Store.published_parts)."""
+        streaming = [m.id for m in messages if m.status is MessageStatus.STREAMING]
+        if not streaming:
+            return messages
+        published = await self._store.published_parts(conversation_id, streaming)
+        return [m.with_parts(published[m.id]) if m.id in published else m for m in messages]
+
+    async def _live_slice(self, conversation_id: str, page: MessageSlice) -> MessageSlice:
+        """`page`, its streaming replies with their text so far. A page of stored JSON is only
+        decoded when it may hold one: in a document, `"status":"streaming"` is the status (a
+        string value's quotes are escaped)."""
+        if not _may_stream(page):
+            return page
+        items = page.items
+        live = await self._live(conversation_id, items)
+        if live is items:
+            return page
+        return MessageSlice(live, page.seqs, page.has_more)
 
     async def list(
         self,
@@ -387,6 +423,7 @@ class MessageService:
             everything=everything,
         )
         page = await self._store.list_messages(conversation_id, read_owner(principal), query)
+        page = await self._live_slice(conversation_id, page)
         next_cursor = None
         if page.has_more and page.seqs:
             # Continue in the direction of travel: forward after the last item, backward before
@@ -408,6 +445,7 @@ class MessageService:
         page = await self._store.list_siblings(
             conversation_id, read_owner(principal), message_id, limit, after
         )
+        page = await self._live_slice(conversation_id, page)
         next_cursor = None
         if page.has_more and page.seqs:
             next_cursor = _encode_cursor(page.seqs[-1])

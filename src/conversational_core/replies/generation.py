@@ -3,15 +3,17 @@
 The reply's lifecycle is `pending → streaming → completed | failed | cancelled`, or
 `requires_action` when the model called tools: the client answers them (tool_results: the reply
 becomes `completed` and the next one is queued), or it fails at its deadline (`expire`). The
-reply is written as parts (replies/assembly.py): text, reasoning and tool calls. Every state
-change is a compare-and-set on the stored message (the Store's start_attempt, flush_reply and
-finish_reply), so that:
+reply is written as parts (replies/assembly.py): text, reasoning and tool calls. Its stored
+document is written when the attempt starts and when it ends, not in between: the deltas are
+kept as they are published (appended), and a GET of a streaming reply shows them
+(Store.published_parts). Every state change is a compare-and-set on the stored message (the
+Store's start_attempt and finish_reply), so that:
 - a cancel, a delete or another worker's write is noticed at the next write and the generation
   stops (and `publish_delta` refuses a cancelled or deleted reply at once, which closes the
   provider's stream within one token);
 - a reply is finished exactly once, even if two workers ran it (the second CAS fails).
 
-A worker that dies leaves the reply `streaming` with the text flushed so far; the next attempt
+A worker that dies leaves the reply `streaming` with the text published so far; the next attempt
 starts over and announces it with `message.updated` carrying the reset (empty) content, so that
 clients drop the partial text. Attempts are counted on the reply (`context.attempts`); past
 JOB_MAX_TRIES it ends `failed`.
@@ -182,9 +184,7 @@ class ReplyWriter:
         settings = self._settings
         built = PartsBuilder()
         usage: Usage | None = None
-        flush_every = settings.REPLY_FLUSH_MS / 1000
         attempt = _attempt(current)  # deltas of another attempt are refused by the store
-        last_flush = 0.0  # the first delta is stored at once, then every REPLY_FLUSH_MS
         provider = self._provider.name
         began = time.monotonic()
         first_token = True
@@ -230,13 +230,6 @@ class ReplyWriter:
                                     )
                                     await self._cancelled(conversation_id, latest, published)
                                 return False
-                        now = time.monotonic()
-                        if deltas and now - last_flush >= flush_every:
-                            last_flush = now
-                            stored = await self._flush(conversation_id, current, built.snapshot())
-                            if stored is None:
-                                return False
-                            current = stored
                 break
             except ProviderError as exc:
                 if not exc.retryable or started or try_number == settings.LLM_MAX_RETRIES:
@@ -299,23 +292,6 @@ class ReplyWriter:
                 logger.debug("reply {} text: {}", current.id, content_of(parts))
             return status is MessageStatus.COMPLETED
         return False
-
-    async def _flush(
-        self, conversation_id: str, current: Message, parts: list[Part]
-    ) -> Message | None:
-        """Store the reply's parts so far; None when it is no longer ours to write."""
-        stored = await self._store.flush_reply(
-            conversation_id, current.with_parts(parts, updated_at=utcnow()), current
-        )
-        if stored is not None:
-            return stored
-        # Changed by someone else: a cancel or delete ends our work; a metadata edit does not.
-        latest = await self._reread(conversation_id, current)
-        if latest is None:
-            return None
-        return await self._store.flush_reply(
-            conversation_id, latest.with_parts(parts, updated_at=utcnow()), latest
-        )
 
     async def expire(self, conversation_id: str, message_id: str) -> float | None:
         """A deadline came (JobQueue.due_deadlines): a reply still waiting for tool results

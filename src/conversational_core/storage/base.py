@@ -399,6 +399,15 @@ class Store(ABC):
         one: the writer must stop. The store keeps a reply's published deltas (stop_reply)."""
 
     @abstractmethod
+    async def published_parts(
+        self, conversation_id: str, message_ids: list[str]
+    ) -> dict[str, list[Part]]:
+        """The parts the deltas of replies being written published so far (their current
+        attempt's), for the ids that published any: what a GET shows of a streaming reply. A
+        reply's stored document is not rewritten while it streams (that would cost a whole
+        document per save); its deltas are kept as they go (publish_delta), appended."""
+
+    @abstractmethod
     async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
         """Refuse every later delta of the reply (atomically), and return exactly the parts its
         deltas published so far (events.parts_from_deltas; None when none was published)."""

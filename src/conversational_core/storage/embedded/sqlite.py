@@ -402,6 +402,12 @@ class SqliteStore(SqliteMessages, CompareAndSet):
         self._publish(conversation_id, ev.MESSAGE_DELTA, data)
         return True
 
+    async def published_parts(
+        self, conversation_id: str, message_ids: list[str]
+    ) -> dict[str, list[Part]]:
+        found = {mid: self._replies.parts(conversation_id, mid) for mid in message_ids}
+        return {mid: parts for mid, parts in found.items() if parts is not None}
+
     async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
         # Synchronous: no delta can pass between the stop and the read of the parts.
         self._replies.stop(conversation_id, message_id)
