@@ -111,6 +111,7 @@ class FakeLLM:
     streams_started: int = 0
     streams_finished: int = 0
     streams_aborted: int = 0
+    most_open_streams: int = 0  # the most streams open at once
     first_tokens: dict[str, dict[str, float]] = field(default_factory=dict)
     holding: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -148,6 +149,8 @@ class FakeLLM:
         self, reply: Reply, body: dict[str, Any], tag: str | None
     ) -> AsyncIterator[bytes]:
         self.streams_started += 1
+        open_now = self.streams_started - self.streams_finished - self.streams_aborted
+        self.most_open_streams = max(self.most_open_streams, open_now)
         model = str(body.get("model", "fake"))
         created = int(time.time())
 

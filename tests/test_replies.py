@@ -170,7 +170,10 @@ async def test_partial_text_is_readable_while_streaming(
     assert message["content"] == "abc"
     assert message["parts"] == [{"type": "text", "text": "abc"}]
     page = (await api.get(f"/conversations/{cid}/messages")).json()["items"]
-    assert [(m["status"], m["content"]) for m in page] == [("completed", "go"), ("streaming", "abc")]
+    assert [(m["status"], m["content"]) for m in page] == [
+        ("completed", "go"),
+        ("streaming", "abc"),
+    ]
     llm.release.set()
     await wait_end(api, cid, reply_id)
     message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()

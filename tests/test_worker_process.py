@@ -357,6 +357,42 @@ async def test_gracefully_stopped_worker_hands_its_reply_over(llm: FakeLLM, pref
     await _worker_stops_mid_reply(llm, prefix, signal.SIGTERM, max_tries=1)
 
 
+async def test_a_worker_killed_while_batching_several_replies(llm: FakeLLM, prefix: str) -> None:
+    """Three replies at once (their deltas batched), the worker killed mid-way: each reply's
+    events still concatenate to exactly its final text once the reset is applied."""
+    first = Reply([f"one{i} " for i in range(8)], hold_after=3)
+    second = Reply(["second ", "attempt"])
+    llm.script = [first] * 3 + [second] * 3
+    config = _config(llm, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX=prefix, DELTA_BATCH_MS=40)
+    async with api_and_workers(config) as (pool, api):
+        doomed = await _start_worker(pool, config)
+        cids = [await _conversation(api) for _ in range(3)]
+        asked = [(cid, await _ask(api, cid, "count")) for cid in cids]
+        # Every first attempt's deltas reached clients before the worker goes.
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    collect_until_end(
+                        api, f"/conversations/{c}/events", {}, r, after="0", until_chars=15
+                    )
+                    for c, r in asked
+                )
+            ),
+            EVENT_TIMEOUT,
+        )
+        assert await doomed.signal(signal.SIGKILL) == -signal.SIGKILL
+        rescuer = await _start_worker(pool, config)
+        for cid, reply_id in asked:
+            sse = await _wait_end(api, cid, reply_id)
+            _check_restarted_reply(
+                [(e.event, e.data) for e in sse], reply_id, "one0 one1 one2 ", "second attempt"
+            )
+        assert await rescuer.signal(signal.SIGTERM) == 0, rescuer.log
+        for cid, reply_id in asked:
+            stored = await _all_events(prefix, cid)
+            _check_restarted_reply(stored, reply_id, "one0 one1 one2 ", "second attempt")
+
+
 async def test_a_killed_worker_uses_up_a_try(llm: FakeLLM, prefix: str) -> None:
     await _worker_stops_mid_reply(llm, prefix, signal.SIGKILL, max_tries=1)
 

@@ -97,10 +97,9 @@ class Worker:
                 if free <= 0 or not self.lag.calm.is_set():
                     # Full, or falling behind the streams it writes: wait for a free slot (or
                     # for the loop to catch up), or for stop(). The jobs wait in the queue.
-                    waits = {self._stopping.wait(), self.lag.calm.wait()}
-                    if free <= 0:
-                        waits = {self._stopping.wait()}
-                    pending = {asyncio.ensure_future(w) for w in waits}
+                    pending = {asyncio.ensure_future(self._stopping.wait())}
+                    if free > 0:
+                        pending.add(asyncio.ensure_future(self.lag.calm.wait()))
                     try:
                         await asyncio.wait(
                             {*self._tasks, *pending}, return_when=asyncio.FIRST_COMPLETED
