@@ -1,23 +1,23 @@
-"""Live conversation events from Redis Streams, fanned out to this process's SSE clients.
+"""Live conversation events from Redis, fanned out to this process's SSE clients.
 
-On a single Redis server one reader task per process, on one dedicated connection, runs
-`XREAD BLOCK` over the streams of every conversation that has a client here, and hands each event
-to that conversation's subscribers. Holding one blocked connection per client instead would not
-scale (1,000 clients, 1,000 connections) and polling would add latency. When a client subscribes
-to a conversation the reader is not yet watching, the reader's blocked call is interrupted with
-`CLIENT UNBLOCK` so that the new stream is watched at once.
+Every script that appends an event to a conversation's stream (XADD) also publishes it, in the
+same script, on the conversation's sharded pub/sub channel (SPUBLISH; the channel is named as
+the stream key, so it lives in the stream's slot, on the node that serves it). A process holds
+one pub/sub connection per slot that has watched conversations (one in all on a single server)
+and subscribes (SSUBSCRIBE) to the channel of each conversation that has a client here. Redis
+then sends it the events of those conversations and nothing else: what a process reads grows
+with the events of its own clients' conversations, not with how many it watches. (The reader
+before this named every watched stream in each XREAD: 10,000 watched conversations meant
+20,000 arguments per read, encoded, sent and looked up each time something happened.)
 
-On a Redis Cluster one XREAD may only name keys of one hash slot (CROSSSLOT otherwise, even when
-one node serves both slots), so there is one reader per slot that has watched conversations,
-connected to the primary serving that slot: as many connections as watched slots, at most one
-per watched conversation. A reader whose node stops serving its slot (MOVED after a failover) or
-goes away re-reads the slot map and reconnects to the new primary, carrying on from its cursors:
-no event is lost or repeated. (Fewer connections would need a notification channel per node,
-e.g. sharded pub/sub published by every script, with a re-read after each gap.)
-
-A subscription is gap- and duplicate-free: it first reads what it missed with XRANGE (catch-up)
-while the reader buffers live events for it, then drains that buffer skipping ids it already
-has, and only then goes live. Each subscriber has a bounded queue; a subscriber whose queue is
+Pub/sub delivers only while connected; the streams keep every event. So a subscription is
+gap- and duplicate-free: it first reads what it missed with XRANGE (catch-up), then buffers
+what the reader hands it while it waits for its channel's subscription to be confirmed, reads
+the stream once more up to then, drains the buffer skipping ids it already has, and only then
+goes live. A reader that loses its connection (Redis down, a failover, or a slot that moved:
+Redis then unsubscribes its channels) reconnects to the slot's primary, subscribes again, and
+reads each watched stream from the last event it handed over before going live again: no
+event is lost or repeated. Each subscriber has a bounded queue; a subscriber whose queue is
 full is dropped (SlowConsumer) without slowing the others.
 """
 
@@ -33,23 +33,22 @@ from urllib.parse import urlparse, urlunparse
 
 import redis.asyncio as aioredis
 from loguru import logger
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
 from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.redis.client import Connection, dedicated_client
 from conversational_core.storage.redis.keys import Keys, conversation_of
-from conversational_core.storage.redis.store import RedisStore, stream_event
+from conversational_core.storage.redis.store import RedisStore
 
-_BLOCK_MS = 5_000
-# A blocked XREAD answers within _BLOCK_MS; silence well beyond that means the node is gone.
-_READ_TIMEOUT = _BLOCK_MS / 1000 + 5
-_READ_COUNT = 500
+# A quiet connection is pinged after _IDLE_SECONDS; one that stays silent twice that long is
+# taken for gone (a node that went away says nothing).
+_IDLE_SECONDS = 5.0
+_READ_TIMEOUT = _IDLE_SECONDS + 5
 _CATCH_UP_CHUNK = 500
-# A wake-up that found the reader between snapshot and XREAD is sent again this often (a few
-# milliseconds at most: the reader is about to block).
-_UNBLOCK_TRIES = 100
-_UNBLOCK_RETRY_SECONDS = 0.002
+_CATCH_UP_CONCURRENCY = 100  # streams read at once when a reader catches up after reconnecting
+_SUBSCRIBE_CHUNK = 1000  # channels per SSUBSCRIBE when a reader (re)subscribes everything
 
 
 def _fmt(key: tuple[int, int]) -> str:
@@ -96,22 +95,18 @@ class _Subscriber:
 
 
 class _Reader:
-    """One connection blocked in XREAD over the streams of a group of conversations (all of
-    them on a single server, one slot's on a cluster), from a cursor per stream."""
+    """One pub/sub connection to the node serving a group of conversations (all of them on a
+    single server, one slot's on a cluster), subscribed to their channels."""
 
     def __init__(self, hub: RedisEventHub, slot: int | None) -> None:
         self.hub = hub
         self.slot = slot
-        self.cursors: dict[str, str] = {}
+        self.cursors: dict[str, str] = {}  # conversation id -> last event id handed over
         self.conn: aioredis.Redis | None = None
-        # CLIENT UNBLOCK goes on a second connection to the same node: the first is blocked.
-        self.control: aioredis.Redis | None = None
-        self.client_id: int | None = None
-        self.unblock_queued = False
-        self.unblocks: set[asyncio.Task[None]] = set()
-        # Changes of the watched set, and the latest one the blocked XREAD names.
-        self.generation = 0
-        self.snapshot = 0
+        self.pubsub: PubSub | None = None
+        self.subscribed: set[str] = set()  # conversations subscribed on this connection
+        self.confirming: dict[bytes, list[asyncio.Future[None]]] = {}  # channel -> waiters
+        self.ready = asyncio.Event()  # connected, subscribed to every watched channel, live
         self.moved = False  # the slot map must be re-read before reconnecting
         self.task: asyncio.Task[None] | None = None
 
@@ -123,95 +118,166 @@ class _Reader:
                 self._run(), name=f"event-reader-{self.slot}", context=contextvars.Context()
             )
 
-    def wake(self) -> None:
-        """Interrupt the blocked XREAD so that it names the streams watched now. Unblocks not
-        yet sent are coalesced: one sent after every change so far serves them all."""
-        self.generation += 1
-        if self.client_id is None or self.control is None or self.unblock_queued:
-            return
-        self.unblock_queued = True
-        task = asyncio.create_task(
-            self._unblock(self.control, self.client_id), context=contextvars.Context()
-        )
-        self.unblocks.add(task)
-        task.add_done_callback(self.unblocks.discard)
-        task.add_done_callback(lambda t: t.exception())
-
-    async def _unblock(self, control: aioredis.Redis, client_id: int) -> None:
-        self.unblock_queued = False
-        # An unblock that arrives between the reader's snapshot of the watched streams and its
-        # XREAD reaching Redis finds nothing blocked: try again until the XREAD blocks (then it
-        # is interrupted) or the reader has taken a newer snapshot (then it names the change).
-        for _ in range(_UNBLOCK_TRIES):
+    async def watch(self, conversation_id: str, after: str) -> None:
+        """Watch a conversation from `after`: returns once its channel's subscription is
+        confirmed (every later event reaches the hub), or once the hub closes."""
+        self.cursors.setdefault(conversation_id, after)
+        self.start()
+        channel = self.hub.keys.events(conversation_id).encode()
+        while conversation_id in self.cursors and not self.hub.closed:
+            await self.ready.wait()
+            pubsub = self.pubsub
+            if conversation_id in self.subscribed or pubsub is None:
+                return  # subscribed on connect, with every watched channel
+            waiter = asyncio.get_running_loop().create_future()
+            self.confirming.setdefault(channel, []).append(waiter)
             try:
-                unblocked = await control.execute_command(  # type: ignore[no-untyped-call]
-                    "CLIENT", "UNBLOCK", client_id
-                )
-                if unblocked:
-                    return
-            except (RedisError, OSError):
+                await pubsub.ssubscribe(channel)
+                await waiter
                 return
-            if self.snapshot >= self.generation:
-                return
-            await asyncio.sleep(_UNBLOCK_RETRY_SECONDS)
+            except (RedisError, OSError, ConnectionError):
+                # The connection failed: the reader reconnects and subscribes everything.
+                self.ready.clear()
+            finally:
+                waiters = self.confirming.get(channel)
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
 
-    async def _connect(self) -> aioredis.Redis:
+    async def unwatch(self, conversation_id: str) -> None:
+        """Unsubscribe from a conversation no longer watched (its cursor already dropped)."""
+        if conversation_id in self.cursors:
+            return  # watched again meanwhile
+        if conversation_id in self.subscribed and self.pubsub is not None:
+            self.subscribed.discard(conversation_id)
+            with contextlib.suppress(RedisError, OSError, ConnectionError):
+                await self.pubsub.sunsubscribe(self.hub.keys.events(conversation_id))
+
+    async def _connect(self) -> PubSub:
         address = await self.hub.redis.primary_of(
             self.hub.keys.events(next(iter(self.cursors))), refresh=self.moved
         )
         url = self.hub.url if address is None else _node_url(self.hub.url, *address)
         self.conn = self.hub.connect(url, _READ_TIMEOUT)
-        self.control = self.hub.connect(url, self.hub.connect_timeout + 1)
-        self.client_id = int(await self.conn.execute_command("CLIENT", "ID"))  # type: ignore[no-untyped-call]
+        self.pubsub = self.conn.pubsub()
         self.moved = False
-        return self.conn
+        return self.pubsub
 
     async def _disconnect(self) -> None:
-        conns, self.conn, self.control, self.client_id = (self.conn, self.control), None, None, None
-        # Unblocks under way first: they would reopen the control connection after its close.
-        await asyncio.gather(*self.unblocks, return_exceptions=True)
-        for conn in conns:
-            if conn is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await conn.aclose(close_connection_pool=True)
+        self.ready.clear()
+        self.subscribed.clear()
+        for waiters in self.confirming.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ConnectionError("the event reader lost Redis"))
+        self.confirming.clear()
+        pubsub, conn, self.pubsub, self.conn = self.pubsub, self.conn, None, None
+        for closing in (pubsub, conn):
+            if closing is not None:
+                with contextlib.suppress(RedisError, OSError, ConnectionError):
+                    await closing.aclose()
+
+    async def _subscribe_all(self, pubsub: PubSub) -> list[dict[str, Any]]:
+        """Subscribe to every watched channel; the messages that came meanwhile."""
+        cids = list(self.cursors)
+        pending = {self.hub.keys.events(cid).encode() for cid in cids}
+        for at in range(0, len(cids), _SUBSCRIBE_CHUNK):
+            chunk = cids[at : at + _SUBSCRIBE_CHUNK]
+            await pubsub.ssubscribe(*(self.hub.keys.events(cid) for cid in chunk))
+        early: list[dict[str, Any]] = []
+        while pending:
+            message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+            if message is None:
+                raise ConnectionError("no subscription confirmed in time")
+            if message["type"] == "ssubscribe":
+                pending.discard(message["channel"])
+            elif message["type"] == "smessage":
+                early.append(message)
+        self.subscribed.update(cids)
+        return early
+
+    async def _catch_up(self) -> None:
+        """Hand over what each watched stream got since its cursor (after a (re)connection)."""
+        cids = list(self.cursors)
+        for at in range(0, len(cids), _CATCH_UP_CONCURRENCY):
+            chunk = cids[at : at + _CATCH_UP_CONCURRENCY]
+            read = await asyncio.gather(*(self._read_from_cursor(cid) for cid in chunk))
+            for cid, events in zip(chunk, read, strict=True):
+                for event in events:
+                    self.hub.deliver(self, cid, event)
+
+    async def _read_from_cursor(self, conversation_id: str) -> list[Event]:
+        found: list[Event] = []
+        cursor = self.cursors.get(conversation_id)
+        while cursor is not None:
+            events = await self.hub.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
+            found.extend(events)
+            if len(events) < _CATCH_UP_CHUNK:
+                break
+            cursor = events[-1].id
+        return found
 
     async def _run(self) -> None:
         delay = 0.05
         try:
-            while self.cursors:
-                # One turn of the loop first: events published meanwhile are read in one XREAD
-                # (each call names every watched stream, so fewer, fuller calls are cheaper).
-                await asyncio.sleep(0)
-                if not self.cursors:
-                    break
+            while self.cursors and not self.hub.closed:
                 try:
-                    conn = self.conn or await self._connect()
-                    self.snapshot = self.generation
-                    keys = [self.hub.keys.events(cid) for cid in self.cursors]
-                    if not keys:  # the last one left while connecting
-                        break
-                    response: Any = await conn.execute_command(  # type: ignore[no-untyped-call]
-                        "XREAD",
-                        "COUNT",
-                        _READ_COUNT,
-                        "BLOCK",
-                        _BLOCK_MS,
-                        "STREAMS",
-                        *keys,
-                        *self.cursors.values(),
-                    )
+                    pubsub = self.pubsub or await self._connect()
+                    early = await self._subscribe_all(pubsub)
+                    await self._catch_up()
+                    for message in early:
+                        self._message(message)
+                    self.ready.set()
                     delay = 0.05
-                except (RedisError, OSError, Unavailable) as exc:
+                    await self._listen(pubsub)
+                except (RedisError, OSError, ConnectionError, Unavailable) as exc:
                     # Down, or (on a cluster) no longer serving the slot: find its primary anew.
-                    logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
+                    if self.cursors and not self.hub.closed:
+                        logger.warning("event reader lost Redis ({}); retrying", type(exc).__name__)
                     await self._disconnect()
                     self.moved = True
                     await asyncio.sleep(delay)  # back off while Redis is down
                     delay = min(delay * 2, 2.0)
-                    continue
-                self.hub.deliver(self, response)
         finally:
             await self._disconnect()
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged = False
+        while self.cursors:
+            message = await pubsub.get_message(timeout=_IDLE_SECONDS)
+            if message is None:
+                # Quiet: make sure the connection is alive (a node that went away says nothing).
+                if pinged and loop.time() - heard > 2 * _IDLE_SECONDS:
+                    raise ConnectionError("Redis stopped answering")
+                if not pinged:
+                    await pubsub.ping()
+                    pinged = True
+                continue
+            heard, pinged = loop.time(), False
+            self._message(message)
+
+    def _message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel: bytes = message.get("channel") or b""
+        if kind == "smessage":
+            cid = conversation_of(channel.decode())
+            raw: bytes = message["data"]
+            entry_id, _, rest = raw.partition(b"\n")
+            event_type, _, data = rest.partition(b"\n")
+            self.hub.deliver(self, cid, Event(entry_id.decode(), event_type.decode(), data))
+        elif kind == "ssubscribe":
+            cid = conversation_of(channel.decode())
+            if cid in self.cursors:
+                self.subscribed.add(cid)
+            for waiter in self.confirming.pop(channel, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        elif kind == "sunsubscribe":
+            cid = conversation_of(channel.decode())
+            if cid in self.cursors and cid in self.subscribed:
+                # Not ours: the slot moved to another node (resharding, failover).
+                raise ConnectionError("Redis unsubscribed a watched channel (slot moved)")
 
 
 class RedisEventHub(EventHub):
@@ -243,6 +309,10 @@ class RedisEventHub(EventHub):
             connect_timeout=self.connect_timeout,
             client_name="conversational-core-events",
         )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def close(self) -> None:
         self._closed = True
@@ -288,7 +358,7 @@ class RedisEventHub(EventHub):
         # 2. Watch the stream from here, buffering; one more XRANGE closes the gap between the
         #    last read and the moment the reader started handing events over.
         sub.buffering = True
-        self._watch(conversation_id, sub, _fmt(last))
+        await self._watch(conversation_id, sub, _fmt(last))
         tail = await self.store.read_events(conversation_id, _fmt(last), 100_000)
         buffered, sub.buffer = sub.buffer, []
         sub.live = True
@@ -309,7 +379,9 @@ class RedisEventHub(EventHub):
                 last = key
                 yield item
 
-    def _watch(self, conversation_id: str, sub: _Subscriber, after: str) -> None:
+    async def _watch(self, conversation_id: str, sub: _Subscriber, after: str) -> None:
+        """Hand the conversation's events to `sub` from now on: returns once its channel's
+        subscription is confirmed."""
         self._subs.setdefault(conversation_id, set()).add(sub)
         if self._closed:
             sub.queue.put_nowait(None)  # ends the subscription
@@ -318,10 +390,7 @@ class RedisEventHub(EventHub):
         reader = self._readers.get(slot)
         if reader is None:
             reader = self._readers[slot] = _Reader(self, slot)
-        if conversation_id not in reader.cursors:
-            reader.cursors[conversation_id] = after
-            reader.wake()
-        reader.start()
+        await reader.watch(conversation_id, after)
 
     def _unwatch(self, conversation_id: str, sub: _Subscriber) -> None:
         subs = self._subs.get(conversation_id)
@@ -339,35 +408,30 @@ class RedisEventHub(EventHub):
         if not reader.cursors:
             del self._readers[slot]
             self._stop(reader)
+            return
+        task = asyncio.create_task(reader.unwatch(conversation_id), context=contextvars.Context())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _stop(self, reader: _Reader) -> None:
+        reader.cursors.clear()
+        reader.ready.set()  # (a subscription waiting for it ends: the hub is closing)
         if reader.task is not None and not reader.task.done():
-            # Cancelling alone is not enough on Python 3.11: redis-py writes under
-            # asyncio.wait_for, which swallows a cancel that arrives as the write completes
-            # (fixed in 3.12); the reader would then block for a whole XREAD. Unblocked with no
-            # conversation left, it stops by itself.
-            reader.cursors.clear()
-            reader.wake()
             reader.task.cancel()
             self._stopping.add(reader.task)
             reader.task.add_done_callback(self._stopping.discard)
 
-    def deliver(self, reader: _Reader, response: Any) -> None:
-        """Hand what one XREAD returned to the subscribers, and move the reader's cursors."""
-        for key, entries in response or ():
-            if not entries:
-                continue
-            cid = conversation_of(key.decode() if isinstance(key, bytes) else key)
-            if cid in reader.cursors:
-                last = entries[-1][0]
-                reader.cursors[cid] = last.decode() if isinstance(last, bytes) else last
-            subs = self._subs.get(cid)
-            if not subs:
-                continue
-            for entry_id, fields in entries:
-                event = stream_event(entry_id, fields)
-                for sub in list(subs):
-                    sub.offer(event)
+    def deliver(self, reader: _Reader, conversation_id: str, event: Event) -> None:
+        """Hand one event of a watched conversation to its subscribers (once: an event at or
+        before the reader's cursor was handed over already), and move the cursor."""
+        cursor = reader.cursors.get(conversation_id)
+        if cursor is None:
+            return  # no longer watched
+        if _stream_id(event.id) <= _stream_id(cursor):
+            return
+        reader.cursors[conversation_id] = event.id
+        for sub in list(self._subs.get(conversation_id, ())):
+            sub.offer(event)
 
 
 def _node_url(url: str, host: str, port: int) -> str:

@@ -58,7 +58,9 @@ if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1])
   return 0
 end
 if ARGV[5] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[5] then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', 'message.delta', 'd', ARGV[2])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', 'message.delta',
+                    'd', ARGV[2])
+redis.call('SPUBLISH', KEYS[2], id .. '\\nmessage.delta\\n' .. ARGV[2])
 local line = ARGV[2] .. '\\n'
 if redis.call('APPEND', KEYS[4], line) == string.len(line) then
   redis.call('EXPIRE', KEYS[4], ARGV[4])
@@ -126,8 +128,10 @@ local leaf_json = 'null'
 if leaf ~= '' then leaf_json = '"' .. leaf .. '"' end
 redis.call('HSET', KEYS[1], 'data', ARGV[3], 'updated_at', ARGV[4], 'busy', ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', 'conversation.updated',
-           'd', ARGV[5] .. leaf_json .. '}}')
+local data = ARGV[5] .. leaf_json .. '}}'
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', 'conversation.updated',
+                      'd', data)
+redis.call('SPUBLISH', KEYS[2], id .. '\\nconversation.updated\\n' .. data)
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 return {'ok', leaf}
 """
@@ -143,8 +147,9 @@ local cur = redis.call('HMGET', KEYS[1], 'user', 'data', 'updated_at', 'count', 
                        'leaf')
 if not cur[1] or (ARGV[1] ~= '' and cur[1] ~= ARGV[1]) then return {'missing'} end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 't', 'conversation.deleted',
-           'd', ARGV[2])
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 't', 'conversation.deleted',
+                      'd', ARGV[2])
+redis.call('SPUBLISH', KEYS[4], id .. '\\nconversation.deleted\\n' .. ARGV[2])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
 return {'ok', cur[2], cur[3], cur[4], cur[5], cur[6]}
 """

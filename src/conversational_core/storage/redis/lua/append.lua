@@ -25,8 +25,9 @@ if ARGV[answered + 1] then
     return {'changed'}
   end
   redis.call('HSET', M, aid, '{"parent_id":' .. apj .. ',' .. ARGV[answered + 4] .. '}')
-  redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.completed', 'd',
-             ARGV[answered + 5])
+  local eid = redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.completed', 'd',
+                        ARGV[answered + 5])
+  redis.call('SPUBLISH', E, eid .. '\nmessage.completed\n' .. ARGV[answered + 5])
 end
 local policy = ARGV[12]
 if policy == '' then policy = h[5] or 'queue' end
@@ -88,8 +89,9 @@ for k = 1, n do
   -- the largest string a script builds).
   local head = '{"id":"' .. id .. '","conversation_id":"' .. cid .. '","parent_id":' .. pj .. ','
   local tail = ',"sibling_count":' .. count .. ',"sibling_index":' .. index .. '}'
-  redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.created',
-             'd', '{"message_id":"' .. id .. '","message":' .. head .. body .. tail .. '}')
+  local data = '{"message_id":"' .. id .. '","message":' .. head .. body .. tail .. '}'
+  local eid = redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.created', 'd', data)
+  redis.call('SPUBLISH', E, eid .. '\nmessage.created\n' .. data)
   if ARGV[4] ~= '' then record[k] = head .. body .. tail end
   out[#out + 1] = count
   out[#out + 1] = index

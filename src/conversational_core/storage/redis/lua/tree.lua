@@ -221,7 +221,8 @@ local function tree()
   end
 
   emit = function(events, maxlen, ttl, kind, data)
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
+    local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
+    redis.call('SPUBLISH', events, id .. '\n' .. kind .. '\n' .. data)
     redis.call('EXPIRE', events, ttl)
   end
 
