@@ -1,4 +1,4 @@
-"""Benchmark 5: 1,000 SSE clients on one API process, each receiving its complete reply.
+"""Benchmark 5: 10,000 SSE clients on one API process, each receiving its complete reply.
 
 Set-up: the processes of the time-to-first-token benchmark (Redis, the API with
 WORKER_IN_API=false, the fake OpenAI-compatible server) with WORKERS reply worker processes
@@ -59,9 +59,9 @@ from conversational_core.settings import Settings
 from conversational_core.storage.redis import queue
 from redis import Redis as SyncRedis
 
-CLIENTS = 1_000
+CLIENTS = 10_000
 WORKERS = 2
-WORKER_CONCURRENCY = 200
+WORKER_CONCURRENCY = Settings.model_fields["WORKER_CONCURRENCY"].default  # the default
 FIRST_DELAY_MS = 20.0
 TOKENS = 20
 TOKEN_DELAY_MS = 5.0

@@ -3,9 +3,12 @@
 Order matters for clean figures: the memory benchmark runs first on an otherwise idle Redis (its
 `used_memory` delta is its own), the throughput benchmark runs with both servers up but only one
 loaded at a time, and the bare app is stopped before the latency benchmark. The AI-reply
-benchmarks (time to first token, 1,000 SSE clients) then run on processes of their own, started
+benchmarks (time to first token, 10,000 SSE clients) then run on processes of their own, started
 once the first ones have stopped: a fresh Redis, the fake OpenAI server, the API with
-WORKER_IN_API=false and worker processes.
+WORKER_IN_API=false and worker processes; and the relay at three loads (bench/relay.py) on
+processes of its own again, with its fast fake model.
+
+BENCH_ONLY=throughput|trees|replies|relay runs one part alone.
 """
 
 from __future__ import annotations
@@ -350,6 +353,12 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         relays = _run_relay(redis_binary, workdir / "relay")
         print(report.relay_table(relays))
         print(orjson.dumps([r.to_json() for r in relays], option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if os.environ.get("BENCH_ONLY") == "replies":  # time to first token and the fan-out alone
+        (workdir / "replies").mkdir()
+        replies = _run_replies(redis_binary, workdir)
+        print("\n".join(report.fanout_lines(replies.fan, replies.log_warnings)))
+        print(orjson.dumps(replies.fan.to_json(), option=orjson.OPT_INDENT_2).decode())
         return 0
     if os.environ.get("BENCH_ONLY") == "trees":  # the tree benchmark alone
         with redis_server(redis_binary, workdir) as (_, redis_url):

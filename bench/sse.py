@@ -1,6 +1,6 @@
 """Minimal Server-Sent Events clients over raw sockets, for the reply benchmarks.
 
-Why not httpx: the time-to-first-token benchmark measures a few milliseconds, and 1,000 httpx
+Why not httpx: the time-to-first-token benchmark measures a few milliseconds, and 10,000 httpx
 streams in one process would cost more client CPU than the service they measure. A response here
 is parsed by :class:`SseParser` (status line, chunked transfer coding, SSE fields): a few
 microseconds per event.
@@ -241,7 +241,7 @@ class ThreadedSseReader:
 
 
 class SseProtocol(asyncio.Protocol):
-    """One client of the 1,000: connects, waits for the stream's first comment (`connected`),
+    """One client of the thousands: connects, waits for the stream's first comment (`connected`),
     then follows its conversation's replies until one of them ends."""
 
     def __init__(self, request: bytes) -> None:
