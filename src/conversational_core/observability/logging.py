@@ -9,12 +9,16 @@ tracebacks, whatever wrote it. Message text is never logged unless LOG_CONTENT i
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import inspect
 import logging
 import re
 import sys
 import traceback
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -105,7 +109,89 @@ _READABLE = (
 )
 
 
+class AccessLog:
+    """The access line of every request, rendered here and written in batches, at most one
+    write every FLUSH_SECONDS: through Loguru a line cost ~27 us of the request (a record, its
+    patcher, the sink, a write), measured, several percent of a page's time. The lines are
+    those Loguru would write (the same JSON fields in production, the same readable line in
+    development), a little later; buffered lines are written at exit too."""
+
+    FLUSH_SECONDS = 0.05
+    FLUSH_BYTES = 65_536
+    LOGGER = "conversational_core.observability.middleware"
+
+    def __init__(self) -> None:
+        self.production = False
+        self._pending: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def write(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        status: int,
+        duration_ms: float,
+        user_id: str | None,
+    ) -> None:
+        path = redact(path)
+        message = f"{method} {path} {status} {duration_ms:.1f}ms"
+        request_id = REQUEST_ID.get()
+        now = datetime.now().astimezone()
+        if self.production:
+            line = orjson.dumps(
+                {
+                    "time": now.isoformat(),
+                    "level": "INFO",
+                    "message": message,
+                    "logger": self.LOGGER,
+                    "access": True,
+                    "method": method,
+                    "path": path,
+                    "endpoint": endpoint,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    "user_id": user_id if user_id is not None else _or_none(USER_ID.get()),
+                    "request_id": _or_none(request_id),
+                }
+            ).decode()
+        else:
+            stamp = f"{now:%Y-%m-%d %H:%M:%S}.{now.microsecond // 1000:03d}"
+            line = f"{stamp} | INFO     | {request_id} | {message}"
+        self._pending.append(line)
+        self._size += len(line)
+        if self._size >= self.FLUSH_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no event loop: at once
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        self._size = 0
+        with contextlib.suppress(OSError, ValueError):  # (stderr closed at exit)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
+def _or_none(value: str) -> str | None:
+    return None if value == "-" else value
+
+
+ACCESS_LOG = AccessLog()
+
+
 def configure_logging(settings: Settings) -> None:
+    ACCESS_LOG.production = settings.is_production
     logger.remove()
     logger.configure(patcher=_patch_record)
     if settings.is_production:

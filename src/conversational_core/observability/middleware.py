@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from conversational_core.errors import PROBLEM_MEDIA_TYPE, problem_body
 from conversational_core.observability import metrics
 from conversational_core.observability.errors import report
-from conversational_core.observability.logging import REQUEST_ID, USER_ID
+from conversational_core.observability.logging import ACCESS_LOG, REQUEST_ID, USER_ID
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -287,12 +287,11 @@ class EdgeMiddleware:
         if not self.access_log:
             return
         principal = state.get("principal")
-        logger.bind(
-            access=True,
-            method=method,
-            path=scope["path"],  # never the query string: clients put secrets there
-            endpoint=endpoint,
-            status=status,
-            duration_ms=round(elapsed * 1000, 2),
-            user_id=getattr(principal, "user_id", None),
-        ).info("{} {} {} {:.1f}ms", method, scope["path"], status, elapsed * 1000)
+        ACCESS_LOG.write(
+            method,
+            scope["path"],  # never the query string: clients put secrets there
+            endpoint,
+            status,
+            round(elapsed * 1000, 2),
+            getattr(principal, "user_id", None),
+        )
