@@ -173,18 +173,31 @@ def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
     access lines (the bare app has neither). To measure what they cost, BENCH_EDGES=limits
     turns the per-user rate limit on (raised so that wrk is never refused), BENCH_EDGES=logs the
     access line per request (LOG_LEVEL=INFO), BENCH_EDGES=on both."""
-    edges = os.environ.get("BENCH_EDGES", "")
-    logs, limits = edges in ("on", "logs"), edges in ("on", "limits")
     return {
         **os.environ,
+        **edge_env(os.environ.get("BENCH_EDGES", "")),
+        **_service_base(redis_url, port),
+    }
+
+
+def edge_env(edges: str) -> dict[str, str]:
+    """The rate limit and access lines: both off (""), either ("limits", "logs") or both
+    ("on": the production configuration; the limit raised so that wrk is never refused)."""
+    logs, limits = edges in ("on", "logs"), edges in ("on", "limits")
+    return {
+        "LOG_LEVEL": "INFO" if logs else "WARNING",
+        "RATE_LIMIT": "100000000/minute" if limits else "off",
+    }
+
+
+def _service_base(redis_url: str, port: int) -> dict[str, str]:
+    return {
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": "cc",
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "WORKERS": "1",
         "RELOAD": "false",
-        "LOG_LEVEL": "INFO" if logs else "WARNING",
-        "RATE_LIMIT": "100000000/minute" if limits else "off",
         "AI_RATE_LIMIT": "off",
         "WORKER_METRICS_PORT": "0",  # several workers on one host
     }

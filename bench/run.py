@@ -38,6 +38,7 @@ from bench.procs import (
     Child,
     MissingTool,
     bare_app,
+    edge_env,
     ensure_binary,
     fake_llm,
     fake_model,
@@ -53,6 +54,9 @@ USER = "bench-user"
 PAGE_CONVERSATION_MESSAGES = 60
 POST_GOAL = 0.5
 GET_GOAL = 0.5
+# The production configuration (rate limit on, an access line per request): issue 12.
+PRODUCTION_POST_GOAL = 0.9
+PRODUCTION_GET_GOAL = 0.8
 
 
 @dataclass
@@ -389,6 +393,10 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             "POST", post_path, token=token, json=orjson.loads(body), expected=201
         )
 
+        _step("starting the service in its production configuration (rate limit, access lines)")
+        prod, prod_port = stack.enter_context(
+            service_process(redis_url, workdir, edge_env("on"), name="service-production")
+        )
         _step("starting the bare FastAPI app (same uvicorn settings)")
         bare, bare_port = stack.enter_context(bare_app(page_file, workdir))
         with RawClient(bare_port) as bare_client:
@@ -409,10 +417,12 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         comparisons = [
             Comparison("POST message", POST_GOAL),
             Comparison("GET page (50)", GET_GOAL),
+            Comparison("POST, production", PRODUCTION_POST_GOAL),
+            Comparison("GET, production", PRODUCTION_GET_GOAL),
         ]
 
         def alive() -> None:
-            for child in (redis, ours, bare):
+            for child in (redis, ours, prod, bare):
                 child.check_alive()
 
         throughput.compare(
@@ -420,10 +430,13 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             [
                 (comparisons[0], Target(ours_port, post), Target(bare_port, post)),
                 (comparisons[1], Target(ours_port, get), Target(bare_port, get)),
+                (comparisons[2], Target(prod_port, post), Target(bare_port, post)),
+                (comparisons[3], Target(prod_port, get), Target(bare_port, get)),
             ],
             check=alive,
         )
         bare.stop()
+        prod.stop()
         if os.environ.get("BENCH_ONLY") == "throughput":  # a quick check while tuning
             for comparison in comparisons:
                 print(comparison.name, orjson.dumps(comparison.to_json()).decode())
@@ -469,7 +482,11 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             },
             **{
                 key: c.to_json()
-                for key, c in zip(("post_message", "get_page_50"), comparisons, strict=True)
+                for key, c in zip(
+                    ("post_message", "get_page_50", "post_production", "get_production"),
+                    comparisons,
+                    strict=True,
+                )
             },
         },
         "scaling": {
