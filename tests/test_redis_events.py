@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 import orjson
@@ -46,3 +47,49 @@ async def test_each_subscriber_gets_its_own_conversation_live(any_redis_store: R
     assert got == [[f"{cid}-{n}" for n in range(3)] for cid in cids]
     assert not hub._readers  # the last subscriber of a slot gone, its reader stops
     await hub.close()
+
+
+async def test_clients_leaving_together_unsubscribe_in_one_go(any_redis_store: RedisStore) -> None:
+    """Many subscriptions closed at once (clients gone): their channels are unsubscribed, the
+    one left keeps its events, and nothing fails on the way (no task left with an error)."""
+    store = any_redis_store
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    hub = RedisEventHub(store, url_of(store))
+    try:
+        cids = [(await store.create_conversation(conversation()))[0].id for _ in range(40)]
+        kept_cid = cids[0]
+        async with contextlib.AsyncExitStack() as keep:
+            kept = await keep.enter_async_context(hub.subscribe(kept_cid, None))
+            async with contextlib.AsyncExitStack() as leaving:
+                streams = [kept] + [
+                    await leaving.enter_async_context(hub.subscribe(cid, None)) for cid in cids[1:]
+                ]
+                # Every subscription live: an event appended once each has had one comes
+                # after its subscription went live (its catch-up read was done by then).
+                for text in ("first", "second"):
+                    reads = [asyncio.create_task(_contents(s, 1)) for s in streams]
+                    for cid in cids:
+                        msg = message(cid, text)
+                        await store.append_messages(cid, "alice", [msg], msg.created_at)
+                    assert await asyncio.wait_for(asyncio.gather(*reads), 10) == [[text]] * 40
+            readers = [r for r in hub._readers.values() if r.unsubscriber is not None]
+            await asyncio.gather(*(r.unsubscriber for r in readers if r.unsubscriber))
+            watched = {cid for r in hub._readers.values() for cid in r.subscribed}
+            assert watched == {kept_cid}
+            if not store.redis.cluster:
+                counts = await store.redis.call(
+                    "PUBSUB", "SHARDNUMSUB", *(store.keys.events(c) for c in cids)
+                )
+                assert counts[1::2] == [1] + [0] * (len(cids) - 1)
+            msg = message(kept_cid, "still here")
+            await store.append_messages(kept_cid, "alice", [msg], msg.created_at)
+            assert await asyncio.wait_for(_contents(kept, 1), 10) == ["still here"]
+        gc.collect()  # a task whose error nobody retrieved is reported when collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+        await hub.close()
+    assert errors == []

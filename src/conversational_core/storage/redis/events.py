@@ -107,6 +107,8 @@ class _Reader:
         self.subscribed: set[str] = set()  # conversations subscribed on this connection
         self.confirming: dict[bytes, list[asyncio.Future[None]]] = {}  # channel -> waiters
         self.ready = asyncio.Event()  # connected, subscribed to every watched channel, live
+        self.leaving: set[str] = set()  # no longer watched, to unsubscribe (forget)
+        self.unsubscriber: asyncio.Task[None] | None = None
         self.moved = False  # the slot map must be re-read before reconnecting
         self.task: asyncio.Task[None] | None = None
 
@@ -143,14 +145,31 @@ class _Reader:
                 if waiters and waiter in waiters:
                     waiters.remove(waiter)
 
-    async def unwatch(self, conversation_id: str) -> None:
-        """Unsubscribe from a conversation no longer watched (its cursor already dropped)."""
-        if conversation_id in self.cursors:
-            return  # watched again meanwhile
-        if conversation_id in self.subscribed and self.pubsub is not None:
-            self.subscribed.discard(conversation_id)
-            with contextlib.suppress(RedisError, OSError, ConnectionError):
-                await self.pubsub.sunsubscribe(self.hub.keys.events(conversation_id))
+    def forget(self, conversation_id: str) -> None:
+        """A conversation is no longer watched (its cursor already dropped): unsubscribe from
+        its channel, with the others left in the same turn of the event loop (one command)."""
+        if conversation_id not in self.subscribed:
+            return
+        self.leaving.add(conversation_id)
+        if self.unsubscriber is None or self.unsubscriber.done():
+            self.unsubscriber = asyncio.create_task(
+                self._unsubscribe(), context=contextvars.Context()
+            )
+
+    async def _unsubscribe(self) -> None:
+        await asyncio.sleep(0)  # one turn: the others that leave now go in the same command
+        cids = [c for c in self.leaving if c not in self.cursors and c in self.subscribed]
+        self.leaving.clear()
+        pubsub = self.pubsub
+        if not cids or pubsub is None:
+            return
+        self.subscribed.difference_update(cids)
+        try:
+            for at in range(0, len(cids), _SUBSCRIBE_CHUNK):
+                chunk = cids[at : at + _SUBSCRIBE_CHUNK]
+                await pubsub.sunsubscribe(*(self.hub.keys.events(cid) for cid in chunk))
+        except Exception as exc:  # a connection going away: the reader reconnects by itself
+            logger.debug("event reader: unsubscribe failed ({})", type(exc).__name__)
 
     async def _connect(self) -> PubSub:
         address = await self.hub.redis.primary_of(
@@ -409,12 +428,12 @@ class RedisEventHub(EventHub):
             del self._readers[slot]
             self._stop(reader)
             return
-        task = asyncio.create_task(reader.unwatch(conversation_id), context=contextvars.Context())
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        reader.forget(conversation_id)
 
     def _stop(self, reader: _Reader) -> None:
         reader.cursors.clear()
+        if reader.unsubscriber is not None:
+            reader.unsubscriber.cancel()
         reader.ready.set()  # (a subscription waiting for it ends: the hub is closing)
         if reader.task is not None and not reader.task.done():
             reader.task.cancel()
