@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 
@@ -62,10 +62,17 @@ _STREAMING = b'"status":"streaming"'
 
 def _may_stream(page: MessageSlice) -> bool:
     """Whether `page` may hold a streaming reply (True when it holds decoded messages)."""
+    if page.queued is False:
+        return False  # the conversation has no reply queued or being written
     if page.raw is not None:
         return any(_STREAMING in doc for doc in page.raw)
     if page.array is not None:
-        return any(_STREAMING in bytes(piece) for piece in page.array)
+        # (a memoryview piece is a slice of a stored document: the whole document is looked
+        # at, in place, rather than copied)
+        return any(
+            _STREAMING in (cast(bytes, piece.obj) if isinstance(piece, memoryview) else piece)
+            for piece in page.array
+        )
     return True
 
 

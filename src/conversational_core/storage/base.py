@@ -151,9 +151,11 @@ class MessageSlice:
     HTTP page is assembled from the stored bytes (the hot path of reading a conversation) and
     messages are decoded only if someone asks for `items`."""
 
-    __slots__ = ("_items", "array", "has_more", "raw", "seqs")
+    __slots__ = ("_items", "array", "has_more", "queued", "raw", "seqs")
 
     # `array`: the pieces of one JSON array (bytes-like), joined only once they are written.
+    # `queued`: whether the conversation has a reply queued or being written, when the backend
+    # tells (None: unknown): False means no message of the page is streaming.
 
     def __init__(
         self,
@@ -162,6 +164,7 @@ class MessageSlice:
         has_more: bool,
         raw: list[bytes] | None = None,
         array: Sequence[bytes | memoryview] | None = None,
+        queued: bool | None = None,
     ) -> None:
         if items is None and raw is None and array is None:
             raise ValueError("a slice needs items, raw documents or a JSON array")
@@ -170,6 +173,7 @@ class MessageSlice:
         self.has_more = has_more
         self.raw = raw
         self.array = array
+        self.queued = queued
 
     @property
     def items(self) -> list[Message]:

@@ -206,7 +206,7 @@ class RedisMessages(RedisParts):
         messages = self.keys.messages(conversation_id)
         result = await self.redis.script(
             scripts.PAGE,
-            self.keys.tree_keys(conversation_id),
+            [*self.keys.tree_keys(conversation_id), self.keys.replies(conversation_id)],
             [
                 owner or "",
                 query.limit,
@@ -227,7 +227,8 @@ class RedisMessages(RedisParts):
             raise UnknownMessage("leaf", "query")
         more = bool(result[1])
         width = 4 if result[2] else 2  # id, position[, sibling count, sibling index]
-        rows = result[4:]
+        queued = bool(result[4])  # a reply queued or being written: it may be on this page
+        rows = result[5:]
         ids = rows[::width]
         if not ids:
             return MessageSlice([], [], more)
@@ -261,7 +262,7 @@ class RedisMessages(RedisParts):
             ),
             b"]",
         ]
-        return MessageSlice(None, edges, more, array=array)
+        return MessageSlice(None, edges, more, array=array, queued=queued)
 
     async def _irregular_page(
         self,
@@ -433,7 +434,7 @@ class RedisMessages(RedisParts):
                 if page[0] == b"noleaf":
                     raise UnknownMessage("message_id")
                 width = 4 if page[2] else 2
-                rows = page[4:]
+                rows = page[5:]
                 branch.extend(i.decode() for i in rows[::width])
                 if not page[1]:
                     break
