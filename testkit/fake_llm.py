@@ -197,6 +197,8 @@ class FakeLLM:
                 yield chunk({"choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"
             finished = True
+            if tag is not None:
+                self.first_tokens[tag]["done"] = time.time()  # its last byte written
         finally:
             if finished:
                 self.streams_finished += 1

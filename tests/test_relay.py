@@ -13,11 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from testkit.fake_llm import FakeLLM, Reply, tool_call_deltas
+from testkit.fake_llm import FakeLLM, Reply, tag_message, tool_call_deltas
 
 from conversational_core.replies.worker import LoopLag
 from conversational_core.settings import Settings
-from tests.fixtures.live import collect_until_end
+from tests.fixtures.live import SseEvent, collect_until_end
 from tests.fixtures.replies import ask, deltas, llm_settings, new_conversation, wait_end
 from tests.test_api_tools import TIME, WEATHER, assert_deltas_make_the_parts
 
@@ -118,20 +118,30 @@ async def test_replies_are_admitted_in_order_and_no_more_than_the_worker_takes(
     cids = [await new_conversation(api) for _ in replies]
     asked = []
     for n, cid in enumerate(cids):  # one after the other: their order is the queue's
-        asked.append((cid, await ask(api, cid, f"question {n}")))
+        asked.append((cid, await ask(api, cid, tag_message(f"q{n}", f"question {n}"))))
+
+    async def completed_at(cid: str, reply_id: str) -> tuple[list[SseEvent], float]:
+        events = await wait_end(api, cid, reply_id)
+        return events, time.time()
+
     ended = await asyncio.wait_for(
-        asyncio.gather(*(wait_end(api, cid, rid) for cid, rid in asked)), EVENT_TIMEOUT
+        asyncio.gather(*(completed_at(cid, rid) for cid, rid in asked)), EVENT_TIMEOUT
     )
     texts = {llm.text(r) for r in replies}
-    for events in ended:
+    for n, (events, at) in enumerate(ended):
         assert events[-1].event == "message.completed"
         assert events[-1].data["message"]["content"] in texts
+        # Admitted, a reply streams at the model's pace, the waiting ones notwithstanding: its
+        # client has it all moments after the model wrote its last byte (wait_end reads the
+        # stream from its start: the completion is seen at most as late as it happened).
+        assert at - llm.first_tokens[f"q{n}"]["done"] < 0.5, (n, at, llm.first_tokens)
     # Never more streams at once than the worker admits; the first admitted are the first
     # asked (the rest waited in the queue rather than all slowing down together).
     assert llm.most_open_streams == CONCURRENCY
     asked_order = [_question(body) for body in llm.requests]
-    assert set(asked_order[:CONCURRENCY]) == {f"question {n}" for n in range(CONCURRENCY)}
-    assert sorted(asked_order) == [f"question {n}" for n in range(len(replies))]
+    first = {tag_message(f"q{n}", f"question {n}") for n in range(CONCURRENCY)}
+    assert set(asked_order[:CONCURRENCY]) == first
+    assert len(set(asked_order)) == len(replies)
 
 
 def _question(body: dict[str, Any]) -> str:
