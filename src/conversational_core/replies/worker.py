@@ -94,9 +94,10 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 free = limit - len(self._tasks)
-                if free <= 0 or not self.lag.calm.is_set():
+                if free <= 0 or (self._tasks and not self.lag.calm.is_set()):
                     # Full, or falling behind the streams it writes: wait for a free slot (or
-                    # for the loop to catch up), or for stop(). The jobs wait in the queue.
+                    # for the loop to catch up), or for stop(). The jobs wait in the queue. (A
+                    # worker writing nothing always takes one: its lag is then the machine's.)
                     pending = {asyncio.ensure_future(self._stopping.wait())}
                     if free > 0:
                         pending.add(asyncio.ensure_future(self.lag.calm.wait()))
