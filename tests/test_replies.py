@@ -7,6 +7,7 @@ import pytest
 from testkit.fake_llm import Fail, FakeLLM, Reply
 
 from conversational_core.settings import Settings
+from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until_end
 from tests.fixtures.replies import ask, deltas, llm_settings, new_conversation, wait_end
 
@@ -178,6 +179,63 @@ async def test_partial_text_is_readable_while_streaming(
     await wait_end(api, cid, reply_id)
     message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert (message["status"], message["content"]) == ("completed", "abcde")
+
+
+async def test_a_fork_while_a_reply_streams_copies_its_text_so_far(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "go")
+    await collect_until_end(
+        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
+    )
+    await llm.holding.wait()
+    forked = await api.post(f"/conversations/{cid}/fork", json={"message_id": reply_id})
+    assert forked.status_code == 201, forked.text
+    items = (await api.get(f"/conversations/{forked.json()['id']}/messages")).json()["items"]
+    # Nothing will write the copy: it is cancelled, with exactly what the deltas published.
+    assert [(m["role"], m["status"], m["content"]) for m in items] == [
+        ("user", "completed", "go"),
+        ("assistant", "cancelled", "abc"),
+    ]
+    assert items[1]["parts"] == [{"type": "text", "text": "abc"}]
+    llm.release.set()
+    await wait_end(api, cid, reply_id)
+
+
+async def test_metadata_set_while_a_reply_streams_keeps_its_text(
+    api: httpx.AsyncClient, llm: FakeLLM, settings: Settings
+) -> None:
+    llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "go")
+    await collect_until_end(
+        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
+    )
+    await llm.holding.wait()
+    service = {**auth(settings, "svc", ["service"]), "X-On-Behalf-Of": "alice"}
+    edited = await api.put(
+        f"/conversations/{cid}/messages/{reply_id}", json={"metadata": {"k": 1}}, headers=service
+    )
+    assert edited.status_code == 200, edited.text
+    assert (edited.json()["status"], edited.json()["content"]) == ("streaming", "abc")
+    llm.release.set()
+    events = await wait_end(api, cid, reply_id)
+    updated = [e for e in events if e.event == "message.updated"]
+    # The update tells clients the text they have (the first one is the reply's start):
+    # following the events (an update replaces the text so far, deltas append) gives it all.
+    assert [e.data["message"]["content"] for e in updated] == ["", "abc"]
+    text = ""
+    for e in events:
+        if e.data.get("message_id") != reply_id:
+            continue
+        if e.event == "message.updated":
+            text = e.data["message"]["content"]
+        elif e.event == "message.delta":
+            text += e.data["delta"]
+    assert text == "abcde" == events[-1].data["message"]["content"]
+    assert events[-1].data["message"]["metadata"] == {"k": 1}
 
 
 async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM) -> None:

@@ -409,7 +409,8 @@ async def test_a_fork_copies_the_branch(store: Store) -> None:
     forked = await store.fork(conv.id, "alice", reply.id, new)
     assert forked.id == new.id and forked.message_count == 4
     copies = (await store.list_messages(forked.id, "alice", MessageQuery(10))).items
-    assert [m.content for m in copies] == ["c0", "c1", "q", ""]
+    # The reply that had not ended keeps the text its deltas published.
+    assert [m.content for m in copies] == ["c0", "c1", "q", "partial"]
     assert {m.conversation_id for m in copies} == {forked.id}
     assert not {m.id for m in copies} & {m1.id, m2.id, ask.id, reply.id}
     assert [m.parent_id for m in copies] == [None, copies[0].id, copies[1].id, copies[2].id]

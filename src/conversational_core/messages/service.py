@@ -492,6 +492,10 @@ class MessageService:
             ):
                 raise Conflict("A reply that is still being written cannot be edited.")
             updated = current.replace(**changes, updated_at=utcnow(), version=current.version + 1)
+            if current.status is MessageStatus.STREAMING:
+                # Its document does not hold the text streamed so far (Store.published_parts):
+                # stored with it, the `message.updated` clients get does not drop their text.
+                (updated,) = await self._live(conversation_id, [updated])
             stored = await self._store.update_message(conversation_id, owner, updated, current)
             if stored is not None:
                 return stored

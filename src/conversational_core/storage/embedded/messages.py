@@ -421,7 +421,11 @@ class SqliteMessages(SqliteParts):
                 copy = Message.from_dict(doc)
                 copy.reply_message_id = copies.get(copy.reply_message_id or "")
                 if not copy.status.is_final:
-                    # Nothing will write it any more: it keeps its text so far.
+                    # Nothing will write it any more: it keeps the text its deltas published
+                    # (its document is not rewritten as it streams).
+                    published = self._replies.parts(conversation_id, str(r[1]))
+                    if published is not None:
+                        copy = copy.with_parts(published)
                     copy.status = MessageStatus.CANCELLED
                 rows.append(
                     (new.id, k, copy.id, k - 1 if k > 1 else None, copy.stored_json().decode())

@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-from conversational_core.storage.models import Conversation, Message, text_parts
+from conversational_core.storage import events
+from conversational_core.storage.models import Conversation, Message, Part, text_parts
 from conversational_core.storage.redis.client import Connection
 from conversational_core.storage.redis.keys import Keys
 
@@ -31,6 +32,22 @@ class RedisParts:
     keys: Keys
     _max_len: int
     _events_ttl: int
+
+    async def published_parts(
+        self, conversation_id: str, message_ids: list[str]
+    ) -> dict[str, list[Part]]:
+        """Store.published_parts: the delta logs the DELTA script appends to."""
+        if not message_ids:
+            return {}
+        # One slot: every key of a conversation shares its hash tag.
+        logs = await self.redis.call(
+            "MGET", *(self.keys.published(conversation_id, mid) for mid in message_ids)
+        )
+        return {
+            mid: events.parts_from_deltas(log)
+            for mid, log in zip(message_ids, logs, strict=True)
+            if log
+        }
 
 
 def has_parent(stored: bytes) -> bool:

@@ -448,15 +448,25 @@ class RedisMessages(RedisParts):
             if None in docs:
                 raise NotFound("The branch changed while it was copied; fork it again.")
             written: list[bytes] = []
-            for old, doc in zip(batch, docs, strict=True):
-                copy = message_from(doc, old, conversation_id)
-                copy = copy.replace(
+            originals = [
+                message_from(doc, old, conversation_id)
+                for old, doc in zip(batch, docs, strict=True)
+            ]
+            # A reply being written keeps the text its deltas published (its document is not
+            # rewritten as it streams).
+            published = await self.published_parts(
+                conversation_id, [m.id for m in originals if not m.status.is_final]
+            )
+            for old, original in zip(batch, originals, strict=True):
+                copy = original.replace(
                     id=copies[old],
                     conversation_id=new.id,
                     parent_id=above,
-                    reply_message_id=copies.get(copy.reply_message_id or ""),
+                    reply_message_id=copies.get(original.reply_message_id or ""),
                 )
                 if not copy.status.is_final:
+                    if old in published:
+                        copy = copy.with_parts(published[old])
                     copy.status = MessageStatus.CANCELLED
                 written.append(copy.stored_json())
                 above = copy.id

@@ -100,21 +100,6 @@ class RedisReplies(RedisParts, CompareAndSet):
         )
         return bool(published)
 
-    async def published_parts(
-        self, conversation_id: str, message_ids: list[str]
-    ) -> dict[str, list[Part]]:
-        if not message_ids:
-            return {}
-        # One slot: every key of a conversation shares its hash tag.
-        logs = await self.redis.call(
-            "MGET", *(self.keys.published(conversation_id, mid) for mid in message_ids)
-        )
-        return {
-            mid: events.parts_from_deltas(log)
-            for mid, log in zip(message_ids, logs, strict=True)
-            if log
-        }
-
     async def stop_reply(self, conversation_id: str, message_id: str) -> list[Part] | None:
         log = await self.redis.script(
             scripts.STOP,
