@@ -362,6 +362,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         (workdir / "replies").mkdir()
         replies = _run_replies(redis_binary, workdir)
         print("\n".join(report.fanout_lines(replies.fan, replies.log_warnings)))
+        print("GC pauses >= 10 ms:", orjson.dumps(replies.gc_pauses).decode())
         print(orjson.dumps(replies.fan.to_json(), option=orjson.OPT_INDENT_2).decode())
         return 0
     if os.environ.get("BENCH_ONLY") == "trees":  # the tree benchmark alone

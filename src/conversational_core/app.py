@@ -5,7 +5,6 @@ worker, hands them to requests as typed state, and closes them in reverse order.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from collections.abc import AsyncIterator
 from typing import TypedDict
@@ -29,6 +28,7 @@ from conversational_core.observability.middleware import EdgeMiddleware
 from conversational_core.ratelimit import Limits
 from conversational_core.replies.endpoints import router as replies_router
 from conversational_core.replies.worker import run_worker
+from conversational_core.runtime import settle_gc
 from conversational_core.settings import Settings, load_settings
 from conversational_core.storage.base import EventHub, JobQueue, Store
 from conversational_core.storage.factory import Backend, open_backend
@@ -99,8 +99,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             # collector's full scans, which otherwise stall the loop as connections pile up.
             limits = Limits.build(settings, active.counters)
             stack.callback(metrics.process_exited, os.getpid())
-            gc.collect()
-            gc.freeze()
+            settle_gc()
             yield State(
                 settings=settings,
                 store=active.store,

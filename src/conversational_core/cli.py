@@ -58,7 +58,6 @@ def _run_uvicorn(settings: Settings) -> None:
 def _worker(settings: Settings) -> int:
     """Reply workers as a process of their own (Redis only): runs until SIGTERM/SIGINT."""
     import asyncio
-    import gc
     import signal
 
     from loguru import logger
@@ -67,6 +66,7 @@ def _worker(settings: Settings) -> int:
     from conversational_core.observability.logging import configure_logging
     from conversational_core.observability.metrics import start_metrics_server
     from conversational_core.replies.worker import run_worker
+    from conversational_core.runtime import settle_gc
     from conversational_core.storage.factory import open_backend
 
     if not settings.REDIS_URL:
@@ -88,8 +88,7 @@ def _worker(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with open_backend(settings) as backend, run_worker(settings, backend) as worker:
-            gc.collect()
-            gc.freeze()  # start-up objects live forever: keep them out of full collections
+            settle_gc()  # start-up objects live forever: keep them out of full collections
             logger.info(
                 "worker {} started (concurrency {})", worker.name, settings.WORKER_CONCURRENCY
             )
