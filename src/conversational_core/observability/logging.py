@@ -16,6 +16,7 @@ import inspect
 import logging
 import re
 import sys
+import time
 import traceback
 from contextvars import ContextVar
 from datetime import datetime
@@ -114,7 +115,8 @@ class AccessLog:
     write every FLUSH_SECONDS: through Loguru a line cost ~27 us of the request (a record, its
     patcher, the sink, a write), measured, several percent of a page's time. The lines are
     those Loguru would write (the same JSON fields in production, the same readable line in
-    development), a little later; buffered lines are written at exit too."""
+    development), a little later; buffered lines are written at exit too. The time is rendered
+    once a second (a `datetime` formatted per line was a fifth of the line's cost)."""
 
     FLUSH_SECONDS = 0.05
     FLUSH_BYTES = 65_536
@@ -125,6 +127,8 @@ class AccessLog:
         self._pending: list[str] = []
         self._size = 0
         self._scheduled = False
+        self._second = -1  # the second the cached renderings below are of
+        self._iso = self._offset = self._readable = ""
         atexit.register(self.flush)
 
     def write(
@@ -139,11 +143,20 @@ class AccessLog:
         path = redact(path)
         message = f"{method} {path} {status} {duration_ms:.1f}ms"
         request_id = REQUEST_ID.get()
-        now = datetime.now().astimezone()
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date, time and offset, rendered once a second
+            local = datetime.fromtimestamp(second).astimezone()
+            self._second = second
+            self._iso = local.strftime("%Y-%m-%dT%H:%M:%S")
+            self._offset = local.strftime("%z")
+            self._offset = f"{self._offset[:3]}:{self._offset[3:]}"
+            self._readable = local.strftime("%Y-%m-%d %H:%M:%S")
+        fraction = int((now - second) * 1_000_000)
         if self.production:
             line = orjson.dumps(
                 {
-                    "time": now.isoformat(),
+                    "time": f"{self._iso}.{fraction:06d}{self._offset}",
                     "level": "INFO",
                     "message": message,
                     "logger": self.LOGGER,
@@ -158,8 +171,7 @@ class AccessLog:
                 }
             ).decode()
         else:
-            stamp = f"{now:%Y-%m-%d %H:%M:%S}.{now.microsecond // 1000:03d}"
-            line = f"{stamp} | INFO     | {request_id} | {message}"
+            line = f"{self._readable}.{fraction // 1000:03d} | INFO     | {request_id} | {message}"
         self._pending.append(line)
         self._size += len(line)
         if self._size >= self.FLUSH_BYTES:

@@ -1,0 +1,57 @@
+"""Access lines (observability/logging.py:AccessLog): the fields and formats Loguru's sink
+writes, rendered by hand and written in batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from datetime import datetime
+
+import pytest
+
+from conversational_core.observability.logging import REQUEST_ID, AccessLog
+
+
+def _written(log: AccessLog, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    token = REQUEST_ID.set("req-7")
+    try:
+        log.write(
+            "GET", "/conversations/c1/messages", "/conversations/{id}/messages", 200, 1.25, "al"
+        )
+        log.write("POST", "/x?token=eyJhbGciOiJI.eyJzdWIiOiJh.c2ln", "/x", 201, 3.5, None)
+    finally:
+        REQUEST_ID.reset(token)
+    assert out.getvalue() == ""  # buffered (in a running loop): nothing written per request
+    log.flush()
+    return out.getvalue().splitlines()
+
+
+async def test_production_lines_are_json_with_an_iso_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AccessLog()
+    log.production = True
+    first, second = (json.loads(line) for line in _written(log, monkeypatch))
+    when = datetime.fromisoformat(first["time"])
+    assert when.tzinfo is not None
+    assert abs((datetime.now().astimezone() - when).total_seconds()) < 60
+    assert {k: first[k] for k in ("level", "message", "access", "status", "user_id")} == {
+        "level": "INFO",
+        "message": "GET /conversations/c1/messages 200 1.2ms",
+        "access": True,
+        "status": 200,
+        "user_id": "al",
+    }
+    assert (first["request_id"], first["endpoint"]) == ("req-7", "/conversations/{id}/messages")
+    assert "eyJ" not in json.dumps(second)  # a token in a path never reaches a line
+
+
+async def test_development_lines_are_readable(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AccessLog()
+    first, _ = _written(log, monkeypatch)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| INFO     \| req-7 \| "
+        r"GET /conversations/c1/messages 200 1\.2ms",
+        first,
+    ), first
