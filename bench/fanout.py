@@ -329,7 +329,9 @@ class FanoutResult:
         }
 
 
-async def _connect(port: int, token: str, clients: list[Client], result: FanoutResult) -> None:
+async def connect_clients(
+    port: int, token: str, clients: list[Client], result: FanoutResult
+) -> None:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
@@ -352,7 +354,7 @@ async def _connect(port: int, token: str, clients: list[Client], result: FanoutR
             result.connected += 1
 
 
-async def _post_all(port: int, token: str, clients: list[Client]) -> None:
+async def post_all(port: int, token: str, clients: list[Client]) -> None:
     queue: asyncio.Queue[Client] = asyncio.Queue()
     for client in clients:
         queue.put_nowait(client)
@@ -391,7 +393,7 @@ async def _run(
         {"api": api_pid}, redis_port
     )["api"]
 
-    await _connect(port, token, clients, result)
+    await connect_clients(port, token, clients, result)
     ready = [c for c in clients if c.protocol is not None and c.protocol.connected.done()]
     result.api_rss_kb["clients_connected"] = read_status(api_pid)["VmRSS"]
     result.api_fds["clients_connected"] = open_fds(api_pid)
@@ -408,7 +410,7 @@ async def _run(
     sampler = RssSampler({"api": api_pid, **worker_pids}, redis_port)
     with sampler.running():
         started = time.monotonic()
-        await _post_all(port, token, ready)
+        await post_all(port, token, ready)
         result.post_seconds = time.monotonic() - started
         waits = [c.protocol.ended for c in ready if c.protocol is not None]
         if waits:
@@ -504,7 +506,7 @@ async def _run(
 
     # A second round of as many connections: does the memory of the first one get reused?
     again = [Client(cid) for cid in conversations]
-    await _connect(port, token, again, FanoutResult(clients=len(again)))
+    await connect_clients(port, token, again, FanoutResult(clients=len(again)))
     result.api_rss_kb["second_round_connected"] = read_status(api_pid)["VmRSS"]
     result.api_fds["second_round_connected"] = open_fds(api_pid)
     await _disconnect(again, api_pid)

@@ -42,9 +42,9 @@ from bench.fanout import (
     AsyncHttp,
     Client,
     FanoutResult,
-    _connect,
-    _post_all,
+    connect_clients,
     cpu_seconds,
+    post_all,
     redis_command_stats,
 )
 from bench.fixtures import create_conversation
@@ -166,7 +166,7 @@ async def _run(
     result = RelayResult(load)
     clients = [Client(cid) for cid in conversations]
     connecting = FanoutResult(clients=len(clients))
-    await _connect(port, token, clients, connecting)
+    await connect_clients(port, token, clients, connecting)
     result.failures.extend(connecting.failures)
     ready = [c for c in clients if c.protocol is not None and c.protocol.connected.done()]
 
@@ -174,7 +174,7 @@ async def _run(
     cpu_before = {name: cpu_seconds(pid) for name, pid in measured.items()}
     redis.config_resetstat()
     started = time.monotonic()
-    await _post_all(port, token, ready)
+    await post_all(port, token, ready)
     waits = [c.protocol.ended for c in ready if c.protocol is not None]
     if waits:
         await asyncio.wait(waits, timeout=TIMEOUT)

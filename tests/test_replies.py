@@ -155,9 +155,9 @@ async def test_deleting_the_conversation_stops_the_reply(
     assert llm.streams_finished == 0
 
 
-async def test_partial_text_is_readable_while_streaming(
-    api: httpx.AsyncClient, llm: FakeLLM
-) -> None:
+async def _held_at_abc(api: httpx.AsyncClient, llm: FakeLLM) -> tuple[str, str]:
+    """A reply that streamed "abc" of "abcde" (its clients have it) and is held there until
+    `llm.release` is set: (conversation id, reply id)."""
     llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
     cid = await new_conversation(api)
     reply_id = await ask(api, cid, "go")
@@ -165,6 +165,13 @@ async def test_partial_text_is_readable_while_streaming(
         api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
     )
     await llm.holding.wait()
+    return cid, reply_id
+
+
+async def test_partial_text_is_readable_while_streaming(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    cid, reply_id = await _held_at_abc(api, llm)
     # A GET shows what the deltas published so far: exactly what the stream's clients have.
     message = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
     assert message["status"] == "streaming"
@@ -184,13 +191,7 @@ async def test_partial_text_is_readable_while_streaming(
 async def test_a_fork_while_a_reply_streams_copies_its_text_so_far(
     api: httpx.AsyncClient, llm: FakeLLM
 ) -> None:
-    llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
-    cid = await new_conversation(api)
-    reply_id = await ask(api, cid, "go")
-    await collect_until_end(
-        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
-    )
-    await llm.holding.wait()
+    cid, reply_id = await _held_at_abc(api, llm)
     forked = await api.post(f"/conversations/{cid}/fork", json={"message_id": reply_id})
     assert forked.status_code == 201, forked.text
     items = (await api.get(f"/conversations/{forked.json()['id']}/messages")).json()["items"]
@@ -207,13 +208,7 @@ async def test_a_fork_while_a_reply_streams_copies_its_text_so_far(
 async def test_metadata_set_while_a_reply_streams_keeps_its_text(
     api: httpx.AsyncClient, llm: FakeLLM, settings: Settings
 ) -> None:
-    llm.script = [Reply(["a", "b", "c", "d", "e"], hold_after=3)]
-    cid = await new_conversation(api)
-    reply_id = await ask(api, cid, "go")
-    await collect_until_end(
-        api, f"/conversations/{cid}/events", {}, reply_id, after="0", until_chars=3
-    )
-    await llm.holding.wait()
+    cid, reply_id = await _held_at_abc(api, llm)
     service = {**auth(settings, "svc", ["service"]), "X-On-Behalf-Of": "alice"}
     edited = await api.put(
         f"/conversations/{cid}/messages/{reply_id}", json={"metadata": {"k": 1}}, headers=service

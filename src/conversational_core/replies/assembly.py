@@ -136,9 +136,8 @@ async def batched(
     try:
         while True:
             batch = [await queue.get()]
-            wait = window() if last is not None else 0.0
-            if wait > 0 and not finished.is_set():
-                remaining = last + wait - loop.time() if last is not None else 0.0
+            if last is not None and not finished.is_set():
+                remaining = last + window() - loop.time()
                 if remaining > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining):
