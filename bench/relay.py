@@ -77,6 +77,18 @@ class Load:
 LOADS = (Load(200, 200, 5.0), Load(500, 200, 2.0), Load(1000, 100, 10.0))
 
 
+def selected_loads(spec: str | None) -> tuple[Load, ...]:
+    """The loads to run: all of LOADS, or those BENCH_RELAY_LOADS names (`500x200x2,...`:
+    streams x tokens x ms between tokens), e.g. to profile one of them."""
+    if not spec:
+        return LOADS
+    loads = []
+    for item in spec.split(","):
+        streams, tokens, delay = item.strip().split("x")
+        loads.append(Load(int(streams), int(tokens), float(delay)))
+    return tuple(loads)
+
+
 @dataclass
 class RelayResult:
     load: Load

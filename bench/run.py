@@ -310,9 +310,9 @@ def _run_replies(redis_binary: str, workdir: Path) -> Replies:
 
 
 def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
-    """The relay at the loads of relay.LOADS, on processes of their own: Redis, the fast fake
-    model (bench/fake_model.py), the API with WORKER_IN_API=false and WORKERS worker processes,
-    all with the service's default settings."""
+    """The relay at the loads of relay.LOADS (or BENCH_RELAY_LOADS), on processes of their own:
+    Redis, the fast fake model (bench/fake_model.py), the API with WORKER_IN_API=false and
+    WORKERS worker processes, all with the service's default settings."""
     (workdir / "redis").mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         _step(
@@ -335,7 +335,8 @@ def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
             "fake_model": model.proc.pid,
         }
         results = []
-        for load in relay.LOADS:
+        print("relay: pids " + orjson.dumps(pids).decode(), flush=True)  # (to attach a profiler)
+        for load in relay.selected_loads(os.environ.get("BENCH_RELAY_LOADS")):
             _step(f"relay: {load.name}")
             results.append(relay.measure(port, token, model_port, redis_url, pids, load))
             for child in (redis, model, api, *workers):

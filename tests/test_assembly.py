@@ -9,16 +9,17 @@ from conversational_core.replies.providers.base import Piece
 
 
 def test_interleaved_calls_each_keep_their_arguments() -> None:
-    built = PartsBuilder()
-    deltas = [
-        built.add("Checking "),
-        built.add(Piece("tool_call", "", key=0, id="a", name="f")),
-        built.add(Piece("tool_call", "", key=1, id="b", name="g")),
-        built.add(Piece("tool_call", '{"x"', key=0)),
-        built.add(Piece("tool_call", '{"y": 2}', key=1)),
-        built.add(Piece("tool_call", ": 1}", key=0)),
-        built.add("both."),
+    pieces: list[str | Piece] = [
+        "Checking ",
+        Piece("tool_call", "", key=0, id="a", name="f"),
+        Piece("tool_call", "", key=1, id="b", name="g"),
+        Piece("tool_call", '{"x"', key=0),
+        Piece("tool_call", '{"y": 2}', key=1),
+        Piece("tool_call", ": 1}", key=0),
+        "both.",
     ]
+    built = PartsBuilder()
+    deltas = [built.add(p) for p in pieces]
     assert built.parts == [
         {"type": "text", "text": "Checking "},
         {"type": "tool_call", "id": "a", "name": "f", "arguments": '{"x": 1}'},
@@ -29,6 +30,12 @@ def test_interleaved_calls_each_keep_their_arguments() -> None:
         (0, "Checking "), (1, ""), (2, ""), (1, '{"x"'), (2, '{"y": 2}'), (1, ": 1}"), (3, "both."),
     ]  # fmt: skip
     assert deltas[1] is not None and deltas[1].start == {"tool_call_id": "a", "name": "f"}
+
+    # The same pieces in one batch: the same parts, and the same deltas (no two in a row of
+    # one part here, so none merged).
+    batch = PartsBuilder()
+    assert batch.add_all(pieces) == [d for d in deltas if d]
+    assert batch.parts == built.parts
 
 
 def test_a_signature_after_its_thinking_goes_on_that_part() -> None:
@@ -43,22 +50,25 @@ def test_a_signature_after_its_thinking_goes_on_that_part() -> None:
 
 
 def test_a_batch_sends_one_delta_per_part_in_order() -> None:
-    from conversational_core.replies.assembly import merged
-
     built = PartsBuilder()
-    deltas = [
-        built.add(p)
-        for p in (
+    sent = built.add_all(
+        [
             "a",
             "b",
             Piece("tool_call", "{", key=0, id="c", name="f"),
             Piece("tool_call", "}", key=0),
             "c",
-        )
-    ]
-    sent = merged([d for d in deltas if d is not None])
+            Piece("text", "d"),  # (a text piece without a key continues plain text)
+            Piece("reasoning", "", key=0),  # (nothing to tell: no part, no delta)
+        ]
+    )
     assert [(d.part_index, d.text, d.start) for d in sent] == [
         (0, "ab", None),
         (1, "{}", {"tool_call_id": "c", "name": "f"}),
-        (2, "c", None),
+        (2, "cd", None),
+    ]
+    assert built.parts == [
+        {"type": "text", "text": "ab"},
+        {"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"},
+        {"type": "text", "text": "cd"},
     ]

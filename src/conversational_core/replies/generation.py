@@ -30,7 +30,7 @@ from typing import Any
 from loguru import logger
 
 from conversational_core.observability import metrics
-from conversational_core.replies.assembly import Delta, PartsBuilder, batched, merged
+from conversational_core.replies.assembly import PartsBuilder, batched
 from conversational_core.replies.context import PromptTooLong, build_prompt, part_tokens
 from conversational_core.replies.providers.base import Provider, ProviderError, Usage
 from conversational_core.replies.titles import TitleWriter
@@ -194,16 +194,11 @@ class ReplyWriter:
                 batches = batched(self._provider.stream(request), self._window)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
-                        deltas: list[Delta] = []
-                        for item in batch:
-                            if isinstance(item, Usage):
-                                usage = item
-                                continue
-                            started = True
-                            delta = built.add(item)
-                            if delta is not None:
-                                deltas.append(delta)
-                        for delta in merged(deltas):
+                        pieces = [i for i in batch if not isinstance(i, Usage)]
+                        if len(pieces) < len(batch):
+                            usage = [i for i in batch if isinstance(i, Usage)][-1]
+                        started = started or bool(pieces)
+                        for delta in built.add_all(pieces):
                             if first_token:
                                 first_token = False
                                 waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
