@@ -245,3 +245,26 @@ async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM)
     assert llm.streams_finished == 0
     items = (await api.get(f"/conversations/{cid}/messages")).json()["items"]
     assert [m["role"] for m in items] == ["user"]
+
+
+def test_events_are_written_as_sse_starlette_writes_them() -> None:
+    """Events are encoded by hand (replies/endpoints.py): the bytes are sse-starlette's, and
+    data that is not one line is still split into data lines."""
+    from sse_starlette import ServerSentEvent
+
+    from conversational_core.replies.endpoints import encoded
+    from conversational_core.storage.base import Event
+
+    one_line = Event("1732459940361-0", "message.delta", b'{"delta":"a\\nb \xc3\xa9"}')
+    assert (
+        encoded(one_line)
+        == ServerSentEvent(
+            data=one_line.data.decode(), event=one_line.type, id=one_line.id
+        ).encode()
+    )
+    two_lines = encoded(Event("7", "message.updated", b'{"a":1}\n{"b":2}'))
+    assert isinstance(two_lines, ServerSentEvent)
+    assert (
+        two_lines.encode()
+        == b'id: 7\r\nevent: message.updated\r\ndata: {"a":1}\r\ndata: {"b":2}\r\n\r\n'
+    )
