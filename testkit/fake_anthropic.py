@@ -125,3 +125,13 @@ class FakeAnthropicServer(ServedApp):
         await self.start()
         self.fake.url = self.url  # the SDK adds /v1/messages
         return self.fake
+
+
+# `uvicorn testkit.fake_anthropic:bench_app`: bench/stream_parse.py's Anthropic model, in a
+# process of its own: 500 pieces of text, then a tool call's input in 500 pieces.
+bench_app = FakeAnthropic(
+    default=[
+        Block("text", ["tok "] * 500),
+        Block("tool_use", ['{"q": "', *["abcd"] * 498, '"}'], id="toolu_1", name="search"),
+    ]
+).app()

@@ -22,6 +22,7 @@ from conversational_core.replies.providers.base import (
     CompletionRequest,
     Provider,
     ProviderError,
+    Usage,
 )
 from conversational_core.replies.providers.openai import OpenAIProvider
 
@@ -64,11 +65,13 @@ _ANTHROPIC = [
 
 class _CutServer(asyncio.Protocol):
     """Answers a request with the head of an event stream and `events`, then cuts the
-    connection (`stall` False) or says nothing more (`stall` True)."""
+    connection (`stall` False) or says nothing more (`stall` True); with `finish`, ends the
+    body as a server that is done (the last chunk) instead."""
 
-    def __init__(self, events: list[bytes], stall: bool) -> None:
+    def __init__(self, events: list[bytes], stall: bool, finish: bool = False) -> None:
         self.events = events
         self.stall = stall
+        self.finish = finish
         self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,7 +94,9 @@ class _CutServer(asyncio.Protocol):
             b"transfer-encoding: chunked\r\n\r\n"
             + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in self.events)
         )
-        if not self.stall:
+        if self.finish:
+            self.transport.write(b"0\r\n\r\n")
+        elif not self.stall:
             self.transport.abort()  # the model server died mid-reply
 
 
@@ -133,3 +138,60 @@ async def test_a_stream_cut_or_stalled_mid_reply_fails_with_a_provider_error(
     assert texts == ["Hi", "Hi"]  # what came before the cut was read
     assert failed.value.message == message
     assert failed.value.retryable
+
+
+async def _anthropic_reads(events: list[bytes]) -> tuple[list[object], ProviderError | None]:
+    """What the Anthropic provider yields for a stream of `events` that then ends, and the
+    error it raised, if any."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _CutServer(events, False, True), "127.0.0.1", 0)
+    provider = _anthropic(server.sockets[0].getsockname()[1])
+    items: list[object] = []
+    try:
+        async for item in provider.stream(CompletionRequest("m", [ChatMessage("user", "hi")],
+                                                            None, 10)):  # fmt: skip
+            items.append(item)
+    except ProviderError as exc:
+        return items, exc
+    finally:
+        await provider.close()
+        server.close()
+    return items, None
+
+
+_DONE = [
+    _event({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    _event({"type": "ping"}, "ping"),
+    _event(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 9},
+        },
+        "message_delta",
+    ),
+    _event({"type": "message_stop"}, "message_stop"),
+]
+
+
+async def test_anthropic_usage_comes_from_the_start_and_the_last_delta() -> None:
+    items, error = await _anthropic_reads([*_ANTHROPIC, *_DONE])
+    assert error is None
+    assert [getattr(i, "text", None) for i in items[:2]] == ["Hi", "Hi"]
+    assert items[2:] == [Usage(3, 9)]
+
+
+async def test_anthropic_stream_ending_before_message_stop_is_a_cut() -> None:
+    """The body ended as if the server were done, but the message never stopped: the reply was
+    cut short, and is not taken for complete."""
+    items, error = await _anthropic_reads([*_ANTHROPIC, *_DONE[:-1]])
+    assert [getattr(i, "text", None) for i in items] == ["Hi", "Hi"]
+    assert error is not None and error.message == CONNECTION_ERROR and error.retryable
+
+
+async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    items, error = await _anthropic_reads([*_ANTHROPIC, _event(overloaded, "error")])
+    assert len(items) == 2
+    assert error is not None and error.retryable
+    assert error.message == "The AI provider failed while answering."

@@ -27,6 +27,7 @@ def build_provider(settings: Settings) -> Provider:
             base_url=settings.LLM_BASE_URL,
             timeout=settings.LLM_TIMEOUT_SECONDS,
             reasoning_budget=settings.LLM_REASONING_BUDGET_TOKENS,
+            max_connections=settings.WORKER_CONCURRENCY + 16,
         )
     from conversational_core.replies.providers.dev import DevProvider
 

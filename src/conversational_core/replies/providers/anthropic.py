@@ -9,17 +9,19 @@ LLM_REASONING_BUDGET_TOKENS > 0 turns extended thinking on.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx2
 import orjson
-from anthropic import AsyncAnthropic
+from anthropic import AsyncAnthropic, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
     TIMEOUT_ERROR,
+    UNREADABLE,
     ChatMessage,
     CompletionRequest,
     Piece,
@@ -30,6 +32,7 @@ from conversational_core.replies.providers.base import (
     translate_sdk_error,
     unsupported,
 )
+from conversational_core.replies.providers.openai import sse_data
 from conversational_core.storage.models import (
     FILE,
     REASONING,
@@ -133,12 +136,21 @@ class AnthropicProvider(Provider):
         base_url: str | None,
         timeout: float,
         reasoning_budget: int = 0,
+        max_connections: int = 1000,
     ) -> None:
+        # The SDK's aiohttp transport, as for OpenAI (providers/openai.py: a stream's bytes read
+        # as they arrive rather than through h11 and a timeout per HTTP chunk).
         self._client = AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             timeout=timeout,
             max_retries=0,  # the worker retries (before the first token only)
+            http_client=DefaultAioHttpClient(
+                timeout=timeout,
+                limits=httpx2.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+            ),
         )
         self._reasoning_budget = reasoning_budget
 
@@ -163,35 +175,93 @@ class AnthropicProvider(Provider):
             ]  # fmt: skip
             if request.tool_choice is not None:
                 kwargs["tool_choice"] = _tool_choice(request.tool_choice)
-        messages: Any = anthropic_messages(request.messages)
-        try:
-            async with self._client.messages.stream(
-                model=request.model, max_tokens=request.max_tokens, messages=messages, **kwargs
-            ) as stream:
-                async for event in stream:
-                    if event.type == "content_block_start":
-                        block = event.content_block
-                        if block.type == "tool_use":
-                            yield Piece(TOOL_CALL, "", key=event.index, id=block.id,
-                                        name=block.name)  # fmt: skip
-                    elif event.type == "content_block_delta":
-                        delta = event.delta
-                        if delta.type == "text_delta":
-                            yield Piece(TEXT, delta.text, key=event.index)
-                        elif delta.type == "thinking_delta":
-                            yield Piece(REASONING, delta.thinking, key=event.index)
-                        elif delta.type == "signature_delta":
-                            yield Piece(REASONING, "", key=event.index,
-                                        provider_data={"provider": NAME,
-                                                       "signature": delta.signature})  # fmt: skip
-                        elif delta.type == "input_json_delta":
-                            yield Piece(TOOL_CALL, delta.partial_json, key=event.index)
-                final = await stream.get_final_message()
-                yield Usage(final.usage.input_tokens, final.usage.output_tokens)
-        except anthropic.AnthropicError as exc:
-            raise translate_sdk_error(exc, anthropic) from None
-        # A body cut or stalled mid-stream: the SDK lets its HTTP layer's (httpx2) errors out.
-        except httpx2.TimeoutException:
-            raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-        except httpx2.HTTPError:
-            raise ProviderError(CONNECTION_ERROR, retryable=True) from None
+        body = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": anthropic_messages(request.messages),
+            "stream": True,
+            **kwargs,
+        }
+        # As for OpenAI (providers/openai.py): the SDK makes the request (auth, base URL,
+        # `anthropic-version`, timeouts, its errors for HTTP statuses) through its generic
+        # `post`, with the body encoded here, and the events are read raw and parsed with
+        # orjson. Its `messages.stream` helper validates the request against its types and,
+        # for every event, updates a pydantic snapshot of the whole message, re-parsing a tool
+        # call's whole input so far on each piece of it (quadratic in the input's length).
+        async with contextlib.AsyncExitStack() as stack:  # closes the response at the end
+            try:
+                response = cast(
+                    httpx2.Response,
+                    await self._client.post(
+                        "/v1/messages",
+                        cast_to=httpx2.Response,
+                        content=orjson.dumps(body),
+                        options={"headers": {"Content-Type": "application/json"}},
+                        stream=True,
+                        stream_cls=None,
+                    ),
+                )
+            except anthropic.AnthropicError as exc:
+                raise translate_sdk_error(exc, anthropic) from None
+            stack.push_async_callback(response.aclose)
+            usage = Usage(0, 0)
+            try:
+                async for data in sse_data(response.aiter_bytes()):
+                    event = orjson.loads(data)
+                    if event.get("type") == "message_stop":
+                        yield usage
+                        return
+                    piece, usage = event_items(event, usage)
+                    if piece is not None:
+                        yield piece
+            # (the SDK's HTTP layer is httpx2, whose errors are not httpx's)
+            except httpx2.TimeoutException:
+                raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
+            except httpx2.HTTPError:
+                raise ProviderError(CONNECTION_ERROR, retryable=True) from None
+            except orjson.JSONDecodeError:
+                raise ProviderError(UNREADABLE, retryable=True) from None
+        # The body ended without `message_stop`: the reply was cut short.
+        raise ProviderError(CONNECTION_ERROR, retryable=True)
+
+
+def event_items(event: dict[str, Any], usage: Usage) -> tuple[Piece | None, Usage]:
+    """What one Messages API stream event holds for the reply: a piece, and the usage so far
+    (`message_start` has the input's, `message_delta` the output's, cumulative). An `error`
+    event (e.g. `overloaded_error` mid-stream) fails the reply."""
+    kind = event.get("type")
+    if kind == "content_block_delta":
+        delta = event["delta"]
+        index = event.get("index", 0)
+        match delta.get("type"):
+            case "text_delta":
+                return Piece(TEXT, delta["text"], key=index), usage
+            case "thinking_delta":
+                return Piece(REASONING, delta["thinking"], key=index), usage
+            case "signature_delta":
+                data = {"provider": NAME, "signature": delta["signature"]}
+                return Piece(REASONING, "", key=index, provider_data=data), usage
+            case "input_json_delta":
+                return Piece(TOOL_CALL, delta["partial_json"], key=index), usage
+        return None, usage
+    if kind == "content_block_start":
+        block = event["content_block"]
+        if block.get("type") == "tool_use":
+            piece = Piece(TOOL_CALL, "", key=event.get("index", 0), id=block["id"],
+                          name=block["name"])  # fmt: skip
+            return piece, usage
+        return None, usage
+    if kind == "message_start":
+        counted = event["message"].get("usage") or {}
+        return None, Usage(int(counted.get("input_tokens") or 0),
+                           int(counted.get("output_tokens") or 0))  # fmt: skip
+    if kind == "message_delta":
+        counted = event.get("usage") or {}
+        input_tokens = counted.get("input_tokens")
+        return None, Usage(
+            usage.input_tokens if input_tokens is None else int(input_tokens),
+            int(counted.get("output_tokens") or usage.output_tokens),
+        )
+    if kind == "error":
+        raise ProviderError("The AI provider failed while answering.", retryable=True)
+    return None, usage  # ping, content_block_stop, and types added later
