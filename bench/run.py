@@ -151,6 +151,21 @@ def _cpu_busy(seconds: float = 1.0) -> float | None:
     return 1 - (idle1 - idle0) / total if total else None
 
 
+def _python_speed() -> float:
+    """Milliseconds of one fixed pure-Python loop (the fastest of 5): how fast this machine runs
+    Python right now. CPU-per-token and requests-per-second figures scale with it, and on a
+    shared machine it moves between runs (it doubled within an hour on 2026-11-30); printed with
+    every run so that figures of different runs can be compared."""
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - began)
+    return best * 1000
+
+
 def _git_commit() -> str | None:
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         done = subprocess.run(
@@ -348,7 +363,9 @@ def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
 def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
     started = time.monotonic()
     busy_before = _cpu_busy()
-    notes: list[str] = []
+    speed = _python_speed()
+    print(f"machine speed: a fixed Python loop took {speed:.1f} ms (lower is faster)", flush=True)
+    notes: list[str] = [f"machine speed: a fixed Python loop took {speed:.1f} ms (lower is faster)"]
     if busy_before is not None and busy_before > 0.25:
         notes.append(
             f"other work used {busy_before:.0%} of the CPUs just before the run: figures may be "
