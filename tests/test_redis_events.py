@@ -1,5 +1,6 @@
 """The Redis event hub with many conversations watched at once: on a cluster their streams are in
-different slots and nodes, read by one XREAD per slot."""
+different slots and nodes, read by one pub/sub connection per slot (our own reader on redis://
+URLs, redis-py's PubSub on the others: both are run here)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import gc
 from collections.abc import AsyncIterator
 
 import orjson
+import pytest
 
 from conversational_core.storage.base import Event
 from conversational_core.storage.redis.events import RedisEventHub
@@ -28,9 +30,13 @@ async def _contents(events: AsyncIterator[Event], n: int) -> list[str]:
     return out
 
 
-async def test_each_subscriber_gets_its_own_conversation_live(any_redis_store: RedisStore) -> None:
+@pytest.mark.parametrize("pooled", [False, True], ids=["own-reader", "redis-py-pubsub"])
+async def test_each_subscriber_gets_its_own_conversation_live(
+    any_redis_store: RedisStore, pooled: bool
+) -> None:
     store = any_redis_store
     hub = RedisEventHub(store, url_of(store))
+    hub.pooled_channels = pooled
     cids = [(await store.create_conversation(conversation()))[0].id for _ in range(_CONVERSATIONS)]
     if store.redis.cluster:
         assert len({store.redis.slot_of(store.keys.events(cid)) for cid in cids}) > 1

@@ -19,6 +19,10 @@ Redis then unsubscribes its channels) reconnects to the slot's primary, subscrib
 reads each watched stream from the last event it handed over before going live again: no
 event is lost or repeated. Each subscriber has a bounded queue; a subscriber whose queue is
 full is dropped (SlowConsumer) without slowing the others.
+
+The pub/sub connections are read by client.PubSubConnection on `redis://` URLs (messages handed
+over in batches as they are parsed) and by redis-py's PubSub on the others (TLS): redis-py's
+`get_message` per message was a fifth of the API's CPU while it relayed replies.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from redis.exceptions import RedisError
 
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
 from conversational_core.storage.errors import Unavailable
-from conversational_core.storage.redis.client import Connection, dedicated_client
+from conversational_core.storage.redis.client import (
+    Connection,
+    PubSubConnection,
+    RespClient,
+    dedicated_client,
+)
 from conversational_core.storage.redis.keys import Keys, conversation_of
 from conversational_core.storage.redis.store import RedisStore
 
@@ -94,6 +103,87 @@ class _Subscriber:
             self.queue.put_nowait(None)
 
 
+# A reply on a pub/sub connection: (kind, channel, data), e.g. ("smessage", channel, payload),
+# ("ssubscribe", channel, count), ("pong", b"", b"").
+Reply = tuple[str, bytes, Any]
+
+
+class _Channel:
+    """A reader's pub/sub connection: a PubSubConnection (client.py) on `redis://` URLs, redis-py's
+    PubSub on the others (TLS)."""
+
+    async def subscribe(self, channels: list[str]) -> None:
+        raise NotImplementedError
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        raise NotImplementedError
+
+    async def replies(self, wait: float) -> list[Reply]:
+        """What came since the last call, waiting up to `wait` seconds for something."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class _RawChannel(_Channel):
+    def __init__(self, connection: PubSubConnection) -> None:
+        self.connection = connection
+
+    async def subscribe(self, channels: list[str]) -> None:
+        self.connection.command("SSUBSCRIBE", *channels)
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        self.connection.command("SUNSUBSCRIBE", *channels)
+
+    async def ping(self) -> None:
+        self.connection.command("PING")
+
+    async def replies(self, wait: float) -> list[Reply]:
+        out: list[Reply] = []
+        for reply in await self.connection.replies(wait):
+            if isinstance(reply, list) and len(reply) == 3:
+                out.append((reply[0].decode(), reply[1], reply[2]))
+            elif isinstance(reply, list) and reply and reply[0] == b"pong":
+                out.append(("pong", b"", b""))
+            elif isinstance(reply, Exception):
+                # e.g. MOVED for a channel whose slot is served elsewhere now: reconnect
+                raise ConnectionError(f"Redis refused a subscription: {reply}")
+        return out
+
+    async def aclose(self) -> None:
+        self.connection.close()
+
+
+class _PooledChannel(_Channel):
+    def __init__(self, conn: aioredis.Redis) -> None:
+        self.conn = conn
+        self.pubsub: PubSub = conn.pubsub()
+
+    async def subscribe(self, channels: list[str]) -> None:
+        await self.pubsub.ssubscribe(*channels)
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        await self.pubsub.sunsubscribe(*channels)
+
+    async def ping(self) -> None:
+        await self.pubsub.ping()
+
+    async def replies(self, wait: float) -> list[Reply]:
+        message = await self.pubsub.get_message(timeout=wait)
+        if message is None:
+            return []
+        return [(message["type"], message.get("channel") or b"", message.get("data"))]
+
+    async def aclose(self) -> None:
+        for closing in (self.pubsub, self.conn):
+            with contextlib.suppress(RedisError, OSError, ConnectionError):
+                await closing.aclose()
+
+
 class _Reader:
     """One pub/sub connection to the node serving a group of conversations (all of them on a
     single server, one slot's on a cluster), subscribed to their channels."""
@@ -102,8 +192,7 @@ class _Reader:
         self.hub = hub
         self.slot = slot
         self.cursors: dict[str, str] = {}  # conversation id -> last event id handed over
-        self.conn: aioredis.Redis | None = None
-        self.pubsub: PubSub | None = None
+        self.channel: _Channel | None = None
         self.subscribed: set[str] = set()  # conversations subscribed on this connection
         self.confirming: dict[bytes, list[asyncio.Future[None]]] = {}  # channel -> waiters
         self.ready = asyncio.Event()  # connected, subscribed to every watched channel, live
@@ -128,13 +217,13 @@ class _Reader:
         channel = self.hub.keys.events(conversation_id).encode()
         while conversation_id in self.cursors and not self.hub.closed:
             await self.ready.wait()
-            pubsub = self.pubsub
-            if conversation_id in self.subscribed or pubsub is None:
+            subscriber = self.channel
+            if conversation_id in self.subscribed or subscriber is None:
                 return  # subscribed on connect, with every watched channel
             waiter = asyncio.get_running_loop().create_future()
             self.confirming.setdefault(channel, []).append(waiter)
             try:
-                await pubsub.ssubscribe(channel)
+                await subscriber.subscribe([channel.decode()])
                 await waiter
                 return
             except (RedisError, OSError, ConnectionError):
@@ -160,26 +249,25 @@ class _Reader:
         await asyncio.sleep(0)  # one turn: the others that leave now go in the same command
         cids = [c for c in self.leaving if c not in self.cursors and c in self.subscribed]
         self.leaving.clear()
-        pubsub = self.pubsub
-        if not cids or pubsub is None:
+        subscriber = self.channel
+        if not cids or subscriber is None:
             return
         self.subscribed.difference_update(cids)
         try:
             for at in range(0, len(cids), _SUBSCRIBE_CHUNK):
                 chunk = cids[at : at + _SUBSCRIBE_CHUNK]
-                await pubsub.sunsubscribe(*(self.hub.keys.events(cid) for cid in chunk))
+                await subscriber.unsubscribe([self.hub.keys.events(cid) for cid in chunk])
         except Exception as exc:  # a connection going away: the reader reconnects by itself
             logger.debug("event reader: unsubscribe failed ({})", type(exc).__name__)
 
-    async def _connect(self) -> PubSub:
+    async def _connect(self) -> _Channel:
         address = await self.hub.redis.primary_of(
             self.hub.keys.events(next(iter(self.cursors))), refresh=self.moved
         )
         url = self.hub.url if address is None else _node_url(self.hub.url, *address)
-        self.conn = self.hub.connect(url, _READ_TIMEOUT)
-        self.pubsub = self.conn.pubsub()
+        self.channel = await self.hub.connect(url, _READ_TIMEOUT)
         self.moved = False
-        return self.pubsub
+        return self.channel
 
     async def _disconnect(self) -> None:
         self.ready.clear()
@@ -189,28 +277,27 @@ class _Reader:
                 if not waiter.done():
                     waiter.set_exception(ConnectionError("the event reader lost Redis"))
         self.confirming.clear()
-        pubsub, conn, self.pubsub, self.conn = self.pubsub, self.conn, None, None
-        for closing in (pubsub, conn):
-            if closing is not None:
-                with contextlib.suppress(RedisError, OSError, ConnectionError):
-                    await closing.aclose()
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.aclose()
 
-    async def _subscribe_all(self, pubsub: PubSub) -> list[dict[str, Any]]:
+    async def _subscribe_all(self, channel: _Channel) -> list[Reply]:
         """Subscribe to every watched channel; the messages that came meanwhile."""
         cids = list(self.cursors)
         pending = {self.hub.keys.events(cid).encode() for cid in cids}
         for at in range(0, len(cids), _SUBSCRIBE_CHUNK):
             chunk = cids[at : at + _SUBSCRIBE_CHUNK]
-            await pubsub.ssubscribe(*(self.hub.keys.events(cid) for cid in chunk))
-        early: list[dict[str, Any]] = []
+            await channel.subscribe([self.hub.keys.events(cid) for cid in chunk])
+        early: list[Reply] = []
         while pending:
-            message = await pubsub.get_message(timeout=_READ_TIMEOUT)
-            if message is None:
+            replies = await channel.replies(_READ_TIMEOUT)
+            if not replies:
                 raise ConnectionError("no subscription confirmed in time")
-            if message["type"] == "ssubscribe":
-                pending.discard(message["channel"])
-            elif message["type"] == "smessage":
-                early.append(message)
+            for kind, name, data in replies:
+                if kind == "ssubscribe":
+                    pending.discard(name)
+                elif kind == "smessage":
+                    early.append((kind, name, data))
         self.subscribed.update(cids)
         return early
 
@@ -240,14 +327,14 @@ class _Reader:
         try:
             while self.cursors and not self.hub.closed:
                 try:
-                    pubsub = self.pubsub or await self._connect()
-                    early = await self._subscribe_all(pubsub)
+                    channel = self.channel or await self._connect()
+                    early = await self._subscribe_all(channel)
                     await self._catch_up()
-                    for message in early:
-                        self._message(message)
+                    for reply in early:
+                        self._message(*reply)
                     self.ready.set()
                     delay = 0.05
-                    await self._listen(pubsub)
+                    await self._listen(channel)
                 except (RedisError, OSError, ConnectionError, Unavailable) as exc:
                     # Down, or (on a cluster) no longer serving the slot: find its primary anew.
                     if self.cursors and not self.hub.closed:
@@ -259,29 +346,27 @@ class _Reader:
         finally:
             await self._disconnect()
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, channel: _Channel) -> None:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
         while self.cursors:
-            message = await pubsub.get_message(timeout=_IDLE_SECONDS)
-            if message is None:
+            replies = await channel.replies(_IDLE_SECONDS)
+            if not replies:
                 # Quiet: make sure the connection is alive (a node that went away says nothing).
                 if pinged and loop.time() - heard > 2 * _IDLE_SECONDS:
                     raise ConnectionError("Redis stopped answering")
                 if not pinged:
-                    await pubsub.ping()
+                    await channel.ping()
                     pinged = True
                 continue
             heard, pinged = loop.time(), False
-            self._message(message)
+            for reply in replies:
+                self._message(*reply)
 
-    def _message(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        channel: bytes = message.get("channel") or b""
+    def _message(self, kind: str, channel: bytes, raw: Any) -> None:
         if kind == "smessage":
             cid = conversation_of(channel.decode())
-            raw: bytes = message["data"]
             entry_id, _, rest = raw.partition(b"\n")
             event_type, _, data = rest.partition(b"\n")
             self.hub.deliver(self, cid, Event(entry_id.decode(), event_type.decode(), data))
@@ -318,16 +403,24 @@ class RedisEventHub(EventHub):
         self._readers: dict[int | None, _Reader] = {}  # by slot (None: a single server)
         self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
+        # redis-py's PubSub even on redis:// URLs (as on rediss://): for the tests of that path
+        self.pooled_channels = False
 
-    def connect(self, url: str, socket_timeout: float) -> aioredis.Redis:
-        """One connection of a reader's own (callers queue for it). No retry: the reader
-        reconnects by itself, to the slot's current primary on a cluster."""
-        return dedicated_client(
+    async def connect(self, url: str, socket_timeout: float) -> _Channel:
+        """A pub/sub connection of a reader's own. No retry: the reader reconnects by itself,
+        to the slot's current primary on a cluster."""
+        if RespClient.supports(url) and not self.pooled_channels:
+            connection = await PubSubConnection.open(
+                url, io_timeout=socket_timeout, connect_timeout=self.connect_timeout
+            )
+            return _RawChannel(connection)
+        conn = dedicated_client(
             url,
             socket_timeout=socket_timeout,
             connect_timeout=self.connect_timeout,
             client_name="conversational-core-events",
         )
+        return _PooledChannel(conn)
 
     @property
     def closed(self) -> bool:
