@@ -18,6 +18,7 @@ from conversational_core.replies.providers.anthropic import AnthropicProvider
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
     TIMEOUT_ERROR,
+    UNREADABLE,
     ChatMessage,
     CompletionRequest,
     Provider,
@@ -195,3 +196,30 @@ async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:
     assert len(items) == 2
     assert error is not None and error.retryable
     assert error.message == "The AI provider failed while answering."
+
+
+@pytest.mark.parametrize(
+    ("make", "events"),
+    [
+        (_openai, [_OPENAI[0], _event({"choices": "not a list of choices"})]),
+        (_anthropic, [*_ANTHROPIC, _event({"type": "content_block_delta", "index": 0})]),
+    ],
+    ids=["openai", "anthropic"],
+)
+async def test_an_event_of_another_shape_is_an_unreadable_answer(
+    make: Callable[[int], Provider], events: list[bytes]
+) -> None:
+    """JSON that is not what the protocol says (a field missing, of another type) fails the
+    reply with a provider error, as unreadable bytes do: not an unexpected exception."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _CutServer(events, False, True), "127.0.0.1", 0)
+    provider = make(server.sockets[0].getsockname()[1])
+    request = CompletionRequest("m", [ChatMessage("user", "hi")], None, 10)
+    try:
+        with pytest.raises(ProviderError) as failed:
+            async for _ in provider.stream(request):
+                pass
+    finally:
+        await provider.close()
+        server.close()
+    assert failed.value.message == UNREADABLE

@@ -219,7 +219,8 @@ class AnthropicProvider(Provider):
                 raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
             except httpx2.HTTPError:
                 raise ProviderError(CONNECTION_ERROR, retryable=True) from None
-            except orjson.JSONDecodeError:
+            # Not JSON, or JSON of another shape than the protocol's: unreadable.
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise ProviderError(UNREADABLE, retryable=True) from None
         # The body ended without `message_stop`: the reply was cut short.
         raise ProviderError(CONNECTION_ERROR, retryable=True)

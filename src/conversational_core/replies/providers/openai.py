@@ -154,7 +154,8 @@ class OpenAIProvider(Provider):
                 raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
             except httpx2.HTTPError:
                 raise ProviderError(CONNECTION_ERROR, retryable=True) from None
-            except orjson.JSONDecodeError:
+            # Not JSON, or JSON of another shape than the protocol's: unreadable.
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise ProviderError(UNREADABLE, retryable=True) from None
 
 
