@@ -99,3 +99,33 @@ async def test_clients_leaving_together_unsubscribe_in_one_go(any_redis_store: R
         loop.set_exception_handler(previous)
         await hub.close()
     assert errors == []
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["own-reader", "redis-py-pubsub"])
+async def test_a_quiet_connection_is_pinged_and_kept(
+    redis_store: RedisStore, pooled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing happens for several idle periods: the reader pings, Redis answers, and the
+    connection it had is still the one that brings the next event (no reconnection)."""
+    from conversational_core.storage.redis import events as hub_module
+
+    monkeypatch.setattr(hub_module, "_IDLE_SECONDS", 0.05)
+    store = redis_store
+    hub = RedisEventHub(store, url_of(store))
+    hub.pooled_channels = pooled
+    cid = (await store.create_conversation(conversation()))[0].id
+    try:
+        async with hub.subscribe(cid, None) as events:
+            reading = asyncio.create_task(_contents(events, 1))
+            while not hub._readers:  # (its reader starts once the subscription is read from)
+                await asyncio.sleep(0)
+            (reader,) = hub._readers.values()
+            await reader.ready.wait()
+            channel = reader.channel
+            await asyncio.sleep(0.4)  # eight idle periods: the time is the point of the test
+            msg = message(cid, "after the quiet")
+            await store.append_messages(cid, "alice", [msg], msg.created_at)
+            assert await asyncio.wait_for(reading, 10) == ["after the quiet"]
+            assert reader.channel is channel
+    finally:
+        await hub.close()

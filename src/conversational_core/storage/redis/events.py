@@ -147,8 +147,8 @@ class _RawChannel(_Channel):
         for reply in await self.connection.replies(wait):
             if isinstance(reply, list) and len(reply) == 3:
                 out.append((reply[0].decode(), reply[1], reply[2]))
-            elif isinstance(reply, list) and reply and reply[0] == b"pong":
-                out.append(("pong", b"", b""))
+            elif reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
+                out.append(("pong", b"", b""))  # (PONG: no channel subscribed at that moment)
             elif isinstance(reply, Exception):
                 # e.g. MOVED for a channel whose slot is served elsewhere now: reconnect
                 raise ConnectionError(f"Redis refused a subscription: {reply}")
