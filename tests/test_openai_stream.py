@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from conversational_core.replies.providers.base import Piece, ProviderError, Usage
-from conversational_core.replies.providers.openai import chunk_items, sse_data
+from conversational_core.replies.providers.base import Piece, ProviderError, Usage, sse_data
+from conversational_core.replies.providers.openai import chunk_items
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:

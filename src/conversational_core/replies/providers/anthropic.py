@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import anthropic
 import httpx2
@@ -20,7 +20,6 @@ from anthropic import AsyncAnthropic, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
-    TIMEOUT_ERROR,
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
@@ -29,10 +28,9 @@ from conversational_core.replies.providers.base import (
     ProviderError,
     Usage,
     is_image,
-    translate_sdk_error,
+    stream_events,
     unsupported,
 )
-from conversational_core.replies.providers.openai import sse_data
 from conversational_core.storage.models import (
     FILE,
     REASONING,
@@ -182,44 +180,23 @@ class AnthropicProvider(Provider):
             "stream": True,
             **kwargs,
         }
-        # As for OpenAI (providers/openai.py): the SDK makes the request (auth, base URL,
-        # `anthropic-version`, timeouts, its errors for HTTP statuses) through its generic
-        # `post`, with the body encoded here, and the events are read raw and parsed with
-        # orjson. Its `messages.stream` helper validates the request against its types and,
-        # for every event, updates a pydantic snapshot of the whole message, re-parsing a tool
-        # call's whole input so far on each piece of it (quadratic in the input's length).
-        async with contextlib.AsyncExitStack() as stack:  # closes the response at the end
-            try:
-                response = cast(
-                    httpx2.Response,
-                    await self._client.post(
-                        "/v1/messages",
-                        cast_to=httpx2.Response,
-                        content=orjson.dumps(body),
-                        options={"headers": {"Content-Type": "application/json"}},
-                        stream=True,
-                        stream_cls=None,
-                    ),
-                )
-            except anthropic.AnthropicError as exc:
-                raise translate_sdk_error(exc, anthropic) from None
-            stack.push_async_callback(response.aclose)
+        # Through the SDK's generic `post`, the events read raw (base.stream_events says why:
+        # here also a pydantic snapshot of the whole message, updated on every event, which
+        # re-parses a tool call's input so far on each piece of it).
+        events = stream_events(
+            self._client, "/v1/messages", body, anthropic, anthropic.AnthropicError
+        )
+        async with contextlib.aclosing(events):
             usage = Usage(0, 0)
             try:
-                async for data in sse_data(response.aiter_bytes()):
-                    event = orjson.loads(data)
+                async for event in events:
                     if event.get("type") == "message_stop":
                         yield usage
                         return
                     piece, usage = event_items(event, usage)
                     if piece is not None:
                         yield piece
-            # (the SDK's HTTP layer is httpx2, whose errors are not httpx's)
-            except httpx2.TimeoutException:
-                raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-            except httpx2.HTTPError:
-                raise ProviderError(CONNECTION_ERROR, retryable=True) from None
-            # Not JSON, or JSON of another shape than the protocol's: unreadable.
+            # JSON of another shape than an event's
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise ProviderError(UNREADABLE, retryable=True) from None
         # The body ended without `message_stop`: the reply was cut short.

@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx2
 import openai
-import orjson
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
-    CONNECTION_ERROR,
-    TIMEOUT_ERROR,
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
@@ -41,7 +38,7 @@ from conversational_core.replies.providers.base import (
     ProviderError,
     Usage,
     is_image,
-    translate_sdk_error,
+    stream_events,
     unsupported,
 )
 from conversational_core.storage.models import (
@@ -120,71 +117,16 @@ class OpenAIProvider(Provider):
             "stream_options": {"include_usage": True},
             **options,
         }
-        # The SDK makes the request (auth, base URL, timeouts, its errors for HTTP statuses)
-        # through its generic `post`, with the body encoded here: its typed `create` walks the
-        # messages against their TypedDicts (~11 ms of CPU for a 40-message history, measured,
-        # issue #12) to change nothing in them. The stream's chunks are read here as raw
-        # server-sent events and parsed with orjson: the SDK's own stream builds a pydantic
-        # model per chunk (~85 us of a token's ~140 us of worker CPU, measured), for the
-        # handful of fields read below.
-        async with contextlib.AsyncExitStack() as stack:  # closes the response at the end
+        # Through the SDK's generic `post`, the events read raw (base.stream_events says why).
+        events = stream_events(self._client, "/chat/completions", body, openai, openai.OpenAIError)
+        async with contextlib.aclosing(events):
             try:
-                response = cast(
-                    httpx2.Response,
-                    await self._client.post(
-                        "/chat/completions",
-                        cast_to=httpx2.Response,
-                        content=orjson.dumps(body),
-                        options={"headers": {"Content-Type": "application/json"}},
-                        stream=True,
-                        stream_cls=None,
-                    ),
-                )
-            except openai.OpenAIError as exc:
-                raise translate_sdk_error(exc, openai) from None
-            stack.push_async_callback(response.aclose)
-            try:
-                async for data in sse_data(response.aiter_bytes()):
-                    if data == b"[DONE]":
-                        break
-                    for item in chunk_items(orjson.loads(data)):
+                async for chunk in events:
+                    for item in chunk_items(chunk):
                         yield item
-            # (the SDK's HTTP layer is httpx2, whose errors are not httpx's)
-            except httpx2.TimeoutException:
-                raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-            except httpx2.HTTPError:
-                raise ProviderError(CONNECTION_ERROR, retryable=True) from None
-            # Not JSON, or JSON of another shape than the protocol's: unreadable.
+            # JSON of another shape than a chunk's
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise ProviderError(UNREADABLE, retryable=True) from None
-
-
-def _data_value(line: bytes) -> bytes:
-    value = line[5:]  # after "data:", and one space if there is one
-    return value[1:] if value.startswith(b" ") else value
-
-
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event of a byte stream (comments, `event:` and other
-    fields are skipped; the data lines of one event are joined with a newline, as the SSE
-    specification says)."""
-    buffer = b""
-    lines: list[bytes] = []
-    async for chunk in chunks:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            if not line:
-                if lines:
-                    yield b"\n".join(lines)
-                    lines = []
-            elif line.startswith(b"data:"):
-                lines.append(_data_value(line))
-    if buffer.startswith(b"data:"):  # a last line without its line end
-        lines.append(_data_value(buffer.rstrip(b"\r")))
-    if lines:
-        yield b"\n".join(lines)
 
 
 def chunk_items(chunk: dict[str, Any]) -> list[str | Piece | Usage]:
