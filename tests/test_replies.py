@@ -7,6 +7,7 @@ import pytest
 from testkit.fake_llm import Fail, FakeLLM, Reply
 
 from conversational_core.settings import Settings
+from conversational_core.storage.base import Store
 from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until_end
 from tests.fixtures.replies import ask, deltas, llm_settings, new_conversation, wait_end
@@ -268,3 +269,23 @@ def test_events_are_written_as_sse_starlette_writes_them() -> None:
         two_lines.encode()
         == b'id: 7\r\nevent: message.updated\r\ndata: {"a":1}\r\ndata: {"b":2}\r\n\r\n'
     )
+
+
+async def test_a_stream_ends_at_its_time_limit_with_the_hint_to_reconnect(
+    sqlite_store: Store,
+) -> None:
+    from conversational_core.app import create_app
+    from tests.conftest import backend_for, make_settings
+    from tests.fixtures.app import app_client
+
+    limited = make_settings(SSE_MAX_CONNECTION_SECONDS=1)
+    backend = backend_for(sqlite_store, limited)
+    headers = auth(limited, "alice")
+    async with app_client(create_app(limited, backend=backend)) as api:
+        cid = (await api.post("/conversations", json={}, headers=headers)).json()["id"]
+        stream = await api.get(f"/conversations/{cid}/events", headers=headers)  # (1 s)
+    await backend.events.close()
+    assert stream.status_code == 200
+    lines = stream.text.splitlines()
+    assert ": connection time limit; reconnect with Last-Event-ID" in lines
+    assert lines.count(f"retry: {limited.SSE_RETRY_MS}") == 2  # on connecting and on ending
