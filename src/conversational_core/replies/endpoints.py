@@ -139,7 +139,7 @@ class _Shutdown:
         self.end()
 
     def end(self) -> None:
-        if self.is_set and self.limit is not None:
+        if self.is_set and self.limit is not None and not self.limit.expired():
             self.limit.reschedule(asyncio.get_running_loop().time())
 
 
