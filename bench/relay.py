@@ -84,8 +84,13 @@ def selected_loads(spec: str | None) -> tuple[Load, ...]:
         return LOADS
     loads = []
     for item in spec.split(","):
-        streams, tokens, delay = item.strip().split("x")
-        loads.append(Load(int(streams), int(tokens), float(delay)))
+        try:
+            streams, tokens, delay = item.strip().split("x")
+            loads.append(Load(int(streams), int(tokens), float(delay)))
+        except ValueError:
+            raise SystemExit(
+                f"BENCH_RELAY_LOADS: {item!r} is not streams x tokens x ms (e.g. 500x200x2)"
+            ) from None
     return tuple(loads)
 
 

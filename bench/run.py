@@ -363,9 +363,9 @@ def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
 def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
     started = time.monotonic()
     busy_before = _cpu_busy()
-    speed = _python_speed()
-    print(f"machine speed: a fixed Python loop took {speed:.1f} ms (lower is faster)", flush=True)
-    notes: list[str] = [f"machine speed: a fixed Python loop took {speed:.1f} ms (lower is faster)"]
+    speed = f"machine speed: a fixed Python loop took {_python_speed():.1f} ms (lower is faster)"
+    print(speed, flush=True)
+    notes: list[str] = [speed]
     if busy_before is not None and busy_before > 0.25:
         notes.append(
             f"other work used {busy_before:.0%} of the CPUs just before the run: figures may be "
