@@ -20,6 +20,7 @@ from anthropic import AsyncAnthropic, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
     CONNECTION_ERROR,
+    MALFORMED,
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
@@ -197,7 +198,7 @@ class AnthropicProvider(Provider):
                     if piece is not None:
                         yield piece
             # JSON of another shape than an event's
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
         # The body ended without `message_stop`: the reply was cut short.
         raise ProviderError(CONNECTION_ERROR, retryable=True)

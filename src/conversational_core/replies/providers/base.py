@@ -212,6 +212,9 @@ def error_for_status(status: int, retry_after: float | None) -> ProviderError:
 TIMEOUT_ERROR = "The AI provider did not answer in time; please try again."
 CONNECTION_ERROR = "The AI provider could not be reached; please try again later."
 UNREADABLE = "The AI provider sent a response that could not be read."
+# What reading an event of another shape than its protocol's raises (a field missing or of
+# another type): the answer is UNREADABLE, as bytes that are not JSON.
+MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
 
 
 def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
@@ -268,7 +271,8 @@ async def stream_events(
     snapshot of the whole message), most of a token's worker CPU (bench/stream_parse.py). The
     SDK still makes the request: auth, base URL, headers, timeouts and its errors for HTTP
     statuses (ProviderError here, as the other failures: a cut or stalled stream, bytes that
-    are not JSON). A caller fails an event of another shape than its protocol's as UNREADABLE.
+    are not JSON). A caller fails an event of another shape than its protocol's (MALFORMED) as
+    UNREADABLE.
     """
     try:
         response = cast(

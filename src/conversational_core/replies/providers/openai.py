@@ -30,6 +30,7 @@ import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
+    MALFORMED,
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
@@ -125,7 +126,7 @@ class OpenAIProvider(Provider):
                     for item in chunk_items(chunk):
                         yield item
             # JSON of another shape than a chunk's
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,25 +109,25 @@ class _Subscriber:
 Reply = tuple[str, bytes, Any]
 
 
-class _Channel:
+class _Channel(ABC):
     """A reader's pub/sub connection: a PubSubConnection (client.py) on `redis://` URLs, redis-py's
     PubSub on the others (TLS)."""
 
-    async def subscribe(self, channels: list[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def subscribe(self, channels: list[str]) -> None: ...
 
-    async def unsubscribe(self, channels: list[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def unsubscribe(self, channels: list[str]) -> None: ...
 
-    async def ping(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def ping(self) -> None: ...
 
+    @abstractmethod
     async def replies(self, wait: float) -> list[Reply]:
         """What came since the last call, waiting up to `wait` seconds for something."""
-        raise NotImplementedError
 
-    async def aclose(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def aclose(self) -> None: ...
 
 
 class _RawChannel(_Channel):
@@ -214,7 +215,8 @@ class _Reader:
         confirmed (every later event reaches the hub), or once the hub closes."""
         self.cursors.setdefault(conversation_id, after)
         self.start()
-        channel = self.hub.keys.events(conversation_id).encode()
+        name = self.hub.keys.events(conversation_id)
+        channel = name.encode()  # (as Redis names it in a confirmation)
         while conversation_id in self.cursors and not self.hub.closed:
             await self.ready.wait()
             subscriber = self.channel
@@ -223,7 +225,7 @@ class _Reader:
             waiter = asyncio.get_running_loop().create_future()
             self.confirming.setdefault(channel, []).append(waiter)
             try:
-                await subscriber.subscribe([channel.decode()])
+                await subscriber.subscribe([name])
                 await waiter
                 return
             except (RedisError, OSError, ConnectionError):
