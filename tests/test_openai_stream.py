@@ -4,33 +4,28 @@ chunk that reports an error."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
-from conversational_core.replies.providers.base import Piece, ProviderError, Usage, sse_data
+from conversational_core.replies.providers.base import Piece, ProviderError, SSEData, Usage
 from conversational_core.replies.providers.openai import chunk_items
 
 
-async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
-    for part in parts:
-        yield part
+def _all(*parts: bytes) -> list[bytes]:
+    decoder = SSEData()
+    events = [data for part in parts for data in decoder.feed(part)]
+    return events + decoder.end()
 
 
-async def _all(*parts: bytes) -> list[bytes]:
-    return [d async for d in sse_data(_chunks(*parts))]
-
-
-async def test_events_are_whole_wherever_the_chunks_split() -> None:
+def test_events_are_whole_wherever_the_chunks_split() -> None:
     stream = (
         b': keep-alive\n\nevent: x\ndata: {"a": 1}\n\ndata:{"b":\ndata: 2}\r\n\r\ndata: [DONE]\n\n'
     )
     expected = [b'{"a": 1}', b'{"b":\n2}', b"[DONE]"]
-    assert await _all(stream) == expected
+    assert _all(stream) == expected
     for size in (1, 2, 3, 7):
         pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
-        assert await _all(*pieces) == expected
-    assert await _all(b"data: last") == [b"last"]  # no blank line at the end
+        assert _all(*pieces) == expected
+    assert _all(b"data: last") == [b"last"]  # no blank line at the end
 
 
 def test_a_chunk_gives_text_reasoning_calls_and_usage() -> None:

@@ -135,65 +135,28 @@ class PartsBuilder:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    error: BaseException
-
-
-_END = object()
-
-
 async def batched(
-    stream: AsyncIterator[T], window: Callable[[], float] = lambda: 0.0
+    reads: AsyncIterator[list[T]], window: Callable[[], float] = lambda: 0.0
 ) -> AsyncGenerator[list[T], None]:
-    """The items of `stream` in batches: each batch is every item that arrived while the
-    consumer was busy with the one before (at least one), and, when `window()` (seconds) is
-    not 0, every item until `window()` after the batch before: a reply written alone gets one
-    item a batch — a delta a token; one written beside others (or whose writes fall behind the
-    model) gets the tokens of a window as one delta. The first batch and the last (the stream
-    ended) are not held back. The stream is read by a task of its own, closed (which stops the
-    provider) when this generator is closed; its errors are raised here, after the items
-    before them."""
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    finished = asyncio.Event()  # the stream ended or failed: nothing more to wait for
-
-    async def pump() -> None:
-        try:
-            source: Any = stream  # an async generator (a provider's stream): it has aclose
-            async with contextlib.aclosing(source):
-                async for item in source:
-                    queue.put_nowait(item)
-        except Exception as exc:
-            queue.put_nowait(_Failed(exc))
-            finished.set()
-            return
-        queue.put_nowait(_END)
-        finished.set()
-
-    reader = asyncio.create_task(pump(), name="provider-stream")
+    """The items of a provider's reads (Provider.reads: what each read of its connection
+    held) as batches, one per read. While `window()` (seconds) is 0 — a reply written alone —
+    every read follows the one before at once: a delta per token as the model writes them.
+    Otherwise the next read waits until `window()` after the one before: meanwhile the
+    connection's buffer gathers what the model writes, and one read takes it all, so that the
+    tokens of a window are read, parsed and published as one delta, and none of them costs a
+    wakeup of its own. The first read is not held back; the end of the stream is seen at most
+    one window late. Closing this generator closes `reads` (which stops the provider)."""
+    source: Any = reads  # an async generator (a provider's reads): it has aclose
     loop = asyncio.get_running_loop()
-    last: float | None = None  # loop.time() of the batch before
-    try:
+    async with contextlib.aclosing(source):
+        iterator = aiter(source)
         while True:
-            batch = [await queue.get()]
-            if last is not None and not finished.is_set():
-                remaining = last + window() - loop.time()
-                if remaining > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(remaining):
-                            await finished.wait()
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            last = loop.time()
-            items = [i for i in batch if i is not _END and not isinstance(i, _Failed)]
-            if items:
-                yield items
-            end = batch[-1]
-            if isinstance(end, _Failed):
-                raise end.error
-            if end is _END:
+            try:
+                items = await anext(iterator)
+            except StopAsyncIteration:
                 return
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+            read_at = loop.time()
+            yield items
+            pause = read_at + window() - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)  # the pace of the reads: time is the point

@@ -191,7 +191,8 @@ class ReplyWriter:
         for try_number in range(settings.LLM_MAX_RETRIES + 1):
             started = False
             try:
-                batches = batched(self._provider.stream(request), self._window)
+                reads = self._provider.reads(request, self._window)
+                batches = batched(reads, self._window)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
                         pieces = [i for i in batch if not isinstance(i, Usage)]

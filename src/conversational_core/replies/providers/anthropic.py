@@ -10,7 +10,7 @@ LLM_REASONING_BUDGET_TOKENS > 0 turns extended thinking on.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
@@ -28,6 +28,7 @@ from conversational_core.replies.providers.base import (
     Provider,
     ProviderError,
     Usage,
+    each_item,
     is_image,
     stream_events,
     unsupported,
@@ -156,7 +157,12 @@ class AnthropicProvider(Provider):
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+        return each_item(self.reads(request))
+
+    async def reads(
+        self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
+    ) -> AsyncIterator[list[str | Piece | Usage]]:
         system = "\n\n".join(m.content for m in request.messages if m.role == "system")
         kwargs: dict[str, Any] = {}
         if system:
@@ -185,18 +191,31 @@ class AnthropicProvider(Provider):
         # here also a pydantic snapshot of the whole message, updated on every event, which
         # re-parses a tool call's input so far on each piece of it).
         events = stream_events(
-            self._client, "/v1/messages", body, anthropic, anthropic.AnthropicError
+            self._client, "/v1/messages", body, anthropic, anthropic.AnthropicError, pace
         )
         async with contextlib.aclosing(events):
             usage = Usage(0, 0)
             try:
-                async for event in events:
-                    if event.get("type") == "message_stop":
-                        yield usage
+                async for read in events:
+                    items: list[str | Piece | Usage] = []
+                    stopped = False
+                    try:
+                        for event in read:
+                            if event.get("type") == "message_stop":
+                                items.append(usage)
+                                stopped = True
+                                break
+                            piece, usage = event_items(event, usage)
+                            if piece is not None:
+                                items.append(piece)
+                    except (ProviderError, *MALFORMED):
+                        if items:
+                            yield items  # the pieces before the failing event first
+                        raise
+                    if items:
+                        yield items
+                    if stopped:
                         return
-                    piece, usage = event_items(event, usage)
-                    if piece is not None:
-                        yield piece
             # JSON of another shape than an event's
             except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None

@@ -10,14 +10,15 @@ the first token has reached users.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx2
 import orjson
@@ -136,6 +137,19 @@ class Provider(ABC):
         Raises ProviderError. Closing the iterator early (`aclose`) stops reading from the
         provider and closes the connection."""
 
+    def reads(
+        self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
+    ) -> AsyncIterator[list[str | Piece | Usage]]:
+        """The items of :meth:`stream` in the groups they were read in: each list is what
+        one read of the provider's connection held, everything the model wrote since the
+        read before (at least one item). Under load the worker paces its reads (`pace()`:
+        the seconds it waits between two; assembly.batched), so that a token costs no read,
+        wakeup or await of its own; a provider that reads a connection itself leaves it
+        unread meanwhile (the kernel gathers the model's writes). For the providers that do
+        not override this, a task reads :meth:`stream` and each read hands over what it
+        gathered since the one before."""
+        return gathered(self.stream(request))
+
     async def title(self, first_message: str, model: str) -> str:
         """A few words naming a conversation that starts with `first_message`, written by the
         model (a short completion of its own). Raises ProviderError."""
@@ -234,45 +248,68 @@ def _data_value(line: bytes) -> bytes:
     return value[1:] if value.startswith(b" ") else value
 
 
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event of a byte stream (comments, `event:` and other
-    fields are skipped; the data lines of one event are joined with a newline, as the SSE
-    specification says)."""
-    buffer = b""
-    lines: list[bytes] = []
-    async for chunk in chunks:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
+class SSEData:
+    """The `data` of each server-sent event of a byte stream fed to it a read at a time
+    (comments, `event:` and other fields are skipped; the data lines of one event are joined
+    with a newline, as the SSE specification says). Synchronous, so that the events one read
+    completed are parsed in one pass rather than with an await each."""
+
+    __slots__ = ("_buffer", "_lines")
+
+    def __init__(self) -> None:
+        self._buffer = b""  # the line not ended yet
+        self._lines: list[bytes] = []  # the data lines of the event not ended yet
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of the events that `chunk` completed."""
+        *complete, self._buffer = (self._buffer + chunk).split(b"\n")
+        events: list[bytes] = []
+        lines = self._lines
         for raw in complete:
             line = raw[:-1] if raw.endswith(b"\r") else raw
             if not line:
                 if lines:
-                    yield b"\n".join(lines)
-                    lines = []
+                    events.append(b"\n".join(lines))
+                    lines = self._lines = []
             elif line.startswith(b"data:"):
                 lines.append(_data_value(line))
-    if buffer.startswith(b"data:"):  # a last line without its line end
-        lines.append(_data_value(buffer.rstrip(b"\r")))
-    if lines:
-        yield b"\n".join(lines)
+        return events
+
+    def end(self) -> list[bytes]:
+        """The data of an event the stream ended in without its blank line."""
+        if self._buffer.startswith(b"data:"):  # a last line without its line end
+            self._lines.append(_data_value(self._buffer.rstrip(b"\r")))
+        self._buffer = b""
+        events, self._lines = self._lines, []
+        return [b"\n".join(events)] if events else []
 
 
 async def stream_events(
-    client: Any, path: str, body: dict[str, Any], sdk: ModuleType, sdk_error: type[Exception]
-) -> AsyncGenerator[Any, None]:
+    client: Any,
+    path: str,
+    body: dict[str, Any],
+    sdk: ModuleType,
+    sdk_error: type[Exception],
+    pace: Callable[[], float],
+) -> AsyncGenerator[list[Any], None]:
     """The events of a streamed completion, each its JSON parsed with orjson, from a POST of
     `body` made through an official SDK's generic `post` (`client`: the SDK's async client,
-    `sdk`: its module, `sdk_error`: its base error). Ends at OpenAI's `[DONE]` or at the end
-    of the body; to be read inside `contextlib.aclosing` (the response is closed with it).
+    `sdk`: its module, `sdk_error`: its base error): for each read of the response, the events
+    it completed (a list; a read that completed none gives nothing). Ends at OpenAI's `[DONE]`
+    or at the end of the body; to be read inside `contextlib.aclosing` (the response is closed
+    with it).
 
     Why not the SDKs' typed methods and streams: the typed `create` walks the messages against
     their TypedDicts (~11 ms of CPU for a 40-message history, measured) to change nothing in
     them, and their streams build a pydantic model per event (Anthropic's helper also a
-    snapshot of the whole message), most of a token's worker CPU (bench/stream_parse.py). The
-    SDK still makes the request: auth, base URL, headers, timeouts and its errors for HTTP
-    statuses (ProviderError here, as the other failures: a cut or stalled stream, bytes that
-    are not JSON). A caller fails an event of another shape than its protocol's (MALFORMED) as
-    UNREADABLE.
+    snapshot of the whole message), most of a token's worker CPU (bench/stream_parse.py). Why
+    a list per read rather than an event at a time: under load the worker reads each stream
+    once per delta window (assembly.batched), and a read then holds a dozen events; each layer
+    of async iteration costs an await per item it hands over. While `pace()` is not 0 the
+    connection is not read between two reads (see `_Holder`). The SDK still makes the request:
+    auth, base URL, headers, timeouts and its errors for HTTP statuses (ProviderError here, as
+    the other failures: a cut or stalled stream, bytes that are not JSON). A caller fails an
+    event of another shape than its protocol's (MALFORMED) as UNREADABLE.
     """
     try:
         response = cast(
@@ -288,11 +325,32 @@ async def stream_events(
         )
     except sdk_error as exc:
         raise translate_sdk_error(exc, sdk) from None
+    decoder = SSEData()
+    holder = _Holder.of(response)
     try:
-        async for data in sse_data(response.aiter_bytes()):
-            if data == b"[DONE]":
-                return
-            yield orjson.loads(data)
+        async for chunk in response.aiter_bytes():
+            events: list[Any] = []
+            try:
+                for data in decoder.feed(chunk):
+                    if data == b"[DONE]":
+                        if events:
+                            yield events
+                        return
+                    events.append(orjson.loads(data))
+            except orjson.JSONDecodeError:
+                if events:
+                    yield events  # the events before the unreadable one first
+                raise
+            if events:
+                held = holder.hold() if holder is not None and pace() > 0 else None
+                try:
+                    yield events
+                finally:
+                    if held is not None:
+                        _Holder.release(held)  # (also when the reader stops here)
+        last = [orjson.loads(data) for data in decoder.end() if data != b"[DONE]"]
+        if last:
+            yield last
     # (the SDKs' HTTP layer is httpx2, whose errors are not httpx's)
     except httpx2.TimeoutException:
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
@@ -302,3 +360,114 @@ async def stream_events(
         raise ProviderError(UNREADABLE, retryable=True) from None
     finally:
         await response.aclose()
+
+
+class _Holder:
+    """Leaves a response's connection unread between two reads of a paced stream, so that
+    the model's writes meanwhile gather in the kernel's socket buffer and come in one
+    receive, parsed in one pass by aiohttp's parser: a token then costs no wakeup of the
+    event loop, no receive and no parser call of its own (with 500 streams, about a quarter
+    of the workers' CPU; bench/relay.py). It pauses the connection's transport (asyncio's
+    flow control, as aiohttp's own does when its buffer is full), and only while the
+    response's body is still coming: a finished response's connection goes back to the pool,
+    where another request may take it. The read timeout is aiohttp's (time since the peer last
+    wrote): a window is far below it.
+
+    The connection is reached through the SDKs' aiohttp transport (the `httpx_aiohttp` that
+    the openai and anthropic SDKs each vendor), whose stream keeps the aiohttp response as a
+    private attribute: if a release of the SDK moves it, streams are read as they come, as
+    before (tests/test_paced_reads.py checks that the pinned SDKs have it)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Any) -> None:
+        self._response = response  # aiohttp's ClientResponse
+
+    @classmethod
+    def of(cls, response: httpx2.Response) -> _Holder | None:
+        stream = getattr(response.stream, "_stream", None)  # httpx2's BoundAsyncStream
+        aiohttp_response = getattr(stream, "_aiohttp_response", None)
+        if not hasattr(aiohttp_response, "connection") or not hasattr(aiohttp_response, "content"):
+            return None
+        return cls(aiohttp_response)
+
+    def hold(self) -> asyncio.Transport | None:
+        """The connection's transport, paused; None when there is none to pause (the body has
+        all come, or aiohttp paused reading itself)."""
+        connection = self._response.connection
+        if connection is None or self._response.content.is_eof():
+            return None
+        transport: asyncio.Transport | None = connection.transport
+        if transport is None or transport.is_closing() or not transport.is_reading():
+            return None
+        transport.pause_reading()
+        return transport
+
+    @staticmethod
+    def release(transport: asyncio.Transport) -> None:
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
+T = TypeVar("T")
+
+
+async def each_item(reads: AsyncIterator[list[T]]) -> AsyncGenerator[T, None]:
+    """The items of `reads` one by one (:meth:`Provider.stream` of a provider that reads its
+    connection itself); closing this closes `reads`."""
+    source: Any = reads  # an async generator: it has aclose
+    async with contextlib.aclosing(source):
+        async for items in source:
+            for item in items:
+                yield item
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+async def gathered(stream: AsyncIterator[T]) -> AsyncGenerator[list[T], None]:
+    """The items of `stream` grouped as they arrived: a task reads the stream, and each step
+    hands over everything it read since the step before (waiting for at least one item). The
+    stream's errors are raised after the items before them; closing this closes the stream
+    (which stops the provider)."""
+    gathering: list[Any] = []
+    arrived = asyncio.Event()
+    ended = object()
+
+    async def pump() -> None:
+        try:
+            source: Any = stream  # an async generator (a provider's stream): it has aclose
+            async with contextlib.aclosing(source):
+                async for item in source:
+                    gathering.append(item)
+                    arrived.set()
+        except Exception as exc:
+            gathering.append(_Failed(exc))
+        else:
+            gathering.append(ended)
+        arrived.set()
+
+    reader = asyncio.create_task(pump(), name="provider-stream")
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            batch = gathering[:]
+            gathering.clear()
+            end = batch[-1] if batch else None
+            if end is ended or isinstance(end, _Failed):
+                batch.pop()
+            if batch:
+                yield batch
+            if isinstance(end, _Failed):
+                raise end.error
+            if end is ended:
+                return
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader

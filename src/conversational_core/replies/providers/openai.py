@@ -21,7 +21,7 @@ What a request carries is what every one of those servers accepts (checked again
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,6 +38,7 @@ from conversational_core.replies.providers.base import (
     Provider,
     ProviderError,
     Usage,
+    each_item,
     is_image,
     stream_events,
     unsupported,
@@ -98,7 +99,12 @@ class OpenAIProvider(Provider):
     async def close(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+        return each_item(self.reads(request))
+
+    async def reads(
+        self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
+    ) -> AsyncIterator[list[str | Piece | Usage]]:
         messages: Any = openai_messages(request.messages)
         options: dict[str, Any] = {self._max_tokens_param: request.max_tokens}
         if request.temperature is not None:
@@ -119,12 +125,22 @@ class OpenAIProvider(Provider):
             **options,
         }
         # Through the SDK's generic `post`, the events read raw (base.stream_events says why).
-        events = stream_events(self._client, "/chat/completions", body, openai, openai.OpenAIError)
+        events = stream_events(
+            self._client, "/chat/completions", body, openai, openai.OpenAIError, pace
+        )
         async with contextlib.aclosing(events):
             try:
-                async for chunk in events:
-                    for item in chunk_items(chunk):
-                        yield item
+                async for chunks in events:
+                    items: list[str | Piece | Usage] = []
+                    try:
+                        for chunk in chunks:
+                            items += chunk_items(chunk)
+                    except (ProviderError, *MALFORMED):
+                        if items:
+                            yield items  # the pieces before the failing chunk first
+                        raise
+                    if items:
+                        yield items
             # JSON of another shape than a chunk's
             except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
