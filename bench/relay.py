@@ -17,8 +17,9 @@ Reported per load:
   (request read by the model → its last chunk written): p50 and p99;
 - first delta, per reply: POST sent → first `message.delta` at the client (p50, p99), and its
   overhead: from the model writing its first chunk to the client having it (wall clocks of one
-  machine); the wait before the model was asked (POST sent → request read by the model: the
-  queue, admission, the prompt) beside it;
+  machine), split at the first delta's XADD in Redis (its event id: the worker's share, then
+  the API's and the client's); the wait before the model was asked (POST sent → request read
+  by the model: the queue, admission, the prompt) beside it;
 - events per token: `message.delta` events received over tokens (1.0 = one event a token);
 - how far the model fell behind its own schedule (its time over the nominal one), so that a
   reader sees when the fake and not the service was the limit;
@@ -104,6 +105,10 @@ class RelayResult:
     reply_ratio: list[float] = field(default_factory=list)
     first_delta_ms: list[float] = field(default_factory=list)
     first_delta_overhead_ms: list[float] = field(default_factory=list)
+    # The overhead split at the first delta's XADD (its stream entry id, ms; +-1 ms): the
+    # worker's share (model's first chunk written -> XADD) and the API's (XADD -> client).
+    model_to_xadd_ms: list[float] = field(default_factory=list)
+    xadd_to_client_ms: list[float] = field(default_factory=list)
     model_asked_ms: list[float] = field(default_factory=list)  # POST sent -> the model's request
     model_lag: list[float] = field(default_factory=list)  # the model's time over its nominal
     delta_events: int = 0
@@ -164,6 +169,8 @@ class RelayResult:
             "reply_time_over_model": dist(self.reply_ratio),
             "first_delta_ms": dist(self.first_delta_ms, 1),
             "first_delta_overhead_ms": dist(self.first_delta_overhead_ms, 1),
+            "first_delta_model_to_xadd_ms": dist(self.model_to_xadd_ms, 1),
+            "first_delta_xadd_to_client_ms": dist(self.xadd_to_client_ms, 1),
             "post_to_model_request_ms": dist(self.model_asked_ms, 1),
             "model_time_over_nominal": dist(self.model_lag),
             "events_per_token": round(self.events_per_token, 3),
@@ -251,6 +258,10 @@ async def _run(
             result.first_delta_ms.append((protocol.first_delta_at - client.posted_at) * 1000)
             overhead = (protocol.first_delta_at + wall - first) * 1000
             result.first_delta_overhead_ms.append(overhead)
+            if protocol.first_delta_id:  # where the overhead went, split at Redis's XADD
+                xadd = int(protocol.first_delta_id.split("-")[0]) / 1000
+                result.model_to_xadd_ms.append((xadd - first) * 1000)
+                result.xadd_to_client_ms.append((protocol.first_delta_at + wall - xadd) * 1000)
     result.seconds = (max(ends) if ends else time.monotonic()) - started
 
     for client in clients:

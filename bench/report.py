@@ -229,11 +229,20 @@ def relay_goals(results: list[relay_bench.RelayResult]) -> list[str]:
             f"  500 x 200 x 2 ms: {tps:,.0f} tok/s (goal >= 40,000: {_verdict(tps >= 40_000)}), "
             f"{cpu:.1f} us CPU/token (goal <= 30: {_verdict(cpu <= 30)})"
         )
-        overhead = heavy.to_json()["first_delta_overhead_ms"]
+        j = heavy.to_json()
+        overhead = j["first_delta_overhead_ms"]
         if overhead is not None:
+            split = ""
+            worker, api = j["first_delta_model_to_xadd_ms"], j["first_delta_xadd_to_client_ms"]
+            if worker is not None and api is not None:
+                split = (
+                    f"; split at the XADD: model -> XADD p50 {worker['p50']:.1f} ms p99 "
+                    f"{worker['p99']:.0f} ms, XADD -> client p50 {api['p50']:.1f} ms p99 "
+                    f"{api['p99']:.0f} ms"
+                )
             lines.append(
                 f"  first-delta overhead p99 with 500 streams: {overhead['p99']:.0f} ms "
-                f"(goal <= 20: {_verdict(overhead['p99'] <= 20)})"
+                f"(goal <= 20: {_verdict(overhead['p99'] <= 20)}){split}"
             )
     light = by_load.get((200, 200, 5.0))
     if light is not None and light.reply_ratio:

@@ -254,6 +254,7 @@ class SseProtocol(asyncio.Protocol):
         self.replies: dict[str, ReplyTrace] = {}
         self.events = 0
         self.first_delta_at: float | None = None
+        self.first_delta_id = ""  # its stream entry id: "<ms of the XADD in Redis>-<seq>"
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -283,6 +284,7 @@ class SseProtocol(asyncio.Protocol):
             now = time.monotonic()
             if event.type == DELTA and self.first_delta_at is None:
                 self.first_delta_at = now
+                self.first_delta_id = event.id or ""
             trace.apply(event.type, payload, now)
             if event.type in FINAL and not self.ended.done():
                 self.ended.set_result(payload["message_id"])

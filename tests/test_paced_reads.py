@@ -166,15 +166,15 @@ async def test_a_paced_read_takes_what_the_model_wrote_meanwhile_in_one_go(
     held: list[bool] = []  # the connection's transport reading, after each hold and release
     hold, release = _Holder.hold, _Holder.release
 
-    def watch_hold(self: _Holder) -> asyncio.Transport | None:
-        transport = hold(self)  # (None once the body has all come: nothing to hold)
-        if transport is not None:
-            held.append(transport.is_reading())
-        return transport
+    def watch_hold(self: _Holder) -> Any:
+        protocol = hold(self)  # (None once the body has all come: nothing to hold)
+        if protocol is not None:
+            held.append(protocol.transport.is_reading())
+        return protocol
 
-    def watch_release(transport: asyncio.Transport) -> None:
-        release(transport)
-        held.append(transport.is_reading())
+    def watch_release(protocol: Any) -> None:
+        release(protocol)
+        held.append(protocol.transport.is_reading())
 
     monkeypatch.setattr(_Holder, "hold", watch_hold)
     monkeypatch.setattr(_Holder, "release", staticmethod(watch_release))
@@ -190,6 +190,25 @@ async def test_a_paced_read_takes_what_the_model_wrote_meanwhile_in_one_go(
         assert _texts(later) == ["b", "c", "d", Usage(3, 4)]  # one read, the end included
         with pytest.raises(StopAsyncIteration):
             await anext(reads)
+    finally:
+        await reads.aclose()
+        await provider.close()
+        server.close()
+
+
+async def test_a_held_connection_does_not_time_out_while_the_worker_waits() -> None:
+    """The read timeout measures the model: a wait of the worker's longer than it is no
+    timeout (aiohttp stops its timer while reading is paused, and starts it again after)."""
+    server, answered = await _serve([_openai_token("a")], [_openai_token("b"), *_OPENAI_END])
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAIProvider(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.2)
+    reads = cast(Any, provider.reads(REQUEST, lambda: 1.0))
+    try:
+        assert _texts(await anext(reads)) == ["a"]
+        await answered[0].go()
+        await asyncio.sleep(0.5)  # a worker far behind: time is the point
+        rest = [item async for read in reads for item in _texts(read)]
+        assert rest == ["b", Usage(3, 4)]
     finally:
         await reads.aclose()
         await provider.close()

@@ -367,11 +367,11 @@ class _Holder:
     the model's writes meanwhile gather in the kernel's socket buffer and come in one
     receive, parsed in one pass by aiohttp's parser: a token then costs no wakeup of the
     event loop, no receive and no parser call of its own (with 500 streams, about a quarter
-    of the workers' CPU; bench/relay.py). It pauses the connection's transport (asyncio's
-    flow control, as aiohttp's own does when its buffer is full), and only while the
-    response's body is still coming: a finished response's connection goes back to the pool,
-    where another request may take it. The read timeout is aiohttp's (time since the peer last
-    wrote): a window is far below it.
+    of the workers' CPU; bench/relay.py). It pauses reading as aiohttp's own flow control
+    does when its buffer is full (`pause_reading` and `resume_reading` of the connection's
+    protocol: the read timeout, which measures the peer, stops meanwhile), and only while the
+    response's body is still coming and nothing else paused it: a finished response's
+    connection goes back to the pool, where another request may take it.
 
     The connection is reached through the SDKs' aiohttp transport (the `httpx_aiohttp` that
     the openai and anthropic SDKs each vendor), whose stream keeps the aiohttp response as a
@@ -391,22 +391,24 @@ class _Holder:
             return None
         return cls(aiohttp_response)
 
-    def hold(self) -> asyncio.Transport | None:
-        """The connection's transport, paused; None when there is none to pause (the body has
-        all come, or aiohttp paused reading itself)."""
+    def hold(self) -> Any:
+        """The connection's protocol, its reading paused; None when there is nothing to hold
+        (the body has all come, or reading is paused already)."""
         connection = self._response.connection
         if connection is None or self._response.content.is_eof():
             return None
-        transport: asyncio.Transport | None = connection.transport
-        if transport is None or transport.is_closing() or not transport.is_reading():
+        protocol, transport = connection.protocol, connection.transport
+        if protocol is None or transport is None or transport.is_closing():
             return None
-        transport.pause_reading()
-        return transport
+        if not transport.is_reading():
+            return None  # aiohttp's flow control holds it: left to it
+        protocol.pause_reading()
+        return protocol
 
     @staticmethod
-    def release(transport: asyncio.Transport) -> None:
-        if not transport.is_closing():
-            transport.resume_reading()
+    def release(protocol: Any) -> None:
+        if protocol.transport is not None:  # (None once the connection is lost)
+            protocol.resume_reading()
 
 
 T = TypeVar("T")
