@@ -27,7 +27,11 @@ EVENT_TIMEOUT = 20.0
 
 @pytest.fixture
 def settings(llm: FakeLLM) -> Settings:
-    return llm_settings(llm, WORKER_CONCURRENCY=CONCURRENCY, DELTA_BATCH_MS=40)
+    # Admission by loop lag has its test below (LoopLag); here only WORKER_CONCURRENCY limits
+    # what the worker takes, however busy the machine running the tests is.
+    return llm_settings(
+        llm, WORKER_CONCURRENCY=CONCURRENCY, DELTA_BATCH_MS=40, WORKER_MAX_LAG_MS=10_000
+    )
 
 
 def _busy_reply(n: int) -> tuple[Reply, list[dict[str, Any]]]:
