@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from conversational_core.replies.providers.base import Piece, ProviderError, SSEData, Usage
+from conversational_core.replies.providers.base import (
+    EventTooLong,
+    Piece,
+    ProviderError,
+    SSEData,
+    Usage,
+)
 from conversational_core.replies.providers.openai import chunk_items
 
 
@@ -26,6 +32,15 @@ def test_events_are_whole_wherever_the_chunks_split() -> None:
         pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
         assert _all(*pieces) == expected
     assert _all(b"data: last") == [b"last"]  # no blank line at the end
+    assert _all(b"data: a\n\n\n\ndata: b\n\n: only a comment\n\n") == [b"a", b"b"]
+    assert _all(b"data: a\r\r\n\r\n") == [b"a\r"]  # a CR in the data, then CRLF
+
+
+def test_an_event_that_never_ends_is_refused() -> None:
+    decoder = SSEData()
+    assert decoder.feed(b"data: " + b"x" * (SSEData.MAX_EVENT_BYTES - 6)) == []  # at the limit
+    with pytest.raises(EventTooLong):  # (the provider's stream fails as unreadable)
+        decoder.feed(b"x")
 
 
 def test_a_chunk_gives_text_reasoning_calls_and_usage() -> None:

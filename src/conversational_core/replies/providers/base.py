@@ -251,37 +251,55 @@ def _data_value(line: bytes) -> bytes:
 class SSEData:
     """The `data` of each server-sent event of a byte stream fed to it a read at a time
     (comments, `event:` and other fields are skipped; the data lines of one event are joined
-    with a newline, as the SSE specification says). Synchronous, so that the events one read
-    completed are parsed in one pass rather than with an await each."""
+    with a newline, as the SSE specification says; lines end in LF or CRLF). Synchronous, so
+    that the events one read completed are parsed in one pass rather than with an await each;
+    an event of one `data: ` line (a model's usual) is taken without looking at its lines.
+    An event that grows past MAX_EVENT_BYTES without ending raises EventTooLong."""
 
-    __slots__ = ("_buffer", "_lines")
+    MAX_EVENT_BYTES = 1024 * 1024
+
+    __slots__ = ("_buffer",)
 
     def __init__(self) -> None:
-        self._buffer = b""  # the line not ended yet
-        self._lines: list[bytes] = []  # the data lines of the event not ended yet
+        self._buffer = b""  # the event not ended yet, as it came (LF line ends)
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The data of the events that `chunk` completed."""
-        *complete, self._buffer = (self._buffer + chunk).split(b"\n")
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:  # (a CR at the end stays: its LF may come in the next read)
+            buffer = buffer.replace(b"\r\n", b"\n")
+        *ended, self._buffer = buffer.split(b"\n\n")
+        if len(self._buffer) > self.MAX_EVENT_BYTES:
+            raise EventTooLong
         events: list[bytes] = []
-        lines = self._lines
-        for raw in complete:
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            if not line:
-                if lines:
-                    events.append(b"\n".join(lines))
-                    lines = self._lines = []
-            elif line.startswith(b"data:"):
-                lines.append(_data_value(line))
+        for event in ended:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                events.append(event[6:])
+            else:
+                data = _event_data(event)
+                if data is not None:
+                    events.append(data)
         return events
 
     def end(self) -> list[bytes]:
         """The data of an event the stream ended in without its blank line."""
-        if self._buffer.startswith(b"data:"):  # a last line without its line end
-            self._lines.append(_data_value(self._buffer.rstrip(b"\r")))
+        data = _event_data(self._buffer.rstrip(b"\r\n"))
         self._buffer = b""
-        events, self._lines = self._lines, []
-        return [b"\n".join(events)] if events else []
+        return [] if data is None else [data]
+
+
+class EventTooLong(ValueError):
+    """A server-sent event longer than SSEData.MAX_EVENT_BYTES."""
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one event's lines (None when it has none: a comment, say)."""
+    lines = [
+        _data_value(line.removesuffix(b"\r"))
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
 
 
 async def stream_events(
@@ -356,7 +374,7 @@ async def stream_events(
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
     except httpx2.HTTPError:
         raise ProviderError(CONNECTION_ERROR, retryable=True) from None
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, EventTooLong):
         raise ProviderError(UNREADABLE, retryable=True) from None
     finally:
         await response.aclose()
