@@ -248,6 +248,16 @@ async def test_batched_waits_a_window_between_reads_but_not_before_the_first() -
     assert all(gap >= 0.019 for gap in gaps), gaps
 
 
+async def test_batched_does_not_wait_for_the_end_after_the_usage() -> None:
+    usage = Usage(3, 2)
+    reads = _reads_of([[1], [2, usage]], [])  # type: ignore[list-item]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    batches = [b async for b in batched(cast(Any, reads), lambda: 0.3)]
+    assert batches == [[1], [2, usage]]
+    assert loop.time() - began < 0.55  # one window (after the first read), not two
+
+
 async def test_batched_reads_on_at_once_while_a_reply_is_alone() -> None:
     loop = asyncio.get_running_loop()
     read_at: list[float] = []

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, I
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from conversational_core.replies.providers.base import Piece
+from conversational_core.replies.providers.base import Piece, Usage
 from conversational_core.storage.models import REASONING, TEXT, TOOL_CALL, Part
 
 
@@ -144,8 +144,10 @@ async def batched(
     Otherwise the next read waits until `window()` after the one before: meanwhile the
     connection's buffer gathers what the model writes, and one read takes it all, so that the
     tokens of a window are read, parsed and published as one delta, and none of them costs a
-    wakeup of its own. The first read is not held back; the end of the stream is seen at most
-    one window late. Closing this generator closes `reads` (which stops the provider)."""
+    wakeup of its own. The first read is not held back, nor the one after a read that ends
+    with the usage (a provider's last item: the stream ends there); a stream that reports none
+    is seen to end at most one window late. Closing this generator closes `reads` (which stops
+    the provider)."""
     source: Any = reads  # an async generator (a provider's reads): it has aclose
     loop = asyncio.get_running_loop()
     async with contextlib.aclosing(source):
@@ -157,6 +159,8 @@ async def batched(
                 return
             read_at = loop.time()
             yield items
+            if items and isinstance(items[-1], Usage):
+                continue  # the end: no wait for it
             pause = read_at + window() - loop.time()
             if pause > 0:
                 await asyncio.sleep(pause)  # the pace of the reads: time is the point
