@@ -17,7 +17,6 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-import orjson
 import pytest
 
 from conversational_core.replies.assembly import batched
@@ -33,32 +32,28 @@ from conversational_core.replies.providers.base import (
     gathered,
 )
 from conversational_core.replies.providers.openai import OpenAIProvider
+from tests.fixtures.sse_server import LAST_CHUNK, STREAM_HEAD, http_chunk, sse_event, whole_request
 
 REQUEST = CompletionRequest("m", [ChatMessage("user", "hi")], None, 10)
 
 
-def _event(data: dict[str, object], name: str | None = None) -> bytes:
-    head = f"event: {name}\n".encode() if name else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
-
-
 def _openai_token(text: str) -> bytes:
-    return _event({"choices": [{"index": 0, "delta": {"content": text}}]})
+    return sse_event({"choices": [{"index": 0, "delta": {"content": text}}]})
 
 
 def _anthropic_token(text: str) -> bytes:
     delta = {"type": "text_delta", "text": text}
-    return _event(
+    return sse_event(
         {"type": "content_block_delta", "index": 0, "delta": delta}, "content_block_delta"
     )
 
 
 _OPENAI_END = [
-    _event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
+    sse_event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
     b"data: [DONE]\n\n",
 ]
 _ANTHROPIC_START = [
-    _event(
+    sse_event(
         {
             "type": "message_start",
             "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
@@ -66,16 +61,16 @@ _ANTHROPIC_START = [
         },
         "message_start",
     ),
-    _event(
+    sse_event(
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         "content_block_start",
     ),
 ]  # fmt: skip
 _ANTHROPIC_END = [
-    _event({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-    _event({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+    sse_event({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    sse_event({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
             "usage": {"output_tokens": 4}}, "message_delta"),
-    _event({"type": "message_stop"}, "message_stop"),
+    sse_event({"type": "message_stop"}, "message_stop"),
 ]  # fmt: skip
 
 
@@ -94,31 +89,16 @@ class _StepServer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head, sep, body = self.buffer.partition(b"\r\n\r\n")
-        if not sep or self.answered.is_set():
+        if self.answered.is_set() or not whole_request(self.buffer):
             return
-        length = next(
-            (int(line.split(b":")[1]) for line in head.split(b"\r\n")
-             if line.lower().startswith(b"content-length:")),
-            0,
-        )  # fmt: skip
-        if len(body) < length:
-            return
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n" + b"".join(map(_chunk, self.first))
-        )
+        self.transport.write(STREAM_HEAD + b"".join(map(http_chunk, self.first)))
         self.answered.set()
 
     async def go(self) -> None:
         for event in self.later:
-            self.transport.write(_chunk(event))
+            self.transport.write(http_chunk(event))
             await asyncio.sleep(0)  # one write a loop turn: separate segments
-        self.transport.write(b"0\r\n\r\n")
-
-
-def _chunk(event: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(event), event)
+        self.transport.write(LAST_CHUNK)
 
 
 async def _serve(

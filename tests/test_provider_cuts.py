@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
-import orjson
 import pytest
 
 from conversational_core.replies.providers.anthropic import AnthropicProvider
@@ -26,21 +25,16 @@ from conversational_core.replies.providers.base import (
     Usage,
 )
 from conversational_core.replies.providers.openai import OpenAIProvider
+from tests.fixtures.sse_server import LAST_CHUNK, STREAM_HEAD, http_chunk, sse_event, whole_request
 
-
-def _event(data: dict[str, object], name: str | None = None) -> bytes:
-    head = f"event: {name}\n".encode() if name else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-_OPENAI = [_event({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})] * 2
+_OPENAI = [sse_event({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})] * 2
 _TEXT_DELTA = {
     "type": "content_block_delta",
     "index": 0,
     "delta": {"type": "text_delta", "text": "Hi"},
 }
 _ANTHROPIC = [
-    _event(
+    sse_event(
         {
             "type": "message_start",
             "message": {
@@ -56,11 +50,11 @@ _ANTHROPIC = [
         },
         "message_start",
     ),
-    _event(
+    sse_event(
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         "content_block_start",
     ),
-    *[_event(_TEXT_DELTA, "content_block_delta")] * 2,
+    *[sse_event(_TEXT_DELTA, "content_block_delta")] * 2,
 ]
 
 
@@ -80,23 +74,11 @@ class _CutServer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head, sep, body = self.buffer.partition(b"\r\n\r\n")
-        if not sep:
+        if not whole_request(self.buffer):
             return
-        length = next(
-            (int(line.split(b":")[1]) for line in head.split(b"\r\n")
-             if line.lower().startswith(b"content-length:")),
-            0,
-        )  # fmt: skip
-        if len(body) < length:
-            return
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-            + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in self.events)
-        )
+        self.transport.write(STREAM_HEAD + b"".join(map(http_chunk, self.events)))
         if self.finish:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(LAST_CHUNK)
         elif not self.stall:
             self.transport.abort()  # the model server died mid-reply
 
@@ -161,9 +143,9 @@ async def _anthropic_reads(events: list[bytes]) -> tuple[list[object], ProviderE
 
 
 _DONE = [
-    _event({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-    _event({"type": "ping"}, "ping"),
-    _event(
+    sse_event({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    sse_event({"type": "ping"}, "ping"),
+    sse_event(
         {
             "type": "message_delta",
             "delta": {"stop_reason": "end_turn"},
@@ -171,7 +153,7 @@ _DONE = [
         },
         "message_delta",
     ),
-    _event({"type": "message_stop"}, "message_stop"),
+    sse_event({"type": "message_stop"}, "message_stop"),
 ]
 
 
@@ -192,7 +174,7 @@ async def test_anthropic_stream_ending_before_message_stop_is_a_cut() -> None:
 
 async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-    items, error = await _anthropic_reads([*_ANTHROPIC, _event(overloaded, "error")])
+    items, error = await _anthropic_reads([*_ANTHROPIC, sse_event(overloaded, "error")])
     assert len(items) == 2
     assert error is not None and error.retryable
     assert error.message == "The AI provider failed while answering."
@@ -201,8 +183,8 @@ async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:
 @pytest.mark.parametrize(
     ("make", "events"),
     [
-        (_openai, [_OPENAI[0], _event({"choices": "not a list of choices"})]),
-        (_anthropic, [*_ANTHROPIC, _event({"type": "content_block_delta", "index": 0})]),
+        (_openai, [_OPENAI[0], sse_event({"choices": "not a list of choices"})]),
+        (_anthropic, [*_ANTHROPIC, sse_event({"type": "content_block_delta", "index": 0})]),
     ],
     ids=["openai", "anthropic"],
 )
