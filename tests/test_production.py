@@ -3,6 +3,7 @@ headers, Sentry, health probes."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import signal
@@ -139,8 +140,40 @@ async def test_open_event_streams_are_counted(redis_store: Store) -> None:
                 if line.startswith(":"):  # the "connected" comment: the stream is open
                     break
             during = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+        # The client went away: the server notices and lets the stream (and its
+        # subscription) go, with no event to write to it.
+        after = during
+        for _ in range(500):
+            after = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+            if after == before:
+                break
+            await asyncio.sleep(0.01)  # (polled: the server's side of the close has no hook)
     await active.events.close()
     assert during == before + 1
+    assert after == before
+
+
+async def test_a_quiet_event_stream_gets_keep_alive_comments(redis_store: Store) -> None:
+    settings = make_settings(SSE_KEEPALIVE_SECONDS=0.2)
+    active = backend_for(redis_store, settings)
+    alice = auth(settings, "alice")
+    async with (
+        serve(create_app(settings, backend=active)) as base,
+        httpx.AsyncClient(base_url=base, timeout=20) as http,
+    ):
+        cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+        comments: list[str] = []
+        async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
+            lines = sse.aiter_lines()
+            async with asyncio.timeout(10):
+                async for line in lines:
+                    if line.startswith(":"):
+                        comments.append(line)
+                    if len(comments) == 3:  # "connected", then two keep-alives
+                        break
+    await active.events.close()
+    assert comments[0].startswith(": connected")
+    assert all("ping" in c for c in comments[1:]), comments
 
 
 def test_metrics_add_up_across_two_worker_processes(prefix: str) -> None:
