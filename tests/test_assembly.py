@@ -19,7 +19,7 @@ def test_interleaved_calls_each_keep_their_arguments() -> None:
         "both.",
     ]
     built = PartsBuilder()
-    deltas = [built.add(p) for p in pieces]
+    deltas = [next(iter(built.add_all([p])), None) for p in pieces]  # a piece at a time
     assert built.parts == [
         {"type": "text", "text": "Checking "},
         {"type": "tool_call", "id": "a", "name": "f", "arguments": '{"x": 1}'},
@@ -40,9 +40,9 @@ def test_interleaved_calls_each_keep_their_arguments() -> None:
 
 def test_a_signature_after_its_thinking_goes_on_that_part() -> None:
     built = PartsBuilder()
-    built.add(Piece("reasoning", "Hm.", key=0))
-    assert built.add(Piece("reasoning", "", key=0, provider_data={"signature": "s"})) is None
-    built.add(Piece("text", "Yes.", key=1))
+    built.add_all([Piece("reasoning", "Hm.", key=0)])
+    assert built.add_all([Piece("reasoning", "", key=0, provider_data={"signature": "s"})]) == []
+    built.add_all([Piece("text", "Yes.", key=1)])
     assert built.parts == [
         {"type": "reasoning", "text": "Hm.", "provider_data": {"signature": "s"}},
         {"type": "text", "text": "Yes."},

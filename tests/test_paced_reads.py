@@ -176,38 +176,43 @@ async def test_a_paced_read_takes_what_the_model_wrote_meanwhile_in_one_go(
         server.close()
 
 
+async def _first_and_rest(
+    make: Callable[[int], Provider], pace: Callable[[], float], wait: float = 0.0
+) -> tuple[list[str | Usage], list[str | Usage]]:
+    """What a provider's first read gives, and the rest once the model has written the end of
+    its reply (after `wait` seconds of a worker that does not read)."""
+    server, answered = await _serve([_openai_token("a")], [_openai_token("b"), *_OPENAI_END])
+    provider = make(server.sockets[0].getsockname()[1])
+    reads = cast(Any, provider.reads(REQUEST, pace))
+    try:
+        first = _texts(await anext(reads))
+        await answered[0].go()
+        if wait:
+            await asyncio.sleep(wait)  # a worker far behind: time is the point
+        rest = [item async for read in reads for item in _texts(read)]
+    finally:
+        await reads.aclose()
+        await provider.close()
+        server.close()
+    return first, rest
+
+
 async def test_a_held_connection_does_not_time_out_while_the_worker_waits() -> None:
     """The read timeout measures the model: a wait of the worker's longer than it is no
     timeout (aiohttp stops its timer while reading is paused, and starts it again after)."""
-    server, answered = await _serve([_openai_token("a")], [_openai_token("b"), *_OPENAI_END])
-    port = server.sockets[0].getsockname()[1]
-    provider = OpenAIProvider(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.2)
-    reads = cast(Any, provider.reads(REQUEST, lambda: 1.0))
-    try:
-        assert _texts(await anext(reads)) == ["a"]
-        await answered[0].go()
-        await asyncio.sleep(0.5)  # a worker far behind: time is the point
-        rest = [item async for read in reads for item in _texts(read)]
-        assert rest == ["b", Usage(3, 4)]
-    finally:
-        await reads.aclose()
-        await provider.close()
-        server.close()
+
+    def impatient(port: int) -> Provider:
+        return OpenAIProvider(api_key="x", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.2)
+
+    first, rest = await _first_and_rest(impatient, lambda: 1.0, wait=0.5)
+    assert first == ["a"]
+    assert rest == ["b", Usage(3, 4)]
 
 
-async def test_unpaced_reads_leave_the_connection_alone() -> None:
-    server, answered = await _serve([_openai_token("a")], [_openai_token("b"), *_OPENAI_END])
-    provider = _openai(server.sockets[0].getsockname()[1])
-    reads = cast(Any, provider.reads(REQUEST))  # a reply alone: no pace
-    try:
-        assert _texts(await anext(reads)) == ["a"]
-        await answered[0].go()
-        rest = [item async for read in reads for item in _texts(read)]
-        assert rest == ["b", Usage(3, 4)]
-    finally:
-        await reads.aclose()
-        await provider.close()
-        server.close()
+async def test_unpaced_reads_come_as_the_model_writes() -> None:
+    first, rest = await _first_and_rest(_openai, lambda: 0.0)  # a reply alone: no pace
+    assert first == ["a"]
+    assert rest == ["b", Usage(3, 4)]
 
 
 async def _reads_of(lists: list[list[int]], read_at: list[float]) -> AsyncIterator[list[int]]:

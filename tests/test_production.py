@@ -4,6 +4,7 @@ headers, Sentry, health probes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import signal
@@ -124,8 +125,13 @@ async def test_metrics_follow_requests_messages_and_replies(
     assert cid not in after and reply_id not in after and "alice" not in after
 
 
-async def test_open_event_streams_are_counted(redis_store: Store) -> None:
-    settings = make_settings()
+@contextlib.asynccontextmanager
+async def _conversation_served(
+    redis_store: Store, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, dict[str, str]]]:
+    """A served app on the Redis store, a client of it, a conversation of alice's and her
+    headers; the event hub closed after."""
+    settings = make_settings(**overrides)
     active = backend_for(redis_store, settings)
     alice = auth(settings, "alice")
     async with (
@@ -133,6 +139,12 @@ async def test_open_event_streams_are_counted(redis_store: Store) -> None:
         httpx.AsyncClient(base_url=base, timeout=20) as http,
     ):
         cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+        yield http, cid, alice
+    await active.events.close()
+
+
+async def test_open_event_streams_are_counted(redis_store: Store) -> None:
+    async with _conversation_served(redis_store) as (http, cid, alice):
         before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
         async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
             lines = sse.aiter_lines()  # kept: a finalized line iterator closes the stream
@@ -148,20 +160,12 @@ async def test_open_event_streams_are_counted(redis_store: Store) -> None:
             if after == before:
                 break
             await asyncio.sleep(0.01)  # (polled: the server's side of the close has no hook)
-    await active.events.close()
     assert during == before + 1
     assert after == before
 
 
 async def test_a_quiet_event_stream_gets_keep_alive_comments(redis_store: Store) -> None:
-    settings = make_settings(SSE_KEEPALIVE_SECONDS=0.2)
-    active = backend_for(redis_store, settings)
-    alice = auth(settings, "alice")
-    async with (
-        serve(create_app(settings, backend=active)) as base,
-        httpx.AsyncClient(base_url=base, timeout=20) as http,
-    ):
-        cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
+    async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=0.2) as (http, cid, alice):
         comments: list[str] = []
         async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
             lines = sse.aiter_lines()
@@ -171,7 +175,6 @@ async def test_a_quiet_event_stream_gets_keep_alive_comments(redis_store: Store)
                         comments.append(line)
                     if len(comments) == 3:  # "connected", then two keep-alives
                         break
-    await active.events.close()
     assert comments[0].startswith(": connected")
     assert all("ping" in c for c in comments[1:]), comments
 

@@ -42,11 +42,6 @@ class PartsBuilder:
         self._last_key: tuple[str, Hashable] | None = None
         self._calls: dict[Hashable, int] = {}  # a tool call's key -> its part's index
 
-    def add(self, item: str | Piece) -> Delta | None:
-        """Add a piece; the delta to publish (None when there is nothing to tell clients)."""
-        deltas = self.add_all((item,))
-        return deltas[0] if deltas else None
-
     def add_all(self, items: Iterable[str | Piece]) -> list[Delta]:
         """Add the pieces of a batch; the deltas to publish, consecutive pieces of one part as
         one (a tool call's first delta names it). A part's text grows once per delta, not once
