@@ -368,6 +368,58 @@ async def test_reads_over_the_limit_are_refused_streams_too(store: Store) -> Non
     await active.events.close()
 
 
+async def test_writes_meet_the_limit_exactly_and_a_refused_one_stores_nothing(
+    store: Store,
+) -> None:
+    """A write of a user well within the limit is counted in the same Redis round trip as its
+    work; near the limit writes are counted before they run again, so that one write after
+    another meets the limit exactly, and the write over it is refused before it is made."""
+    settings = make_settings(RATE_LIMIT="12/minute")
+    active = backend_for(store, settings)
+    alice, admin = auth(settings, "alice"), auth(settings, "root", ["admin"])
+    async with app_client(create_app(settings, backend=active)) as http:
+        created = await http.post("/conversations", json={}, headers=alice)
+        assert created.headers["ratelimit-remaining"] == "11"
+        url = f"/conversations/{created.json()['id']}/messages"
+        writes = [
+            await http.post(url, json={"content": f"m{i}", "respond": False}, headers=alice)
+            for i in range(13)
+        ]
+        assert [r.status_code for r in writes] == [201] * 11 + [429] * 2
+        left = [r.headers["ratelimit-remaining"] for r in writes]
+        assert left == [str(n) for n in range(10, -1, -1)] + ["0", "0"]
+        assert writes[11].headers["retry-after"] and "Too many requests" in writes[11].text
+        page = await http.get(url, headers=admin)  # (an admin's reads: another user's budget)
+        assert [m["content"] for m in page.json()["items"]] == [f"m{i}" for i in range(11)]
+    await active.events.close()
+
+
+async def test_a_write_over_the_limit_in_a_race_is_done_and_the_next_refused(
+    store: Store,
+) -> None:
+    """Requests of the user in other processes (here: counted straight on the counters) spend
+    the budget after this process last counted: its next write, counted while it runs, is
+    done and answered as done (a retry would write it twice), with nothing left in the
+    headers; the writes after it are counted first, and refused."""
+    settings = make_settings(RATE_LIMIT="12/minute")
+    active = backend_for(store, settings)
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings, backend=active)) as http:
+        created = await http.post("/conversations", json={}, headers=alice)
+        assert created.headers["ratelimit-remaining"] == "11"
+        for _ in range(11):  # the rest of the window, elsewhere
+            await active.counters.hit("user", "alice", 12, 60)
+        url = f"/conversations/{created.json()['id']}/messages"
+        late = await http.post(url, json={"content": "late", "respond": False}, headers=alice)
+        assert late.status_code == 201 and late.headers["ratelimit-remaining"] == "0"
+        assert late.json()["content"] == "late"
+        after = await http.post(url, json={"content": "after", "respond": False}, headers=alice)
+        assert after.status_code == 429 and after.headers["retry-after"]
+        page = await http.get(url, headers=auth(settings, "root", ["admin"]))
+        assert [m["content"] for m in page.json()["items"]] == ["late"]
+    await active.events.close()
+
+
 # --- Edges ----------------------------------------------------------------------------------------
 
 

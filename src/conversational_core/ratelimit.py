@@ -27,6 +27,7 @@ from conversational_core.storage.base import Counters
 from conversational_core.storage.errors import Unavailable
 
 _SKIP_AFTER_FAILURE_SECONDS = 1.0
+_SEEN_MAX = 10_000  # identities whose last count this process remembers (the oldest go first)
 
 
 # The `limits` library's notation (parsed here: that library is only needed on the embedded
@@ -89,6 +90,37 @@ class RateLimiter:
     def __init__(self, counters: Counters) -> None:
         self._counters = counters
         self._skip_until = 0.0
+        # (scope, identity) -> [requests left, until when (monotonic)], from this process's
+        # last count of the identity, less what it has let run since (see `ahead`).
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def ahead(self, scope: str, identity: str, rate: Rate) -> bool:
+        """Whether a request of `identity` may run while it is counted rather than after: this
+        process counted the identity in the current window and saw more than a margin (a tenth
+        of the rate, at least 1) left, less the requests it has let run so since. Such a request
+        is counted in the same Redis round trip as its own work instead of one before it. Near
+        the limit requests are counted first again, so that a client writing one request
+        after another meets its limit exactly; only requests running at the same moment in
+        other processes, past that margin, can pass over it (each process stops at its next
+        count). Reserves one of the requests left when it answers True."""
+        seen = self._seen.get((scope, identity))
+        if seen is None:
+            return False
+        left, until = seen
+        if until <= time.monotonic():
+            del self._seen[(scope, identity)]
+            return False
+        if left <= max(1, rate.amount // 10):
+            return False
+        seen[0] = left - 1
+        return True
+
+    def _note(self, scope: str, identity: str, decision: Decision) -> None:
+        key = (scope, identity)
+        if key not in self._seen and len(self._seen) >= _SEEN_MAX:
+            for stale in list(self._seen)[: _SEEN_MAX // 2]:
+                del self._seen[stale]
+        self._seen[key] = [decision.remaining, time.monotonic() + decision.reset_seconds]
 
     async def hit(self, scope: str, identity: str, rate: Rate) -> Decision:
         """Count one request of `identity` against `rate`; whether it may pass."""
@@ -104,7 +136,9 @@ class RateLimiter:
         allowed = hits <= rate.amount
         if not allowed:
             metrics.RATE_LIMITED.labels(scope).inc()
-        return Decision(allowed, rate.amount, max(0, rate.amount - hits), reset)
+        decision = Decision(allowed, rate.amount, max(0, rate.amount - hits), reset)
+        self._note(scope, identity, decision)
+        return decision
 
     async def refund(self, scope: str, identity: str, rate: Rate) -> None:
         """Give back one hit (a request that turned out to cost nothing, e.g. a replay)."""

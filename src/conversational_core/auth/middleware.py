@@ -69,22 +69,27 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
 
-        counting = limits.limiter.hit("user", principal.user_id, limits.user)
-        if scope["method"] not in _READS or self._refusing(principal.user_id):
+        user, limiter = principal.user_id, limits.limiter
+        read = scope["method"] in _READS
+        # A read changes nothing, so it is counted while it runs rather than before: the
+        # counter's script then shares the round trip of the read's own first Redis call
+        # (storage/redis/client.py batches the commands of one loop turn), instead of adding
+        # one. So is a write while its user is well within the limit (RateLimiter.ahead).
+        alongside = not self._refusing(user) if read else limiter.ahead("user", user, limits.user)
+        counting = limiter.hit("user", user, limits.user)
+        if not alongside:
             decision = await counting
             if not decision.allowed:
-                self._refused_until(principal.user_id, decision)
+                self._refused_until(user, decision)
                 await _refuse(RateLimited(decision, "requests"), scope, receive, send)
                 return
             await self.app(scope, receive, _with_quota(send, decision))
             return
 
-        # A read changes nothing, so it is counted while it runs rather than before: the
-        # counter's script then shares the round trip of the read's own first Redis call
-        # (storage/redis/client.py batches the commands of one loop turn), instead of adding one.
-        # The answer waits for the count; over the limit it is a 429 and the read's result is
-        # dropped, and the user's next reads are counted before they run until the window
-        # resets (a refused client does not keep the store busy).
+        # The answer waits for the count. Over the limit, a read's answer is a 429 (its result
+        # dropped) and a write's is its own (it has been done; a client is told with
+        # `RateLimit-Remaining: 0`); either way the user's next requests are counted before
+        # they run until the window resets (a refused client does not keep the store busy).
         pending = asyncio.ensure_future(counting)
         refused = False
 
@@ -95,10 +100,11 @@ class AuthMiddleware:
             if message["type"] == "http.response.start":
                 decision = await pending
                 if not decision.allowed:
-                    refused = True
-                    self._refused_until(principal.user_id, decision)
-                    await _refuse(RateLimited(decision, "requests"), scope, receive, send)
-                    raise _Refused()
+                    self._refused_until(user, decision)
+                    if read:
+                        refused = True
+                        await _refuse(RateLimited(decision, "requests"), scope, receive, send)
+                        raise _Refused()
                 message["headers"] = [*message.get("headers", ()), *_quota(decision)]
             await send(message)
 
