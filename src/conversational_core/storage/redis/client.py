@@ -212,9 +212,8 @@ class PubSubConnection(_Protocol):
 
 
 class RespClient:
-    """A few pipelined connections, used round-robin by turn of the event loop. `call`
-    returns the raw reply (bytes, ints, lists) or raises ReplyError / ConnectionError /
-    TimeoutError."""
+    """A few pipelined connections, used round-robin. `call` returns the raw reply (bytes,
+    ints, lists) or raises ReplyError / ConnectionError / TimeoutError."""
 
     def __init__(
         self, url: str, *, connections: int = 2, timeout: float = 2.0, connect_timeout: float = 1.0
@@ -232,7 +231,6 @@ class RespClient:
         self._slots: list[_Protocol | None] = [None] * connections
         self._locks = [asyncio.Lock() for _ in range(connections)]
         self._next = 0
-        self._filling: _Protocol | None = None  # the connection this loop turn writes to
         self._failures = [0] * connections  # failed connection attempts, per slot
 
     @staticmethod
@@ -276,17 +274,11 @@ class RespClient:
         return reply
 
     async def call(self, *args: Any) -> Any:
-        # The commands of one turn of the event loop go to one connection, in one write (and
-        # one read of Redis's): those of concurrent requests, a request's and its rate-limit
-        # count, a worker's deltas of many replies. The next turn takes the next connection.
-        proto = self._filling
-        if proto is None or not proto.outbox or proto.closed:
-            index = self._next
-            self._next = (index + 1) % len(self._slots)
-            proto = self._slots[index]
-            if proto is None or proto.closed:
-                proto = await self._connect(index)
-            self._filling = proto
+        index = self._next
+        self._next = (index + 1) % len(self._slots)
+        proto = self._slots[index]
+        if proto is None or proto.closed:
+            proto = await self._connect(index)
         return await self._send(proto, args)
 
     async def close(self) -> None:
