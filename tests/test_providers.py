@@ -3,11 +3,14 @@ such server accepts; replies through llama-cpp-python's real server (a tiny mode
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -15,7 +18,8 @@ from testkit.fake_llm import FakeLLM, FakeLLMServer
 from testkit.ports import free_port
 
 from conversational_core.app import create_app
-from conversational_core.replies.providers.openai import default_max_tokens_param
+from conversational_core.replies.providers.base import ChatMessage, CompletionRequest
+from conversational_core.replies.providers.openai import OpenAIProvider, default_max_tokens_param
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
 from conversational_core.storage.factory import Backend
@@ -80,6 +84,56 @@ async def test_requests_carry_only_what_is_configured(
         sent = strict_llm.requests[-1]
         assert set(sent) == {"model", "messages", "stream", "stream_options", limit, "temperature"}
         assert (sent["model"], sent["temperature"], sent[limit]) == ("other", 0.3, 50)
+
+
+@pytest.fixture
+async def forward_proxy() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An HTTP forward proxy, as HTTP_PROXY names one: it takes requests in absolute form
+    (`POST http://host:port/path`), sends each connection's bytes on to 127.0.0.1 at the
+    port the first request names, and keeps the request lines it forwarded."""
+    seen: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        head = await client_in.readuntil(b"\r\n")
+        seen.append(head.rstrip())
+        port = urlparse(head.split(b" ")[1].decode()).port
+        upstream_in, upstream_out = await asyncio.open_connection("127.0.0.1", port)
+        upstream_out.write(head)
+        await asyncio.gather(pipe(client_in, upstream_out), pipe(upstream_in, client_out))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}", seen
+
+
+async def test_the_model_is_reached_through_the_proxy_the_environment_names(
+    strict_llm: FakeLLM, forward_proxy: tuple[str, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment reaches its provider through an egress proxy named by HTTP(S)_PROXY: the
+    SDK's aiohttp transport honours it as its httpx transport did (here the model's host is
+    a name only the proxy can reach)."""
+    proxy, seen = forward_proxy
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    port = urlparse(strict_llm.url).port
+    provider = OpenAIProvider(api_key="key", base_url=f"http://model.invalid:{port}/v1", timeout=10)
+    request = CompletionRequest("fake-model", [ChatMessage("user", "Hello")], None, 50)
+    try:
+        items = [item async for item in provider.stream(request)]
+    finally:
+        await provider.close()
+    assert "".join(i for i in items if isinstance(i, str)) == strict_llm.text()
+    assert seen == [f"POST http://model.invalid:{port}/v1/chat/completions HTTP/1.1".encode()]
 
 
 def test_the_output_limit_is_named_for_the_server() -> None:

@@ -72,9 +72,10 @@ class AuthMiddleware:
         user, limiter = principal.user_id, limits.limiter
         read = scope["method"] in _READS
         # A read changes nothing, so it is counted while it runs rather than before: the
-        # counter's script then shares the round trip of the read's own first Redis call
-        # (storage/redis/client.py batches the commands of one loop turn), instead of adding
-        # one. So is a write while its user is well within the limit (RateLimiter.ahead).
+        # counter's script goes to Redis in the same turn of the event loop as the read's own
+        # first command, so that both are under way at once and the request waits for no round
+        # trip of its own. So is a write while its user is well within the limit
+        # (RateLimiter.ahead).
         alongside = not self._refusing(user) if read else limiter.ahead("user", user, limits.user)
         counting = limiter.hit("user", user, limits.user)
         if not alongside:

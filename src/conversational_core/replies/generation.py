@@ -70,9 +70,8 @@ class ReplyWriter:
     async def write(self, conversation_id: str, reply_id: str) -> None:
         """Write (or finish) one reply; returns when it has ended or is no longer ours to write."""
         # The reply, its conversation and the branch that leads to it (newest first: never
-        # another branch), read at once: one Redis round trip before the model is asked
-        # instead of three (on one server; storage/redis/client.py writes a loop turn's
-        # commands together).
+        # another branch), read at once: the model is asked one round trip after the job
+        # starts instead of three.
         history_query = MessageQuery(
             self._settings.LLM_HISTORY_MESSAGES, descending=True, anchor_id=reply_id, leaf=reply_id
         )
