@@ -371,8 +371,8 @@ async def test_reads_over_the_limit_are_refused_streams_too(store: Store) -> Non
 async def test_writes_meet_the_limit_exactly_and_a_refused_one_stores_nothing(
     store: Store,
 ) -> None:
-    """A write of a user well within the limit is counted in the same Redis round trip as its
-    work; near the limit writes are counted before they run again, so that one write after
+    """A write of a user well within the limit is counted while it runs (no round trip before
+    it); near the limit writes are counted before they run again, so that one write after
     another meets the limit exactly, and the write over it is refused before it is made."""
     settings = make_settings(RATE_LIMIT="12/minute")
     active = backend_for(store, settings)

@@ -95,10 +95,10 @@ class RateLimiter:
         self._seen: dict[tuple[str, str], list[float]] = {}
 
     def ahead(self, scope: str, identity: str, rate: Rate) -> bool:
-        """Whether a request of `identity` may run while it is counted rather than after: this
+        """Whether a request of `identity` may run while it is counted, not after its count: this
         process counted the identity in the current window and saw more than a margin (a tenth
-        of the rate, at least 1) left, less the requests it has let run so since. Such a request
-        is counted in the same Redis round trip as its own work instead of one before it. Near
+        of the rate, at least 1) left, less the requests it has let run so since then. Such a
+        request's count runs at the same time as its own work, not a round trip before it. Near
         the limit requests are counted first again, so that a client writing one request
         after another meets its limit exactly; only requests running at the same moment in
         other processes, past that margin, can pass over it (each process stops at its next
