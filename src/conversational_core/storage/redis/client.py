@@ -42,6 +42,14 @@ from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.redis.errors import ReplyError, reply_code, unavailable
 from conversational_core.storage.redis.scripts import Script
 
+# How much of its read buffer a connection's hiredis reader keeps once it is empty. hiredis
+# frees a buffer of more than 16 KiB (its default) every time it has been read out, and
+# allocates it again for the next read: a page of 50 messages (~50 KiB) cost ~40 us to parse
+# so instead of ~5 us (feeding one such reply, hiredis 3.5), and so did every read of more than
+# 16 KiB (a worker's replies to many commands, the event hub's messages). Side by side: pages
+# of 50 +12% requests a second, the relay's workers ~9% less CPU a token (README).
+READER_BUFFER_BYTES = 1024 * 1024
+
 
 def pack(args: tuple[Any, ...]) -> bytes:
     """RESP encoding of a command, by hiredis (C), as redis-py does."""
@@ -55,6 +63,7 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, timeout: float) -> None:
         self.reader = hiredis.Reader(replyError=ReplyError)
+        self.reader.setmaxbuf(READER_BUFFER_BYTES)
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
