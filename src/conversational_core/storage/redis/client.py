@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 import redis.asyncio as aioredis
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -327,6 +328,17 @@ def _raw(client: RedisClient) -> RedisClient:
     return client
 
 
+class _KeptBufferParser(_AsyncHiredisParser):
+    """redis-py's hiredis parser, its reader keeping its buffer (READER_BUFFER_BYTES says why),
+    for the commands that go through redis-py on one server: blocking reads, and every command
+    where the fast client is not used (`rediss://`, unix sockets). (redis-py's cluster client
+    takes no parser of one's choosing.)"""
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)  # type: ignore[no-untyped-call]
+        cast(Any, self._reader).setmaxbuf(READER_BUFFER_BYTES)
+
+
 def _options(socket_timeout: float, connect_timeout: float, client_name: str) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
@@ -380,6 +392,7 @@ def build_client(
         # write twice (a message appended twice). The caller gets a 503 and retries with its
         # Idempotency-Key.
         retry_on_error=[RedisConnectionError],
+        parser_class=_KeptBufferParser,
         **options,
     )
     return _raw(aioredis.Redis(connection_pool=pool))
