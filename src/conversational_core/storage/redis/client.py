@@ -330,9 +330,9 @@ def _raw(client: RedisClient) -> RedisClient:
 
 class _KeptBufferParser(_AsyncHiredisParser):
     """redis-py's hiredis parser, its reader keeping its buffer (READER_BUFFER_BYTES says why),
-    for the commands that go through redis-py on one server: blocking reads, and every command
-    where the fast client is not used (`rediss://`, unix sockets). (redis-py's cluster client
-    takes no parser of one's choosing.)"""
+    for what goes through redis-py on one server: the job queue's blocking reads, and every
+    command where the fast client is not used (`rediss://`, unix sockets). (redis-py's cluster
+    client takes no parser of one's choosing.)"""
 
     def on_connect(self, connection: Any) -> None:
         super().on_connect(connection)  # type: ignore[no-untyped-call]
@@ -341,6 +341,7 @@ class _KeptBufferParser(_AsyncHiredisParser):
 
 def _options(socket_timeout: float, connect_timeout: float, client_name: str) -> dict[str, Any]:
     return {
+        "parser_class": _KeptBufferParser,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
         "socket_keepalive": True,
@@ -368,6 +369,7 @@ def build_client(
     With `cluster`, `url` names one node of a Redis Cluster and `max_connections` is per node."""
     options = _options(socket_timeout, connect_timeout, client_name)
     if cluster:
+        del options["parser_class"]  # (redis-py's cluster client takes none)
         # The cluster client retries a command that met a lost connection, CLUSTERDOWN or an
         # uncovered slot (a failover under way) after refreshing its slot map; TRYAGAIN and
         # MOVED/ASK are followed by redis-py itself. (It uses the retry object for its count.)
@@ -392,7 +394,6 @@ def build_client(
         # write twice (a message appended twice). The caller gets a 503 and retries with its
         # Idempotency-Key.
         retry_on_error=[RedisConnectionError],
-        parser_class=_KeptBufferParser,
         **options,
     )
     return _raw(aioredis.Redis(connection_pool=pool))
