@@ -3,8 +3,6 @@ headers, Sentry, health probes."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gzip
 import json
 import signal
@@ -14,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conversational_core.app import create_app
 from conversational_core.auth.tokens import issue_token
@@ -27,22 +24,10 @@ from tests.conftest import REDIS_URL, backend_for, make_settings
 from tests.fixtures.app import app_client, auth
 from tests.fixtures.http_server import QuietHandler, local_http_server
 from tests.fixtures.live import SseEvent, collect_until_end, serve, sse_events
-from tests.fixtures.server import start_service
+from tests.fixtures.metrics import value
+from tests.fixtures.server import sigterm_received, start_service
 
 SECRET = "a-production-secret-of-more-than-32-bytes!"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text exposition, keyed by name and sorted labels."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture
@@ -123,60 +108,6 @@ async def test_metrics_follow_requests_messages_and_replies(
     assert "conversational_core_sse_connections" in after
     # No raw id in any label: only route templates and fixed sets.
     assert cid not in after and reply_id not in after and "alice" not in after
-
-
-@contextlib.asynccontextmanager
-async def _conversation_served(
-    redis_store: Store, **overrides: Any
-) -> AsyncIterator[tuple[httpx.AsyncClient, str, dict[str, str]]]:
-    """A served app on the Redis store, a client of it, a conversation of alice's and her
-    headers; the event hub closed after."""
-    settings = make_settings(**overrides)
-    active = backend_for(redis_store, settings)
-    alice = auth(settings, "alice")
-    async with (
-        serve(create_app(settings, backend=active)) as base,
-        httpx.AsyncClient(base_url=base, timeout=20) as http,
-    ):
-        cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
-        yield http, cid, alice
-    await active.events.close()
-
-
-async def test_open_event_streams_are_counted(redis_store: Store) -> None:
-    async with _conversation_served(redis_store) as (http, cid, alice):
-        before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
-        async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
-            lines = sse.aiter_lines()  # kept: a finalized line iterator closes the stream
-            async for line in lines:
-                if line.startswith(":"):  # the "connected" comment: the stream is open
-                    break
-            during = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
-        # The client went away: the server notices and lets the stream (and its
-        # subscription) go, with no event to write to it.
-        after = during
-        for _ in range(500):
-            after = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
-            if after == before:
-                break
-            await asyncio.sleep(0.01)  # (polled: the server's side of the close has no hook)
-    assert during == before + 1
-    assert after == before
-
-
-async def test_a_quiet_event_stream_gets_keep_alive_comments(redis_store: Store) -> None:
-    async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=0.2) as (http, cid, alice):
-        comments: list[str] = []
-        async with http.stream("GET", f"/conversations/{cid}/events", headers=alice) as sse:
-            lines = sse.aiter_lines()
-            async with asyncio.timeout(10):
-                async for line in lines:
-                    if line.startswith(":"):
-                        comments.append(line)
-                    if len(comments) == 3:  # "connected", then two keep-alives
-                        break
-    assert comments[0].startswith(": connected")
-    assert all("ping" in c for c in comments[1:]), comments
 
 
 def test_metrics_add_up_across_two_worker_processes(prefix: str) -> None:
@@ -594,21 +525,17 @@ async def test_unexpected_errors_reach_sentry_without_secrets(
 
 
 async def test_liveness_and_readiness(sqlite_store: Store) -> None:
-    from sse_starlette.sse import AppStatus
-
     settings = make_settings()
     active = backend_for(sqlite_store, settings)
     async with app_client(create_app(settings, backend=active)) as http:
         assert (await http.get("/health/live")).json() == {"status": "ok"}
         assert (await http.get("/health/ready")).status_code == 200
-        AppStatus.should_exit = True  # what uvicorn's SIGTERM handler sets
-        try:
+        with sigterm_received():
             draining = await http.get("/health/ready")
             assert draining.status_code == 503 and draining.json()["status"] == "draining"
             assert draining.headers["retry-after"]
             assert (await http.get("/health/live")).status_code == 200
-        finally:
-            AppStatus.should_exit = False
+        assert (await http.get("/health/ready")).status_code == 200
 
 
 # --- SIGTERM during streaming replies ------------------------------------------------------------

@@ -248,27 +248,22 @@ async def test_deleting_the_reply_stops_it(api: httpx.AsyncClient, llm: FakeLLM)
     assert [m["role"] for m in items] == ["user"]
 
 
-def test_events_are_written_as_sse_starlette_writes_them() -> None:
-    """Events are encoded by hand (replies/endpoints.py): the bytes are sse-starlette's, and
-    data that is not one line is still split into data lines."""
-    from sse_starlette import ServerSentEvent
+def test_events_are_written_as_the_sse_format_has_them() -> None:
+    """Events are encoded by hand (replies/sse.py): `id`, `event` and `data` lines, CRLF; data
+    that is not one line is split into data lines, which a client joins with line feeds."""
+    from conversational_core.replies.sse import comment, event
 
-    from conversational_core.replies.endpoints import encoded
-    from conversational_core.storage.base import Event
-
-    one_line = Event("1732459940361-0", "message.delta", b'{"delta":"a\\nb \xc3\xa9"}')
     assert (
-        encoded(one_line)
-        == ServerSentEvent(
-            data=one_line.data.decode(), event=one_line.type, id=one_line.id
-        ).encode()
+        event("1732459940361-0", "message.delta", b'{"delta":"a\\nb \xc3\xa9"}')
+        == b"id: 1732459940361-0\r\nevent: message.delta\r\n"
+        b'data: {"delta":"a\\nb \xc3\xa9"}\r\n\r\n'
     )
-    two_lines = encoded(Event("7", "message.updated", b'{"a":1}\n{"b":2}'))
-    assert isinstance(two_lines, ServerSentEvent)
     assert (
-        two_lines.encode()
-        == b'id: 7\r\nevent: message.updated\r\ndata: {"a":1}\r\ndata: {"b":2}\r\n\r\n'
+        event("7", "message.updated", b'{"a":1}\n{"b":2}\r\n{"c":3}')
+        == b"id: 7\r\nevent: message.updated\r\n"
+        b'data: {"a":1}\r\ndata: {"b":2}\r\ndata: {"c":3}\r\n\r\n'
     )
+    assert comment("too far\nbehind", 2000) == b": too far behind\r\nretry: 2000\r\n\r\n"
 
 
 async def test_a_stream_ends_at_its_time_limit_with_the_hint_to_reconnect(

@@ -11,18 +11,17 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
-from sse_starlette.sse import AppStatus
 from starlette.responses import Response
 
 from conversational_core.http import json_response
 from conversational_core.observability import metrics
 from conversational_core.routing import Operation
+from conversational_core.serving import draining
 from conversational_core.storage.base import JobQueue, Store
 from conversational_core.storage.errors import Unavailable
 
@@ -86,18 +85,6 @@ async def check_queue(jobs: JobQueue) -> dict[str, object]:
         "waiting_jobs": waiting,
         "oldest_job_age_seconds": round(oldest, 3),
     }
-
-
-def draining() -> bool:
-    """SIGTERM received: uvicorn stops accepting connections and finishes the open ones.
-
-    uvicorn installs its signal handlers (bound methods of its Server) before it imports the
-    app, so the server is found through the SIGTERM handler; sse-starlette's flag covers
-    servers that set it instead."""
-    if AppStatus.should_exit:
-        return True
-    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    return bool(getattr(server, "should_exit", False))
 
 
 @router.get(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import signal
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -321,6 +322,16 @@ class _Sweeper:
         else:
             self.handle = None
             self._loops.pop(self.loop, None)
+
+
+def draining() -> bool:
+    """SIGTERM received: uvicorn stops accepting connections and waits for the open ones.
+
+    uvicorn installs its signal handlers (bound methods of its Server) before it serves, so the
+    server and its `should_exit` are found through the SIGTERM handler, whoever started it
+    (`run.py`, the `uvicorn` command, a test)."""
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
 
 
 def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:

@@ -1,0 +1,158 @@
+"""A Server-Sent Events response, written here rather than taken from sse-starlette.
+
+sse-starlette's `EventSourceResponse` runs every stream as an anyio task group of four tasks (the
+stream, its pings, a wait for the server's shutdown, a wait for the client's disconnect), with an
+anyio event and lock of their own, and hands every event through its own encoding step: with
+10,000 clients connected that is 40,000 tasks and their cancel scopes, held for as long as the
+clients stay, and a share of the API's CPU per event while replies stream (bench/relay.py,
+bench/fanout.py). Here a stream is its request's own task, which writes the events, and one
+task of its own that waits for the client's disconnect and writes the keep-alive comments.
+
+- The body is an async iterator of SSE bytes (each item one or more whole events or comments).
+- A keep-alive comment every `ping` seconds.
+- The stream ends, with a comment that says why and the `retry:` hint, when its connection time
+  limit passes or the server shuts down (SIGTERM: uvicorn then waits for open responses, which
+  an event stream never finishes by itself); when the client goes away it ends without one.
+  Either way the body iterator is closed (its `finally` blocks run: a hub subscription is let go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from conversational_core.serving import draining
+
+_DRAIN_POLL_SECONDS = 0.25
+_FAREWELL_SECONDS = 1.0  # for the last comment to a client that is not reading: then it is cut
+
+_LIMIT, _SHUTDOWN, _GONE = "connection time limit", "the server is restarting", "gone"
+
+
+class _Open:
+    """The event streams open on this event loop, ended when the server starts to shut down
+    (seen by one task that looks every quarter of a second while any stream is open)."""
+
+    def __init__(self) -> None:
+        self.streams: set[EventStreamResponse] = set()
+        self.watcher: asyncio.Task[None] | None = None
+
+    def add(self, stream: EventStreamResponse) -> None:
+        loop = asyncio.get_running_loop()
+        if self.watcher is None or self.watcher.done() or self.watcher.get_loop() is not loop:
+            # (A loop of its own per test: the streams of a closed one are gone with it.)
+            self.streams = set()
+            self.watcher = loop.create_task(self._watch(), name="sse-shutdown-watcher")
+        self.streams.add(stream)
+
+    async def _watch(self) -> None:
+        while self.streams:
+            if draining():
+                for stream in list(self.streams):
+                    stream.end(_SHUTDOWN)
+            await asyncio.sleep(_DRAIN_POLL_SECONDS)
+
+
+_OPEN = _Open()
+
+
+class EventStreamResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        ping_seconds: float,
+        max_seconds: float,
+        retry_ms: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**(headers or {}), "Connection": "keep-alive"})
+        self._ping = ping_seconds
+        self._max = max_seconds
+        self._retry = retry_ms
+        self._limit: asyncio.Timeout | None = None
+        self._why = _LIMIT
+        self._writing = False
+
+    def end(self, why: str) -> None:
+        """End the stream now (from another task or a callback)."""
+        if self._limit is not None and not self._limit.expired():
+            self._why = why
+            self._limit.reschedule(asyncio.get_running_loop().time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        body = self.body_iterator
+        watcher = asyncio.create_task(self._watch(receive, send))
+        _OPEN.add(self)
+        limit = self._limit = asyncio.timeout(self._max)
+        try:
+            async with limit:
+                if draining():  # (before the shutdown watcher's next look)
+                    self.end(_SHUTDOWN)
+                async for chunk in body:
+                    self._writing = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self._writing = False
+        except TimeoutError:
+            if not limit.expired():
+                raise  # not the limit's: the body's own
+            if self._why != _GONE:
+                # The reason and the hint; a client that does not read is not waited for long.
+                farewell = comment(f"{self._why}; reconnect with Last-Event-ID", self._retry)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_FAREWELL_SECONDS):
+                        await send(
+                            {"type": "http.response.body", "body": farewell, "more_body": True}
+                        )
+        finally:
+            self._limit = None
+            _OPEN.streams.discard(self)
+            watcher.cancel()
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _watch(self, receive: Receive, send: Send) -> None:
+        """Waits for the client's disconnect (which ends the stream), and writes a keep-alive
+        comment every `ping` seconds meanwhile, unless the stream is in the middle of a write
+        (a client that is slow to read: it has bytes coming)."""
+        while True:
+            try:
+                async with asyncio.timeout(self._ping):
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                self.end(_GONE)
+                return
+            except TimeoutError:
+                if not self._writing:
+                    await send({"type": "http.response.body", "body": _PING, "more_body": True})
+
+
+_PING = b": ping\r\n\r\n"
+
+
+def comment(text: str, retry_ms: int | None = None) -> bytes:
+    """An SSE comment (one line: line breaks in `text` become spaces), with a `retry:` hint."""
+    line = b": " + " ".join(text.splitlines()).encode() + b"\r\n"
+    if retry_ms is not None:
+        line += b"retry: %d\r\n" % retry_ms
+    return line + b"\r\n"
+
+
+def event(id_: str, type_: str, data: bytes) -> bytes:
+    """One event: `id`, `event` and `data` lines, CRLF, a `data` line per line of `data` (event
+    data is one line of JSON, written as it is)."""
+    if b"\n" in data or b"\r" in data:
+        data = b"\r\ndata: ".join(data.splitlines())
+    return b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (id_.encode(), type_.encode(), data)
