@@ -13,7 +13,8 @@ open. For each reply the client posts a user message (respond=true, tagged so th
 knows which request is which), reads the event stream and records when the first `message.delta`
 of that reply arrived. Overhead = client's first-delta time - provider's first-token send time:
 provider → worker (openai SDK) → Redis (the delta script's XADD) → the API's event reader
-(pub/sub) → the event stream response (replies/sse.py) → client. Same machine, same clock. Goals: p50 ≤ 5 ms, p99 ≤ 20 ms.
+(pub/sub) → the event stream response (replies/sse.py) → client. Same machine, same clock.
+Goals: p50 ≤ 5 ms, p99 ≤ 20 ms.
 
 Honesty about the client: each stream is read by its own thread (bench/sse.py) with the kernel's
 receive timestamp (SO_TIMESTAMPNS) beside the time the thread had the bytes. The headline figure

@@ -18,6 +18,7 @@ from conversational_core.storage.embedded.jobs import MemoryJobQueue, recover
 from conversational_core.storage.embedded.sqlite import SqliteStore, open_sqlite_store
 from conversational_core.storage.errors import NotFound
 from conversational_core.storage.models import MessageStatus, Role, utcnow
+from tests.fixtures.events import subscribed
 from tests.test_store_contract import conversation, message
 
 
@@ -40,7 +41,7 @@ async def collect(it: AsyncIterator[Event], n: int) -> list[Event]:
 async def test_catch_up_then_live_without_gaps_or_duplicates() -> None:
     log = MemoryEventLog(100, 100)
     first = publish(log, 5)
-    async with log.subscribe("c1", first[1].id) as it:
+    async with subscribed(log, "c1", first[1].id) as it:
         publish(log, 3, start=5)
 
         async def more() -> None:
@@ -60,7 +61,7 @@ async def test_catch_up_then_live_without_gaps_or_duplicates() -> None:
 async def test_after_none_gets_only_new_events() -> None:
     log = MemoryEventLog(100, 100)
     publish(log, 3)
-    async with log.subscribe("c1", None) as it:
+    async with subscribed(log, "c1", None) as it:
         publish(log, 2, start=3)
         publish(log, 1, cid="other")
         got = await asyncio.wait_for(collect(it, 2), 5)
@@ -76,7 +77,7 @@ async def test_ids_increase_across_trimming_and_old_after_yields_what_is_retaine
     assert log.read("c1", None, 10) == published[2:]
     assert log.read("c1", published[3].id, 10) == published[4:]
     assert log.read("c1", published[2].id, 1) == [published[3]]
-    async with log.subscribe("c1", published[0].id) as it:
+    async with subscribed(log, "c1", published[0].id) as it:
         got = await asyncio.wait_for(collect(it, 3), 5)
     assert got == published[2:]
     # A newer log still gives larger ids (a process-wide counter).
@@ -95,7 +96,7 @@ async def test_malformed_after_raises_value_error() -> None:
 
 async def test_slow_consumer_overflows_without_affecting_others() -> None:
     log = MemoryEventLog(100, client_buffer=3)
-    async with log.subscribe("c1", None) as slow, log.subscribe("c1", None) as fast:
+    async with subscribed(log, "c1", None) as slow, subscribed(log, "c1", None) as fast:
         received: list[Event] = []
 
         async def read_fast() -> None:
@@ -118,19 +119,19 @@ async def test_slow_consumer_overflows_without_affecting_others() -> None:
 async def test_catch_up_longer_than_the_buffer_is_not_an_overflow() -> None:
     log = MemoryEventLog(100, client_buffer=2)
     published = publish(log, 20)
-    async with log.subscribe("c1", "0") as it:
+    async with subscribed(log, "c1", "0") as it:
         got = await asyncio.wait_for(collect(it, 20), 5)
     assert got == published
 
 
 async def test_close_ends_every_subscription() -> None:
     log = MemoryEventLog()
-    async with log.subscribe("c1", None) as a, log.subscribe("c2", "0") as b:
+    async with subscribed(log, "c1", None) as a, subscribed(log, "c2", "0") as b:
         tasks = [asyncio.create_task(collect(it, 10)) for it in (a, b)]
         await asyncio.sleep(0)
         await log.close()
         assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [[], []]
-    async with log.subscribe("c1", None) as late:
+    async with subscribed(log, "c1", None) as late:
         assert await asyncio.wait_for(collect(late, 1), 5) == []
 
 
@@ -140,7 +141,7 @@ async def test_forget_keeps_the_log_for_connected_clients_only() -> None:
     log.forget("gone")
     assert log.last_id("gone") is None
     publish(log, 1)
-    async with log.subscribe("c1", None) as it:
+    async with subscribed(log, "c1", None) as it:
         last = log.publish("c1", ev.CONVERSATION_DELETED, b"{}")
         log.forget("c1")
         assert await asyncio.wait_for(collect(it, 1), 5) == [last]
@@ -214,7 +215,7 @@ async def test_store_events_and_reply_queue(embedded: SqliteStore) -> None:
     conv, _ = await store.create_conversation(conversation())
     user = message(conv.id)
     reply = message(conv.id, "", Role.ASSISTANT).replace(status=MessageStatus.PENDING)
-    async with store.events.subscribe(conv.id, None) as it:
+    async with subscribed(store.events, conv.id, None) as it:
         await store.append_messages(conv.id, "alice", [user, reply], utcnow(), reply_id=reply.id)
         created = await asyncio.wait_for(collect(it, 2), 5)
     assert [e.type for e in created] == [ev.MESSAGE_CREATED] * 2
@@ -271,7 +272,7 @@ async def test_store_delete_stops_deltas(embedded: SqliteStore) -> None:
     assert (await store.read_events(conv.id, deleted.id, 10))[0].data == ev.conversation_data(
         updated
     )
-    async with store.events.subscribe(conv.id, None) as it:
+    async with subscribed(store.events, conv.id, None) as it:
         await store.delete_conversation(conv.id, None)
         [gone] = await asyncio.wait_for(collect(it, 1), 5)
     assert gone.type == ev.CONVERSATION_DELETED

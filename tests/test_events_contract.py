@@ -15,6 +15,7 @@ from conversational_core.storage.base import Event, EventHub, SlowConsumer, Stor
 from conversational_core.storage.embedded.sqlite import open_sqlite_store
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import backend_for, make_settings
+from tests.fixtures.events import subscribed
 from tests.test_store_contract import conversation, message
 
 _BUFFER = 10  # SSE_CLIENT_BUFFER, its smallest allowed value
@@ -66,7 +67,7 @@ async def test_catch_up_then_live_without_gaps_or_duplicates(store: Store) -> No
     cid = (await store.create_conversation(conversation()))[0].id
     await _append(store, cid, *(f"m{i}" for i in range(5)))
     second = (await store.read_events(cid, None, 10))[1]
-    async with _hub(store) as hub, hub.subscribe(cid, second.id) as events:
+    async with _hub(store) as hub, subscribed(hub, cid, second.id) as events:
         await _append(store, cid, "m5", "m6", "m7")
         writer = asyncio.create_task(_append(store, cid, *(f"m{i}" for i in range(8, 12))))
         got = await asyncio.wait_for(_collect(events, 10), 10)
@@ -80,7 +81,7 @@ async def test_without_an_id_only_new_events(store: Store) -> None:
     cid = (await store.create_conversation(conversation()))[0].id
     other = (await store.create_conversation(conversation()))[0].id
     await _append(store, cid, "old")
-    async with _hub(store) as hub, hub.subscribe(cid, None) as events:
+    async with _hub(store) as hub, subscribed(hub, cid, None) as events:
         await _append(store, other, "elsewhere")
         await _append(store, cid, "new", "newer")
         got = await asyncio.wait_for(_collect(events, 2), 10)
@@ -113,7 +114,7 @@ async def test_retention_keeps_the_newest_events_and_resume_gets_what_is_kept(
     # a little more), the newest kept, none missing among those kept.
     assert 10 <= len(kept) < 400
     assert [_content(e) for e in kept] == first_batch[-len(kept) :]
-    async with _hub(store) as hub, hub.subscribe(cid, oldest) as events:
+    async with _hub(store) as hub, subscribed(hub, cid, oldest) as events:
         resumed = await asyncio.wait_for(_collect(events, len(kept)), 10)
     assert [e.id for e in resumed] == [e.id for e in kept]
 
@@ -123,7 +124,7 @@ async def test_a_malformed_id_is_a_value_error(store: Store) -> None:
     async with _hub(store) as hub:
         for bad in ("abc", "", "1-x", "-1"):
             with pytest.raises(ValueError):
-                async with hub.subscribe(cid, bad) as events:
+                async with subscribed(hub, cid, bad) as events:
                     await _collect(events, 1)
             with pytest.raises(ValueError):
                 await store.read_events(cid, bad, 10)
@@ -134,8 +135,8 @@ async def test_a_slow_consumer_is_dropped_without_slowing_the_others(store: Stor
     total = 4 * _BUFFER
     async with (
         _hub(store) as hub,
-        hub.subscribe(cid, None) as slow,
-        hub.subscribe(cid, None) as fast,
+        subscribed(hub, cid, None) as slow,
+        subscribed(hub, cid, None) as fast,
     ):
         # Both go live (a subscription is live once it has read past what was retained when it
         # began: here, two events), then the slow one stops reading.
@@ -158,9 +159,21 @@ async def test_catching_up_on_more_than_the_buffer_is_no_overflow(store: Store) 
     await _append(store, cid, "first")
     start = await store.last_event_id(cid)
     await _append(store, cid, *(f"m{i}" for i in range(3 * _BUFFER)))
-    async with _hub(store) as hub, hub.subscribe(cid, start) as events:
+    async with _hub(store) as hub, subscribed(hub, cid, start) as events:
         got = await asyncio.wait_for(_collect(events, 3 * _BUFFER), 10)
     assert [_content(e) for e in got] == [f"m{i}" for i in range(3 * _BUFFER)]
+
+
+async def test_what_a_client_missed_comes_in_one_batch(store: Store) -> None:
+    """A client resuming gets the retained events it missed as one batch (one write to it),
+    not one at a time."""
+    cid = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, "first")
+    start = await store.last_event_id(cid)
+    await _append(store, cid, *(f"m{i}" for i in range(20)))
+    async with _hub(store) as hub, hub.subscribe(cid, start) as batches:
+        batch = await asyncio.wait_for(anext(batches), 10)
+    assert [_content(e) for e in batch] == [f"m{i}" for i in range(20)]
 
 
 async def test_closing_the_hub_ends_every_subscription(store: Store) -> None:
@@ -168,9 +181,9 @@ async def test_closing_the_hub_ends_every_subscription(store: Store) -> None:
     second = (await store.create_conversation(conversation()))[0].id
     await _append(store, second, "retained")
     async with _hub(store) as hub:
-        async with hub.subscribe(first, None) as a, hub.subscribe(second, None) as b:
+        async with subscribed(hub, first, None) as a, subscribed(hub, second, None) as b:
             readers = [asyncio.create_task(_collect(it, 10)) for it in (a, b)]
             await hub.close()
             assert await asyncio.wait_for(asyncio.gather(*readers), 10) == [[], []]
-        async with hub.subscribe(first, None) as late:
+        async with subscribed(hub, first, None) as late:
             assert await asyncio.wait_for(_collect(late, 1), 10) == []

@@ -16,6 +16,7 @@ from conversational_core.storage.base import Event
 from conversational_core.storage.redis.events import RedisEventHub
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import url_of
+from tests.fixtures.events import subscribed
 from tests.test_store_contract import conversation, message
 
 _CONVERSATIONS = 12
@@ -41,7 +42,7 @@ async def test_each_subscriber_gets_its_own_conversation_live(
     if store.redis.cluster:
         assert len({store.redis.slot_of(store.keys.events(cid)) for cid in cids}) > 1
     async with contextlib.AsyncExitStack() as stack:
-        streams = [await stack.enter_async_context(hub.subscribe(cid, None)) for cid in cids]
+        streams = [await stack.enter_async_context(subscribed(hub, cid, None)) for cid in cids]
         # Every conversation's events reach its subscriber, and only them, although they are
         # read by different readers (one per slot on a cluster).
         readers = [asyncio.create_task(_contents(stream, 3)) for stream in streams]
@@ -68,10 +69,11 @@ async def test_clients_leaving_together_unsubscribe_in_one_go(any_redis_store: R
         cids = [(await store.create_conversation(conversation()))[0].id for _ in range(40)]
         kept_cid = cids[0]
         async with contextlib.AsyncExitStack() as keep:
-            kept = await keep.enter_async_context(hub.subscribe(kept_cid, None))
+            kept = await keep.enter_async_context(subscribed(hub, kept_cid, None))
             async with contextlib.AsyncExitStack() as leaving:
                 streams = [kept] + [
-                    await leaving.enter_async_context(hub.subscribe(cid, None)) for cid in cids[1:]
+                    await leaving.enter_async_context(subscribed(hub, cid, None))
+                    for cid in cids[1:]
                 ]
                 # Every subscription live: an event appended once each has had one comes
                 # after its subscription went live (its catch-up read was done by then).
@@ -115,7 +117,7 @@ async def test_a_quiet_connection_is_pinged_and_kept(
     hub.pooled_channels = pooled
     cid = (await store.create_conversation(conversation()))[0].id
     try:
-        async with hub.subscribe(cid, None) as events:
+        async with subscribed(hub, cid, None) as events:
             reading = asyncio.create_task(_contents(events, 1))
             while not hub._readers:  # (its reader starts once the subscription is read from)
                 await asyncio.sleep(0)

@@ -32,6 +32,7 @@ from conversational_core.storage.factory import Backend
 from conversational_core.storage.redis.store import open_redis_store
 from tests.conftest import REDIS_URL, make_settings
 from tests.fixtures.app import app_client, auth
+from tests.fixtures.events import subscribed
 from tests.fixtures.live import SseEvent, collect_until_end, serve
 from tests.fixtures.server import ROOT
 
@@ -510,7 +511,7 @@ class _Gated(Provider):
 
 async def _until_delta(backend: Backend, cid: str, reply_id: str, delta: str) -> None:
     """Wait for the delta's event (through the hub: no polling)."""
-    async with backend.events.subscribe(cid, "0") as stream:
+    async with subscribed(backend.events, cid, "0") as stream:
         async for event in stream:
             data = orjson.loads(event.data)
             if data.get("message_id") == reply_id and data.get("delta") == delta:

@@ -107,10 +107,14 @@ async def _stream(
     try:
         async with hub.subscribe(conversation_id, after) as events:
             yield sse.comment("connected", retry)
-            async for event in events:
-                yield sse.event(event.id, event.type, event.data)
-                if event.type == event_types.CONVERSATION_DELETED:
-                    return
+            async for batch in events:
+                chunk = []
+                for event in batch:
+                    chunk.append(sse.event(event.id, event.type, event.data))
+                    if event.type == event_types.CONVERSATION_DELETED:
+                        yield b"".join(chunk)
+                        return
+                yield b"".join(chunk)
     except SlowConsumer:
         yield sse.comment("too far behind; reconnect with Last-Event-ID", retry)
     except ValueError:

@@ -547,11 +547,12 @@ class EventHub(ABC):
     @abstractmethod
     def subscribe(
         self, conversation_id: str, after: str | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Event]]:
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[Event]]]:
         """Live events of one conversation for one client, strictly after `after` (retained ones
         first, then live ones, without gaps or duplicates); when `after` is None, only events
-        that happen from now on. Iteration raises :class:`SlowConsumer` when the client fell
-        further behind than its buffer allows, and ends when the hub closes."""
+        that happen from now on. Each item is a batch, never empty: the events there were at
+        once (a client writes them in one go). Iteration raises :class:`SlowConsumer` when the
+        client fell further behind than its buffer allows, and ends when the hub closes."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -185,14 +185,14 @@ class MemoryEventLog(EventHub):
 
     def subscribe(
         self, conversation_id: str, after: str | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Event]]:
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[Event]]]:
         start = None if after is None else parse_event_id(after)  # ValueError at once
         return self._subscription(conversation_id, start)
 
     @contextlib.asynccontextmanager
     async def _subscription(
         self, conversation_id: str, after: int | None
-    ) -> AsyncIterator[AsyncIterator[Event]]:
+    ) -> AsyncIterator[AsyncIterator[list[Event]]]:
         log = self._logs.get(conversation_id)
         backlog = log.after(after) if after is not None and log is not None else []
         sub = _Subscriber(-1 if after is None else after, backlog, self._client_buffer)
@@ -208,16 +208,20 @@ class MemoryEventLog(EventHub):
             self._unsubscribe(conversation_id, sub)
 
     @staticmethod
-    async def _iterate(sub: _Subscriber) -> AsyncGenerator[Event, None]:
+    async def _iterate(sub: _Subscriber) -> AsyncGenerator[list[Event], None]:
         while True:
             if sub.state == _OVERFLOWED:
                 raise SlowConsumer()
             if sub.state == _CLOSED:
                 return
             if sub.backlog:
-                yield sub.backlog.popleft()
+                batch = list(sub.backlog)
+                sub.backlog.clear()
+                yield batch
             elif sub.buffer:
-                yield sub.buffer.popleft()
+                batch = list(sub.buffer)
+                sub.buffer.clear()
+                yield batch
             else:
                 sub.wake.clear()
                 await sub.wake.wait()

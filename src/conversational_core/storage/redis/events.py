@@ -443,7 +443,7 @@ class RedisEventHub(EventHub):
     @contextlib.asynccontextmanager
     async def subscribe(
         self, conversation_id: str, after: str | None
-    ) -> AsyncIterator[AsyncIterator[Event]]:
+    ) -> AsyncIterator[AsyncIterator[list[Event]]]:
         if after is not None:
             after = _fmt(_stream_id(after))  # ValueError for garbage; "5" means "5-0"
         else:
@@ -456,16 +456,16 @@ class RedisEventHub(EventHub):
 
     async def _iterate(
         self, conversation_id: str, sub: _Subscriber, after: str
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[list[Event]]:
         last = _stream_id(after)
         cursor = after
         # 1. Catch up at the client's pace, straight from the stream (not through the bounded
         #    queue: a client far behind is not "slow", it just has more to read).
         while True:
             events = await self.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
-            for event in events:
-                last = _stream_id(event.id)
-                yield event
+            if events:
+                last = _stream_id(events[-1].id)
+                yield events
             if len(events) < _CATCH_UP_CHUNK:
                 break
             cursor = events[-1].id
@@ -476,22 +476,36 @@ class RedisEventHub(EventHub):
         tail = await self.store.read_events(conversation_id, _fmt(last), 100_000)
         buffered, sub.buffer = sub.buffer, []
         sub.live = True
+        batch = []
         for event in [*tail, *buffered]:
             key = _stream_id(event.id)
             if key > last:
                 last = key
-                yield event
-        # 3. Live: events in order from the reader, duplicates of the above skipped.
+                batch.append(event)
+        if batch:
+            yield batch
+        # 3. Live: events in order from the reader, duplicates of the above skipped; what the
+        #    queue holds at once goes as one batch.
+        queue = sub.queue
         while True:
-            item = await sub.queue.get()
-            if sub.overflowed:
-                raise SlowConsumer
-            if item is None:
-                return
-            key = _stream_id(item.id)
-            if key > last:
-                last = key
-                yield item
+            item = await queue.get()
+            batch = []
+            while True:
+                if sub.overflowed:
+                    raise SlowConsumer
+                if item is None:
+                    if batch:
+                        yield batch
+                    return
+                key = _stream_id(item.id)
+                if key > last:
+                    last = key
+                    batch.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if batch:
+                yield batch
 
     async def _watch(self, conversation_id: str, sub: _Subscriber, after: str) -> None:
         """Hand the conversation's events to `sub` from now on: returns once its channel's
