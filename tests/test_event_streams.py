@@ -5,31 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from conversational_core.app import create_app
+from conversational_core.serving import GuardedHttpToolsProtocol
 from conversational_core.storage.base import Store
 from tests.conftest import backend_for, make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import serve
 from tests.fixtures.metrics import value
 from tests.fixtures.server import sigterm_received
+from tests.test_store_contract import message
 
 
 @contextlib.asynccontextmanager
 async def _conversation_served(
     redis_store: Store, **overrides: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, dict[str, str]]]:
-    """A served app on the Redis store, a client of it, a conversation of alice's and her
-    headers; the event hub closed after."""
+    """A served app on the Redis store (by this service's own protocol: serving.py), a client
+    of it, a conversation of alice's and her headers; the event hub closed after."""
     settings = make_settings(**overrides)
     active = backend_for(redis_store, settings)
     alice = auth(settings, "alice")
     async with (
-        serve(create_app(settings, backend=active)) as base,
+        serve(create_app(settings, backend=active), http=GuardedHttpToolsProtocol) as base,
         httpx.AsyncClient(base_url=base, timeout=20) as http,
     ):
         cid = (await http.post("/conversations", json={}, headers=alice)).json()["id"]
@@ -92,3 +95,41 @@ async def test_open_event_streams_end_with_the_hint_when_the_server_shuts_down(
     assert ": the server is restarting; reconnect with Last-Event-ID" in rest
     assert "retry: 2000" in rest
     assert after == before
+
+
+async def test_a_client_that_stops_reading_is_let_go(redis_store: Store) -> None:
+    """A client that opens a stream and stops reading while events keep coming: once a write to
+    it has not gone out for a keep-alive interval, its stream ends and its connection is closed
+    (uvicorn alone would wait for it forever, holding the subscription)."""
+    async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=0.3) as (http, cid, alice):
+        before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((http.base_url.host, http.base_url.port or 80))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(
+            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: {alice['Authorization']}\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            head = b""
+            while b": connected" not in head:
+                head += await reader.read(4096)
+        # Then it reads no more, while 16 MB of events come (far more than the buffers hold).
+        big = "x" * 100_000
+        for _ in range(160):
+            m = message(cid, big)
+            await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        async with asyncio.timeout(20):
+            while (
+                value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+                != before
+            ):
+                await asyncio.sleep(0.05)  # (polled: the stream's end has no hook to wait on)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(1 << 20):  # what got through, then the end
+                    received += len(chunk)
+        writer.close()
+    assert received < 16_000_000  # it was cut off, not served to the end

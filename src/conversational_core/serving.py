@@ -53,6 +53,10 @@ _SWEEP_SECONDS = 1.0
 _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 64 * 1024 * 1024
 
+# A scope extension this server's requests carry: closes their connection at once, what is not
+# sent yet dropped.
+ABORT = "conversational_core.abort"
+
 # Connection phases.
 _NEW = 0  # accepted, no byte yet
 _HEAD = 1  # reading a request's line and headers
@@ -203,6 +207,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._body_bytes = 0
         super().on_headers_complete()
+        # The means to drop a client that stopped reading mid-response (replies/sse.py), which
+        # ASGI does not give: uvicorn's `send` waits for it to read, forever.
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[ABORT] = self.transport.abort
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -11,26 +11,28 @@ task of its own that waits for the client's disconnect and writes the keep-alive
 - The body is an async iterator of SSE bytes (each item one or more whole events or comments).
 - A keep-alive comment every `ping` seconds.
 - The stream ends, with a comment that says why and the `retry:` hint, when its connection time
-  limit passes or the server shuts down (SIGTERM: uvicorn then waits for open responses, which
-  an event stream never finishes by itself); when the client goes away it ends without one.
-  Either way the body iterator is closed (its `finally` blocks run: a hub subscription is let go).
+  limit passes, when the server shuts down (SIGTERM: uvicorn then waits for open responses, which
+  an event stream never finishes by itself) or when the client has not taken a write for a whole
+  keep-alive interval (it stopped reading); when the client goes away it ends without one.
+  Either way the body iterator is closed (its `finally` blocks run: a hub subscription is let
+  go), and a client that does not take the last write within a second is disconnected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from conversational_core.serving import draining
+from conversational_core.serving import ABORT, draining
 
 _DRAIN_POLL_SECONDS = 0.25
-_FAREWELL_SECONDS = 1.0  # for the last comment to a client that is not reading: then it is cut
+_LAST_WRITE_SECONDS = 1.0  # for the stream's last write (its reason to end): then it is cut
 
 _LIMIT, _SHUTDOWN, _GONE = "connection time limit", "the server is restarting", "gone"
+_BEHIND = "too far behind"
 
 
 class _Open:
@@ -82,6 +84,7 @@ class EventStreamResponse(Response):
         self._limit: asyncio.Timeout | None = None
         self._why = _LIMIT
         self._writing = False
+        self._writes = 0  # writes that went out (the watcher tells a stuck one by it)
 
     def end(self, why: str) -> None:
         """End the stream now (from another task or a callback)."""
@@ -95,6 +98,7 @@ class EventStreamResponse(Response):
         watcher = asyncio.create_task(self._watch(receive, send))
         _OPEN.add(self)
         limit = self._limit = asyncio.timeout(self._max)
+        last = b""
         try:
             async with limit:
                 if draining():  # (before the shutdown watcher's next look)
@@ -103,17 +107,12 @@ class EventStreamResponse(Response):
                     self._writing = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     self._writing = False
+                    self._writes += 1
         except TimeoutError:
             if not limit.expired():
                 raise  # not the limit's: the body's own
             if self._why != _GONE:
-                # The reason and the hint; a client that does not read is not waited for long.
-                farewell = comment(f"{self._why}; reconnect with Last-Event-ID", self._retry)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_FAREWELL_SECONDS):
-                        await send(
-                            {"type": "http.response.body", "body": farewell, "more_body": True}
-                        )
+                last = comment(f"{self._why}; reconnect with Last-Event-ID", self._retry)
         finally:
             self._limit = None
             _OPEN.streams.discard(self)
@@ -121,12 +120,25 @@ class EventStreamResponse(Response):
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
-        await send({"type": "http.response.body", "body": b""})
+        try:
+            async with asyncio.timeout(_LAST_WRITE_SECONDS):
+                await send({"type": "http.response.body", "body": last})
+        except TimeoutError:
+            # A client that does not read: its connection is closed rather than waited for
+            # (serving.py's protocol offers the means; another server closes it itself, with
+            # a complaint in its log, once this returns without finishing the response).
+            abort = scope.get("extensions", {}).get(ABORT)
+            if abort is not None:
+                abort()
+                await send({"type": "http.response.body", "body": b""})  # (returns once closed)
 
     async def _watch(self, receive: Receive, send: Send) -> None:
         """Waits for the client's disconnect (which ends the stream), and writes a keep-alive
-        comment every `ping` seconds meanwhile, unless the stream is in the middle of a write
-        (a client that is slow to read: it has bytes coming)."""
+        comment every `ping` seconds meanwhile. A stream whose write has not gone out for a
+        whole interval (the client stopped reading: its buffers and ours are full) ends: the
+        events it would miss could only pile up, and a client that reads again reconnects with
+        Last-Event-ID."""
+        stuck_at = -1
         while True:
             try:
                 async with asyncio.timeout(self._ping):
@@ -137,6 +149,11 @@ class EventStreamResponse(Response):
             except TimeoutError:
                 if not self._writing:
                     await send({"type": "http.response.body", "body": _PING, "more_body": True})
+                elif stuck_at == self._writes:
+                    self.end(_BEHIND)
+                    return
+                else:
+                    stuck_at = self._writes
 
 
 _PING = b": ping\r\n\r\n"
