@@ -134,10 +134,10 @@ class EventStreamResponse(Response):
 
     async def _watch(self, receive: Receive, send: Send) -> None:
         """Waits for the client's disconnect (which ends the stream), and writes a keep-alive
-        comment every `ping` seconds meanwhile. A stream whose write has not gone out for a
-        whole interval (the client stopped reading: its buffers and ours are full) ends: the
-        events it would miss could only pile up, and a client that reads again reconnects with
-        Last-Event-ID."""
+        comment every `ping` seconds meanwhile. A stream whose write (an event's or a keep-alive)
+        has not gone out for a whole interval (the client stopped reading: its buffers and ours
+        are full) ends: the events it would miss could only pile up, and a client that reads
+        again reconnects with Last-Event-ID."""
         stuck_at = -1
         while True:
             try:
@@ -147,13 +147,18 @@ class EventStreamResponse(Response):
                 self.end(_GONE)
                 return
             except TimeoutError:
-                if not self._writing:
-                    await send({"type": "http.response.body", "body": _PING, "more_body": True})
-                elif stuck_at == self._writes:
+                if self._writing:
+                    if stuck_at == self._writes:
+                        self.end(_BEHIND)
+                        return
+                    stuck_at = self._writes
+                    continue
+                try:
+                    async with asyncio.timeout(self._ping):
+                        await send({"type": "http.response.body", "body": _PING, "more_body": True})
+                except TimeoutError:  # (the buffers were full already)
                     self.end(_BEHIND)
                     return
-                else:
-                    stuck_at = self._writes
 
 
 _PING = b": ping\r\n\r\n"
