@@ -203,6 +203,7 @@ class ReplyWriter:
                             usage = [i for i in batch if isinstance(i, Usage)][-1]
                         started = started or bool(pieces)
                         for delta in built.add_all(pieces):
+                            first = first_token
                             if first_token:
                                 first_token = False
                                 waited = time.time() - rfc3339_to_ms(current.created_at) / 1000
@@ -217,6 +218,7 @@ class ReplyWriter:
                                 part_index=delta.part_index,
                                 part_type=delta.part_type,
                                 start=delta.start,
+                                urgent=first,
                             ):
                                 # Cancelled, deleted or taken over: leaving `batched` closes the
                                 # stream, which stops the provider. A reply still ours was stopped

@@ -396,11 +396,14 @@ class Store(ABC):
         part_index: int = 0,
         part_type: str = TEXT,
         start: dict[str, Any] | None = None,
+        urgent: bool = False,
     ) -> bool:
         """Emit `message.delta` (events.delta_data) for a reply being written: a piece of its
         part `part_index`. False (and nothing emitted) when the reply ended, was cancelled or
         deleted, or its conversation deleted, or when `attempt` is not the reply's current
-        one: the writer must stop. The store keeps a reply's published deltas (stop_reply)."""
+        one: the writer must stop. The store keeps a reply's published deltas (stop_reply).
+        `urgent` (a reply's first delta, which its client waits for): sent at once rather than
+        with the writes of the moment (a hint; a store may ignore it)."""
 
     @abstractmethod
     async def published_parts(

@@ -380,6 +380,7 @@ class SqliteStore(SqliteMessages, CompareAndSet):
         part_index: int = 0,
         part_type: str = TEXT,
         start: dict[str, Any] | None = None,
+        urgent: bool = False,
     ) -> bool:
         # Called for every token: no write to the file, and usually no read either.
         if not self._replies.allows(conversation_id, message_id, attempt):

@@ -78,12 +78,16 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.watchdog = self.loop.call_later(self.timeout / 2, self._check)
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, *, urgent: bool = False) -> asyncio.Future[Any]:
+        """Queue `command` for the turn's write; `urgent`: write it, and what is queued before
+        it, now (a busy loop's next turn can be many milliseconds away)."""
         future: asyncio.Future[Any] = self.loop.create_future()
         self.pending.append((future, self.loop.time() + self.timeout))
-        if not self.outbox:
+        if not self.outbox and not urgent:
             self.loop.call_soon(self._flush)
         self.outbox.append(command)
+        if urgent:
+            self._flush()
         return future
 
     def _flush(self) -> None:
@@ -277,19 +281,20 @@ class RespClient:
         return proto
 
     @staticmethod
-    async def _send(proto: _Protocol, args: tuple[Any, ...]) -> Any:
-        reply = await proto.send(pack(args))
+    async def _send(proto: _Protocol, args: tuple[Any, ...], urgent: bool = False) -> Any:
+        reply = await proto.send(pack(args), urgent=urgent)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
 
-    async def call(self, *args: Any) -> Any:
+    async def call(self, *args: Any, urgent: bool = False) -> Any:
+        """One command; `urgent`: written at once (_Protocol.send)."""
         index = self._next
         self._next = (index + 1) % len(self._slots)
         proto = self._slots[index]
         if proto is None or proto.closed:
             proto = await self._connect(index)
-        return await self._send(proto, args)
+        return await self._send(proto, args, urgent)
 
     async def close(self) -> None:
         for proto in self._slots:
@@ -450,13 +455,14 @@ class Connection:
         )
         return cls(client, fast)
 
-    async def call(self, *args: Any) -> Any:
+    async def call(self, *args: Any, urgent: bool = False) -> Any:
         """One command. On the fast client when there is one: it holds no pooled connection per
         caller, so hundreds of concurrent replies do not exhaust the pool, and commands issued
-        in the same turn of the event loop go out in one write."""
+        in the same turn of the event loop go out in one write (an `urgent` one at once, with
+        those before it)."""
         try:
             if self._fast is not None:
-                return await self._fast.call(*args)
+                return await self._fast.call(*args, urgent=urgent)
             return await self.client.execute_command(*args)
         except Exception as exc:
             unavailable(exc)
@@ -471,11 +477,15 @@ class Connection:
             unavailable(exc)
             raise
 
-    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], *, urgent: bool = False
+    ) -> Any:
         """One script call (a pipeline object costs more CPU than the round trip it saves)."""
         for attempt in range(2):
             try:
-                return await self.call(*script.command(keys, args, by_source=attempt > 0))
+                return await self.call(
+                    *script.command(keys, args, by_source=attempt > 0), urgent=urgent
+                )
             except Unavailable:
                 raise
             except Exception as exc:

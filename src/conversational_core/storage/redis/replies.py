@@ -79,6 +79,7 @@ class RedisReplies(RedisParts, CompareAndSet):
         part_index: int = 0,
         part_type: str = TEXT,
         start: dict[str, Any] | None = None,
+        urgent: bool = False,
     ) -> bool:
         keys = self.keys
         published = await self.redis.script(
@@ -97,6 +98,7 @@ class RedisReplies(RedisParts, CompareAndSet):
                 self._events_ttl,
                 "" if attempt is None else attempt,
             ],
+            urgent=urgent,
         )
         return bool(published)
 
