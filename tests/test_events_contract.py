@@ -176,6 +176,24 @@ async def test_what_a_client_missed_comes_in_one_batch(store: Store) -> None:
     assert [_content(e) for e in batch] == [f"m{i}" for i in range(20)]
 
 
+async def test_a_batch_is_at_most_a_catch_up_chunk(store: Store) -> None:
+    """However much a client missed, it comes in batches of 500 events at most (one write of
+    a bounded size each), all of it, in order."""
+    cid = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, "first")
+    start = await store.last_event_id(cid)
+    await _append(store, cid, *(f"m{i}" for i in range(1100)))
+    sizes: list[int] = []
+    got: list[str] = []
+    async with _hub(store) as hub, hub.subscribe(cid, start) as batches:
+        while len(got) < 1100:
+            batch = await asyncio.wait_for(anext(batches), 10)
+            sizes.append(len(batch))
+            got.extend(_content(e) for e in batch)
+    assert got == [f"m{i}" for i in range(1100)]
+    assert max(sizes) <= 500
+
+
 async def test_closing_the_hub_ends_every_subscription(store: Store) -> None:
     first = (await store.create_conversation(conversation()))[0].id
     second = (await store.create_conversation(conversation()))[0].id

@@ -67,6 +67,8 @@ _LIVE: Final = 0
 _OVERFLOWED: Final = 1
 _CLOSED: Final = 2
 
+_BATCH: Final = 500  # events handed over at once, at most (one write to a client)
+
 
 class _Subscriber:
     """One client: what it missed (`backlog`, retained events, already in memory) and then a
@@ -214,14 +216,9 @@ class MemoryEventLog(EventHub):
                 raise SlowConsumer()
             if sub.state == _CLOSED:
                 return
-            if sub.backlog:
-                batch = list(sub.backlog)
-                sub.backlog.clear()
-                yield batch
-            elif sub.buffer:
-                batch = list(sub.buffer)
-                sub.buffer.clear()
-                yield batch
+            pending = sub.backlog or sub.buffer
+            if pending:
+                yield [pending.popleft() for _ in range(min(len(pending), _BATCH))]
             else:
                 sub.wake.clear()
                 await sub.wake.wait()

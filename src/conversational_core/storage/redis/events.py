@@ -482,10 +482,10 @@ class RedisEventHub(EventHub):
             if key > last:
                 last = key
                 batch.append(event)
-        if batch:
-            yield batch
+        for at in range(0, len(batch), _CATCH_UP_CHUNK):
+            yield batch[at : at + _CATCH_UP_CHUNK]
         # 3. Live: events in order from the reader, duplicates of the above skipped; what the
-        #    queue holds at once goes as one batch.
+        #    queue holds at once goes as one batch (of a catch-up chunk at most).
         queue = sub.queue
         while True:
             item = await queue.get()
@@ -501,7 +501,7 @@ class RedisEventHub(EventHub):
                 if key > last:
                     last = key
                     batch.append(item)
-                if queue.empty():
+                if queue.empty() or len(batch) >= _CATCH_UP_CHUNK:
                     break
                 item = queue.get_nowait()
             if batch:
