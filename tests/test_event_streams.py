@@ -133,3 +133,35 @@ async def test_a_client_that_stops_reading_is_let_go(redis_store: Store) -> None
                     received += len(chunk)
         writer.close()
     assert received < 16_000_000  # it was cut off, not served to the end
+
+
+async def test_a_client_on_a_slow_link_gets_a_long_catch_up_whole(redis_store: Store) -> None:
+    """A client that reads steadily but slowly (a few MB/s) and resumes far behind: what it
+    missed is written in pieces it takes in time, so it gets all of it and is not let go as a
+    client that stopped reading."""
+    async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=0.3) as (http, cid, alice):
+        start = await redis_store.last_event_id(cid) or "0"
+        body = "y" * 20_000
+        for _ in range(400):  # 8 MB of events to catch up on
+            m = message(cid, body)
+            await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((http.base_url.host, http.base_url.port or 80))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+        writer.write(
+            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: {alice['Authorization']}\r\nLast-Event-ID: {start}\r\n\r\n".encode()
+        )
+        received = bytearray()
+        async with asyncio.timeout(30):
+            while received.count(b"event: message.created") < 400:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                received += chunk
+                await asyncio.sleep(0.016)  # the slow link: ~4 MB/s at most
+        writer.close()
+    assert received.count(b"event: message.created") == 400
+    assert b"too far behind" not in received

@@ -31,6 +31,8 @@ from conversational_core.storage.base import EventHub, SlowConsumer
 
 router = APIRouter(tags=["events"], route_class=Operation)
 
+_WRITE_BYTES = 64 * 1024  # events written to a client at once, about (see _stream)
+
 # Event ids: Redis stream ids (`1732459940361-0`) or the embedded store's numbers.
 _EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
 _RESUME = "Resume after this event id (`0`: every retained event)."
@@ -108,13 +110,22 @@ async def _stream(
         async with hub.subscribe(conversation_id, after) as events:
             yield sse.comment("connected", retry)
             async for batch in events:
-                chunk = []
+                # A batch in writes of about _WRITE_BYTES: a client on a slow link takes each
+                # within a keep-alive interval (a write it does not take in one ends the stream).
+                chunk: list[bytes] = []
+                size = 0
                 for event in batch:
-                    chunk.append(sse.event(event.id, event.type, event.data))
+                    data = sse.event(event.id, event.type, event.data)
+                    chunk.append(data)
+                    size += len(data)
                     if event.type == event_types.CONVERSATION_DELETED:
                         yield b"".join(chunk)
                         return
-                yield b"".join(chunk)
+                    if size >= _WRITE_BYTES:
+                        yield b"".join(chunk)
+                        chunk, size = [], 0
+                if chunk:
+                    yield b"".join(chunk)
     except SlowConsumer:
         yield sse.comment("too far behind; reconnect with Last-Event-ID", retry)
     except ValueError:
