@@ -97,30 +97,43 @@ async def test_open_event_streams_end_with_the_hint_when_the_server_shuts_down(
     assert after == before
 
 
+async def _slow_reader(
+    http: httpx.AsyncClient, cid: str, alice: dict[str, str], after: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client of the conversation's event stream with a 4 KB receive buffer (so that what
+    it does not read backs up into the server's buffers), its request sent."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((http.base_url.host, http.base_url.port or 80))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+    resume = f"Last-Event-ID: {after}\r\n" if after is not None else ""
+    writer.write(
+        f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: {alice['Authorization']}\r\n{resume}\r\n".encode()
+    )
+    return reader, writer
+
+
+async def _append_large(store: Store, cid: str, count: int, size: int) -> None:
+    for _ in range(count):
+        m = message(cid, "x" * size)
+        await store.append_messages(cid, "alice", [m], m.created_at)
+
+
 async def test_a_client_that_stops_reading_is_let_go(redis_store: Store) -> None:
     """A client that opens a stream and stops reading while events keep coming: once a write to
     it has not gone out for a keep-alive interval, its stream ends and its connection is closed
     (uvicorn alone would wait for it forever, holding the subscription)."""
     async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=0.3) as (http, cid, alice):
         before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((http.base_url.host, http.base_url.port or 80))
-        sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(
-            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: {alice['Authorization']}\r\n\r\n".encode()
-        )
+        reader, writer = await _slow_reader(http, cid, alice)
         async with asyncio.timeout(10):
             head = b""
             while b": connected" not in head:
                 head += await reader.read(4096)
         # Then it reads no more, while 16 MB of events come (far more than the buffers hold).
-        big = "x" * 100_000
-        for _ in range(160):
-            m = message(cid, big)
-            await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        await _append_large(redis_store, cid, 160, 100_000)
         async with asyncio.timeout(20):
             while (
                 value((await http.get("/metrics")).text, "conversational_core_sse_connections")
@@ -142,19 +155,8 @@ async def test_a_client_on_a_slow_link_gets_a_long_catch_up_whole(redis_store: S
     reading. (Written as one write, the catch-up outlasts the interval: it fails so.)"""
     async with _conversation_served(redis_store, SSE_KEEPALIVE_SECONDS=1.0) as (http, cid, alice):
         start = await redis_store.last_event_id(cid) or "0"
-        body = "y" * 20_000
-        for _ in range(600):  # 12 MB of events to catch up on
-            m = message(cid, body)
-            await redis_store.append_messages(cid, "alice", [m], m.created_at)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((http.base_url.host, http.base_url.port or 80))
-        sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
-        writer.write(
-            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: {alice['Authorization']}\r\nLast-Event-ID: {start}\r\n\r\n".encode()
-        )
+        await _append_large(redis_store, cid, 600, 20_000)  # 12 MB of events to catch up on
+        reader, writer = await _slow_reader(http, cid, alice, after=start)
         received = bytearray()
         async with asyncio.timeout(60):
             while received.count(b"event: message.created") < 600:
