@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -128,6 +129,31 @@ async def test_a_malformed_id_is_a_value_error(store: Store) -> None:
                     await _collect(events, 1)
             with pytest.raises(ValueError):
                 await store.read_events(cid, bad, 10)
+
+
+def _later(event_id: str, by: int) -> str:
+    """An id of the form of `event_id`, `by` later (milliseconds of a Redis stream id, numbers
+    of the embedded store's)."""
+    first, dash, rest = event_id.partition("-")
+    return f"{int(first) + by}{dash}{rest}"
+
+
+async def test_only_an_id_the_conversation_can_have_is_resumed(store: Store) -> None:
+    """An id of an event, `0`, or any id up to the newest: resumable (retention aside). Later
+    than the newest (from the future), of the other store's form, or unreadable: not (the API
+    refuses it, rather than a stream that would skip every event until the ids pass it)."""
+    cid = (await store.create_conversation(conversation()))[0].id
+    quiet = (await store.create_conversation(conversation()))[0].id
+    await _append(store, cid, "a", "b")
+    first, last = [e.id for e in await store.read_events(cid, None, 10)]
+    foreign = "1-0" if "-" not in last else str(time.time_ns() // 1000)
+    async with _hub(store) as hub:
+        for known in ("0", first, last):
+            assert await hub.resumes(cid, known), known
+        assert await hub.resumes(quiet, "0")
+        for unknown in (_later(last, 3_600_000), foreign, "18446744073709551616", "abc", ""):
+            assert not await hub.resumes(cid, unknown), unknown
+            assert not await hub.resumes(quiet, unknown), unknown
 
 
 async def test_a_slow_consumer_is_dropped_without_slowing_the_others(store: Store) -> None:

@@ -103,6 +103,39 @@ async def test_clients_leaving_together_unsubscribe_in_one_go(any_redis_store: R
     assert errors == []
 
 
+async def test_a_subscriber_resuming_from_the_future_hides_nothing_from_the_others(
+    redis_store: RedisStore,
+) -> None:
+    """The first subscriber of a conversation in a process resumes after an id later than any
+    event (the API refuses one, but the hub must not depend on it): the others still get every
+    event (the reader's cursor, shared by a conversation's subscribers, once took that id and
+    skipped everything up to it, for all of them)."""
+    store = redis_store
+    hub = RedisEventHub(store, url_of(store))
+    cid = (await store.create_conversation(conversation()))[0].id
+    first = message(cid, "before")
+    await store.append_messages(cid, "alice", [first], first.created_at)
+    last = await store.last_event_id(cid)
+    assert last is not None
+    future = f"{int(last.split('-')[0]) + 3_600_000}-0"
+    channel = store.keys.events(cid)
+    try:
+        async with subscribed(hub, cid, future) as early:
+            waiting = asyncio.create_task(anext(early))  # it subscribes; it gets nothing
+            async with asyncio.timeout(10):
+                while (await store.redis.call("PUBSUB", "SHARDNUMSUB", channel))[1] != 1:
+                    await asyncio.sleep(0.01)  # (polled: Redis's side has no hook to wait on)
+            async with subscribed(hub, cid, None) as later:
+                reading = asyncio.create_task(_contents(later, 2))
+                for text in ("one", "two"):
+                    m = message(cid, text)
+                    await store.append_messages(cid, "alice", [m], m.created_at)
+                assert await asyncio.wait_for(reading, 10) == ["one", "two"]
+            waiting.cancel()
+    finally:
+        await hub.close()
+
+
 @pytest.mark.parametrize("pooled", [False, True], ids=["own-reader", "redis-py-pubsub"])
 async def test_a_quiet_connection_is_pinged_and_kept(
     redis_store: RedisStore, pooled: bool, monkeypatch: pytest.MonkeyPatch

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from conversational_core import openapi
 from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
+from conversational_core.errors import Unprocessable
 from conversational_core.observability import metrics
 from conversational_core.openapi import problems
 from conversational_core.replies import sse
@@ -33,8 +34,10 @@ router = APIRouter(tags=["events"], route_class=Operation)
 
 _WRITE_BYTES = 64 * 1024  # events written to a client at once, about (see _stream)
 
-# Event ids: Redis stream ids (`1732459940361-0`) or the embedded store's numbers.
+# Event ids: Redis stream ids (`1732459940361-0`) or the embedded store's numbers. (The header
+# may come with blanks around it: a header's value excludes them, RFC 9110 5.5.)
 _EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
+_EVENT_ID_HEADER = r"^[ \t]*\d{1,20}(-\d{1,20})?[ \t]*$"
 _RESUME = "Resume after this event id (`0`: every retained event)."
 
 openapi.register(*EVENT_DATA)
@@ -73,7 +76,7 @@ async def conversation_events(
     request: Request,
     conversation_id: Annotated[str, Path(pattern=ID_PATTERN)],
     last_event_id: Annotated[
-        str | None, Header(alias="Last-Event-ID", pattern=_EVENT_ID, description=_RESUME)
+        str | None, Header(alias="Last-Event-ID", pattern=_EVENT_ID_HEADER, description=_RESUME)
     ] = None,
     last_event_id_query: Annotated[
         str | None,
@@ -87,9 +90,18 @@ async def conversation_events(
     principal = principal_of(request)
     conversations: ConversationService = request.state.conversations
     await conversations.get(principal, conversation_id)  # 404 unless the caller may read it
-    after = last_event_id or last_event_id_query
+    where = ["header", "Last-Event-ID"] if last_event_id else ["query", "last_event_id"]
+    after = last_event_id.strip(" \t") if last_event_id else last_event_id_query
     settings: Settings = request.state.settings
     hub: EventHub = request.state.events
+    if after is not None and not await hub.resumes(conversation_id, after):
+        # Refused before the stream starts: an EventSource stops retrying on it (a stream that
+        # just ended would be resumed with the same id, every `retry`, for ever).
+        raise Unprocessable(
+            "Last-Event-ID is no event of this conversation (one from the future, or of another "
+            "store): read the conversation again and reconnect without it.",
+            errors=[{"loc": where, "type": "unknown_event_id", "msg": "not an event id here"}],
+        )
     return EventStreamResponse(
         _stream(hub, settings, conversation_id, after),
         ping_seconds=settings.SSE_KEEPALIVE_SECONDS,
@@ -128,7 +140,7 @@ async def _stream(
                     yield b"".join(chunk)
     except SlowConsumer:
         yield sse.comment("too far behind; reconnect with Last-Event-ID", retry)
-    except ValueError:
+    except ValueError:  # (an id the hub cannot read: refused with a 422 before, as a rule)
         yield sse.comment("unknown Last-Event-ID", retry)
     finally:
         metrics.SSE_CONNECTIONS.dec()

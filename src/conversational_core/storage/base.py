@@ -558,6 +558,13 @@ class EventHub(ABC):
         client fell further behind than its buffer allows, and ends when the hub closes."""
 
     @abstractmethod
+    async def resumes(self, conversation_id: str, after: str) -> bool:
+        """Whether `after` can be the id of an event of the conversation (in this hub's form of
+        ids, and not later than its newest event): resuming after anything else would hide
+        every event until the conversation's passed it (an id from another store, or from the
+        future). Events that aged out of retention do not make an id unknown."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Stop fanning out and end every subscription."""
 

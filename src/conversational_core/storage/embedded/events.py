@@ -124,13 +124,14 @@ class MemoryEventLog(EventHub):
         self._logs: dict[str, _Log] = {}
         self._subs: dict[str, set[_Subscriber]] = {}
         self._ids = itertools.count(time.time_ns() // 1000)
+        self._latest = 0  # the newest id given out
         self._last_sweep = time.monotonic()
         self._closed = False
 
     # Writing ---------------------------------------------------------------------------------
 
     def publish(self, conversation_id: str, type: str, data: bytes) -> Event:
-        number = next(self._ids)
+        number = self._latest = next(self._ids)
         event = Event(str(number), type, data)
         now = time.monotonic()
         log = self._logs.get(conversation_id)
@@ -184,6 +185,12 @@ class MemoryEventLog(EventHub):
         return log.entries[-1][1].id
 
     # Subscribing -------------------------------------------------------------------------------
+
+    async def resumes(self, conversation_id: str, after: str) -> bool:
+        try:
+            return parse_event_id(after) <= self._latest
+        except ValueError:
+            return False  # (e.g. a Redis stream id, after a move between stores)
 
     def subscribe(
         self, conversation_id: str, after: str | None

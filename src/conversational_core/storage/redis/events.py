@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ _READ_TIMEOUT = _IDLE_SECONDS + 5
 _CATCH_UP_CHUNK = 500
 _CATCH_UP_CONCURRENCY = 100  # streams read at once when a reader catches up after reconnecting
 _SUBSCRIBE_CHUNK = 1000  # channels per SSUBSCRIBE when a reader (re)subscribes everything
+_ID_PART_MAX = 2**64 - 1  # each part of a stream id is an unsigned 64-bit number
+_CLOCK_SKEW_MS = 60_000  # how far ahead of this host's clock Redis's may be, at most
 
 
 def _fmt(key: tuple[int, int]) -> str:
@@ -213,7 +216,12 @@ class _Reader:
     async def watch(self, conversation_id: str, after: str) -> None:
         """Watch a conversation from `after`: returns once its channel's subscription is
         confirmed (every later event reaches the hub), or once the hub closes."""
-        self.cursors.setdefault(conversation_id, after)
+        cursor = self.cursors.get(conversation_id)
+        if cursor is None or _stream_id(after) < _stream_id(cursor):
+            # The earliest point of its subscribers: events after it are handed over (each
+            # subscriber skips what it has). Never a later one: the events up to it would be
+            # skipped for every subscriber (a client's id from the future would silence them).
+            self.cursors[conversation_id] = after
         self.start()
         name = self.hub.keys.events(conversation_id)
         channel = name.encode()  # (as Redis names it in a confirmation)
@@ -439,6 +447,19 @@ class RedisEventHub(EventHub):
             for sub in subs:
                 with contextlib.suppress(asyncio.QueueFull):
                     sub.queue.put_nowait(None)
+
+    async def resumes(self, conversation_id: str, after: str) -> bool:
+        try:
+            ms, seq = _stream_id(after)
+        except ValueError:
+            return False  # (e.g. an id of the embedded store's form, after a move between stores)
+        if ms > _ID_PART_MAX or seq > _ID_PART_MAX:
+            return False  # not an id Redis can read
+        last = await self.store.last_event_id(conversation_id)
+        if last is not None:
+            return (ms, seq) <= _stream_id(last)
+        # No event retained (none yet, or the stream expired): its ids came from Redis's clock.
+        return ms <= time.time() * 1000 + _CLOCK_SKEW_MS
 
     @contextlib.asynccontextmanager
     async def subscribe(
