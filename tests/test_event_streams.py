@@ -140,12 +140,17 @@ async def test_a_client_that_stops_reading_is_let_go(redis_store: Store) -> None
                 != before
             ):
                 await asyncio.sleep(0.05)  # (polled: the stream's end has no hook to wait on)
-            received = 0
-            with contextlib.suppress(ConnectionResetError):
+            received, reset = 0, False
+            try:
                 while chunk := await reader.read(1 << 20):  # what got through, then the end
                     received += len(chunk)
+            except ConnectionResetError:
+                reset = True
         writer.close()
     assert received < 16_000_000  # it was cut off, not served to the end
+    # Reset, not closed the usual way: the server's kernel holds nothing more for it (it would
+    # otherwise go on sending megabytes to a client that does not read, for minutes).
+    assert reset
 
 
 async def test_a_client_on_a_slow_link_gets_a_long_catch_up_whole(redis_store: Store) -> None:
@@ -168,3 +173,86 @@ async def test_a_client_on_a_slow_link_gets_a_long_catch_up_whole(redis_store: S
         writer.close()
     assert received.count(b"event: message.created") == 600
     assert b"too far behind" not in received
+
+
+async def test_a_client_that_leaves_with_a_request_pipelined_is_let_go(redis_store: Store) -> None:
+    """A client that sends a second request behind its event stream on the same connection
+    (HTTP/1.1 pipelining) and closes: its stream ends with the connection, as any other (uvicorn
+    tells only the newest request of a connection that its client left)."""
+    async with _conversation_served(redis_store) as (http, cid, alice):
+        before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+        reader, writer = await asyncio.open_connection(http.base_url.host, http.base_url.port)
+        writer.write(
+            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: {alice['Authorization']}\r\n\r\n"
+            "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            head = b""
+            while b": connected" not in head:
+                head += await reader.read(4096)
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):  # (the keep-alive interval is 15 s: not what ends it)
+            while (
+                value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+                != before
+            ):
+                await asyncio.sleep(0.02)  # (polled: the stream's end has no hook to wait on)
+
+
+async def test_a_resume_point_the_conversation_cannot_have_is_refused(redis_store: Store) -> None:
+    """A Last-Event-ID later than the conversation's newest event (from the future, or of
+    another store: the embedded one's ids read as far-future milliseconds), or beyond what Redis
+    can read, is a 422 before any stream starts (an EventSource stops retrying on it), not a
+    stream that would skip every event or fail."""
+    async with _conversation_served(redis_store) as (http, cid, alice):
+        m = message(cid, "hello")
+        await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        last = await redis_store.last_event_id(cid)
+        assert last is not None
+        ms, _, seq = last.partition("-")
+        url = f"/conversations/{cid}/events"
+        for unknown in (
+            f"{int(ms) + 3_600_000}-{seq}",
+            "1796073453891062",
+            "18446744073709551616",
+            "18446744073709551615-18446744073709551615",
+        ):
+            for request in (
+                {"headers": {**alice, "Last-Event-ID": unknown}},
+                {"headers": alice, "params": {"last_event_id": unknown}},
+            ):
+                response = await http.get(url, **request)  # type: ignore[arg-type]
+                assert response.status_code == 422, (unknown, response.text)
+                problem = response.json()
+                assert problem["errors"][0]["type"] == "unknown_event_id"
+                assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_resume_id_may_come_with_blanks_around_it(redis_store: Store) -> None:
+    """Blanks around a header's value are not part of it (RFC 9110, 5.5): the stream resumes.
+    (A raw request: httpx refuses to send such a header.)"""
+    async with _conversation_served(redis_store) as (http, cid, alice):
+        m = message(cid, "first")
+        await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        start = await redis_store.last_event_id(cid)
+        m = message(cid, "second")
+        await redis_store.append_messages(cid, "alice", [m], m.created_at)
+        reader, writer = await asyncio.open_connection(http.base_url.host, http.base_url.port)
+        writer.write(
+            f"GET /conversations/{cid}/events HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: {alice['Authorization']}\r\nLast-Event-ID:  {start}\t \r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        received = b""
+        async with asyncio.timeout(10):
+            while b"data:" not in received:
+                received += await reader.read(4096)
+        writer.close()
+    head = received.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert head[0] == b"http/1.1 200 ok"
+    # One Connection header, the server's (the response sets none of its own).
+    assert [h for h in head if h.startswith(b"connection:")] == [b"connection: close"]
+    assert b'"content":"second"' in received
+    assert b'"content":"first"' not in received

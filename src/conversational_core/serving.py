@@ -33,8 +33,11 @@ What it costs is measured by `make bench` (the figures in the README are with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import signal
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +61,8 @@ _LINGER_MAX_BYTES = 64 * 1024 * 1024
 ABORT = "conversational_core.abort"
 
 # Connection phases.
+_LINGER_NONE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+
 _NEW = 0  # accepted, no byte yet
 _HEAD = 1  # reading a request's line and headers
 _BODY = 2  # headers done, reading the body (or the request had none)
@@ -153,6 +158,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._since = 0.0  # when the current phase began
         self._head_bytes = 0
         self._body_bytes = 0
+        # Requests answered while a pipelined one came in behind them (see connection_lost).
+        self._ahead: list[Any] = []
 
     @classmethod
     def _resolve_limits(cls) -> ConnectionLimits:
@@ -206,11 +213,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._since = self.loop.time()
         self._head_bytes = 0
         self._body_bytes = 0
+        earlier = self.cycle
         super().on_headers_complete()
+        if earlier is not None and earlier is not self.cycle and not earlier.response_complete:
+            self._ahead.append(earlier)  # this request is pipelined behind it
         # The means to drop a client that stopped reading mid-response (replies/sse.py), which
         # ASGI does not give: uvicorn's `send` waits for it to read, forever.
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-        extensions[ABORT] = self.transport.abort
+        extensions[ABORT] = self._reset
+
+    def _reset(self) -> None:
+        """Close the connection at once, with a reset: closed the usual way, the kernel would
+        go on trying to send what it holds for a client that stopped reading (megabytes, for
+        minutes)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+        self.transport.abort()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -226,9 +246,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._phase = _NEW  # idle (uvicorn's keep-alive timer watches it too)
             self._since = self.loop.time()
         super().on_response_complete()
+        if self._ahead:
+            self._ahead = [cycle for cycle in self._ahead if not cycle.response_complete]
 
     def connection_lost(self, exc: Exception | None) -> None:
         _Sweeper.forget(self)
+        # uvicorn tells only the newest request that the client left: with requests pipelined
+        # behind a long answer (an event stream), that one would go on writing to no one,
+        # holding its subscription, until its connection time limit.
+        for cycle in self._ahead:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._ahead.clear()
         super().connection_lost(exc)
 
     # Deadlines (checked by the sweeper) ---------------------------------------------------------

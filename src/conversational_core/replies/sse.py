@@ -15,7 +15,8 @@ task of its own that waits for the client's disconnect and writes the keep-alive
   an event stream never finishes by itself) or when the client has not taken a write for a whole
   keep-alive interval (it stopped reading); when the client goes away it ends without one.
   Either way the body iterator is closed (its `finally` blocks run: a hub subscription is let
-  go), and a client that does not take the last write within a second is disconnected.
+  go). A client that stopped reading is disconnected at once (a reset: nothing is left queued
+  for it), and one that does not take the last write within a second too.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ class EventStreamResponse(Response):
         self.body_iterator = body
         self.status_code = 200
         self.background = None
-        self.init_headers({**(headers or {}), "Connection": "keep-alive"})
+        self.init_headers(headers)  # (no `Connection`: hop-by-hop, the server's to set)
         self._ping = ping_seconds
         self._max = max_seconds
         self._retry = retry_ms
         self._limit: asyncio.Timeout | None = None
         self._why = _LIMIT
         self._writing = False
-        self._writes = 0  # writes that went out (the watcher tells a stuck one by it)
+        self._write_began = 0.0  # (the watcher tells a stuck write by it)
 
     def end(self, why: str) -> None:
         """End the stream now (from another task or a callback)."""
@@ -98,6 +99,7 @@ class EventStreamResponse(Response):
         watcher = asyncio.create_task(self._watch(receive, send))
         _OPEN.add(self)
         limit = self._limit = asyncio.timeout(self._max)
+        loop = asyncio.get_running_loop()
         last = b""
         try:
             async with limit:
@@ -105,9 +107,9 @@ class EventStreamResponse(Response):
                     self.end(_SHUTDOWN)
                 async for chunk in body:
                     self._writing = True
+                    self._write_began = loop.time()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     self._writing = False
-                    self._writes += 1
         except TimeoutError:
             if not limit.expired():
                 raise  # not the limit's: the body's own
@@ -120,17 +122,22 @@ class EventStreamResponse(Response):
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
-        try:
-            async with asyncio.timeout(_LAST_WRITE_SECONDS):
-                await send({"type": "http.response.body", "body": last})
-        except TimeoutError:
-            # A client that does not read: its connection is closed rather than waited for
-            # (serving.py's protocol offers the means; another server closes it itself, with
-            # a complaint in its log, once this returns without finishing the response).
-            abort = scope.get("extensions", {}).get(ABORT)
-            if abort is not None:
-                abort()
-                await send({"type": "http.response.body", "body": b""})  # (returns once closed)
+        # A client that does not read is disconnected rather than waited for: at once when it
+        # stopped reading (its hint could only queue behind what it does not read; it reconnects
+        # on the reset), else when it does not take the last write in time. (serving.py's
+        # protocol offers the means; another server closes it itself, with a complaint in its
+        # log, once this returns without finishing the response.)
+        abort = scope.get("extensions", {}).get(ABORT)
+        if abort is None or self._why != _BEHIND:
+            try:
+                async with asyncio.timeout(_LAST_WRITE_SECONDS):
+                    await send({"type": "http.response.body", "body": last})
+                return
+            except TimeoutError:
+                if abort is None:
+                    return
+        abort()
+        await send({"type": "http.response.body", "body": b""})  # (returns once closed)
 
     async def _watch(self, receive: Receive, send: Send) -> None:
         """Waits for the client's disconnect (which ends the stream), and writes a keep-alive
@@ -138,26 +145,32 @@ class EventStreamResponse(Response):
         has not gone out for a whole interval (the client stopped reading: its buffers and ours
         are full) ends: the events it would miss could only pile up, and a client that reads
         again reconnects with Last-Event-ID."""
-        stuck_at = -1
+        loop = asyncio.get_running_loop()
+        wait = self._ping
         while True:
             try:
-                async with asyncio.timeout(self._ping):
+                async with asyncio.timeout(wait):
                     while (await receive())["type"] != "http.disconnect":
                         pass
                 self.end(_GONE)
                 return
             except TimeoutError:
+                wait = self._ping
                 if self._writing:
-                    if stuck_at == self._writes:
+                    waited = loop.time() - self._write_began
+                    if waited >= self._ping:
                         self.end(_BEHIND)
                         return
-                    stuck_at = self._writes
+                    wait = self._ping - waited  # (looked again when it is an interval old)
                     continue
                 try:
                     async with asyncio.timeout(self._ping):
                         await send({"type": "http.response.body", "body": _PING, "more_body": True})
                 except TimeoutError:  # (the buffers were full already)
                     self.end(_BEHIND)
+                    return
+                except Exception:  # the connection is gone (a server that did not say so)
+                    self.end(_GONE)
                     return
 
 
