@@ -86,9 +86,15 @@ class Unauthorized(AppError):
     status, code = 401, "unauthorized"
 
     def __init__(
-        self, detail: str = "Missing, invalid or expired bearer token.", *, expired: bool = False
+        self,
+        detail: str = "Missing, invalid or expired bearer token.",
+        *,
+        expired: bool = False,
+        missing: bool = False,
     ) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        # No error code when the request carried no bearer token at all (RFC 6750, 3.1).
+        challenge = "Bearer" if missing else 'Bearer error="invalid_token"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
         self.expired = expired  # a good token past its time (not a guess)
 
 

@@ -40,10 +40,10 @@ async def authenticate(
     """The caller of a request with this Authorization (and X-On-Behalf-Of) header; raises
     Unauthorized or Forbidden."""
     if not header:
-        raise Unauthorized("Missing bearer token.")
+        raise Unauthorized("Missing bearer token.", missing=True)
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Expected 'Authorization: Bearer <token>'.")
+        raise Unauthorized("Expected 'Authorization: Bearer <token>'.", missing=True)
     claims = await verifier.verify(token.strip())
     user_id = claims.sub
     if on_behalf is not None:
