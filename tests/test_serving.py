@@ -153,10 +153,39 @@ async def test_headers_that_trickle_are_cut_off_at_the_deadline(tmp_path: Path) 
         async with _healthy_throughout(service), _connection(service) as (reader, writer):
             writer.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n")
             raw, elapsed, _ = await _trickle(reader, writer, b"X")  # one header byte a second
-        status, _, body = _parse(raw)
+        status, headers, body = _parse(raw)
         assert status == 408 and body["detail"] == "The request headers did not arrive in time."
+        assert len(headers["x-request-id"]) == 32  # (every response has one: API.md)
         # REQUEST_HEADERS_TIMEOUT_SECONDS=2, checked every second.
         assert 2.0 <= elapsed < 4.0, elapsed
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nX-Bad: a\x00b\r\n\r\n",
+        b"POST /conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    ],
+    ids=["not-http", "nul-in-a-header", "length-and-chunked"],
+)
+async def test_bytes_that_are_not_http_get_a_problem_400(
+    tmp_path: Path, request_bytes: bytes
+) -> None:
+    """What the HTTP parser refuses is answered as every error of the service is: a
+    problem+json 400 with an X-Request-ID (not the server library's text/plain), and the
+    connection closed."""
+    with _service(tmp_path) as service:
+        async with _connection(service) as (reader, writer):
+            writer.write(request_bytes)
+            async with asyncio.timeout(10):
+                raw = await reader.read()  # to the end: the server closes the connection
+        status, headers, body = _parse(raw)
+        assert status == 400
+        assert headers["content-type"] == "application/problem+json"
+        assert body["status"] == 400 and body["detail"] == "The request is not valid HTTP/1.1."
+        assert len(headers["x-request-id"]) == 32
 
 
 async def test_a_body_trickling_at_one_byte_a_second_is_cut_off(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
+import uuid_utils
 from loguru import logger
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -138,6 +139,18 @@ _TOO_MANY = _problem(
 )
 _HEADERS_SLOW = _problem(408, b"Request Timeout", "The request headers did not arrive in time.")
 _BODY_SLOW = _problem(408, b"Request Timeout", "The request body arrived too slowly.")
+_MALFORMED = _problem(400, b"Bad Request", "The request is not valid HTTP/1.1.")
+
+
+def _with_request_id(response: bytes) -> bytes:
+    """Every response carries an X-Request-ID (API.md), these too: one of their own (no request
+    was read to take the client's from)."""
+    at = response.index(b"\r\n") + 2
+    return b"%sx-request-id: %s\r\n%s" % (
+        response[:at],
+        uuid_utils.uuid4().hex.encode(),
+        response[at:],
+    )
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -207,6 +220,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._head_bytes += len(data)
         super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes that are not HTTP/1.1 (uvicorn's parser refused them): uvicorn answers a
+        text/plain 400 of its own; this service's errors are problem+json (API.md)."""
+        metrics.CONNECTIONS_REFUSED.labels("malformed").inc()
+        self._refuse(_MALFORMED)
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
@@ -310,7 +329,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if started or transport.is_closing():
             transport.close()
             return
-        transport.write(response)
+        transport.write(_with_request_id(response))
         if self.flow is not None:
             self.flow.resume_reading()
         else:

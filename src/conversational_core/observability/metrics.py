@@ -119,7 +119,7 @@ OPEN_CONNECTIONS = Gauge(
 CONNECTIONS_REFUSED = Counter(
     f"{_NS}_connections_refused_total",
     "Connections refused or cut off by the server's guard, by reason (max_connections, "
-    "header_too_large, header_timeout, body_too_slow).",
+    "header_too_large, header_timeout, body_too_slow, malformed).",
     ["reason"],
 )
 
