@@ -256,3 +256,39 @@ async def test_a_resume_id_may_come_with_blanks_around_it(redis_store: Store) ->
     assert [h for h in head if h.startswith(b"connection:")] == [b"connection: close"]
     assert b'"content":"second"' in received
     assert b'"content":"first"' not in received
+
+
+async def test_a_user_holds_a_bounded_number_of_streams(redis_store: Store) -> None:
+    """SSE_MAX_STREAMS_PER_USER streams of one user at once; one more is a 429 (with
+    Retry-After) that costs the others nothing; another user is not affected; a stream that
+    ends gives its place back."""
+    async with (
+        _conversation_served(redis_store, SSE_MAX_STREAMS_PER_USER=2) as (http, cid, alice),
+        contextlib.AsyncExitStack() as open_streams,
+    ):
+        url = f"/conversations/{cid}/events"
+        before = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+        held = []
+        for _ in range(2):
+            sse = await open_streams.enter_async_context(http.stream("GET", url, headers=alice))
+            assert sse.status_code == 200
+            held.append(sse)
+        refused = await http.get(url, headers=alice)
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["retry-after"]) > 0
+        # Bob's own conversation: his streams are his.
+        settings = make_settings()
+        bob = auth(settings, "bob")
+        bobs = (await http.post("/conversations", json={}, headers=bob)).json()["id"]
+        async with http.stream("GET", f"/conversations/{bobs}/events", headers=bob) as sse:
+            assert sse.status_code == 200
+        await held[0].aclose()  # alice closes one: once the server has seen it, she may again
+        async with asyncio.timeout(10):
+            while (
+                value((await http.get("/metrics")).text, "conversational_core_sse_connections")
+                != before + 1
+            ):
+                await asyncio.sleep(0.02)  # (polled: the stream's end has no hook to wait on)
+        async with http.stream("GET", url, headers=alice) as sse:
+            assert sse.status_code == 200

@@ -26,6 +26,7 @@ from conversational_core.observability.errors import configure_sentry
 from conversational_core.observability.logging import configure_logging
 from conversational_core.observability.middleware import EdgeMiddleware
 from conversational_core.ratelimit import Limits
+from conversational_core.replies.endpoints import OpenStreams
 from conversational_core.replies.endpoints import router as replies_router
 from conversational_core.replies.worker import run_worker
 from conversational_core.runtime import settle_gc
@@ -70,6 +71,7 @@ class State(TypedDict):
     limits: Limits
     conversations: ConversationService
     messages: MessageService
+    streams: OpenStreams
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 limits=limits,
                 conversations=ConversationService(active.store, settings),
                 messages=MessageService(active.store, settings, limits),
+                streams=OpenStreams(settings.SSE_MAX_STREAMS_PER_USER),
             )
 
     docs = settings.docs_enabled

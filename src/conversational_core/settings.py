@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     SSE_MAX_CONNECTION_SECONDS: float = Field(3600.0, gt=0, le=86_400)
     SSE_CLIENT_BUFFER: int = Field(1000, ge=10, le=1_000_000)
     SSE_RETRY_MS: int = Field(2000, ge=0, le=600_000)
+    # Event streams one user may hold open on one API process at once (then 429).
+    SSE_MAX_STREAMS_PER_USER: int = Field(100, ge=1, le=100_000)
 
     # Rate limits ("600/minute" or "off").
     RATE_LIMIT: str = "600/minute"

@@ -104,7 +104,8 @@ STORE_ERRORS = Counter(
 )
 RATE_LIMITED = Counter(
     f"{_NS}_rate_limited_total",
-    "Requests refused by a rate limit, by scope (user, ai, anonymous).",
+    "Requests refused by a rate limit, by scope (user, ai, anonymous; streams: a user's open "
+    "event streams).",
     ["scope"],
 )
 RATE_LIMITER_ERRORS = Counter(

@@ -3,6 +3,7 @@
 - `Last-Event-ID` (header, or `last_event_id` query parameter for clients that cannot set
   headers) resumes after that event: missed events within the retention window first, then live
   ones, none twice. Without it, the stream starts with what happens from now on.
+- A user holds at most SSE_MAX_STREAMS_PER_USER streams open on one process (then 429).
 - A keep-alive comment every SSE_KEEPALIVE_SECONDS; a connection ends after
   SSE_MAX_CONNECTION_SECONDS, or when the client falls SSE_CLIENT_BUFFER events behind, with a
   `retry:` hint — the client reconnects with Last-Event-ID and loses nothing.
@@ -10,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -18,7 +19,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from conversational_core import openapi
 from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
-from conversational_core.errors import Unprocessable
+from conversational_core.errors import AppError, Unprocessable
 from conversational_core.observability import metrics
 from conversational_core.openapi import problems
 from conversational_core.replies import sse
@@ -39,6 +40,54 @@ _WRITE_BYTES = 64 * 1024  # events written to a client at once, about (see _stre
 _EVENT_ID = r"^\d{1,20}(-\d{1,20})?$"
 _EVENT_ID_HEADER = r"^[ \t]*\d{1,20}(-\d{1,20})?[ \t]*$"
 _RESUME = "Resume after this event id (`0`: every retained event)."
+
+_BUSY_RETRY_SECONDS = 5  # Retry-After of a refusal for too many streams (when one may end)
+
+
+class TooManyStreams(AppError):
+    status, code = 429, "too-many-streams"
+
+
+class OpenStreams:
+    """The event streams each user holds open on this process, at most `limit` each: one user
+    (or one stolen token) cannot take the connections that the process may hold
+    (MAX_CONNECTIONS) with streams that last up to an hour each. Counted in the process (no
+    store round trip): with several processes a user may hold `limit` on each."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, user_id: str) -> Callable[[], None]:
+        """Count one more stream of the user (TooManyStreams when it holds `limit`); returns
+        what lets it go (to call once, when the stream is over)."""
+        held = self._open.get(user_id, 0)
+        if held >= self.limit:
+            metrics.RATE_LIMITED.labels("streams").inc()
+            raise TooManyStreams(
+                f"At most {self.limit} event streams per user are open at once: close one "
+                "(e.g. of a conversation no longer shown) and retry.",
+                headers={"Retry-After": str(_BUSY_RETRY_SECONDS)},
+            )
+        self._open[user_id] = held + 1
+        done = False
+
+        def close() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            left = self._open[user_id] - 1
+            if left:
+                self._open[user_id] = left
+            else:
+                del self._open[user_id]
+
+        return close
+
+    def held(self, user_id: str) -> int:
+        return self._open.get(user_id, 0)
+
 
 openapi.register(*EVENT_DATA)
 # One event as a client's SSE parser sees it (comments and keep-alives carry none of it).
@@ -102,12 +151,14 @@ async def conversation_events(
             "store): read the conversation again and reconnect without it.",
             errors=[{"loc": where, "type": "unknown_event_id", "msg": "not an event id here"}],
         )
+    streams: OpenStreams = request.state.streams
     return EventStreamResponse(
         _stream(hub, settings, conversation_id, after),
         ping_seconds=settings.SSE_KEEPALIVE_SECONDS,
         max_seconds=settings.SSE_MAX_CONNECTION_SECONDS,
         retry_ms=settings.SSE_RETRY_MS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        on_close=streams.open(principal.user_id),
     )
 
 

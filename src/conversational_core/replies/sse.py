@@ -22,7 +22,7 @@ task of its own that waits for the client's disconnect and writes the keep-alive
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -74,8 +74,10 @@ class EventStreamResponse(Response):
         max_seconds: float,
         retry_ms: int,
         headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.body_iterator = body
+        self._on_close = on_close  # called once the stream is over, however it ended
         self.status_code = 200
         self.background = None
         self.init_headers(headers)  # (no `Connection`: hop-by-hop, the server's to set)
@@ -94,6 +96,13 @@ class EventStreamResponse(Response):
             self._limit.reschedule(asyncio.get_running_loop().time())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         body = self.body_iterator
         watcher = asyncio.create_task(self._watch(receive, send))
