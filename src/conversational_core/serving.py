@@ -61,9 +61,9 @@ _LINGER_MAX_BYTES = 64 * 1024 * 1024
 # sent yet dropped.
 ABORT = "conversational_core.abort"
 
-# Connection phases.
 _LINGER_NONE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
+# Connection phases.
 _NEW = 0  # accepted, no byte yet
 _HEAD = 1  # reading a request's line and headers
 _BODY = 2  # headers done, reading the body (or the request had none)

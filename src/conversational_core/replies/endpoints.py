@@ -85,9 +85,6 @@ class OpenStreams:
 
         return close
 
-    def held(self, user_id: str) -> int:
-        return self._open.get(user_id, 0)
-
 
 openapi.register(*EVENT_DATA)
 # One event as a client's SSE parser sees it (comments and keep-alives carry none of it).
