@@ -57,7 +57,7 @@ _SWEEP_SECONDS = 1.0
 _LINGER_SECONDS = 2.0
 _LINGER_MAX_BYTES = 64 * 1024 * 1024
 
-# A scope extension this server's requests carry: closes their connection at once, what is not
+# A scope extension this server's requests carry: resets their connection at once, what is not
 # sent yet dropped.
 ABORT = "conversational_core.abort"
 
