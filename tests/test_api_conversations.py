@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import httpx
 
 from conversational_core.settings import Settings
@@ -107,7 +110,14 @@ async def test_list_pagination_and_limits(client: httpx.AsyncClient, settings: S
         if cursor is None:
             break
     assert seen == ids[::-1]
-    for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"cursor": "not-a-cursor"}):
+    tampered = [_cursor([True, "x"]), _cursor([2**70, "x"]), _cursor(["1", "x"])]
+    for bad in (
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "x"},
+        {"cursor": "not-a-cursor"},
+        *({"cursor": c} for c in tampered),
+    ):
         response = await client.get("/conversations", headers=alice, params=bad)
         assert response.status_code in (400, 422), bad
         assert response.headers["content-type"] == "application/problem+json"
@@ -148,3 +158,8 @@ async def test_validation_errors_are_problems(
     )
     assert not_json.status_code == 415
     assert (await client.get("/conversations", headers=alice)).json()["items"] == []
+
+
+def _cursor(values: list[object]) -> str:
+    """A cursor of the service's form (base64url of a JSON array) holding `values`."""
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 
 import httpx
 
@@ -187,9 +189,24 @@ async def test_pagination_over_http(client: httpx.AsyncClient, settings: Setting
         f"/conversations/{cid}/messages", headers=alice, params={"after": ids[0], "before": ids[5]}
     )
     assert both.status_code == 400
-    for bad in ({"limit": 0}, {"limit": 201}, {"order": "sideways"}, {"cursor": "!!"}):
+    tampered = [_cursor([0, 0, True]), _cursor([False, False, True]), _cursor([0, 0, 2**64])]
+    for bad in (
+        {"limit": 0},
+        {"limit": 201},
+        {"order": "sideways"},
+        {"cursor": "!!"},
+        *({"cursor": c} for c in tampered),
+    ):
         response = await client.get(f"/conversations/{cid}/messages", headers=alice, params=bad)
-        assert response.status_code in (400, 422)
+        assert response.status_code in (400, 422), bad
+        assert response.headers["content-type"] == "application/problem+json"
+    for cursor in (_cursor([True]), _cursor([2**64])):
+        response = await client.get(
+            f"/conversations/{cid}/messages/{ids[0]}/siblings",
+            headers=alice,
+            params={"cursor": cursor},
+        )
+        assert response.status_code == 400, cursor
 
 
 async def test_message_validation(client: httpx.AsyncClient, settings: Settings) -> None:
@@ -208,3 +225,8 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
         assert response.status_code == 422, body
         assert response.headers["content-type"] == "application/problem+json"
     assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["message_count"] == 0
+
+
+def _cursor(values: list[object]) -> str:
+    """A cursor of the service's form (base64url of a JSON array) holding `values`."""
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")

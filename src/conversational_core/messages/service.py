@@ -26,6 +26,7 @@ from conversational_core.messages.schemas import (
 )
 from conversational_core.observability import metrics
 from conversational_core.ratelimit import Limits, RateLimited
+from conversational_core.schemas import INT64_MAX, INT64_MIN
 from conversational_core.settings import Settings
 from conversational_core.storage.base import (
     ACTIVE_LEAF,
@@ -90,7 +91,8 @@ def _decode_cursor(value: str, size: int) -> list[int]:
     if (
         not isinstance(values, list)
         or len(values) != size
-        or not all(isinstance(v, int) for v in values)
+        # (not a bool: JSON's true is a Python int too; nor past what Redis takes)
+        or not all(type(v) is int and INT64_MIN <= v <= INT64_MAX for v in values)
     ):
         raise BadRequest("Invalid cursor.")
     return values

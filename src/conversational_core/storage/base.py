@@ -93,7 +93,10 @@ def decode_conversation_cursor(value: str) -> ConversationCursor:
         activity_ms, conversation_id = orjson.loads(raw)
     except (binascii.Error, orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError("invalid cursor") from exc
-    if not isinstance(activity_ms, int) or not isinstance(conversation_id, str):
+    # (not a bool: JSON's true is a Python int too; nor past what Redis takes)
+    if type(activity_ms) is not int or not isinstance(conversation_id, str):
+        raise ValueError("invalid cursor")
+    if not -(2**63) <= activity_ms < 2**63:
         raise ValueError("invalid cursor")
     return ConversationCursor(activity_ms, conversation_id)
 
