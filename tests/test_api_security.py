@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from conversational_core.settings import Settings
+from conversational_core.storage.redis.keys import Keys
 from tests.fixtures.app import auth
 
 
@@ -212,3 +213,45 @@ async def test_body_limits(client: httpx.AsyncClient, settings: Settings) -> Non
     )
     assert streamed.status_code == 413
     assert (await client.get("/conversations", headers=alice)).json()["items"] == []
+
+
+async def test_a_user_named_like_a_key_of_another_reaches_nothing_of_hers(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """A user id is whatever a token's `sub` (or a service's X-On-Behalf-Of) says: one made to
+    continue another user's key names (`alice}:k:b`) gets neither her idempotency records (a
+    replay of her conversation) nor her conversation list, and hers cannot break his."""
+    alice = auth(settings, "alice")
+    other = auth(settings, "alice}:k:b")
+    body = {"title": "alice private"}
+    hers = await client.post(
+        "/conversations", json=body, headers={**alice, "Idempotency-Key": "b}:k:U"}
+    )
+    assert hers.status_code == 201
+    his = await client.post("/conversations", json=body, headers={**other, "Idempotency-Key": "U"})
+    assert his.status_code == 201
+    assert his.json()["id"] != hers.json()["id"]
+    assert "idempotent-replayed" not in his.headers
+    # A key of hers named as his conversation list.
+    named = {**alice, "Idempotency-Key": "b}:convs"}
+    assert (await client.post("/conversations", json={}, headers=named)).status_code == 201
+    listed = await client.get("/conversations", headers=other)
+    assert listed.status_code == 200
+    assert [c["id"] for c in listed.json()["items"]] == [his.json()["id"]]
+    created = await client.post("/conversations", json={}, headers=other)
+    assert created.status_code == 201
+    assert len((await client.get("/conversations", headers=alice)).json()["items"]) == 2
+
+
+def test_caller_chosen_key_parts_cannot_stand_for_others() -> None:
+    """The key of (user, idempotency key) pairs, of an append's (caller, key) pairs and of a
+    user's list are one each: no two callers share one, whatever characters their ids hold;
+    ordinary ids keep the keys they had."""
+    keys = Keys("p")
+    users = ["alice", "alice}:k:b", "alice}", "a%7Dlice", "a:b", "a"]
+    idem = {(u, k): keys.create_idempotency(u, k) for u in users for k in ("U", "b}:k:U", "x")}
+    lists = {u: keys.user_conversations(u) for u in users}
+    assert len(set(idem.values()) | set(lists.values())) == len(idem) + len(lists)
+    appends = {(s, k): keys.append_idempotency("c1", s, k) for s in users for k in ("c", "b:c")}
+    assert len(set(appends.values())) == len(appends)
+    assert keys.user_conversations("auth0|123") == "p:{u:auth0|123}:convs"

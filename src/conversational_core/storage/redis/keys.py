@@ -29,6 +29,12 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
                                (a reply waiting for tool results: queue.py)
     P:{rl:<s>:<id>}:<n>/<w>  string  a rate-limit counter (limiter.py)
 
+Parts of a key that callers choose (a user id: a token's `sub` or `X-On-Behalf-Of`; the caller
+scope of an append's idempotency record) have `%` and `}` percent-encoded (and `:` in a scope):
+otherwise a user named `alice}:k:x` would have keys of alice's (her idempotency records, or
+her conversation list) and replay or break them. Ids without those characters, which are
+nearly all, are written as they are: the keys of existing data are unchanged.
+
 The tree costs nothing until a conversation branches: its messages form one chain in creation
 order (the parent of each is the one before it), which `i` already is. At the first branch
 (an edit, a regenerate, a new root) `lin` records the chain's last position; from then on a
@@ -40,6 +46,14 @@ no `parent_id`: they are all on the first chain.
 """
 
 from __future__ import annotations
+
+_ESCAPE = str.maketrans({"%": "%25", "}": "%7D"})
+_ESCAPE_SCOPE = str.maketrans({"%": "%25", "}": "%7D", ":": "%3A"})
+
+
+def _part(text: str) -> str:
+    """A key part chosen by a caller, unable to end a hash tag or stand for another's."""
+    return text.translate(_ESCAPE) if "%" in text or "}" in text else text
 
 
 class Keys:
@@ -97,20 +111,20 @@ class Keys:
         return f"{self.prefix}:{{{cid}}}:a:{mid}"
 
     def append_idempotency(self, cid: str, scope: str, key: str) -> str:
-        return f"{self.prefix}:{{{cid}}}:k:{scope}:{key}"
+        return f"{self.prefix}:{{{cid}}}:k:{scope.translate(_ESCAPE_SCOPE)}:{key}"
 
     # A user's keys.
 
     def user_conversations(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:convs"
+        return f"{self.prefix}:{{u:{_part(user_id)}}}:convs"
 
     def create_idempotency(self, user_id: str, key: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:k:{key}"
+        return f"{self.prefix}:{{u:{_part(user_id)}}}:k:{key}"
 
     # Rate limits (a counter per scope, identity and rate, in its own slot).
 
     def rate(self, scope: str, identity: str, amount: int, seconds: int) -> str:
-        return f"{self.prefix}:{{rl:{scope}:{identity}}}:{amount}/{seconds}"
+        return f"{self.prefix}:{{rl:{scope}:{_part(identity)}}}:{amount}/{seconds}"
 
 
 def conversation_of(key: str) -> str:
