@@ -163,3 +163,14 @@ async def test_validation_errors_are_problems(
 def _cursor(values: list[object]) -> str:
     """A cursor of the service's form (base64url of a JSON array) holding `values`."""
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+async def test_a_conversation_may_be_created_without_a_body(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Every field of a new conversation is optional (API.md), the body too."""
+    alice = auth(settings, "alice")
+    for headers in (alice, {**alice, "Content-Type": "application/json"}):
+        created = await client.post("/conversations", headers=headers)
+        assert created.status_code == 201, created.text
+        assert created.json()["message_count"] == 0

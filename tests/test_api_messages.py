@@ -220,6 +220,8 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
         {"content": "x", "respond": "maybe"},
         {},
         {"content": "x" * (settings.MAX_MESSAGE_CHARS + 1)},
+        {"parts": [{"type": "text", "text": ""}]},  # (as an empty content)
+        {"parts": [{"type": "text", "text": "x"}, {"type": "text", "text": ""}]},
     ):
         response = await client.post(url, headers=alice, json=body)
         assert response.status_code == 422, body

@@ -301,7 +301,7 @@ def test_the_document_names_operations_and_their_problems() -> None:
         "getReadiness",
         "getLiveness",
     }
-    for operation_id, (path, _, operation) in operations.items():
+    for operation_id, (path, method, operation) in operations.items():
         problems = {
             status: response
             for status, response in operation["responses"].items()
@@ -314,11 +314,23 @@ def test_the_document_names_operations_and_their_problems() -> None:
         assert {"401", "403", "422", "429", "503"} <= set(problems), operation_id
         if "{conversation_id}" in path:
             assert "404" in problems, operation_id
-        if "requestBody" in operation:
+        if "requestBody" in operation or method in ("post", "put", "patch"):
             assert {"413", "415"} <= set(problems), operation_id
     assert "412" in operations["updateConversation"][2]["responses"]
     assert "409" in operations["cancelReply"][2]["responses"]
     assert "409" in operations["regenerateReply"][2]["responses"]  # not an assistant message
     assert "409" in operations["createMessage"][2]["responses"]  # on_busy=reject
     assert "HTTPValidationError" not in document["components"]["schemas"]
+    # The configured limits, not the hard caps of the models.
+    schemas = document["components"]["schemas"]
+    settings = make_settings()
+    assert schemas["MessageCreate"]["properties"]["parts"]["maxItems"] == settings.MAX_PARTS
+    assert schemas["ToolResults"]["properties"]["results"]["maxItems"] == settings.MAX_PARTS
+    for name in ("MessageCreate", "ConversationCreate", "ConversationUpdate"):
+        tools = schemas[name]["properties"]["tools"]
+        arrays = [b for b in [tools, *tools.get("anyOf", [])] if b.get("type") == "array"]
+        assert [b["maxItems"] for b in arrays] == [settings.MAX_TOOLS], name
+    # Every field of a new conversation is optional, and so is its body.
+    create = operations["createConversation"][2]
+    assert create["requestBody"].get("required") is not True
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"

@@ -9,11 +9,13 @@ place, with why:
 - 401: no or a bad token (and 429 once an address keeps failing);
 - 403: a role that does not allow the action, or `X-On-Behalf-Of` without the service role;
 - 408 and 431: headers or a body too slow, headers too large (the server's guard, serving.py);
-- 413 and 415: a body too large or not JSON (operations with a body);
+- 413 and 415: a body too large or not JSON (operations of POST, PUT, PATCH: the edge refuses
+  such a body before any route, one that reads no body included);
 - 422: invalid fields; 429: a rate limit; 503: the store unavailable, or too many connections.
 
 Every error is `application/problem+json` with the `Problem` schema. Limits that are settings
-(MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS) are written into the schemas as they are set.
+(MAX_MESSAGE_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_PARTS, MAX_TOOLS) are written into the schemas
+as they are set.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _problem(status: int) -> dict[str, Any]:
     return response
 
 
-# Every authenticated operation; those with a body also 413 and 415.
+# Every authenticated operation; those of a method with a body (POST, PUT, PATCH) also 413, 415.
 _COMMON = (400, 401, 403, 408, 422, 429, 431, 503)
 _WITH_BODY = (413, 415)
 _OPERATIONAL = (408, 431)  # probes and scrapes: no auth, no host check, no parameters
@@ -125,7 +127,7 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
     _limits(definitions, settings)
     for path, operations in schema.get("paths", {}).items():
         operational = path.startswith("/health")
-        for operation in operations.values():
+        for method, operation in operations.items():
             for parameter in operation.get("parameters", []):
                 _not_null(parameter)
             responses = operation.setdefault("responses", {})
@@ -133,7 +135,9 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
             if not operational:
                 operation["security"] = [{"bearerAuth": []}]
                 operation.setdefault("parameters", []).append(_ON_BEHALF_OF)
-                statuses = _COMMON + (_WITH_BODY if "requestBody" in operation else ())
+                # (A body sent where none is read meets the same edge: 413, 415 all the same.)
+                writes = "requestBody" in operation or method in ("post", "put", "patch")
+                statuses = _COMMON + (_WITH_BODY if writes else ())
             for status in statuses:
                 # (Replacing FastAPI's own 422, which names a JSON body we never send.)
                 responses[str(status)] = _problem(status)
@@ -156,12 +160,17 @@ def _not_null(parameter: dict[str, Any]) -> None:
 
 
 def _limits(definitions: dict[str, Any], settings: Settings) -> None:
-    """Write the configured text limits into the request schemas."""
+    """Write the configured limits of texts and lists into the request schemas."""
     for name, field, limit in (
         ("MessageCreate", "content", settings.MAX_MESSAGE_CHARS),
         ("MessageUpdate", "content", settings.MAX_MESSAGE_CHARS),
         ("ConversationCreate", "system_prompt", settings.MAX_SYSTEM_PROMPT_CHARS),
         ("ConversationUpdate", "system_prompt", settings.MAX_SYSTEM_PROMPT_CHARS),
+        ("MessageCreate", "parts", settings.MAX_PARTS),
+        ("ToolResults", "results", settings.MAX_PARTS),
+        ("MessageCreate", "tools", settings.MAX_TOOLS),
+        ("ConversationCreate", "tools", settings.MAX_TOOLS),
+        ("ConversationUpdate", "tools", settings.MAX_TOOLS),
     ):
         prop = definitions.get(name, {}).get("properties", {}).get(field)
         if prop is None:
@@ -169,6 +178,8 @@ def _limits(definitions: dict[str, Any], settings: Settings) -> None:
         for branch in [prop, *prop.get("anyOf", [])]:
             if branch.get("type") == "string":
                 branch["maxLength"] = limit
+            elif branch.get("type") == "array":
+                branch["maxItems"] = limit
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -53,9 +53,10 @@ def _service(request: Request) -> ConversationService:
 )
 async def create_conversation(
     request: Request,
-    body: ConversationCreate,
+    body: ConversationCreate | None = None,  # every field is optional: so is the body
 ) -> Response:
     principal = principal_of(request)
+    body = body or ConversationCreate()
     idem = idempotency(request, body)
     conversation, replayed = await _service(request).create(principal, body, idem)
     headers = {"Location": f"/conversations/{conversation.id}", "ETag": conversation.etag}

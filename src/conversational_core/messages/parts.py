@@ -172,6 +172,8 @@ def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = 
         elif kind == TOOL_RESULT:
             chars += len(part["output"])
         else:
+            if not part["text"]:  # (as `content`: a text is never empty)
+                raise invalid(["body", field, i, "text"], "must not be empty", "string_too_short")
             chars += len(part["text"])
     if chars > settings.MAX_MESSAGE_CHARS:
         raise invalid(
