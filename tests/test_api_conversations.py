@@ -132,6 +132,12 @@ async def test_validation_errors_are_problems(
         {"title": 5},
         {"temperature": 3},
         {"max_tokens": "many"},
+        # A value of another JSON type than the field's is refused, not converted.
+        {"max_tokens": "10"},
+        {"max_tokens": True},
+        {"max_tokens": 10.5},
+        {"temperature": True},
+        {"temperature": "1"},
         {"metadata": {"nested": {"a": 1}}},
         {"metadata": {f"k{i}": i for i in range(17)}},
         {"metadata": {"k": "v" * 513}},
@@ -174,3 +180,13 @@ async def test_a_conversation_may_be_created_without_a_body(
         created = await client.post("/conversations", headers=headers)
         assert created.status_code == 201, created.text
         assert created.json()["message_count"] == 0
+
+
+async def test_an_integral_number_is_an_integer(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """JSON Schema's integer includes 1024.0 (clients whose numbers are all floats send so)."""
+    alice = auth(settings, "alice")
+    created = await client.post("/conversations", headers=alice, json={"max_tokens": 1024.0})
+    assert created.status_code == 201, created.text
+    assert created.json()["max_tokens"] == 1024

@@ -218,6 +218,8 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
         {"content": 1},
         {"role": "wizard", "content": "x"},
         {"content": "x", "respond": "maybe"},
+        {"content": "x", "respond": "false"},  # (a string, however it reads)
+        {"content": "x", "respond": 0},
         {},
         {"content": "x" * (settings.MAX_MESSAGE_CHARS + 1)},
         {"parts": [{"type": "text", "text": ""}]},  # (as an empty content)

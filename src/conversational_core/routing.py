@@ -214,7 +214,10 @@ class Operation(APIRoute):
                 [{"loc": ("body",), "type": "missing", "msg": "Field required"}]
             )
         try:
-            return model.model_validate_json(raw)
+            # Strict: a JSON value of another type than the field's is a 422 (`"10"` for an
+            # integer, `1` or `"yes"` for a boolean), as the document's schemas say; JSON's own
+            # forms are still read (ISO timestamps, enum values, an integer for a number).
+            return model.model_validate_json(raw, strict=True)
         except ValidationError as exc:
             raise _invalid(exc, "body") from None
 

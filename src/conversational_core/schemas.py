@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 
 METADATA_MAX_KEYS = 16
 METADATA_MAX_KEY_CHARS = 64
@@ -56,6 +56,18 @@ Metadata = Annotated[
 ]
 # As answers carry it.
 MetadataOut = Annotated[dict[str, MetadataValue], WithJsonSchema({"type": "object"})]
+
+
+def _json_integer(value: Any) -> Any:
+    """1.0 is an integer to JSON Schema (and to clients whose numbers are all floats): read as
+    1. Bodies are validated strictly (routing.py): strings and booleans stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field of a request body.
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class StrictModel(BaseModel):
