@@ -77,6 +77,24 @@ async def test_if_match(client: httpx.AsyncClient, settings: Settings) -> None:
     )
     assert garbage.status_code == 412
     assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["title"] == "b"
+    # RFC 9110 13.1.1: a weak tag never matches (strong comparison); a list matches when one of
+    # its tags does.
+    current = ok.headers["etag"]
+    weak = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": f"W/{current}"}, json={"title": "w"}
+    )
+    assert weak.status_code == 412
+    for template in ('"c999", {}', '{}, W/"c1"', '"m1",{}'):
+        listed = template.format(current)
+        changed = await client.put(
+            f"/conversations/{cid}", headers={**alice, "If-Match": listed}, json={"title": "l"}
+        )
+        assert changed.status_code == 200, listed
+        current = changed.headers["etag"]
+    none = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": f'"c998", {etag}'}, json={}
+    )
+    assert none.status_code == 412
 
 
 async def test_idempotent_create(client: httpx.AsyncClient, settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -16,7 +17,7 @@ from conversational_core.settings import Settings
 from conversational_core.storage.base import Idempotency
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_ETAG = re.compile(r'^(?:W/)?"([cm])(\d{1,18})"$')
+_ETAG = re.compile(r'^"([cm])(\d{1,18})"$')  # (strong tags only: If-Match never takes weak ones)
 
 
 def json_response(
@@ -28,20 +29,34 @@ def json_response(
     )
 
 
-def expected_version(if_match: str | None, kind: str) -> int | None:
-    """The version an `If-Match` header asks for (None when absent or `*`).
+async def expected_version(
+    if_match: str | None, kind: str, current: Callable[[], Awaitable[int]]
+) -> int | None:
+    """The version an `If-Match` header asks for (None when absent or `*`), for a change made
+    only if the object still has it.
 
-    A tag this service could not have issued for this kind of object can never match: 412.
+    The header is a list of entity tags, compared strongly (RFC 9110 13.1.1): a weak tag
+    (`W/"c3"`) or one this service could not have issued for this kind of object never
+    matches; with none that can, 412. Of several that can, the one the object has now
+    (`current()`, read only then), if named; 412 otherwise.
     """
     if if_match is None:
         return None
     value = if_match.strip()
     if value == "*":
         return None
-    match = _ETAG.fullmatch(value)
-    if match is None or match.group(1) != kind:
-        raise PreconditionFailed()
-    return int(match.group(2))
+    versions = set()
+    for tag in value.split(","):
+        match = _ETAG.fullmatch(tag.strip())
+        if match is not None and match.group(1) == kind:
+            versions.add(int(match.group(2)))
+    if len(versions) == 1:
+        return versions.pop()
+    if versions:
+        now = await current()
+        if now in versions:
+            return now
+    raise PreconditionFailed()
 
 
 # Documents the header on routes that read it themselves (see `idempotency`): reading it

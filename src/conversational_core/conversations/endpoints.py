@@ -106,8 +106,13 @@ async def update_conversation(
     if_match: Annotated[str | None, Header(alias="If-Match", **IF_MATCH)] = None,
 ) -> Response:
     principal = principal_of(request)
-    expected = expected_version(if_match, "c")
-    conversation = await _service(request).update(principal, conversation_id, body, expected)
+    service = _service(request)
+
+    async def current() -> int:
+        return (await service.get(principal, conversation_id)).version
+
+    expected = await expected_version(if_match, "c", current)
+    conversation = await service.update(principal, conversation_id, body, expected)
     return json_response(conversation, headers={"ETag": conversation.etag})
 
 

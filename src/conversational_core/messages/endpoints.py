@@ -146,8 +146,13 @@ async def update_message(
     if_match: Annotated[str | None, Header(alias="If-Match", **IF_MATCH)] = None,
 ) -> Response:
     principal = principal_of(request)
-    expected = expected_version(if_match, "m")
-    message = await _service(request).update(principal, conversation_id, message_id, body, expected)
+    service = _service(request)
+
+    async def current() -> int:
+        return (await service.get(principal, conversation_id, message_id)).version
+
+    expected = await expected_version(if_match, "m", current)
+    message = await service.update(principal, conversation_id, message_id, body, expected)
     return json_response(message, headers={"ETag": message.etag})
 
 
