@@ -208,3 +208,18 @@ async def test_an_integral_number_is_an_integer(
     created = await client.post("/conversations", headers=alice, json={"max_tokens": 1024.0})
     assert created.status_code == 201, created.text
     assert created.json()["max_tokens"] == 1024
+
+
+async def test_a_body_of_many_wrong_fields_gets_a_short_answer(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Thousands of unknown fields: the first 50 are listed, and the answer says how many more
+    (it is not several times the size of the request)."""
+    alice = auth(settings, "alice")
+    body = {f"unknown{i}": i for i in range(5000)}
+    response = await client.post("/conversations", headers=alice, json=body)
+    assert response.status_code == 422
+    problem = response.json()
+    assert len(problem["errors"]) == 50
+    assert "4950 more" in problem["detail"]
+    assert len(response.content) < 10_000

@@ -386,6 +386,20 @@ async def test_cors_hosts_and_security_headers(store: Store) -> None:
         )
         assert preflight.status_code == 200  # no token needed for a preflight
         assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "PATCH" not in preflight.headers["access-control-allow-methods"]  # (no route)
+        # A refused preflight is a problem, as every error of the service.
+        for origin, method in (
+            ("https://evil.example", "POST"),
+            ("https://app.example.com", "PATCH"),
+        ):
+            refused = await http.options(
+                "/conversations",
+                headers={**host, "Origin": origin, "Access-Control-Request-Method": method},
+            )
+            assert refused.status_code == 400, (origin, method)
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["detail"].startswith("Disallowed CORS")
+            assert refused.headers["x-request-id"]
 
         sub = await http.get("/health/live", headers={"Host": "eu.internal.example.com:8000"})
         assert sub.status_code == 200

@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         cors = {
             "allow_origins": settings.CORS_ORIGINS,
             "allow_credentials": settings.CORS_ALLOW_CREDENTIALS,
-            "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"],
+            "allow_methods": ["GET", "POST", "PUT", "DELETE"],  # (what the routes answer)
             "allow_headers": CORS_REQUEST_HEADERS,
             "expose_headers": CORS_RESPONSE_HEADERS,
             "max_age": 600,

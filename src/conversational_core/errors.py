@@ -161,10 +161,16 @@ def problem_response(
     )
 
 
+# Field problems listed in one answer at most: a body of thousands of wrong fields (a megabyte
+# of unknown keys) would otherwise get an answer several times its size.
+_MAX_FIELD_PROBLEMS = 50
+
+
 def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str, Any]]]:
     errors: list[dict[str, Any]] = []
+    found = exc.errors()
     malformed = False
-    for err in exc.errors():
+    for err in found[:_MAX_FIELD_PROBLEMS]:
         if err.get("type") == "json_invalid":
             malformed = True
         loc = [str(p) for p in err.get("loc", ())]
@@ -172,7 +178,11 @@ def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict
         errors.append({"loc": loc, "type": err.get("type", "invalid"), "msg": err.get("msg", "")})
     if malformed:
         return 400, "The request body is not valid JSON.", errors
-    return 422, "The request has invalid fields.", errors
+    more = len(found) - len(errors)
+    detail = "The request has invalid fields."
+    if more:
+        detail += f" The first {len(errors)} are listed; {more} more are not."
+    return 422, detail, errors
 
 
 # What the store's errors are over HTTP: the one table (storage/ knows nothing of HTTP).

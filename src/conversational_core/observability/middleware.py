@@ -30,7 +30,9 @@ import uuid_utils
 from fastapi import HTTPException
 from loguru import logger
 from prometheus_client import Counter, Histogram
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,6 +120,26 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+class _ProblemCORS(CORSMiddleware):
+    """Starlette's CORS middleware, its refusals of a preflight answered as every error of this
+    service is (problem+json; Starlette's own is text/plain), with the same headers."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode()  # e.g. "Disallowed CORS origin, headers"
+        problem = Response(
+            problem_body(400, f"{refused}: not allowed across origins here (CORS_ORIGINS)."),
+            status_code=400,
+            media_type=PROBLEM_MEDIA_TYPE,
+        )
+        for name, value in response.headers.items():
+            if name not in ("content-type", "content-length"):
+                problem.headers[name] = value
+        return problem
+
+
 class EdgeMiddleware:
     def __init__(
         self,
@@ -132,7 +154,7 @@ class EdgeMiddleware:
     ) -> None:
         self.app = app
         # Requests with an Origin go through this one (see the module docstring).
-        self.cors = CORSMiddleware(app, **cors) if cors is not None else None
+        self.cors = _ProblemCORS(app, **cors) if cors is not None else None
         self.max_body_bytes = max_body_bytes
         self.hosts = HostPolicy(allowed_hosts)
         self.headers = security_headers(production)
