@@ -181,7 +181,23 @@ async def test_validation_errors_are_problems(
         "/conversations", headers={**alice, "Content-Type": "text/plain"}, content=b"hello"
     )
     assert not_json.status_code == 415
-    assert (await client.get("/conversations", headers=alice)).json()["items"] == []
+    # JSON is UTF-8, and a body is read as sent: another charset or a compressed body is not
+    # what the service reads (415), while UTF-8 said outright is.
+    for headers, status in (
+        ({"Content-Type": "application/json; charset=latin-1"}, 415),
+        ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, 415),
+        ({"Content-Type": "application/json", "Content-Encoding": "br"}, 415),
+        ({"Content-Type": 'application/json; charset="UTF-8"'}, 201),
+        ({"Content-Type": "application/json", "Content-Encoding": "identity"}, 201),
+    ):
+        answer = await client.post(
+            "/conversations", headers={**alice, **headers}, content=b'{"title": "t"}'
+        )
+        assert answer.status_code == status, headers
+        if status == 415:
+            assert answer.headers["content-type"] == "application/problem+json"
+    listed = (await client.get("/conversations", headers=alice)).json()["items"]
+    assert len(listed) == 2  # the two accepted
 
 
 def _cursor(values: list[object]) -> str:

@@ -381,6 +381,7 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
         ({"content": "x", "parts": [{"type": "text", "text": "y"}]}, 422),
         ({"parts": [{"type": "file", "url": "data:image/png;base64," + "A" * 20_000}]}, 422),
         ({"parts": [{"type": "file", "url": "file:///etc/passwd"}]}, 422),
+        ({"parts": [{"type": "file", "url": "http://example.com/a.png"}]}, 422),  # https only
         ({"parts": [{"type": "text", "text": "x"}] * (settings.MAX_PARTS + 1)}, 422),
         ({"content": "x", "tools": [WEATHER, WEATHER]}, 422),
         ({"content": "x", "tools": [WEATHER], "tool_choice": "get_time"}, 422),

@@ -32,7 +32,7 @@ HARD_MAX_ITEMS = 10_000
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 # Ids of tool calls are the providers' (call_…, toolu_…) or a client's: printable, no spaces.
 CALL_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
-URL_PATTERN = r"^(https?://|data:)"
+URL_PATTERN = r"^(https://|data:)"  # (API.md: by https:// reference, or inline)
 MIME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 
 

@@ -8,7 +8,7 @@ and streams, a measurable cost on the hot path. This middleware:
 - gives every response an `X-Request-ID` (the client's, when it sent a sane one) and the
   security headers;
 - refuses bodies over MAX_BODY_BYTES with 413, by Content-Length up front or while streaming;
-- refuses a body that is not JSON with 415 (before any route parses it);
+- refuses a body that is not JSON (UTF-8) or is compressed with 415 (before any route parses it);
 - answers CORS for CORS_ORIGINS: requests that carry an `Origin` (browsers) go through
   Starlette's CORSMiddleware; the others only get `Vary: Origin`. (Starlette's middleware wraps
   every request's `send` and parses its headers again: that measured as a tenth of a message
@@ -55,10 +55,19 @@ class BodyTooLarge(HTTPException):
 
 
 def _is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (
-        media.startswith(b"application/") and media.endswith(b"+json")
-    )
+    media, _, params = content_type.partition(b";")
+    media = media.strip().lower()
+    if not (
+        media == b"application/json"
+        or (media.startswith(b"application/") and media.endswith(b"+json"))
+    ):
+        return False
+    if params:  # JSON is UTF-8 (RFC 8259): a charset that is not is another media type to us
+        for param in params.split(b";"):
+            name, _, value = param.partition(b"=")
+            if name.strip().lower() == b"charset":
+                return value.strip().strip(b'"').lower() in (b"utf-8", b"utf8")
+    return True
 
 
 def _is_probe(path: str) -> bool:
@@ -178,7 +187,7 @@ class EdgeMiddleware:
         content_length: int | None = None
         content_type = b""
         host: bytes | None = None
-        chunked = False
+        chunked = encoded = False
         origin = False
         for name, value in scope["headers"]:
             if name == b"host":
@@ -197,6 +206,8 @@ class EdgeMiddleware:
                 content_type = value
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
+            elif name == b"content-encoding":
+                encoded = value.strip().lower() not in (b"", b"identity")
         if request_id is None:
             request_id = uuid_utils.uuid4().hex.encode()
         rid = request_id.decode()
@@ -270,6 +281,8 @@ class EdgeMiddleware:
                 and not _is_json(content_type)
             ):
                 await reject(415, "The request body must be JSON (Content-Type: application/json).")
+            elif scope["method"] in _BODY_METHODS and encoded and (chunked or content_length):
+                await reject(415, "The request body must not be compressed (Content-Encoding).")
             else:
                 await (cors or self.app)(scope, limited_receive, send_with_id)
         except BodyTooLarge as exc:
