@@ -239,3 +239,31 @@ async def test_a_body_of_many_wrong_fields_gets_a_short_answer(
     assert len(problem["errors"]) == 50
     assert "4950 more" in problem["detail"]
     assert len(response.content) < 10_000
+
+
+async def test_a_change_of_nothing_keeps_the_version(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """`PUT {}` changes nothing: the same ETag after (other clients' If-Match still holds), and
+    a stale If-Match is still a 412."""
+    alice = auth(settings, "alice")
+    created = await client.post("/conversations", headers=alice, json={"title": "a"})
+    cid, etag = created.json()["id"], created.headers["etag"]
+    mid = (
+        await client.post(
+            f"/conversations/{cid}/messages", headers=alice, json={"content": "x", "respond": False}
+        )
+    ).json()["id"]
+    for url, tag in (
+        (f"/conversations/{cid}", etag),
+        (f"/conversations/{cid}/messages/{mid}", None),
+    ):
+        before = (await client.get(url, headers=alice)).headers["etag"]
+        same = await client.put(url, headers=alice, json={})
+        assert same.status_code == 200
+        assert same.headers["etag"] == before == (tag or before)
+        assert (await client.get(url, headers=alice)).headers["etag"] == before
+    stale = await client.put(
+        f"/conversations/{cid}", headers={**alice, "If-Match": '"c99"'}, json={}
+    )
+    assert stale.status_code == 412

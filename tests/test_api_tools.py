@@ -440,6 +440,11 @@ async def test_tools_changed_later_keep_their_defaults(api: httpx.AsyncClient) -
     assert changed.json()["tools"] == [
         {"name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}}
     ]
+    # Tools taken away while tool_choice still names one of them: refused, as at creation.
+    dangling = await api.put(f"/conversations/{cid}", json={"tools": None})
+    assert dangling.status_code == 422, dangling.text
+    other = await api.put(f"/conversations/{cid}", json={"tools": [{"name": "pong"}]})
+    assert other.status_code == 422, other.text
     cleared = await api.put(f"/conversations/{cid}", json={"tools": None, "tool_choice": None})
     assert (cleared.json()["tools"], cleared.json()["tool_choice"]) == (None, None)
 

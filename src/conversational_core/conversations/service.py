@@ -11,7 +11,7 @@ from conversational_core.conversations.schemas import (
     ConversationUpdate,
     ForkRequest,
 )
-from conversational_core.errors import BadRequest, Unprocessable
+from conversational_core.errors import BadRequest, PreconditionFailed, Unprocessable
 from conversational_core.messages.parts import check_tools
 from conversational_core.observability import metrics
 from conversational_core.settings import Settings
@@ -116,7 +116,17 @@ class ConversationService:
             tools, choice = changes.get("tools"), changes.get("tool_choice")
             if "tools" not in changes and choice not in (None, "auto", "none", "required"):
                 tools = (await self._store.get_conversation(conversation_id, owner)).tools
+            elif "tool_choice" not in changes:
+                # New tools, the choice kept: it must not name a tool they no longer have.
+                choice = (await self._store.get_conversation(conversation_id, owner)).tool_choice
             check_tools(self._settings, tools, choice)
+        if leaf is None and not changes:
+            # Nothing to change (`{}`): the conversation as it is, its version kept (a change
+            # would make every other client's If-Match fail for nothing).
+            current = await self._store.get_conversation(conversation_id, owner)
+            if expected_version is not None and current.version != expected_version:
+                raise PreconditionFailed()
+            return current
         if leaf is None or changes:
             updated = await self._store.update_conversation(
                 conversation_id, owner, changes, expected_version, utcnow()

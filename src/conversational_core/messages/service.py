@@ -486,8 +486,13 @@ class MessageService:
                 raise PreconditionFailed()
             if current.role is not Role.USER and not principal.may_write_any_role:
                 raise Forbidden(
-                    f"Changing a '{current.role.value}' message needs the service or admin role."
+                    f"Changing a message of role '{current.role.value}' needs the service or "
+                    "admin role."
                 )
+            if not changes:  # (`{}`: nothing to change, its version kept)
+                if current.status is MessageStatus.STREAMING:
+                    (current,) = await self._live(conversation_id, [current])
+                return current
             if "content" in changes and current.status in (
                 MessageStatus.PENDING,
                 MessageStatus.STREAMING,
