@@ -382,6 +382,17 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
         ({"parts": [{"type": "file", "url": "data:image/png;base64," + "A" * 20_000}]}, 422),
         ({"parts": [{"type": "file", "url": "file:///etc/passwd"}]}, 422),
         ({"parts": [{"type": "file", "url": "http://example.com/a.png"}]}, 422),  # https only
+        ({"parts": [{"type": "file", "url": "data:image/png;base64,not base64!"}]}, 422),
+        ({"parts": [{"type": "file", "url": "data:no-comma"}]}, 422),
+        (
+            {
+                "parts": [
+                    {"type": "file", "url": "data:image/png;base64,AAAA", "mime_type": "text/x"}
+                ]
+            },
+            422,
+        ),
+        ({"content": "x", "tool_choice": "required"}, 422),  # (no tools to call)
         ({"parts": [{"type": "text", "text": "x"}] * (settings.MAX_PARTS + 1)}, 422),
         ({"content": "x", "tools": [WEATHER, WEATHER]}, 422),
         ({"content": "x", "tools": [WEATHER], "tool_choice": "get_time"}, 422),
@@ -390,6 +401,16 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
         response = await api.post(url, json={**body, "respond": False})
         assert response.status_code == status, (body, response.text)
     assert (await api.get(url)).json()["items"] == []
+    for conversation in (
+        {"model": "gpt\n4"},
+        {"model": "gpt-4\u0000"},
+        {"tool_choice": "required"},
+    ):
+        assert (await api.post("/conversations", json=conversation)).status_code == 422
+    inline = {"type": "file", "url": "data:image/png;base64,iVBORw0KGgo=", "mime_type": "image/png"}
+    posted = await api.post(url, json={"parts": [inline], "respond": False})
+    assert posted.status_code == 201, posted.text
+    assert (await api.delete(f"{url}/{posted.json()['id']}")).status_code == 204
     too_many = [{**WEATHER, "name": f"t{i}"} for i in range(settings.MAX_TOOLS + 1)]
     assert (await api.post("/conversations", json={"tools": too_many})).status_code == 422
     huge = {**WEATHER, "description": "x" * settings.MAX_TOOL_SCHEMA_BYTES}

@@ -77,5 +77,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
 
 
+# A model's name as providers spell them (`gpt-4o`, `meta-llama/Llama-3-8B`, `qwen2.5:7b`):
+# printable, no line breaks or other control characters (it goes into requests and logs).
+MODEL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
 # Ids in paths: what this service issues (UUIDs); anything else cannot exist.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

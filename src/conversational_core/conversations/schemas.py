@@ -7,7 +7,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from conversational_core.messages.parts import ToolChoice, ToolSpec
-from conversational_core.schemas import ID_PATTERN, JsonInt, Metadata, MetadataOut, StrictModel
+from conversational_core.schemas import (
+    ID_PATTERN,
+    MODEL_PATTERN,
+    JsonInt,
+    Metadata,
+    MetadataOut,
+    StrictModel,
+)
 
 # Generous hard caps; MAX_SYSTEM_PROMPT_CHARS (a setting) is checked by the service.
 TITLE_MAX = 200
@@ -17,7 +24,7 @@ SYSTEM_PROMPT_HARD_MAX = 1_000_000
 
 class ConversationSettings(StrictModel):
     system_prompt: str | None = Field(None, max_length=SYSTEM_PROMPT_HARD_MAX)
-    model: str | None = Field(None, min_length=1, max_length=MODEL_MAX)
+    model: str | None = Field(None, min_length=1, max_length=MODEL_MAX, pattern=MODEL_PATTERN)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: JsonInt | None = Field(None, ge=1, le=1_000_000)
     tools: list[ToolSpec] | None = Field(

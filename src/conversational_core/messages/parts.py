@@ -8,6 +8,9 @@ per request; the schemas carry only generous hard caps.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -138,6 +141,26 @@ def _json_size(value: Any, loc: list[str | int]) -> int:
         raise invalid(loc, "numbers must fit in 64 bits") from None
 
 
+# data:[<media type>][;<parameter>…][;base64],<data> (RFC 2397)
+_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.ASCII)
+
+
+def _check_data_url(url: str, mime_type: str | None, loc: list[str | int]) -> None:
+    """A `data:` URL a model can read: its form, its base64 (when it says so), and its media
+    type the part's `mime_type` when both are given (a provider would get the two mixed)."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise invalid([*loc, "url"], "not a data: URL (data:<type>;base64,<data>)")
+    media, params = match.group(1).strip().lower(), match.group(2).lower()
+    if params.endswith(";base64"):
+        try:
+            base64.b64decode(url[match.end() :], validate=True)
+        except binascii.Error:
+            raise invalid([*loc, "url"], "the data: URL's base64 is not valid") from None
+    if media and mime_type is not None and media != mime_type.lower():
+        raise invalid([*loc, "mime_type"], "differs from the data: URL's media type")
+
+
 def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = "parts") -> None:
     """Roles, counts and sizes of a message's parts (already validated by their schema)."""
     _json_size(parts, ["body", field])
@@ -159,6 +182,8 @@ def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = 
                     "give larger files by https:// URL",
                     "too_long",
                 )
+            if url.startswith("data:"):
+                _check_data_url(url, part.get("mime_type"), ["body", field, i])
             continue
         if kind == TOOL_CALL:
             if part["id"] in call_ids:
@@ -205,3 +230,5 @@ def check_tools(
             raise invalid(["body", "tools", i, "parameters"], "must be a JSON Schema object")
     if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
         raise invalid(["body", "tool_choice"], "must be auto, none, required or a declared tool")
+    if tool_choice == "required" and not names:
+        raise invalid(["body", "tool_choice"], "`required` needs tools to call")

@@ -7,7 +7,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from conversational_core.messages.parts import PartIn, ToolChoice, ToolSpec
-from conversational_core.schemas import ID_PATTERN, JsonInt, Metadata, MetadataOut, StrictModel
+from conversational_core.schemas import (
+    ID_PATTERN,
+    MODEL_PATTERN,
+    JsonInt,
+    Metadata,
+    MetadataOut,
+    StrictModel,
+)
 from conversational_core.storage.models import MessageStatus, Role
 
 # A hard cap for the schema; MAX_MESSAGE_CHARS (a setting, lower) is checked by the service.
@@ -47,7 +54,7 @@ class MessageCreate(StrictModel):
 class RegenerateRequest(StrictModel):
     """Settings for this reply only (the conversation's own are used otherwise)."""
 
-    model: str = Field(None, min_length=1, max_length=200)  # type: ignore[assignment]
+    model: str = Field(None, min_length=1, max_length=200, pattern=MODEL_PATTERN)  # type: ignore[assignment]
     temperature: float = Field(None, ge=0.0, le=2.0)  # type: ignore[assignment]
     max_tokens: JsonInt = Field(None, ge=1, le=1_000_000)  # type: ignore[assignment]
 
