@@ -199,6 +199,9 @@ def _service_base(redis_url: str, port: int) -> dict[str, str]:
         "WORKERS": "1",
         "RELOAD": "false",
         "AI_RATE_LIMIT": "off",
+        # The benchmarks' clients are one user: its thousands of event streams stand for as
+        # many users' (the limit is per user).
+        "SSE_MAX_STREAMS_PER_USER": "100000",
         "WORKER_METRICS_PORT": "0",  # several workers on one host
     }
 
