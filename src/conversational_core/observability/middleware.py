@@ -36,7 +36,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conversational_core.errors import PROBLEM_MEDIA_TYPE, problem_body
+from conversational_core.errors import PROBLEM_MEDIA_TYPE, problem_body, problem_response
 from conversational_core.observability import metrics
 from conversational_core.observability.errors import report
 from conversational_core.observability.logging import ACCESS_LOG, REQUEST_ID, USER_ID
@@ -138,15 +138,12 @@ class _ProblemCORS(CORSMiddleware):
         if response.status_code != 400:
             return response
         refused = bytes(response.body).decode()  # e.g. "Disallowed CORS origin, headers"
-        problem = Response(
-            problem_body(400, f"{refused}: not allowed across origins here (CORS_ORIGINS)."),
-            status_code=400,
-            media_type=PROBLEM_MEDIA_TYPE,
+        kept = response.headers.items()
+        return problem_response(
+            400,
+            f"{refused}: not allowed across origins here (CORS_ORIGINS).",
+            headers={k: v for k, v in kept if k not in ("content-type", "content-length")},
         )
-        for name, value in response.headers.items():
-            if name not in ("content-type", "content-length"):
-                problem.headers[name] = value
-        return problem
 
 
 class EdgeMiddleware:
