@@ -351,6 +351,32 @@ async def test_a_write_over_the_limit_in_a_race_is_done_and_the_next_refused(
     await active.events.close()
 
 
+async def test_a_generous_rate_is_counted_in_leases_and_still_holds_exactly(store: Store) -> None:
+    """At 640 a minute a process counts a user's requests in the store about ten at a time (a
+    lease: a 64th of what is left), not one by one; the headers still count down one by one, and two processes sending the
+    user's requests in turn let exactly 640 through before both refuse."""
+    settings = make_settings(RATE_LIMIT="640/minute")
+    active = backend_for(store, settings)
+    alice = auth(settings, "alice")
+    app_one, app_two = create_app(settings, backend=active), create_app(settings, backend=active)
+    async with app_client(app_one) as one, app_client(app_two) as two:
+        first = [await one.get("/conversations", headers=alice) for _ in range(30)]
+        assert [r.headers["ratelimit-remaining"] for r in first] == [
+            str(n) for n in range(639, 609, -1)
+        ]
+        if isinstance(store, RedisStore):  # in four counts: leases of 10, 9, 9 and 9 requests
+            key = store.keys.rate("user", "alice", 640, 60)
+            assert int(await store.redis.call("GET", key)) == 37
+        statuses = [r.status_code for r in first]
+        while statuses[-2:] != [429, 429]:
+            for http in (two, one):
+                statuses.append((await http.get("/conversations", headers=alice)).status_code)
+        assert statuses.count(200) == 640, statuses.count(200)
+        refused = await one.get("/conversations", headers=alice)
+        assert refused.status_code == 429 and refused.headers["ratelimit-remaining"] == "0"
+    await active.events.close()
+
+
 # --- Edges ----------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,10 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.mark.redis_restart
 async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
     settings = make_settings(
-        REDIS_URL=own_redis.url, REDIS_SOCKET_TIMEOUT=1.0, REDIS_CONNECT_TIMEOUT=0.5
+        REDIS_URL=own_redis.url,
+        REDIS_SOCKET_TIMEOUT=1.0,
+        REDIS_CONNECT_TIMEOUT=0.5,
+        RATE_LIMIT="60/minute",  # (counted request by request: too small for leases)
     )
     alice = auth(settings, "alice")
     async with app_client(create_app(settings)) as client:

@@ -28,6 +28,8 @@ from conversational_core.storage.errors import Unavailable
 
 _SKIP_AFTER_FAILURE_SECONDS = 1.0
 _SEEN_MAX = 10_000  # identities whose last count this process remembers (the oldest go first)
+_LEASE_SHARE = 64  # a lease counts this share of what is left of a window...
+_LEASE_MAX = 256  # ... and at most this many requests
 
 
 # The `limits` library's notation (parsed here: that library is only needed on the embedded
@@ -84,15 +86,48 @@ class RateLimited(AppError):
         )
 
 
+class _Seen:
+    """This process's view of an identity's current window, from its last count."""
+
+    __slots__ = ("leased", "left", "until")
+
+    def __init__(self, left: int, leased: int, until: float) -> None:
+        self.left = left  # requests left in the store's count (less those let run ahead since)
+        self.leased = leased  # requests counted in the store that this process has yet to use
+        self.until = until  # when the window ends (monotonic)
+
+
 class RateLimiter:
-    """Counts requests against rates (fail open when the store cannot serve)."""
+    """Counts requests against rates (fail open when the store cannot serve).
+
+    A user's requests are counted in leases: a count in the store may count several requests at
+    once (a 64th of what is left of the window, at most 256), which this process then lets run
+    with no count of their own (`take`) - so that a user with a generous rate costs the store a
+    command every few hundred requests, not one each. Near the limit the lease is one request:
+    the limit holds exactly, in one process as across many. What a lease cannot do is give back
+    what it did not use: requests leased by a process that the user then no longer sends to
+    stay counted until the window ends (at most a 64th of the window's rate per process)."""
 
     def __init__(self, counters: Counters) -> None:
         self._counters = counters
         self._skip_until = 0.0
-        # (scope, identity) -> [requests left, until when (monotonic)], from this process's
-        # last count of the identity, less what it has let run since (see `ahead`).
-        self._seen: dict[tuple[str, str], list[float]] = {}
+        self._seen: dict[tuple[str, str], _Seen] = {}
+
+    def _current(self, scope: str, identity: str) -> _Seen | None:
+        seen = self._seen.get((scope, identity))
+        if seen is not None and seen.until <= time.monotonic():
+            del self._seen[(scope, identity)]
+            return None
+        return seen
+
+    def take(self, scope: str, identity: str, rate: Rate) -> Decision | None:
+        """A request of `identity` let run on this process's lease (no count in the store), or
+        None when the lease is spent (or there is none): then the request is counted (`hit`)."""
+        seen = self._current(scope, identity)
+        if seen is None or seen.leased <= 0:
+            return None
+        seen.leased -= 1
+        return Decision(True, rate.amount, seen.left + seen.leased, seen.until - time.monotonic())
 
     def ahead(self, scope: str, identity: str, rate: Rate) -> bool:
         """Whether a request of `identity` may run while it is counted, not after its count: this
@@ -103,42 +138,50 @@ class RateLimiter:
         after another meets its limit exactly; only requests running at the same moment in
         other processes, past that margin, can pass over it (each process stops at its next
         count). Reserves one of the requests left when it answers True."""
-        seen = self._seen.get((scope, identity))
-        if seen is None:
+        seen = self._current(scope, identity)
+        if seen is None or seen.left <= max(1, rate.amount // 10):
             return False
-        left, until = seen
-        if until <= time.monotonic():
-            del self._seen[(scope, identity)]
-            return False
-        if left <= max(1, rate.amount // 10):
-            return False
-        seen[0] = left - 1
+        seen.left -= 1
         return True
 
-    def _note(self, scope: str, identity: str, decision: Decision) -> None:
+    def _note(self, scope: str, identity: str, left: int, leased: int, reset: float) -> None:
         key = (scope, identity)
-        if key not in self._seen and len(self._seen) >= _SEEN_MAX:
+        seen = self._current(scope, identity)
+        if seen is not None:  # (counts of the same window may land in any order)
+            seen.left = min(seen.left, left)
+            seen.leased += leased
+            return
+        if len(self._seen) >= _SEEN_MAX:
             for stale in list(self._seen)[: _SEEN_MAX // 2]:
                 del self._seen[stale]
-        self._seen[key] = [decision.remaining, time.monotonic() + decision.reset_seconds]
+        self._seen[key] = _Seen(left, leased, time.monotonic() + reset)
 
-    async def hit(self, scope: str, identity: str, rate: Rate) -> Decision:
-        """Count one request of `identity` against `rate`; whether it may pass."""
+    async def hit(self, scope: str, identity: str, rate: Rate, lease: bool = False) -> Decision:
+        """Count one request of `identity` against `rate`; whether it may pass. With `lease`,
+        count more than this one where the window has room (see the class)."""
         if time.monotonic() < self._skip_until:
             return Decision(True, rate.amount, rate.amount, rate.seconds)
+        want = 1
+        if lease:
+            seen = self._current(scope, identity)
+            left = rate.amount if seen is None else seen.left
+            want = min(_LEASE_MAX, max(1, left // _LEASE_SHARE))
         try:
-            hits, reset = await self._counters.hit(scope, identity, rate.amount, rate.seconds)
+            hits, reset, counted = await self._counters.hit(
+                scope, identity, rate.amount, rate.seconds, want
+            )
         except Unavailable:  # down, or refusing (OOM, READONLY…)
             metrics.RATE_LIMITER_ERRORS.inc()
             self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_SECONDS
             logger.warning("rate limiter: store unavailable, letting requests through")
             return Decision(True, rate.amount, rate.amount, rate.seconds)
-        allowed = hits <= rate.amount
+        allowed = hits - counted < rate.amount  # (this request is the first of those counted)
         if not allowed:
             metrics.RATE_LIMITED.labels(scope).inc()
-        decision = Decision(allowed, rate.amount, max(0, rate.amount - hits), reset)
-        self._note(scope, identity, decision)
-        return decision
+        left = max(0, rate.amount - hits)
+        leased = counted - 1 if allowed else 0
+        self._note(scope, identity, left, leased, reset)
+        return Decision(allowed, rate.amount, left + leased, reset)
 
     async def refund(self, scope: str, identity: str, rate: Rate) -> None:
         """Give back one hit (a request that turned out to cost nothing, e.g. a replay)."""

@@ -70,6 +70,10 @@ class AuthMiddleware:
             return
 
         user, limiter = principal.user_id, limits.limiter
+        leased = limiter.take("user", user, limits.user)
+        if leased is not None:  # counted already, with an earlier request (RateLimiter)
+            await self.app(scope, receive, _with_quota(send, leased))
+            return
         read = scope["method"] in _READS
         # A read changes nothing, so it is counted while it runs rather than before: the
         # counter's script goes to Redis in the same turn of the event loop as the read's own
@@ -77,7 +81,7 @@ class AuthMiddleware:
         # trip of its own. So is a write while its user is well within the limit
         # (RateLimiter.ahead).
         alongside = not self._refusing(user) if read else limiter.ahead("user", user, limits.user)
-        counting = limiter.hit("user", user, limits.user)
+        counting = limiter.hit("user", user, limits.user, lease=True)
         if not alongside:
             decision = await counting
             if not decision.allowed:

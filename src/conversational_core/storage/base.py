@@ -263,7 +263,7 @@ class Store(ABC):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
-        answering: tuple[Message, Message] | None = None,
+        answering: tuple[Message, Message | None] | None = None,
     ) -> Appended:
         """Append messages in one atomic step: the first under `parent` (a message id, None for
         a new root, or the active leaf), each next one under the one before (a user message and
@@ -283,7 +283,9 @@ class Store(ABC):
         With `answering` = (answered, expected) — tool results: `parent` is the id of an
         assistant message waiting for them — that message is first replaced, in the same step,
         by `answered` (a compare-and-set against `expected`, its event `message.completed`);
-        Changed is raised, and nothing written, when it is no longer `expected`.
+        Changed is raised, and nothing written, when it is no longer `expected` - or at once
+        when `expected` is None (the message was not waiting: only an idempotent replay of the
+        request that answered it returns).
 
         Raises NotFound (conversation), UnknownMessage("parent_id") when `parent` is not a
         message of the conversation, IdempotencyMismatch. On an idempotent replay the messages
@@ -533,10 +535,13 @@ class Counters(ABC):
     """Fixed-window counters (of the rate limits), shared by every process of the backend."""
 
     @abstractmethod
-    async def hit(self, scope: str, identity: str, amount: int, seconds: int) -> tuple[int, float]:
-        """Count one hit of `identity` in `scope` for the rate `amount` per `seconds`: (hits in
-        the current window, this one included, seconds until the window resets). A window
-        starts at its first hit."""
+    async def hit(
+        self, scope: str, identity: str, amount: int, seconds: int, want: int = 1
+    ) -> tuple[int, float, int]:
+        """Count hits of `identity` in `scope` for the rate `amount` per `seconds`: `want` of
+        them, or fewer where that would pass `amount` (never fewer than one). Returns (hits in
+        the current window, these included, seconds until the window resets, hits counted).
+        A window starts at its first hit."""
 
     @abstractmethod
     async def refund(self, scope: str, identity: str, amount: int, seconds: int) -> None:

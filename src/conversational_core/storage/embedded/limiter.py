@@ -17,12 +17,16 @@ class MemoryCounters(Counters):
         self._storage = MemoryStorage()
         self._strategy = FixedWindowRateLimiter(self._storage)
 
-    async def hit(self, scope: str, identity: str, amount: int, seconds: int) -> tuple[int, float]:
+    async def hit(
+        self, scope: str, identity: str, amount: int, seconds: int, want: int = 1
+    ) -> tuple[int, float, int]:
+        # One hit at a time: a lease (`want`) saves a round trip to a store shared by processes;
+        # this one is in the process's memory.
         item = RateLimitItemPerSecond(amount, seconds)
         allowed = await self._strategy.hit(item, scope, identity)
         stats = await self._strategy.get_window_stats(item, scope, identity)
         hits = amount - stats.remaining if allowed else amount + 1
-        return hits, max(0.0, stats.reset_time - time.time())
+        return hits, max(0.0, stats.reset_time - time.time()), 1
 
     async def refund(self, scope: str, identity: str, amount: int, seconds: int) -> None:
         key = RateLimitItemPerSecond(amount, seconds).key_for(scope, identity)

@@ -1,5 +1,6 @@
 """Rate-limit counters on Redis: one fixed-window counter per (scope, identity, rate), shared by
-every process and instance, each INCR and PEXPIRE one script in the counter's own slot.
+every process and instance, each count (INCRBY, PEXPIRE) one script in the counter's own slot. A
+count may be a process's lease of several requests (RateLimiter).
 
 Hand-written rather than the `limits` library's Redis storage: that one opens a connection pool
 of its own beside the store's and costs a redis-py call per request; this is one EVALSHA on the
@@ -19,10 +20,14 @@ class RedisCounters(Counters):
         self._redis = redis
         self._keys = keys
 
-    async def hit(self, scope: str, identity: str, amount: int, seconds: int) -> tuple[int, float]:
+    async def hit(
+        self, scope: str, identity: str, amount: int, seconds: int, want: int = 1
+    ) -> tuple[int, float, int]:
         key = self._keys.rate(scope, identity, amount, seconds)
-        hits, ttl_ms = await self._redis.script(scripts.HIT, [key], [seconds * 1000])
-        return int(hits), int(ttl_ms) / 1000
+        hits, ttl_ms, counted = await self._redis.script(
+            scripts.HIT, [key], [seconds * 1000, amount, want]
+        )
+        return int(hits), int(ttl_ms) / 1000, int(counted)
 
     async def refund(self, scope: str, identity: str, amount: int, seconds: int) -> None:
         key = self._keys.rate(scope, identity, amount, seconds)

@@ -190,17 +190,24 @@ return 0
 )
 
 # --- Rate-limit counters (limiter.py) -------------------------------------------------------------
-# KEYS: counter.  ARGV: window ms.  Returns {hits in this window, ms until it resets}.
+# KEYS: counter.  ARGV: window ms, the rate's amount, hits wanted (a lease: RateLimiter).
+# Counts the hits wanted, fewer when that would pass the amount (at least one: the request
+# itself, counted even over the limit). Returns {hits in this window, ms until it resets,
+# hits counted}.
 HIT = Script(
     """
-local n = redis.call('INCR', KEYS[1])
-local ttl = -1
-if n > 1 then ttl = redis.call('PTTL', KEYS[1]) end
+local want = tonumber(ARGV[3])
+if want > 1 then
+  local room = tonumber(ARGV[2]) - tonumber(redis.call('GET', KEYS[1]) or '0')
+  if room < want then want = math.max(1, room) end
+end
+local n = redis.call('INCRBY', KEYS[1], want)
+local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   ttl = tonumber(ARGV[1])
 end
-return {n, ttl}
+return {n, ttl, want}
 """
 )
 
