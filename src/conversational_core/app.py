@@ -120,6 +120,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         version=__version__,
         description="Conversations, messages and streamed AI replies.",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry is not used here (metrics: Prometheus; errors: Sentry);
+        # left on, it asks OpenTelemetry for its providers on every request (~2% of a page).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         docs_url="/docs" if docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
