@@ -351,10 +351,11 @@ async def test_a_write_over_the_limit_in_a_race_is_done_and_the_next_refused(
     await active.events.close()
 
 
-async def test_a_generous_rate_is_counted_in_leases_and_still_holds_exactly(store: Store) -> None:
+async def test_a_generous_rate_is_counted_in_leases_and_holds_exactly(store: Store) -> None:
     """At 640 a minute a process counts a user's requests in the store about ten at a time (a
-    lease: a 64th of what is left), not one by one; the headers still count down one by one, and two processes sending the
-    user's requests in turn let exactly 640 through before both refuse."""
+    lease: a 64th of what is left), not one by one; the headers still count down one by one,
+    and two processes sending the user's requests in turn let exactly 640 through before both
+    refuse."""
     settings = make_settings(RATE_LIMIT="640/minute")
     active = backend_for(store, settings)
     alice = auth(settings, "alice")
