@@ -236,13 +236,25 @@ async def test_tool_results_errors(
     assert again.headers.get("idempotent-replayed") == "true"
     twice = await api.post(url, json=results("call_a", "call_b"))
     assert twice.status_code == 409, twice.text
-    # A message that never waited: a user message, the tool message.
+    # A second answer under a new key (a client that sends a key with every request) is no
+    # replay: 409 as well, and nothing written.
+    for other in ("answer-2", "answer-3"):
+        again = await api.post(
+            url, json=results("call_a", "call_b"), headers={"Idempotency-Key": other}
+        )
+        assert again.status_code == 409, again.text
+    # A message that never waited: a user message, the tool message; with a key or not.
     user_id = first.json()["parent_id"]
     for mid in ((await _message(api, cid, user_id))["parent_id"], first.json()["id"]):
-        not_waiting = await api.post(
-            f"/conversations/{cid}/messages/{mid}/tool_results", json=results("call_a")
-        )
-        assert not_waiting.status_code == 409, not_waiting.text
+        for headers in ({}, {"Idempotency-Key": f"not-waiting-{mid}"}):
+            not_waiting = await api.post(
+                f"/conversations/{cid}/messages/{mid}/tool_results",
+                json=results("call_a"),
+                headers=headers,
+            )
+            assert not_waiting.status_code == 409, not_waiting.text
+    everything = (await api.get(f"/conversations/{cid}/messages?view=all")).json()["items"]
+    assert [m["role"] for m in everything].count("tool") == 1
     await wait_end(api, cid, first.json()["reply_message_id"])
 
 

@@ -268,10 +268,13 @@ class MessageService:
         parts = [{"type": TOOL_RESULT, **r} for r in results]
         check_parts(self._settings, Role.TOOL, parts, "results")  # count and sizes
         while True:
-            if current.status is MessageStatus.REQUIRES_ACTION:
+            waiting = current.status is MessageStatus.REQUIRES_ACTION
+            if waiting:
                 _check_results(current, results)
             elif idempotency is None:
                 raise _not_waiting(current)
+            # (Not waiting, with a key: only a replay of the request that answered it may
+            # succeed; the store raises Changed otherwise, and the answer is the 409.)
             now = utcnow()
             reply = _assistant_reply(conversation_id, now)
             tool = Message(
@@ -299,7 +302,7 @@ class MessageService:
                     reply,
                     current.id,
                     user_turn=False,
-                    answering=(answered, current),
+                    answering=(answered, current if waiting else None),
                     any_owner=principal.is_admin,
                 )
             except Changed:
@@ -320,7 +323,7 @@ class MessageService:
         parent: str | ActiveLeaf | None,
         *,
         user_turn: bool,
-        answering: tuple[Message, Message] | None = None,
+        answering: tuple[Message, Message | None] | None = None,
         any_owner: bool = False,
     ) -> tuple[list[Message], bool]:
         charged = False

@@ -69,7 +69,7 @@ class SqliteMessages(SqliteParts):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
-        answering: tuple[Message, Message] | None = None,
+        answering: tuple[Message, Message | None] | None = None,
     ) -> Appended:
         if not messages:  # a caller bug: there would be no new leaf
             raise ValueError("no messages to append")
@@ -98,6 +98,8 @@ class SqliteMessages(SqliteParts):
                     replayed = orjson.loads(previous)
             if replayed is None and answering is not None:
                 answered, expected = answering
+                if expected is None:  # not waiting, and no replay
+                    raise Changed()
                 updated = await run(
                     db,
                     "UPDATE messages SET doc = ? WHERE conversation_id = ? AND id = ? AND doc = ?",

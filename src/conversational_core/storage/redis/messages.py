@@ -76,7 +76,7 @@ class RedisMessages(RedisParts):
         *,
         parent: str | ActiveLeaf | None = ACTIVE_LEAF,
         on_busy: OnBusy | None = "queue",
-        answering: tuple[Message, Message] | None = None,
+        answering: tuple[Message, Message | None] | None = None,
     ) -> Appended:
         keys = self.keys
         if idempotency is not None:
@@ -124,7 +124,8 @@ class RedisMessages(RedisParts):
             args += [
                 answered.id,
                 parent_doc,
-                expected.stored_parts()[1],
+                # (no stored document is empty: None never matches, the script says changed)
+                "" if expected is None else expected.stored_parts()[1],
                 body,
                 events.message_data(answered),
             ]
