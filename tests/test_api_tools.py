@@ -482,6 +482,45 @@ async def test_tools_changed_later_keep_their_defaults(api: httpx.AsyncClient) -
     assert (cleared.json()["tools"], cleared.json()["tool_choice"]) == (None, None)
 
 
+async def test_a_messages_tool_choice_picks_among_the_conversations_tools(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    """A user message that sets only `tool_choice` keeps the conversation's tools for its turn
+    (it chooses among them); `required` and a tool's name are checked against them."""
+    created = await api.post("/conversations", json={"tools": [WEATHER, TIME]})
+    cid = created.json()["id"]
+    for choice, sent in [
+        ("get_time", {"type": "function", "function": {"name": "get_time"}}),
+        ("required", "required"),
+        ("auto", "auto"),
+    ]:
+        posted = await api.post(
+            f"/conversations/{cid}/messages", json={"content": "now?", "tool_choice": choice}
+        )
+        assert posted.status_code == 201, posted.text
+        await wait_end(api, cid, posted.json()["reply_message_id"])
+        request = llm.requests[-1]
+        assert [t["function"]["name"] for t in request["tools"]] == ["get_weather", "get_time"]
+        assert request["tool_choice"] == sent
+    unknown = await api.post(
+        f"/conversations/{cid}/messages", json={"content": "now?", "tool_choice": "get_mood"}
+    )
+    assert unknown.status_code == 422, unknown.text
+    # Set on the conversation: `required` with the tools it has.
+    required = await api.put(f"/conversations/{cid}", json={"tool_choice": "required"})
+    assert required.status_code == 200, required.text
+    assert required.json()["tool_choice"] == "required"
+    bare = (await api.post("/conversations", json={})).json()["id"]
+    for choice in ("required", "get_time"):
+        refused = await api.post(
+            f"/conversations/{bare}/messages", json={"content": "now?", "tool_choice": choice}
+        )
+        assert refused.status_code == 422, refused.text
+        assert (
+            await api.put(f"/conversations/{bare}", json={"tool_choice": choice})
+        ).status_code == 422
+
+
 async def test_an_admin_may_answer_a_users_tool_calls(
     api: httpx.AsyncClient, llm: FakeLLM, settings: Settings
 ) -> None:

@@ -114,7 +114,7 @@ class ConversationService:
             changes["tools"] = [t.model_dump() for t in body.tools or ()]
         if "tools" in changes or "tool_choice" in changes:
             tools, choice = changes.get("tools"), changes.get("tool_choice")
-            if "tools" not in changes and choice not in (None, "auto", "none", "required"):
+            if "tools" not in changes and choice not in (None, "auto", "none"):
                 tools = (await self._store.get_conversation(conversation_id, owner)).tools
             elif "tool_choice" not in changes:
                 # New tools, the choice kept: it must not name a tool they no longer have.

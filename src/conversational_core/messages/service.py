@@ -177,7 +177,11 @@ class MessageService:
         if body.tools is not None or body.tool_choice is not None:
             if body.role is not Role.USER:
                 raise invalid(["body", "tools"], "only a user message declares tools")
-            tools = [t.model_dump() for t in body.tools or ()]
+            if body.tools is not None:
+                tools = [t.model_dump() for t in body.tools]
+            else:  # a choice for this turn among the conversation's tools
+                owner = write_owner(principal)
+                tools = (await self._store.get_conversation(conversation_id, owner)).tools
             check_tools(self._settings, tools, body.tool_choice)
             # The tools of this turn (its replies and tool rounds), kept on the user message.
             turn = {"tools": tools} if body.tools is not None else {}

@@ -110,17 +110,25 @@ def _turn_tools(
     conversation: Conversation, history: list[Message]
 ) -> tuple[list[dict[str, Any]] | None, str | None, int]:
     """The tools of the reply's turn (its user message's, else the conversation's), their
-    choice, and how many tool rounds in a row came before the reply."""
+    choice (the user message's, else - with the conversation's tools - the conversation's),
+    and how many tool rounds in a row came before the reply."""
     rounds = 0
+    tools, choice = conversation.tools or None, conversation.tool_choice
     for message in history:  # newest first
         if message.role is Role.TOOL:
             rounds += 1
         elif message.role is Role.USER:
             turn = message.context or {}
-            if "tools" in turn or "tool_choice" in turn:
-                return turn.get("tools") or None, turn.get("tool_choice"), rounds
+            if "tools" in turn:
+                tools, choice = turn["tools"] or None, turn.get("tool_choice")
+            elif "tool_choice" in turn:
+                choice = turn["tool_choice"]
             break
-    return conversation.tools or None, conversation.tool_choice, rounds
+    if choice not in (None, "auto", "none", "required") and not any(
+        tool["name"] == choice for tool in tools or ()
+    ):
+        choice = None  # a tool the conversation no longer declares (changed since): auto
+    return tools, choice, rounds
 
 
 def build_prompt(
