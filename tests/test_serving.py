@@ -188,6 +188,54 @@ async def test_bytes_that_are_not_http_get_a_problem_400(
         assert len(headers["x-request-id"]) == 32
 
 
+def _responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses one after the other on a connection (each with a Content-Length)."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        length = int(headers["content-length"])
+        answers.append((int(lines[0].split()[1]), headers, rest[:length]))
+        raw = rest[length:]
+    return answers
+
+
+_LIVE = b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+_BIG_HEADER = b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40_000
+_NOT_HTTP = b"FOO /x HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+async def test_refusals_are_answered_on_a_reused_connection_and_in_their_turn(
+    tmp_path: Path,
+) -> None:
+    """A refusal of the guard (431, 400) reaches a client that reuses its connection (every
+    pooled client), not only a fresh one; a request refused behind others pipelined before it
+    is answered after them, theirs first."""
+    with _service(tmp_path) as service:
+        for refused, status in [(_BIG_HEADER, 431), (_NOT_HTTP, 400)]:
+            async with _connection(service) as (reader, writer):  # one request, then the next
+                writer.write(_LIVE)
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(refused)
+                async with asyncio.timeout(10):
+                    answers = _responses(await reader.read())
+            assert [answer[0] for answer in answers] == [status], answers
+            assert answers[0][1]["content-type"] == "application/problem+json"
+            assert orjson.loads(answers[0][2])["status"] == status
+
+            async with _connection(service) as (reader, writer):  # pipelined: one write
+                writer.write(_LIVE + _LIVE + refused)
+                async with asyncio.timeout(10):
+                    answers = _responses(await reader.read())
+            assert [answer[0] for answer in answers] == [200, 200, status], answers
+            assert orjson.loads(answers[0][2]) == {"status": "ok"}
+            assert len(answers[2][1]["x-request-id"]) == 32
+
+
 async def test_a_body_trickling_at_one_byte_a_second_is_cut_off(tmp_path: Path) -> None:
     with _service(tmp_path) as service:
         async with _healthy_throughout(service), _connection(service) as (reader, writer):

@@ -69,6 +69,7 @@ _HEAD = 1  # reading a request's line and headers
 _BODY = 2  # headers done, reading the body (or the request had none)
 _WAIT = 3  # the request is in; the app answers (any length of time: streams)
 _DONE = 4  # refused: draining what the client still sends, then closing
+_DEFERRED = 5  # refused behind requests still being answered: drained; answered after them
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         # Requests answered while a pipelined one came in behind them (see connection_lost).
         self._ahead: list[Any] = []
+        self._deferred = b""  # a refusal waiting for the answers ahead of it (_DEFERRED)
 
     @classmethod
     def _resolve_limits(cls) -> ConnectionLimits:
@@ -195,31 +197,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _Sweeper.watch(self)
 
     def data_received(self, data: bytes) -> None:
-        phase = self._phase
-        if phase == _DONE:  # refused: drain and discard
-            self._body_bytes += len(data)
-            if self._body_bytes > _LINGER_MAX_BYTES:
-                self.transport.close()
-            return
-        if phase == _BODY:
-            self._body_bytes += len(data)
-        elif phase <= _HEAD:  # _NEW or _HEAD
+        while data:
+            phase = self._phase
+            if phase >= _DONE:  # refused: drain and discard
+                self._body_bytes += len(data)
+                if self._body_bytes > _LINGER_MAX_BYTES:
+                    self.transport.close()
+                return
+            if phase == _BODY:
+                # (Requests pipelined behind this body in the same read are parsed unaccounted:
+                # at most one read's worth.)
+                self._body_bytes += len(data)
+                super().data_received(data)
+                return
+            # _NEW, _HEAD, or _WAIT: a request pipelined behind one being answered. Its line
+            # and headers are accounted up to their end, so that each of several requests in
+            # one read is held to the limit on its own.
             if phase == _NEW:
                 self._phase = _HEAD
                 self._since = self.loop.time()
-            room = self._limits.max_header_bytes - self._head_bytes
-            if len(data) > room:
+            end = data.find(b"\r\n\r\n")
+            piece = data if end < 0 else data[: end + 4]
+            if len(piece) > self._limits.max_header_bytes - self._head_bytes:
                 # Never parse (and so hold) more than the limit of request line and headers.
-                self._head_bytes += room
-                super().data_received(data[:room])
-                if self._phase == _HEAD and not self.transport.is_closing():
+                if not self.transport.is_closing():
                     metrics.CONNECTIONS_REFUSED.labels("header_too_large").inc()
                     self._reject(431, b"Request Header Fields Too Large")
-                    return
-                data = data[room:]
-            else:
-                self._head_bytes += len(data)
-        super().data_received(data)
+                return
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            data = data[len(piece) :]
 
     def send_400_response(self, msg: str) -> None:
         """Bytes that are not HTTP/1.1 (uvicorn's parser refused them): uvicorn answers a
@@ -267,6 +274,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._ahead:
             self._ahead = [cycle for cycle in self._ahead if not cycle.response_complete]
+        if self._phase == _DEFERRED and not self._answering():
+            self._answer(self._deferred)
 
     def connection_lost(self, exc: Exception | None) -> None:
         _Sweeper.forget(self)
@@ -314,19 +323,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self._refuse(_problem(status, reason, detail))
 
+    def _answering(self) -> bool:
+        """Whether requests that came in before are still being answered (or wait their turn)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
     def _refuse(self, response: bytes) -> None:
-        """Answer `response` (unless the app already began answering: then just close), stop
-        the request, and close after draining what the client still sends."""
-        cycle = self.cycle
-        started = cycle is not None and cycle.response_started
+        """Answer `response` (unless the app already began answering the refused request: then
+        just close), stop the request, and close after draining what the client still sends.
+        A request refused before its headers were in (it has no cycle of its own yet) behind
+        requests still being answered (pipelined) is answered after them, in its turn."""
+        self._since = self.loop.time()
+        self._body_bytes = 0
+        if self._phase != _BODY:  # the refused request's headers are not in: `cycle` is older
+            if self._answering():
+                self._phase, self._deferred = _DEFERRED, response
+                return
+            self._phase = _DONE
+            self._answer(response)
+            return
+        cycle = self.cycle  # the refused request's own
+        self._phase = _DONE
         if cycle is not None:
             cycle.disconnected = True  # the app's receive() now returns http.disconnect
             cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()
+                return
+        self._answer(response)
+
+    def _answer(self, response: bytes) -> None:
+        """Write a refusal and the end of the connection; close once the client has read it."""
         self._phase = _DONE
         self._since = self.loop.time()
-        self._body_bytes = 0
         transport = self.transport
-        if started or transport.is_closing():
+        if transport.is_closing():
             transport.close()
             return
         transport.write(_with_request_id(response))
