@@ -21,6 +21,7 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
     P:{cid}:p:<mid>    string  the deltas a reply published so far (their event data, a line each)
     P:{cid}:a:<mid>    string  the attempt allowed to publish deltas for the reply
     P:{cid}:k:<s>:<k>  string  idempotency record of an append (scope s: the caller)
+    P:{cid}:r          set     the names of those records (deleted with the conversation)
     P:{u:uid}:convs    zset    the user's conversation ids scored by last activity (ms)
     P:{u:uid}:k:<key>  string  idempotency record of a conversation creation
     P:{jobs}:s         stream  job signals (conversation ids) for the workers (queue.py)
@@ -109,6 +110,9 @@ class Keys:
 
     def attempt(self, cid: str, mid: str) -> str:
         return f"{self.prefix}:{{{cid}}}:a:{mid}"
+
+    def records(self, cid: str) -> str:
+        return f"{self.prefix}:{{{cid}}}:r"
 
     def append_idempotency(self, cid: str, scope: str, key: str) -> str:
         return f"{self.prefix}:{{{cid}}}:k:{scope.translate(_ESCAPE_SCOPE)}:{key}"

@@ -137,16 +137,28 @@ return {'ok', leaf}
 """
 )
 
-# KEYS: conv, msgs, index, events, queue, branch, tree, forks.
-# ARGV: owner|'', event data, maxlen, linger seconds
-# The event stream outlives the conversation briefly so that connected clients get
-# `conversation.deleted`; nobody new can subscribe (the conversation is gone).
+# KEYS: conv, msgs, index, events, queue, branch, tree, forks, idempotency records' names.
+# ARGV: owner|'', event data, maxlen, linger seconds, the conversation's key prefix
+# Everything that holds the conversation's text goes: its keys, its idempotency records, the
+# deltas of replies being written (their keys, in the same slot, are named from the prefix),
+# and its past events. The event stream outlives the conversation briefly, holding only
+# `conversation.deleted`, so that connected clients get it; nobody new can subscribe (the
+# conversation is gone). (The stop flags and attempt numbers of ended replies, which hold no
+# text, expire on their own.)
 DELETE_CONVERSATION = Script(
     """
 local cur = redis.call('HMGET', KEYS[1], 'user', 'data', 'updated_at', 'count', 'version',
                        'leaf')
 if not cur[1] or (ARGV[1] ~= '' and cur[1] ~= ARGV[1]) then return {'missing'} end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+for _, mid in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do  -- replies being written
+  redis.call('UNLINK', ARGV[5] .. 'p:' .. mid, ARGV[5] .. 'x:' .. mid, ARGV[5] .. 'a:' .. mid)
+end
+local records = redis.call('SMEMBERS', KEYS[9])
+for i = 1, #records, 1000 do
+  redis.call('UNLINK', unpack(records, i, math.min(i + 999, #records)))
+end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('XTRIM', KEYS[4], 'MAXLEN', 0)  -- the events hold the messages too
 local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 't', 'conversation.deleted',
                       'd', ARGV[2])
 redis.call('SPUBLISH', KEYS[4], id .. '\\nconversation.deleted\\n' .. ARGV[2])

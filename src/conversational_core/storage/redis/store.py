@@ -281,12 +281,14 @@ class RedisStore(RedisMessages, RedisReplies, Store):
                 keys.branch(conversation_id),
                 keys.tree(conversation_id),
                 keys.forks(conversation_id),
+                keys.records(conversation_id),
             ],
             [
                 owner or "",
                 events.conversation_deleted_data(conversation_id),
                 self._max_len,
                 _DELETED_LINGER_SECONDS,
+                keys.of(conversation_id),  # (a reply's keys: named in the script, same slot)
             ],
         )
         if result[0] == b"missing":

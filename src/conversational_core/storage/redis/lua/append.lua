@@ -107,7 +107,12 @@ end
 redis.call('HINCRBY', C, 'count', n)
 redis.call('HSET', C, 'updated_at', ARGV[2], 'leaf', prev)
 if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[7], ARGV[4] .. '\n[' .. table.concat(record, ',') .. ']', 'EX',
-             tonumber(ARGV[3]))
+  local ttl = tonumber(ARGV[3])
+  redis.call('SET', KEYS[7], ARGV[4] .. '\n[' .. table.concat(record, ',') .. ']', 'EX', ttl)
+  -- Listed in the conversation's `r` (its key beside `c`), so that deleting the conversation
+  -- deletes them: they hold the messages' text. The list lives as long as its newest record.
+  local R = string.sub(C, 1, -2) .. 'r'
+  redis.call('SADD', R, KEYS[7])
+  if redis.call('TTL', R) < ttl then redis.call('EXPIRE', R, ttl) end
 end
 return out
