@@ -176,7 +176,14 @@ async def test_validation_errors_are_problems(
         content=b'{"title": ',
     )
     assert malformed.status_code == 400
-    assert malformed.json()["status"] == 400
+    assert malformed.json()["detail"] == "The request body is not valid JSON."
+    deep = await client.post(  # valid JSON, deeper than the parser goes: said as it is
+        "/conversations",
+        headers={**alice, "Content-Type": "application/json"},
+        content=b'{"metadata": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001,
+    )
+    assert deep.status_code == 400
+    assert deep.json()["detail"] == "The request body's JSON is nested too deeply."
     not_json = await client.post(
         "/conversations", headers={**alice, "Content-Type": "text/plain"}, content=b"hello"
     )

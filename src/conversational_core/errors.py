@@ -169,14 +169,18 @@ _MAX_FIELD_PROBLEMS = 50
 def _validation_errors(exc: RequestValidationError) -> tuple[int, str, list[dict[str, Any]]]:
     errors: list[dict[str, Any]] = []
     found = exc.errors()
-    malformed = False
+    malformed = deep = False
     for err in found[:_MAX_FIELD_PROBLEMS]:
         if err.get("type") == "json_invalid":
             malformed = True
+            # (pydantic's parser stops at a depth of a few hundred: valid JSON all the same)
+            deep = deep or "recursion limit" in str(err.get("ctx", {}).get("error", ""))
         loc = [str(p) for p in err.get("loc", ())]
         # Never echo the rejected input back (it may be large or sensitive); the pointer is enough.
         errors.append({"loc": loc, "type": err.get("type", "invalid"), "msg": err.get("msg", "")})
     if malformed:
+        if deep:
+            return 400, "The request body's JSON is nested too deeply.", errors
         return 400, "The request body is not valid JSON.", errors
     more = len(found) - len(errors)
     detail = "The request has invalid fields."
