@@ -15,7 +15,7 @@ import pytest
 
 from conversational_core.replies.providers.anthropic import AnthropicProvider
 from conversational_core.replies.providers.base import (
-    CONNECTION_ERROR,
+    CUT_OFF,
     TIMEOUT_ERROR,
     UNREADABLE,
     ChatMessage,
@@ -97,7 +97,7 @@ def _anthropic(port: int) -> Provider:
     ("make", "events"), [(_openai, _OPENAI), (_anthropic, _ANTHROPIC)], ids=["openai", "anthropic"]
 )
 @pytest.mark.parametrize(
-    ("stall", "message"), [(False, CONNECTION_ERROR), (True, TIMEOUT_ERROR)], ids=["cut", "stall"]
+    ("stall", "message"), [(False, CUT_OFF), (True, TIMEOUT_ERROR)], ids=["cut", "stall"]
 )
 async def test_a_stream_cut_or_stalled_mid_reply_fails_with_a_provider_error(
     make: Callable[[int], Provider], events: list[bytes], stall: bool, message: str
@@ -169,7 +169,65 @@ async def test_anthropic_stream_ending_before_message_stop_is_a_cut() -> None:
     cut short, and is not taken for complete."""
     items, error = await _anthropic_reads([*_ANTHROPIC, *_DONE[:-1]])
     assert [getattr(i, "text", None) for i in items] == ["Hi", "Hi"]
-    assert error is not None and error.message == CONNECTION_ERROR and error.retryable
+    assert error is not None and error.message == CUT_OFF and error.retryable
+
+
+async def _openai_reads(
+    events: list[bytes], head: bytes = STREAM_HEAD
+) -> tuple[list[object], ProviderError | None]:
+    """What the OpenAI provider yields for a body of `events` under `head` that then ends as
+    a server that is done, and the error it raised, if any."""
+    loop = asyncio.get_running_loop()
+
+    class Server(_CutServer):
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            if whole_request(self.buffer):
+                self.transport.write(head + b"".join(map(http_chunk, events)) + LAST_CHUNK)
+
+    server = await loop.create_server(lambda: Server(events, False, True), "127.0.0.1", 0)
+    provider = _openai(server.sockets[0].getsockname()[1])
+    items: list[object] = []
+    try:
+        async for item in provider.stream(CompletionRequest("m", [ChatMessage("user", "hi")],
+                                                            None, 10)):  # fmt: skip
+            items.append(item)
+    except ProviderError as exc:
+        return items, exc
+    finally:
+        await provider.close()
+        server.close()
+    return items, None
+
+
+_FINISH = sse_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+
+
+async def test_an_openai_stream_is_an_answer_only_once_it_says_it_ended() -> None:
+    """A finish reason, or `[DONE]`, ends an answer; a body that just stops after some tokens
+    (a proxy that closed it) or before any is a cut, retried while nothing was written."""
+    for ending in ([_FINISH], [b"data: [DONE]\r\n\r\n"], [_FINISH, b"data: [DONE]\n\n"]):
+        items, error = await _openai_reads([*_OPENAI, *ending])
+        assert error is None and items == ["Hi", "Hi"], (ending, error)
+    for events in (_OPENAI, []):
+        items, error = await _openai_reads(events)
+        assert items == ["Hi"] * len(events)
+        assert error is not None and error.message == CUT_OFF and error.retryable
+
+
+async def test_a_200_that_is_not_an_event_stream_is_unreadable() -> None:
+    """A web page or a gateway's JSON error answered 200 (a wrong LLM_BASE_URL), or a server
+    that ignored `stream`: not an empty answer, an error."""
+    for media, body in [
+        (b"text/html", b"<html>Gateway says hi</html>"),
+        (b"application/json", b'{"error": {"message": "model overloaded", "code": 503}}'),
+        (b"application/json", b'{"choices": [{"message": {"content": "not streamed"}}]}'),
+    ]:
+        head = STREAM_HEAD.replace(b"text/event-stream", media)
+        assert head != STREAM_HEAD
+        items, error = await _openai_reads([body], head)
+        assert items == []
+        assert error is not None and error.message == UNREADABLE and error.retryable
 
 
 async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from testkit.fake_llm import Fail, FakeLLM, Reply
 
+from conversational_core.app import create_app
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
+from conversational_core.storage.factory import Backend
 from tests.fixtures.app import auth
-from tests.fixtures.live import collect_until_end
+from tests.fixtures.live import collect_until_end, serve
 from tests.fixtures.replies import ask, deltas, llm_settings, new_conversation, wait_end
 
 
@@ -116,6 +120,57 @@ async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm:
         "message.cancelled"
     )
     assert len(final["content"]) < len("".join(tokens))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [Reply(["never"], first_delay=60), Fail(503, retry_after=60)],
+    ids=["silent", "backoff"],
+)
+async def test_a_cancel_stops_a_reply_whose_provider_says_nothing(
+    api: httpx.AsyncClient, llm: FakeLLM, first: Reply | Fail
+) -> None:
+    """Cancelled while the provider has not sent a token (the request is open and silent, or
+    the worker waits to retry it): the provider's connection is closed within a second or so,
+    not at its timeout (60 s here), no further call is made for the reply, and the
+    conversation's next reply is written at once."""
+    llm.script = [first, Reply(["next"])]
+    cid = await new_conversation(api)
+    reply_id = await ask(api, cid, "talk")
+    while not llm.requests:  # (the worker has asked the model)
+        await asyncio.sleep(0.01)
+    cancel = await api.post(f"/conversations/{cid}/messages/{reply_id}/cancel")
+    assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
+    if isinstance(first, Reply):
+        await asyncio.wait_for(llm.aborted.wait(), 5)
+    after = await ask(api, cid, "and now?")
+    async with asyncio.timeout(10):
+        await wait_end(api, cid, after)
+    final = (await api.get(f"/conversations/{cid}/messages/{after}")).json()
+    assert (final["status"], final["content"]) == ("completed", "next")
+    assert len(llm.requests) == 2  # the cancelled reply's one call, and the next reply's
+
+
+async def test_a_reply_that_streams_too_long_fails_with_its_text_so_far(
+    backend: Backend, llm: FakeLLM
+) -> None:
+    """A provider that trickles tokens forever (never silent long enough for a timeout): the
+    reply ends `failed` at LLM_REPLY_MAX_SECONDS, with what was written, and its stream closes."""
+    settings = llm_settings(llm, LLM_REPLY_MAX_SECONDS=1)
+    llm.script = [Reply([f"t{i} " for i in range(1000)], delay=0.05)]
+    async with (
+        serve(create_app(settings, backend=backend)) as base,
+        httpx.AsyncClient(base_url=base, headers=auth(settings, "alice"), timeout=20) as api,
+    ):
+        cid = await new_conversation(api)
+        reply_id = await ask(api, cid, "talk forever")
+        events = await wait_end(api, cid, reply_id)
+        await asyncio.wait_for(llm.aborted.wait(), 5)
+        final = (await api.get(f"/conversations/{cid}/messages/{reply_id}")).json()
+    assert final["status"] == "failed"
+    assert final["error"] == "The AI provider's answer took longer than 1 seconds."
+    assert final["content"] and final["content"] == deltas(events, reply_id)
+    assert events[-1].event == "message.failed"
 
 
 async def test_retries_server_errors_then_completes(api: httpx.AsyncClient, llm: FakeLLM) -> None:

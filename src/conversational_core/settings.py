@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # Anthropic's extended thinking: the tokens the model may think for (0: off; at least 1024).
     LLM_REASONING_BUDGET_TOKENS: int = Field(0, ge=0, le=1_000_000)
     LLM_TIMEOUT_SECONDS: float = Field(60.0, gt=0, le=3600)
+    # The longest a reply may stream (a stream that trickles forever would hold its
+    # conversation: LLM_TIMEOUT_SECONDS bounds only a silence). replies/generation.py.
+    LLM_REPLY_MAX_SECONDS: float = Field(900.0, gt=0, le=86_400)
     LLM_MAX_RETRIES: int = Field(3, ge=0, le=10)
     LLM_RETRY_BASE_SECONDS: float = Field(0.5, ge=0, le=60)
     LLM_RETRY_MAX_SECONDS: float = Field(30.0, ge=0, le=600)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from loguru import logger
@@ -45,6 +46,10 @@ from conversational_core.storage.models import (
     rfc3339_to_ms,
     utcnow,
 )
+
+# How often a reply's writer checks, while nothing is published, that the reply is still its to
+# write (ReplyWriter._watched).
+_WATCH_SECONDS = 1.0
 
 
 def _attempt(message: Message) -> int:
@@ -191,7 +196,20 @@ class ReplyWriter:
         provider = self._provider.name
         began = time.monotonic()
         first_token = True
-        for try_number in range(settings.LLM_MAX_RETRIES + 1):
+        published = [began]  # when a delta last went out (the watch reads it)
+
+        async def generate() -> bool:
+            """The provider's answer into deltas, retried before its first token; True when
+            it came whole, False when the reply was ended here (failed or stopped)."""
+            for try_number in range(settings.LLM_MAX_RETRIES + 1):
+                ended = await attempt_once(try_number)
+                if ended is not None:
+                    return ended
+            return True  # (unreachable: the last try ends the reply)
+
+        async def attempt_once(try_number: int) -> bool | None:
+            """One provider call: True (answered), False (ended), None (retry)."""
+            nonlocal usage, first_token
             started = False
             try:
                 reads = self._provider.reads(request, self._window)
@@ -226,12 +244,13 @@ class ReplyWriter:
                                 # it, with exactly what its deltas published.
                                 latest = await self._reread(conversation_id, current)
                                 if latest is not None:
-                                    published = await self._store.stop_reply(
+                                    stopped = await self._store.stop_reply(
                                         conversation_id, current.id
                                     )
-                                    await self._cancelled(conversation_id, latest, published)
+                                    await self._cancelled(conversation_id, latest, stopped)
                                 return False
-                break
+                            published[0] = time.monotonic()
+                return True
             except ProviderError as exc:
                 if not exc.retryable or started or try_number == settings.LLM_MAX_RETRIES:
                     logger.info(
@@ -262,7 +281,11 @@ class ReplyWriter:
                     exc.status,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # (the watch stops it for a reply no longer wanted)
+                return None
+
+        if not await self._watched(conversation_id, current, generate(), published, built, began):
+            return False
         parts = built.snapshot()
         noted: dict[str, Any] = {}
         if usage is None:
@@ -293,6 +316,60 @@ class ReplyWriter:
                 logger.debug("reply {} text: {}", current.id, content_of(parts))
             return status is MessageStatus.COMPLETED
         return False
+
+    async def _watched(
+        self,
+        conversation_id: str,
+        current: Message,
+        work: Coroutine[Any, Any, bool],
+        published: list[float],
+        built: PartsBuilder,
+        began: float,
+    ) -> bool:
+        """Run `work` (the provider's answer into deltas) under a watch: each second in which it
+        published nothing (the provider is silent before its first token, or trickles, or the
+        worker waits to retry), the reply is read again, and `work` is stopped when the reply
+        is no longer this writer's to write (cancelled, deleted, taken over): a cancel does not
+        wait for the provider's timeout, and no provider call is made again for a reply no one
+        wants. A reply still written LLM_REPLY_MAX_SECONDS after it started is ended `failed`
+        with its text so far (a stream that trickles forever would hold its conversation).
+        Returns what `work` did, or False when the watch stopped it."""
+        task = asyncio.ensure_future(work)
+        deadline = began + self._settings.LLM_REPLY_MAX_SECONDS
+        try:
+            while True:
+                now = time.monotonic()
+                wait = min(_WATCH_SECONDS, max(0.0, deadline - now))
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return task.result()
+                now = time.monotonic()
+                if now >= deadline:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    logger.info("reply {} ran past LLM_REPLY_MAX_SECONDS", current.id)
+                    await self._end(
+                        conversation_id,
+                        current,
+                        MessageStatus.FAILED,
+                        error=(
+                            "The AI provider's answer took longer than "
+                            f"{self._settings.LLM_REPLY_MAX_SECONDS:g} seconds."
+                        ),
+                        parts=built.snapshot(),
+                    )
+                    return False
+                if (
+                    now - published[0] >= _WATCH_SECONDS
+                    and await self._reread(conversation_id, current) is None
+                ):
+                    return False  # (the `finally` stops the work)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def expire(self, conversation_id: str, message_id: str) -> float | None:
         """A deadline came (JobQueue.due_deadlines): a reply still waiting for tool results

@@ -19,7 +19,7 @@ import orjson
 from anthropic import AsyncAnthropic, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
-    CONNECTION_ERROR,
+    CUT_OFF,
     MALFORMED,
     UNREADABLE,
     ChatMessage,
@@ -220,7 +220,7 @@ class AnthropicProvider(Provider):
             except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
         # The body ended without `message_stop`: the reply was cut short.
-        raise ProviderError(CONNECTION_ERROR, retryable=True)
+        raise ProviderError(CUT_OFF, retryable=True)
 
 
 def event_items(event: dict[str, Any], usage: Usage) -> tuple[Piece | None, Usage]:

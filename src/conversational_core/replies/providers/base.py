@@ -225,6 +225,7 @@ def error_for_status(status: int, retry_after: float | None) -> ProviderError:
 
 TIMEOUT_ERROR = "The AI provider did not answer in time; please try again."
 CONNECTION_ERROR = "The AI provider could not be reached; please try again later."
+CUT_OFF = "The AI provider's answer was cut off; please try again."
 UNREADABLE = "The AI provider sent a response that could not be read."
 # What reading an event of another shape than its protocol's raises (a field missing or of
 # another type): the answer is UNREADABLE, as bytes that are not JSON.
@@ -302,6 +303,16 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+class StreamEnd:
+    """Whether a stream said that it ended (OpenAI's `[DONE]`), set by stream_events: a body
+    that just stops is a cut, not an answer."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
 async def stream_events(
     client: Any,
     path: str,
@@ -309,6 +320,7 @@ async def stream_events(
     sdk: ModuleType,
     sdk_error: type[Exception],
     pace: Callable[[], float],
+    end: StreamEnd | None = None,
 ) -> AsyncGenerator[list[Any], None]:
     """The events of a streamed completion, each its JSON parsed with orjson, from a POST of
     `body` made through an official SDK's generic `post` (`client`: the SDK's async client,
@@ -343,14 +355,22 @@ async def stream_events(
         )
     except sdk_error as exc:
         raise translate_sdk_error(exc, sdk) from None
+    received = False  # events came: a failure from here on cuts an answer
     decoder = SSEData()
     holder = _Holder.of(response)
     try:
+        media = response.headers.get("content-type", "text/event-stream").lower()
+        if not media.startswith("text/event-stream"):
+            # A web page or a gateway's error with a 200, or a server that ignored `stream`:
+            # no events would come, and an empty answer is not one.
+            raise ProviderError(UNREADABLE, retryable=True)
         async for chunk in response.aiter_bytes():
             events: list[Any] = []
             try:
                 for data in decoder.feed(chunk):
                     if data == b"[DONE]":
+                        if end is not None:
+                            end.done = True
                         if events:
                             yield events
                         return
@@ -360,6 +380,7 @@ async def stream_events(
                     yield events  # the events before the unreadable one first
                 raise
             if events:
+                received = True
                 held = holder.hold() if holder is not None and pace() > 0 else None
                 try:
                     yield events
@@ -373,7 +394,7 @@ async def stream_events(
     except httpx2.TimeoutException:
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
     except httpx2.HTTPError:
-        raise ProviderError(CONNECTION_ERROR, retryable=True) from None
+        raise ProviderError(CUT_OFF if received else CONNECTION_ERROR, retryable=True) from None
     except (orjson.JSONDecodeError, EventTooLong):
         raise ProviderError(UNREADABLE, retryable=True) from None
     finally:

@@ -30,6 +30,7 @@ import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from conversational_core.replies.providers.base import (
+    CUT_OFF,
     MALFORMED,
     UNREADABLE,
     ChatMessage,
@@ -37,6 +38,7 @@ from conversational_core.replies.providers.base import (
     Piece,
     Provider,
     ProviderError,
+    StreamEnd,
     Usage,
     each_item,
     is_image,
@@ -125,8 +127,10 @@ class OpenAIProvider(Provider):
             **options,
         }
         # Through the SDK's generic `post`, the events read raw (base.stream_events says why).
+        end = StreamEnd()
+        finished = False  # a choice said why it finished (`finish_reason`)
         events = stream_events(
-            self._client, "/chat/completions", body, openai, openai.OpenAIError, pace
+            self._client, "/chat/completions", body, openai, openai.OpenAIError, pace, end
         )
         async with contextlib.aclosing(events):
             try:
@@ -135,6 +139,10 @@ class OpenAIProvider(Provider):
                     try:
                         for chunk in chunks:
                             items += chunk_items(chunk)
+                            if not finished:
+                                finished = any(
+                                    c.get("finish_reason") for c in chunk.get("choices") or ()
+                                )
                     except (ProviderError, *MALFORMED):
                         if items:
                             yield items  # the pieces before the failing chunk first
@@ -144,6 +152,10 @@ class OpenAIProvider(Provider):
             # JSON of another shape than a chunk's
             except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
+        if not (finished or end.done):
+            # The body ended with neither a finish reason nor `[DONE]`: cut short (a proxy
+            # that closed it), or no answer at all.
+            raise ProviderError(CUT_OFF, retryable=True)
 
 
 def chunk_items(chunk: dict[str, Any]) -> list[str | Piece | Usage]:
