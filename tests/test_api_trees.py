@@ -376,6 +376,23 @@ class TestTitles:
         after = (await api.get(f"/conversations/{cleared}")).json()
         assert (after["title"], after["title_source"]) == (None, "user")
 
+    async def test_a_title_the_provider_is_slow_to_write_does_not_hold_the_next_reply(
+        self, api: httpx.AsyncClient, llm: FakeLLM
+    ) -> None:
+        """The title is a completion of its own: a provider that stalls on it (60 s here, its
+        timeout) does not hold the conversation's next reply, which is written at once."""
+        llm.script = [Reply(["Sure."]), Reply(["A title"], first_delay=60), Reply(["next"])]
+        cid = await new_conversation(api)
+        await wait_end(api, cid, await ask(api, cid, "hello"))
+        while len(llm.requests) < 2:  # the title asked for
+            await asyncio.sleep(0.01)
+        second = await ask(api, cid, "hello again")
+        async with asyncio.timeout(10):
+            await wait_end(api, cid, second)
+        final = (await api.get(f"/conversations/{cid}/messages/{second}")).json()
+        assert (final["status"], final["content"]) == ("completed", "next")
+        assert (await api.get(f"/conversations/{cid}")).json()["title"] is None  # not yet
+
     async def test_a_failing_title_costs_only_the_title(
         self, api: httpx.AsyncClient, llm: FakeLLM
     ) -> None:
@@ -385,8 +402,8 @@ class TestTitles:
         cid = await new_conversation(api)
         reply = await ask(api, cid, "hello")
         await wait_end(api, cid, reply)
-        # The worker writes a conversation's replies (and the title after one) in turn: once
-        # the next reply has ended, the first title was tried.
+        while len(llm.requests) < 2:  # (the title is asked for beside the next replies)
+            await asyncio.sleep(0.01)
         second = await ask(api, cid, "hello again")
         await wait_end(api, cid, second)
         assert len(llm.requests) >= 3

@@ -39,6 +39,7 @@ from conversational_core.settings import Settings
 from conversational_core.storage.base import JobQueue, MessageQuery, Store
 from conversational_core.storage.errors import NotFound, ReplyStopped
 from conversational_core.storage.models import (
+    Conversation,
     Message,
     MessageStatus,
     Part,
@@ -69,6 +70,7 @@ class ReplyWriter:
         self._provider = provider
         self._settings = settings
         self._titles = TitleWriter(store, provider, settings)
+        self._titling: dict[str, asyncio.Task[None]] = {}  # conversation id -> its title's
         self._running: dict[str, int] = {}  # reply id -> the attempt this writer is writing
         self._batch_window = settings.DELTA_BATCH_MS / 1000
 
@@ -152,13 +154,40 @@ class ReplyWriter:
         try:
             completed = await self._stream(conversation_id, stored, prompt.request)
             if completed and self._settings.AUTO_TITLE and conversation.title_source is None:
-                await self._titles.write(conversation, history.items)
+                self._title_beside(conversation, history.items)
         except asyncio.CancelledError:
             raise  # the entry stays until the worker hands the attempt back, or forgets it
         except BaseException:
             self.forget(reply_id)
             raise
         self.forget(reply_id)
+
+    def _title_beside(self, conversation: Conversation, history: list[Message]) -> None:
+        """Name the conversation in a task of its own, beside its next replies rather than
+        before them (a title is a completion of its own, as slow as the provider, and a
+        failing one costs only the title), within LLM_TIMEOUT_SECONDS in all."""
+        if conversation.id in self._titling:
+            return  # (one at a time: its conversation will have a title, or the next reply asks)
+
+        async def title() -> None:
+            try:
+                async with asyncio.timeout(self._settings.LLM_TIMEOUT_SECONDS):
+                    await self._titles.write(conversation, history)
+            except TimeoutError:
+                logger.info("no title for {}: the provider took too long", conversation.id)
+            except Exception:
+                logger.exception("no title for {}", conversation.id)
+            finally:
+                self._titling.pop(conversation.id, None)
+
+        self._titling[conversation.id] = asyncio.create_task(title(), name="title")
+
+    async def aclose(self) -> None:
+        """Stop the titles being written (a title is best effort: the next reply asks again)."""
+        titling = list(self._titling.values())
+        for task in titling:
+            task.cancel()
+        await asyncio.gather(*titling, return_exceptions=True)
 
     def _window(self) -> float:
         """How long a reply's tokens are gathered into one delta: DELTA_BATCH_MS while this

@@ -278,4 +278,5 @@ async def run_worker(settings: Settings, backend: Backend) -> AsyncIterator[Work
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await writer.aclose()
         await provider.close()

@@ -124,6 +124,7 @@ TITLE_INSTRUCTIONS = (
     "title alone, without quotes or a final period."
 )
 TITLE_MAX_TOKENS = 24
+_TITLE_MAX_READ = 1000  # characters of a title's answer read at most
 
 
 class Provider(ABC):
@@ -163,6 +164,7 @@ class Provider(ABC):
             max_tokens=TITLE_MAX_TOKENS,
         )
         parts: list[str] = []
+        size = 0
         stream: Any = self.stream(request)  # an async generator (closed when done)
         async with contextlib.aclosing(stream):
             async for item in stream:
@@ -170,6 +172,11 @@ class Provider(ABC):
                     parts.append(item)
                 elif isinstance(item, Piece) and item.type == "text":
                     parts.append(item.text)
+                else:
+                    continue
+                size += len(parts[-1])
+                if size > _TITLE_MAX_READ:
+                    break  # a server that ignores max_tokens: what a title needs is in
         return "".join(parts)
 
     async def close(self) -> None:  # noqa: B027 - optional hook; most providers hold a client
