@@ -136,6 +136,9 @@ async def test_admin_reads_and_deletes_any_conversation(
     # Reading is not changing: an admin does not edit other users' conversations.
     edit = await client.put(f"/conversations/{cid}", headers=admin, json={"title": "x"})
     assert edit.status_code == 404
+    # Nor is deleting one of its messages (a branch cut away): the whole conversation only.
+    cut = await client.delete(f"/conversations/{cid}/messages/{mid}", headers=admin)
+    assert cut.status_code == 404
     await _unchanged(client, settings, cid, mid)
     assert (await client.delete(f"/conversations/{cid}", headers=admin)).status_code == 204
     assert (

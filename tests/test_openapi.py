@@ -15,12 +15,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
+from conversational_core.settings import Settings
+from conversational_core.storage.factory import Backend
+from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
+from tests.fixtures.replies import ask, wait_end
 from tests.fixtures.server import Service, start_service
 
 # Valid requests may still be answered these, which schemathesis's default list leaves out: a
@@ -334,3 +339,43 @@ def test_the_document_names_operations_and_their_problems() -> None:
     create = operations["createConversation"][2]
     assert create["requestBody"].get("required") is not True
     assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+_EVENT_SCHEMAS = {
+    "message.delta": "DeltaEvent",
+    "message.deleted": "MessageDeletedEvent",
+    "conversation.updated": "ConversationEvent",
+    "conversation.deleted": "ConversationDeletedEvent",
+}
+
+
+async def test_every_event_matches_its_schema_in_the_document(
+    api: httpx.AsyncClient, backend: Backend, settings: Settings
+) -> None:
+    """The `data` of each event a conversation's stream carries, as sent, against the schema
+    the document gives it (a validating or generated client reads them so)."""
+    import jsonschema_rs
+
+    from conversational_core.app import create_app
+
+    components = create_app(settings).openapi()["components"]
+    cid = (await api.post("/conversations", json={})).json()["id"]
+    first = await ask(api, cid, "hello")
+    await wait_end(api, cid, first)
+    assert (await api.put(f"/conversations/{cid}", json={"title": "Events"})).status_code == 200
+    user = (await api.get(f"/conversations/{cid}/messages/{first}")).json()["parent_id"]
+    assert (await api.delete(f"/conversations/{cid}/messages/{user}")).status_code == 204
+    seen = await backend.store.read_events(cid, None, 1000)
+    assert (await api.delete(f"/conversations/{cid}")).status_code == 204
+    seen += await backend.store.read_events(cid, seen[-1].id, 1000)
+    kinds = {event.type for event in seen}
+    assert kinds >= {"message.created", "message.delta", "message.completed", "message.deleted"}
+    assert "conversation.updated" in kinds
+    # (The embedded store forgets a deleted conversation's log once its clients have the event.)
+    assert ("conversation.deleted" in kinds) is isinstance(backend.store, RedisStore)
+    for event in seen:
+        name = _EVENT_SCHEMAS.get(event.type, "MessageEvent")
+        schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+        data = orjson.loads(event.data)
+        errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(data)]
+        assert not errors, (event.type, errors)

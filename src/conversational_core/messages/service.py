@@ -553,5 +553,6 @@ class MessageService:
                 return stored
 
     async def delete(self, principal: Principal, conversation_id: str, message_id: str) -> Deleted:
-        """Delete a message and everything below it (their replies stop)."""
-        return await self._store.delete_message(conversation_id, read_owner(principal), message_id)
+        """Delete a message and everything below it (their replies stop). An edit of the
+        conversation: an admin, who may delete a whole conversation, does not edit others'."""
+        return await self._store.delete_message(conversation_id, write_owner(principal), message_id)

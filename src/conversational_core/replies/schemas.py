@@ -39,9 +39,14 @@ class DeltaEvent(BaseModel):
 
 
 class MessageDeletedEvent(BaseModel):
+    """`message.deleted`: a message went, and its whole subtree with it."""
+
     model_config = ConfigDict(extra="forbid")
 
     message_id: str
+    deleted_message_ids: list[str] = Field(
+        description="Every message that went: the message first, then its subtree."
+    )
 
 
 class ConversationEvent(BaseModel):
