@@ -429,6 +429,17 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
     assert (await api.post("/conversations", json={"tools": [huge]})).status_code == 422
     big_int = {**WEATHER, "parameters": {"type": "object", "maximum": 2**70}}
     assert (await api.put(f"/conversations/{cid}", json={"tools": [big_int]})).status_code == 422
+    # Parameters that are not a JSON Schema (a provider would refuse every reply), said where.
+    for parameters, where in [
+        ({"type": "object", "properties": {"city": 5}}, ["properties", "city"]),
+        ({"type": "object", "properties": [1, 2]}, ["properties"]),
+        ({"type": "object", "required": "city"}, ["required"]),
+    ]:
+        bad = await api.post(
+            "/conversations", json={"tools": [{**WEATHER, "parameters": parameters}]}
+        )
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["errors"][0]["loc"] == ["body", "tools", "0", "parameters", *where]
     # A service may write the assistant's and tools' side (an import).
     service = {**auth(settings, "svc", ["service"]), "X-On-Behalf-Of": "alice"}
     imported = await api.post(
@@ -437,6 +448,12 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
     )  # fmt: skip
     assert imported.status_code == 201, imported.text
     assert imported.json()["content"] == ""
+    for arguments in ("[1, 2]", '"text"', "not json"):  # a call's arguments: a JSON object
+        forged_call = {**call, "id": "call_y", "arguments": arguments}
+        refused = await api.post(
+            url, json={"role": "assistant", "parts": [forged_call]}, headers=service
+        )
+        assert refused.status_code == 422, (arguments, refused.text)
 
 
 async def test_text_messages_look_as_before_plus_parts(api: httpx.AsyncClient) -> None:

@@ -13,6 +13,7 @@ import binascii
 import re
 from typing import Annotated, Any, Literal
 
+import jsonschema_rs
 import orjson
 from pydantic import Field
 
@@ -190,9 +191,11 @@ def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = 
                 raise invalid(["body", field, i, "id"], "tool call ids must be unique")
             call_ids.add(part["id"])
             try:
-                orjson.loads(part["arguments"] or "{}")
+                arguments = orjson.loads(part["arguments"] or "{}")
             except orjson.JSONDecodeError:
-                raise invalid(["body", field, i, "arguments"], "must be JSON text") from None
+                arguments = None
+            if not isinstance(arguments, dict):  # (what every provider takes: an object)
+                raise invalid(["body", field, i, "arguments"], "must be a JSON object as text")
             chars += len(part["arguments"])
         elif kind == TOOL_RESULT:
             chars += len(part["output"])
@@ -228,6 +231,13 @@ def check_tools(
             )
         if tool["parameters"].get("type", "object") != "object":
             raise invalid(["body", "tools", i, "parameters"], "must be a JSON Schema object")
+        try:
+            # Against the meta-schema of JSON Schema 2020-12 (bundled: nothing is fetched),
+            # as the providers check it: a schema they would refuse fails here, not each reply.
+            jsonschema_rs.meta.validate(tool["parameters"])
+        except jsonschema_rs.ValidationError as exc:
+            where = ["body", "tools", i, "parameters", *exc.instance_path]
+            raise invalid(where, "must be a valid JSON Schema") from None
     if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
         raise invalid(["body", "tool_choice"], "must be auto, none, required or a declared tool")
     if tool_choice == "required" and not names:
