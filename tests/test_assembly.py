@@ -72,3 +72,30 @@ def test_a_batch_sends_one_delta_per_part_in_order() -> None:
         {"type": "tool_call", "id": "c", "name": "f", "arguments": "{}"},
         {"type": "text", "text": "cd"},
     ]
+
+
+def test_calls_streamed_without_an_index_are_told_apart_by_their_ids() -> None:
+    """Servers that send no `index` (Gemini's OpenAI-compatible endpoint) start each call with
+    its id; pieces naming neither continue the last call, and a name sent after a call's first
+    piece is kept."""
+    from conversational_core.replies.providers.openai import chunk_items
+
+    def call(**fields: object) -> dict[str, object]:
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [fields]}}]}
+
+    chunks = [
+        call(id="call_x", type="function", function={"name": "get_weather", "arguments": ""}),
+        call(function={"arguments": '{"city": '}),
+        call(function={"arguments": '"Lisbon"}'}),
+        call(id="call_y", function={"name": "get_weather", "arguments": '{"city": "Porto"}'}),
+        call(id="call_z", function={"arguments": "{}"}),
+        call(function={"name": "get_time"}),
+    ]
+    built = PartsBuilder()
+    for chunk in chunks:
+        built.add_all(chunk_items(chunk))  # type: ignore[arg-type]
+    assert [(p["id"], p["name"], p["arguments"]) for p in built.parts] == [
+        ("call_x", "get_weather", '{"city": "Lisbon"}'),
+        ("call_y", "get_weather", '{"city": "Porto"}'),
+        ("call_z", "get_time", "{}"),
+    ]

@@ -103,17 +103,23 @@ class PartsBuilder:
         return index, kind, text, None
 
     def _tool_call(self, item: Piece) -> _Placed | None:
-        index = self._calls.get(item.key)
+        key = item.key
+        if key is None:  # (a piece that names no call continues the last one)
+            key = next(reversed(self._calls), None)
+        index = self._calls.get(key)
         start = None
-        if index is None:
+        if index is not None:
+            if item.name and not self.parts[index]["name"]:
+                self.parts[index]["name"] = item.name  # a name sent after the call's start
+        else:
             call_id = item.id or f"call_{len(self._calls) + 1}"
             self.parts.append(
                 {"type": TOOL_CALL, "id": call_id, "name": item.name or "", "arguments": ""}
             )
             index = len(self.parts) - 1
-            self._calls[item.key] = index
+            self._calls[key] = index
             start = {"tool_call_id": call_id, "name": item.name or ""}
-        self._last_key = (TOOL_CALL, item.key)
+        self._last_key = (TOOL_CALL, key)
         if not item.text and start is None:
             return None
         return index, TOOL_CALL, item.text, start

@@ -178,11 +178,17 @@ def chunk_items(chunk: dict[str, Any]) -> list[str | Piece | Usage]:
             items.append(content)
         for call in delta.get("tool_calls") or ():
             fn = call.get("function") or {}
+            # Calls are told apart by `index`; servers that send none (Gemini's compatible
+            # endpoint) start each call with its `id`, and a piece with neither continues the
+            # last call (assembly).
+            key = call.get("index")
+            if key is None and call.get("id"):
+                key = ("id", call["id"])
             items.append(
                 Piece(
                     TOOL_CALL,
                     fn.get("arguments") or "",
-                    key=call.get("index", 0),
+                    key=key,
                     id=call.get("id"),
                     name=fn.get("name"),
                 )
