@@ -22,6 +22,7 @@ from conversational_core.replies.providers.base import (
     CompletionRequest,
     Provider,
     ProviderError,
+    Stop,
     Usage,
 )
 from conversational_core.replies.providers.openai import OpenAIProvider
@@ -162,6 +163,24 @@ async def test_anthropic_usage_comes_from_the_start_and_the_last_delta() -> None
     assert error is None
     assert [getattr(i, "text", None) for i in items[:2]] == ["Hi", "Hi"]
     assert items[2:] == [Usage(3, 9)]
+
+
+async def test_an_anthropic_answer_cut_at_max_tokens_says_so() -> None:
+    stopped = [
+        *_DONE[:2],
+        sse_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "max_tokens"},
+                "usage": {"output_tokens": 10},
+            },
+            "message_delta",
+        ),
+        _DONE[-1],
+    ]
+    items, error = await _anthropic_reads([*_ANTHROPIC, *stopped])
+    assert error is None
+    assert items[2:] == [Stop("length"), Usage(3, 10)]
 
 
 async def test_anthropic_stream_ending_before_message_stop_is_a_cut() -> None:

@@ -173,6 +173,31 @@ async def test_a_reply_that_streams_too_long_fails_with_its_text_so_far(
     assert events[-1].event == "message.failed"
 
 
+async def test_a_reply_cut_at_the_output_limit_or_filtered_says_so(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    """The model stopped at the output limit: the reply is complete as far as it goes, and its
+    context says why it ends there; withheld entirely by the provider's content filter: a
+    failed reply with a readable error, not an empty completed one."""
+    llm.script = [Reply(["Cut ", "here"], finish="length"), Reply([], finish="content_filter")]
+    cid = await new_conversation(api)
+    cut = await ask(api, cid, "long answer please")
+    await wait_end(api, cid, cut)
+    final = (await api.get(f"/conversations/{cid}/messages/{cut}")).json()
+    assert (final["status"], final["content"]) == ("completed", "Cut here")
+    assert final["context"]["finish_reason"] == "length"
+    withheld = await ask(api, cid, "something filtered")
+    events = await wait_end(api, cid, withheld)
+    final = (await api.get(f"/conversations/{cid}/messages/{withheld}")).json()
+    assert (final["status"], final["content"]) == ("failed", "")
+    assert final["error"] == "The AI provider declined to answer (its content filter)."
+    assert events[-1].event == "message.failed"
+    plain = await ask(api, cid, "hi")
+    await wait_end(api, cid, plain)
+    final = (await api.get(f"/conversations/{cid}/messages/{plain}")).json()
+    assert final["status"] == "completed" and "finish_reason" not in final["context"]
+
+
 async def test_retries_server_errors_then_completes(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     llm.script = [Fail(503), Fail(503, retry_after=0.05), Reply(["ok"])]
     cid = await new_conversation(api)

@@ -33,7 +33,7 @@ from loguru import logger
 from conversational_core.observability import metrics
 from conversational_core.replies.assembly import PartsBuilder, batched
 from conversational_core.replies.context import PromptTooLong, build_prompt, part_tokens
-from conversational_core.replies.providers.base import Provider, ProviderError, Usage
+from conversational_core.replies.providers.base import Provider, ProviderError, Stop, Usage
 from conversational_core.replies.titles import TitleWriter
 from conversational_core.settings import Settings
 from conversational_core.storage.base import JobQueue, MessageQuery, Store
@@ -221,6 +221,7 @@ class ReplyWriter:
         settings = self._settings
         built = PartsBuilder()
         usage: Usage | None = None
+        stop: str | None = None  # why the model stopped, when a user is told (Stop)
         attempt = _attempt(current)  # deltas of another attempt are refused by the store
         provider = self._provider.name
         began = time.monotonic()
@@ -238,16 +239,20 @@ class ReplyWriter:
 
         async def attempt_once(try_number: int) -> bool | None:
             """One provider call: True (answered), False (ended), None (retry)."""
-            nonlocal usage, first_token
+            nonlocal usage, first_token, stop
             started = False
             try:
                 reads = self._provider.reads(request, self._window)
                 batches = batched(reads, self._window)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
-                        pieces = [i for i in batch if not isinstance(i, Usage)]
-                        if len(pieces) < len(batch):
-                            usage = [i for i in batch if isinstance(i, Usage)][-1]
+                        pieces = [i for i in batch if not isinstance(i, Usage | Stop)]
+                        if len(pieces) < len(batch):  # (the end of the stream)
+                            for item in batch:
+                                if isinstance(item, Usage):
+                                    usage = item
+                                elif isinstance(item, Stop):
+                                    stop = item.reason
                         started = started or bool(pieces)
                         for delta in built.add_all(pieces):
                             first = first_token
@@ -317,6 +322,18 @@ class ReplyWriter:
             return False
         parts = built.snapshot()
         noted: dict[str, Any] = {}
+        if stop is not None:
+            noted["finish_reason"] = stop  # `length`: cut at the output limit
+            if stop == "content_filter" and not parts:
+                await self._end(
+                    conversation_id,
+                    current,
+                    MessageStatus.FAILED,
+                    error="The AI provider declined to answer (its content filter).",
+                    parts=parts,
+                    noted=noted,
+                )
+                return False
         if usage is None:
             # Some servers report none (llama-cpp-python's): an estimate, marked as one.
             prompt_tokens = int((current.context or {}).get("estimated_prompt_tokens", 0))

@@ -24,9 +24,11 @@ from conversational_core.replies.providers.base import (
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
+    Item,
     Piece,
     Provider,
     ProviderError,
+    Stop,
     Usage,
     each_item,
     is_image,
@@ -157,12 +159,12 @@ class AnthropicProvider(Provider):
     async def close(self) -> None:
         await self._client.close()
 
-    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[Item]:
         return each_item(self.reads(request))
 
     async def reads(
         self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
-    ) -> AsyncIterator[list[str | Piece | Usage]]:
+    ) -> AsyncIterator[list[Item]]:
         system = "\n\n".join(m.content for m in request.messages if m.role == "system")
         kwargs: dict[str, Any] = {}
         if system:
@@ -197,7 +199,7 @@ class AnthropicProvider(Provider):
             usage = Usage(0, 0)
             try:
                 async for read in events:
-                    items: list[str | Piece | Usage] = []
+                    items: list[Item] = []
                     stopped = False
                     try:
                         for event in read:
@@ -205,6 +207,10 @@ class AnthropicProvider(Provider):
                                 items.append(usage)
                                 stopped = True
                                 break
+                            if event.get("type") == "message_delta":
+                                told = _TOLD.get((event.get("delta") or {}).get("stop_reason"))
+                                if told is not None:
+                                    items.append(Stop(told))
                             piece, usage = event_items(event, usage)
                             if piece is not None:
                                 items.append(piece)
@@ -221,6 +227,11 @@ class AnthropicProvider(Provider):
                 raise ProviderError(UNREADABLE, retryable=True) from None
         # The body ended without `message_stop`: the reply was cut short.
         raise ProviderError(CUT_OFF, retryable=True)
+
+
+# Stop reasons a user is told of, by the names the OpenAI protocol gives them (the others are
+# an answer: end_turn, stop_sequence, tool_use, pause_turn).
+_TOLD: dict[Any, str] = {"max_tokens": "length", "refusal": "content_filter"}
 
 
 def event_items(event: dict[str, Any], usage: Usage) -> tuple[Piece | None, Usage]:

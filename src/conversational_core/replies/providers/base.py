@@ -95,6 +95,18 @@ class Usage:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Why the model stopped, when a user would want to know: `length` (it reached the output
+    limit: the answer is cut) or `content_filter` (the provider withheld the rest)."""
+
+    reason: str
+
+
+# What a provider's stream yields: text, pieces of parts, the usage (last), why it stopped.
+Item = str | Piece | Usage | Stop
+
+
 class ProviderError(Exception):
     """A failed call. `message` is written for the user: never the provider's raw body."""
 
@@ -131,7 +143,7 @@ class Provider(ABC):
     name: str
 
     @abstractmethod
-    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[Item]:
         """Text deltas (`str`) and pieces of other parts as they arrive, then (when the
         provider reports it) one Usage.
 
@@ -140,7 +152,7 @@ class Provider(ABC):
 
     def reads(
         self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
-    ) -> AsyncIterator[list[str | Piece | Usage]]:
+    ) -> AsyncIterator[list[Item]]:
         """The items of :meth:`stream` in the groups they were read in: each list is what
         one read of the provider's connection held, everything the model wrote since the
         read before (at least one item). Under load the worker paces its reads (`pace()`:

@@ -19,6 +19,7 @@ import uuid_utils
 from conversational_core.replies.context import estimate_tokens
 from conversational_core.replies.providers.base import (
     CompletionRequest,
+    Item,
     Piece,
     Provider,
     Usage,
@@ -95,7 +96,7 @@ class DevProvider(Provider):
         if self._delay:
             await asyncio.sleep(self._delay)  # the pace of a real model's tokens
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Item]:
         prompt = sum(estimate_tokens(m.content) for m in request.messages)
         previous = request.messages[-1] if request.messages else None
         last = next((m.content for m in reversed(request.messages) if m.role == "user"), "")

@@ -35,9 +35,11 @@ from conversational_core.replies.providers.base import (
     UNREADABLE,
     ChatMessage,
     CompletionRequest,
+    Item,
     Piece,
     Provider,
     ProviderError,
+    Stop,
     StreamEnd,
     Usage,
     each_item,
@@ -101,12 +103,12 @@ class OpenAIProvider(Provider):
     async def close(self) -> None:
         await self._client.close()
 
-    def stream(self, request: CompletionRequest) -> AsyncIterator[str | Piece | Usage]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[Item]:
         return each_item(self.reads(request))
 
     async def reads(
         self, request: CompletionRequest, pace: Callable[[], float] = lambda: 0.0
-    ) -> AsyncIterator[list[str | Piece | Usage]]:
+    ) -> AsyncIterator[list[Item]]:
         messages: Any = openai_messages(request.messages)
         options: dict[str, Any] = {self._max_tokens_param: request.max_tokens}
         if request.temperature is not None:
@@ -135,7 +137,7 @@ class OpenAIProvider(Provider):
         async with contextlib.aclosing(events):
             try:
                 async for chunks in events:
-                    items: list[str | Piece | Usage] = []
+                    items: list[Item] = []
                     try:
                         for chunk in chunks:
                             items += chunk_items(chunk)
@@ -158,14 +160,19 @@ class OpenAIProvider(Provider):
             raise ProviderError(CUT_OFF, retryable=True)
 
 
-def chunk_items(chunk: dict[str, Any]) -> list[str | Piece | Usage]:
+_TOLD = ("length", "content_filter")  # finish reasons a user is told of (the others: an answer)
+
+
+def chunk_items(chunk: dict[str, Any]) -> list[Item]:
     """What one chat-completion chunk (as JSON) holds for the reply. A chunk with an `error`
     (vLLM reports a failure during the stream so) fails the reply."""
     if chunk.get("error"):
         raise ProviderError("The AI provider failed while answering.", retryable=True)
-    items: list[str | Piece | Usage] = []
+    items: list[Item] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
+        if choice.get("finish_reason") in _TOLD:
+            items.append(Stop(choice["finish_reason"]))
         if not delta:
             continue
         # DeepSeek, vLLM and llama.cpp's server stream the model's thinking as
