@@ -146,3 +146,21 @@ async def test_a_reply_past_its_tries_fails(store: Store, settings: Settings) ->
         f"The reply could not be written after {settings.JOB_MAX_TRIES} attempts."
     )
     assert await store.reply_queue_head(cid) is None
+
+
+async def test_an_ended_reply_left_on_the_queue_is_taken_off(
+    store: Store, settings: Settings
+) -> None:
+    """A reply that ended by a path that did not take it off the reply queue (none should) is
+    taken off when a worker comes to it, with no second event: the conversation's next
+    replies are not held behind it."""
+    cid, reply_id = await _queue_reply(store)
+    reply = await store.get_message(cid, None, reply_id)
+    ended = reply.replace(status=MessageStatus.COMPLETED, content="done", version=reply.version + 1)
+    assert await store.flush_reply(cid, ended, reply)  # written, but left on the queue
+    assert await store.reply_queue_head(cid) == reply_id
+    mark = await store.last_event_id(cid)
+    await ReplyWriter(store, DevProvider(0), settings).write(cid, reply_id)
+    assert await store.reply_queue_head(cid) is None
+    assert await store.get_message(cid, None, reply_id) == ended
+    assert await store.read_events(cid, mark, 10) == []

@@ -93,6 +93,9 @@ class ReplyWriter:
         if isinstance(current, BaseException):
             raise current
         if current.status.is_written:
+            # Ended, yet at the head of the reply queue (write is asked for the head only): no
+            # path should leave it there; off it, or every later reply would wait behind it.
+            await self._store.release_ended_reply(conversation_id, current)
             return
         if isinstance(conversation, NotFound) or isinstance(history, NotFound):
             return

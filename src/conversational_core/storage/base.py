@@ -371,6 +371,12 @@ class Store(ABC):
         (not even a stale writer's)."""
 
     @abstractmethod
+    async def release_ended_reply(self, conversation_id: str, reply: Message) -> None:
+        """A reply that has ended (`reply` as stored) but is still on the reply queue leaves
+        it, with no event: no path should leave one there, and the conversation's next replies
+        would wait behind it for good."""
+
+    @abstractmethod
     async def cancel_reply(
         self, conversation_id: str, owner: str | None, reply: Message, expected: Message
     ) -> Message | None:
@@ -495,6 +501,9 @@ class CompareAndSet(Store):
         return await self._replace(
             conversation_id, None, reply, expected, _ENDS[reply.status], ended=True
         )
+
+    async def release_ended_reply(self, conversation_id: str, reply: Message) -> None:
+        await self._replace(conversation_id, None, reply, reply, None, ended=True)
 
     async def cancel_reply(
         self, conversation_id: str, owner: str | None, reply: Message, expected: Message
