@@ -47,6 +47,29 @@ def throughput_line(c: Comparison) -> str:
     return line
 
 
+def edges_line(comparisons: list[Comparison]) -> str | None:
+    """What the production edges cost: ours in the production configuration over ours without
+    the rate limit and access lines, same route, medians of the same alternating rounds."""
+    by_name = {c.name: c for c in comparisons}
+    pairs = [
+        ("POST", "POST message", "POST, production"),
+        ("GET", "GET page (50)", "GET, production"),
+    ]
+    parts = []
+    for label, plain, production in pairs:
+        if plain not in by_name or production not in by_name:
+            return None
+        ratio = (
+            by_name[production].summary(by_name[production].ours)["rps"]
+            / by_name[plain].summary(by_name[plain].ours)["rps"]
+        )
+        parts.append(f"{label} {ratio:.2f}x")
+    return (
+        "Production edges (rate limit + access line): ours with them over ours without, "
+        + ", ".join(parts)
+    )
+
+
 def scaling_line(p: Pair) -> str:
     goal = "" if p.goal is None else f" (goal <= {p.goal}x: {_verdict(p.ratio <= p.goal)})"
     big = p.big_label.removeprefix("at_")
@@ -286,6 +309,7 @@ def table(
         "Throughput, one uvicorn worker (medians of alternating wrk rounds; latency under 32 "
         "connections):",
         *(throughput_line(c) for c in comparisons),
+        *([line] if (line := edges_line(comparisons)) else []),
         "",
         "Latency at 100,000 messages vs at 10 (p50 of sequential keep-alive requests; pages sized "
         "so that both return the same number of messages):",

@@ -459,6 +459,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         if os.environ.get("BENCH_ONLY") == "throughput":  # a quick check while tuning
             for comparison in comparisons:
                 print(comparison.name, orjson.dumps(comparison.to_json()).decode())
+            print(report.edges_line(comparisons))
             return 0
 
         _step(
