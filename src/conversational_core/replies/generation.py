@@ -321,7 +321,7 @@ class ReplyWriter:
                 await asyncio.sleep(delay)  # (the watch stops it for a reply no longer wanted)
                 return None
 
-        if not await self._watched(conversation_id, current, generate(), published, built, began):
+        if not await self._watched(conversation_id, current, generate(), published, began):
             return False
         parts = built.snapshot()
         noted: dict[str, Any] = {}
@@ -372,7 +372,6 @@ class ReplyWriter:
         current: Message,
         work: Coroutine[Any, Any, bool],
         published: list[float],
-        built: PartsBuilder,
         began: float,
     ) -> bool:
         """Run `work` (the provider's answer into deltas) under a watch: each second in which it
@@ -398,6 +397,9 @@ class ReplyWriter:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                     logger.info("reply {} ran past LLM_REPLY_MAX_SECONDS", current.id)
+                    # Exactly what its deltas published (stopped mid-publish, the builder may
+                    # hold a piece more), and no delta after it.
+                    sent = await self._store.stop_reply(conversation_id, current.id)
                     await self._end(
                         conversation_id,
                         current,
@@ -406,7 +408,7 @@ class ReplyWriter:
                             "The AI provider's answer took longer than "
                             f"{self._settings.LLM_REPLY_MAX_SECONDS:g} seconds."
                         ),
-                        parts=built.snapshot(),
+                        parts=sent or [],
                     )
                     return False
                 if (
