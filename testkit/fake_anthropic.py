@@ -27,8 +27,8 @@ from testkit.ports import ServedApp
 
 @dataclass
 class Block:
-    type: str  # "text" | "thinking" | "tool_use"
-    pieces: list[str]  # text, thinking, or the tool input's JSON, in pieces
+    type: str  # "text" | "thinking" | "redacted_thinking" | "tool_use"
+    pieces: list[str]  # text, thinking, or the tool input's JSON, in pieces (redacted: none)
     signature: str = ""  # thinking
     id: str = ""  # tool_use
     name: str = ""  # tool_use
@@ -73,6 +73,8 @@ class FakeAnthropic:
                 start: dict[str, Any] = {"type": "text", "text": ""}
             elif block.type == "thinking":
                 start = {"type": "thinking", "thinking": "", "signature": ""}
+            elif block.type == "redacted_thinking":  # (its data comes whole, in the start)
+                start = {"type": "redacted_thinking", "data": block.signature}
             else:
                 start = {"type": "tool_use", "id": block.id, "name": block.name, "input": {}}
             yield event(

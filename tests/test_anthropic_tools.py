@@ -18,7 +18,7 @@ from conversational_core.storage.factory import Backend
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until, serve
-from tests.fixtures.replies import new_conversation, wait_end
+from tests.fixtures.replies import ask, new_conversation, wait_end
 from tests.test_api_tools import WEATHER, assert_deltas_make_the_parts
 
 
@@ -51,8 +51,9 @@ async def test_a_tool_round_trip_sends_thinking_back_with_its_signature(
             Block("tool_use", ['{"city": ', '"Lisbon"}'], id="toolu_01", name="get_weather"),
         ],
         [Block("text", ["It is ", "18 C."])],
+        [Block("tool_use", ["{}"], id="toolu_02", name="get_weather")],
     ]
-    cid = await new_conversation(api, tools=[WEATHER], tool_choice="required")
+    cid = await new_conversation(api, tools=[WEATHER], tool_choice="auto")
     image = "https://example.com/sky.jpg"
     posted = await api.post(
         f"/conversations/{cid}/messages",
@@ -80,7 +81,7 @@ async def test_a_tool_round_trip_sends_thinking_back_with_its_signature(
     first = claude.requests[0]
     assert first["tools"] == [{"name": "get_weather", "description": WEATHER["description"],
                                "input_schema": WEATHER["parameters"]}]  # fmt: skip
-    assert first["tool_choice"] == {"type": "any"}
+    assert first["tool_choice"] == {"type": "auto"}
     assert first["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert first["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Weather in Lisbon?"},
@@ -108,6 +109,44 @@ async def test_a_tool_round_trip_sends_thinking_back_with_its_signature(
              "is_error": False},
         ]},
     ]  # fmt: skip
+    # A turn that forces a tool is asked without thinking (Anthropic refuses the pair).
+    forced = await api.post(
+        f"/conversations/{cid}/messages", json={"content": "Again?", "tool_choice": "required"}
+    )
+    assert forced.status_code == 201, forced.text
+    await wait_end(api, cid, forced.json()["reply_message_id"])
+    assert claude.requests[2]["tool_choice"] == {"type": "any"}
+    assert "thinking" not in claude.requests[2]
+
+
+async def test_redacted_thinking_is_kept_and_sent_back(
+    api: httpx.AsyncClient, claude: FakeAnthropic
+) -> None:
+    """Thinking the provider sends encrypted (`redacted_thinking`) has no text to show, but
+    must go back with its turn after tool use (Anthropic refuses the turn without it)."""
+    claude.script = [
+        [
+            Block("redacted_thinking", [], signature="EncryptedBlob=="),
+            Block("tool_use", ['{"city": "Lisbon"}'], id="toolu_09", name="get_weather"),
+        ],
+        [Block("text", ["Sunny."])],
+    ]
+    cid = await new_conversation(api, tools=[WEATHER])
+    reply_id = await ask(api, cid, "Weather?")
+    events = await wait_end(api, cid, reply_id)
+    assert events[-1].data["message"]["parts"][0] == {
+        "type": "reasoning",
+        "text": "",
+        "provider_data": {"provider": "anthropic", "redacted": "EncryptedBlob=="},
+    }
+    answered = await api.post(
+        f"/conversations/{cid}/messages/{reply_id}/tool_results",
+        json={"results": [{"tool_call_id": "toolu_09", "output": "sunny"}]},
+    )
+    await wait_end(api, cid, answered.json()["reply_message_id"])
+    assistant = claude.requests[1]["messages"][1]
+    assert assistant["content"][0] == {"type": "redacted_thinking", "data": "EncryptedBlob=="}
+    assert assistant["content"][1]["type"] == "tool_use"
 
 
 async def test_titles_are_written_from_anthropic_text(

@@ -178,6 +178,38 @@ async def test_a_two_call_round_trip_completes(api: httpx.AsyncClient, llm: Fake
     assert llm.requests[2]["messages"] == llm.requests[1]["messages"]
 
 
+async def test_calls_a_client_cannot_run_fail_the_reply_and_no_arguments_are_braces(
+    api: httpx.AsyncClient, llm: FakeLLM
+) -> None:
+    """A call whose arguments were cut at the output limit, or are not a JSON object, is not
+    offered to the client to run: the reply fails with what it wrote. A call with no
+    arguments has `{}` (JSON text, as every call's), its deltas making them too."""
+    cut = Reply([], deltas=tool_call_deltas([("call_c", "get_weather", '{"city": "Lis')]))
+    cut.finish = "length"
+    not_object = calling(("call_n", "get_weather", "[1, 2]"))
+    empty = calling(("call_e", "get_time", ""), text="")
+    llm.script = [cut, not_object, empty]
+    cid = await new_conversation(api, tools=[WEATHER, TIME])
+    for error in (
+        "The AI model's tool call was cut off at the output limit.",
+        "The AI model called a tool with arguments that are not a JSON object.",
+    ):
+        reply_id = await ask(api, cid, "Weather?")
+        events = await wait_end(api, cid, reply_id)
+        final = events[-1].data["message"]
+        assert (events[-1].event, final["error"]) == ("message.failed", error)
+        assert final["parts"][-1]["type"] == "tool_call"  # what it wrote, kept
+        assert_deltas_make_the_parts(events, final)
+    reply_id = await ask(api, cid, "Time?")
+    events = await wait_end(api, cid, reply_id)
+    assert events[-1].event == "message.requires_action"
+    waiting = events[-1].data["message"]
+    assert waiting["parts"] == [
+        {"type": "tool_call", "id": "call_e", "name": "get_time", "arguments": "{}"}
+    ]
+    assert_deltas_make_the_parts(events, waiting)
+
+
 async def test_reasoning_is_kept_apart_from_content(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     llm.script = [
         Reply(

@@ -124,8 +124,8 @@ async def test_cancel_mid_stream_stops_the_provider(api: httpx.AsyncClient, llm:
 
 @pytest.mark.parametrize(
     "first",
-    [Reply(["never"], first_delay=60), Fail(503, retry_after=60)],
-    ids=["silent", "backoff"],
+    [Reply(["never"], first_delay=60), Fail(503, retry_after=60), Fail(503, retry_after=0.5)],
+    ids=["silent", "backoff", "short-backoff"],
 )
 async def test_a_cancel_stops_a_reply_whose_provider_says_nothing(
     api: httpx.AsyncClient, llm: FakeLLM, first: Reply | Fail

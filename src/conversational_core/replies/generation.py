@@ -28,6 +28,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from conversational_core.observability import metrics
@@ -39,6 +40,7 @@ from conversational_core.settings import Settings
 from conversational_core.storage.base import JobQueue, MessageQuery, Store
 from conversational_core.storage.errors import NotFound, ReplyStopped
 from conversational_core.storage.models import (
+    TOOL_CALL,
     Conversation,
     Message,
     MessageStatus,
@@ -51,6 +53,13 @@ from conversational_core.storage.models import (
 # How often a reply's writer checks, while nothing is published, that the reply is still its to
 # write (ReplyWriter._watched).
 _WATCH_SECONDS = 1.0
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _attempt(message: Message) -> int:
@@ -319,12 +328,41 @@ class ReplyWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)  # (the watch stops it for a reply no longer wanted)
+                if await self._reread(conversation_id, current) is None:
+                    return False  # cancelled (or deleted, taken over) while it waited: no call
                 return None
 
         if not await self._watched(conversation_id, current, generate(), published, began):
             return False
+        for index, part in enumerate(built.parts):
+            if part["type"] == TOOL_CALL and not part["arguments"]:
+                # A call with no arguments: `{}` (JSON text, as every call's), sent as its
+                # delta too, so that its deltas still make its arguments.
+                if not await self._store.publish_delta(
+                    conversation_id, current.id, "{}", attempt,
+                    part_index=index, part_type=TOOL_CALL,
+                ):  # fmt: skip
+                    return False  # stopped meanwhile: recorded by who stopped it
+                part["arguments"] = "{}"
         parts = built.snapshot()
         noted: dict[str, Any] = {}
+        broken = [p for p in built.tool_calls if not _json_object(p["arguments"])]
+        if broken:
+            # A call a client cannot run (its arguments cut at the output limit, or not JSON):
+            # the reply fails, with what it wrote, rather than ask for the call's result.
+            await self._end(
+                conversation_id,
+                current,
+                MessageStatus.FAILED,
+                error=(
+                    "The AI model's tool call was cut off at the output limit."
+                    if stop == "length"
+                    else "The AI model called a tool with arguments that are not a JSON object."
+                ),
+                parts=parts,
+                noted={"finish_reason": stop} if stop else None,
+            )
+            return False
         if stop is not None:
             noted["finish_reason"] = stop  # `length`: cut at the output limit
             if stop == "content_filter" and not parts:

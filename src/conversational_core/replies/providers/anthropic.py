@@ -86,7 +86,11 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
             blocks.append(_file_block(part))
         elif kind == REASONING:
             data = part.get("provider_data") or {}
-            if data.get("provider") == NAME and data.get("signature"):
+            if data.get("provider") != NAME:
+                continue
+            if data.get("redacted"):  # thinking the model's provider sent encrypted
+                blocks.append({"type": "redacted_thinking", "data": data["redacted"]})
+            elif data.get("signature"):
                 blocks.append(
                     {"type": "thinking", "thinking": part["text"], "signature": data["signature"]}
                 )
@@ -170,7 +174,10 @@ class AnthropicProvider(Provider):
         if system:
             kwargs["system"] = system
         budget = min(self._reasoning_budget, request.max_tokens - 1)
-        if self._reasoning_budget and budget >= 1024:  # Anthropic's least budget
+        # Extended thinking takes no forced tool (`any` or a named tool: Anthropic refuses the
+        # pair), so a turn that forces one is asked without thinking.
+        forced = bool(request.tools) and request.tool_choice not in (None, "auto", "none")
+        if self._reasoning_budget and budget >= 1024 and not forced:  # (1024: the least budget)
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
         elif request.temperature is not None:  # (thinking takes no temperature)
             kwargs["temperature"] = min(request.temperature, 1.0)  # Anthropic's range is 0-1
@@ -259,6 +266,11 @@ def event_items(event: dict[str, Any], usage: Usage) -> tuple[Piece | None, Usag
             piece = Piece(TOOL_CALL, "", key=event.get("index", 0), id=block["id"],
                           name=block["name"])  # fmt: skip
             return piece, usage
+        if block.get("type") == "redacted_thinking":
+            # Thinking sent encrypted (no text to show): kept, as a reasoning part with no
+            # text, to be sent back with the turn (Anthropic requires it after tool use).
+            data = {"provider": NAME, "redacted": block["data"]}
+            return Piece(REASONING, "", key=event.get("index", 0), provider_data=data), usage
         return None, usage
     if kind == "message_start":
         counted = event["message"].get("usage") or {}
