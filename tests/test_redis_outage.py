@@ -72,3 +72,48 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
         assert posted.status_code == 201  # Lua scripts were reloaded after the restart
         listed = await client.get(f"/conversations/{cid2}/messages", headers=alice)
         assert [m["content"] for m in listed.json()["items"]] == ["hello again"]
+
+
+@pytest.fixture
+def locked_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path, options=("--requirepass", "s3cret"))
+    server.start(wait=False)  # (it answers PING with NOAUTH: nothing to wait on but the port)
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis_restart
+async def test_credentials_redis_refuses_are_an_outage_not_a_bug(
+    locked_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """A password missing, wrong, or sent to a server that has none (a deployment's mistake,
+    or a password rotated under a running service): every request and /health answer 503,
+    as in any outage, not 500 (a bug) - and the service recovers once the password is right."""
+    plain = RedisProcess(tmp_path / "plain")
+    (tmp_path / "plain").mkdir()
+    plain.start()
+    try:
+        url = locked_redis.url
+        for wrong in (
+            url,
+            url.replace("redis://", "redis://:wrong@"),
+            plain.url.replace("redis://", "redis://:pw@"),
+        ):
+            settings = make_settings(
+                REDIS_URL=wrong, REDIS_SOCKET_TIMEOUT=1.0, REDIS_CONNECT_TIMEOUT=0.5
+            )
+            async with app_client(create_app(settings)) as client:
+                health = await client.get("/health")
+                assert health.status_code == 503, (wrong, health.text)
+                assert health.json()["status"] == "unavailable"
+                posted = await client.post(
+                    "/conversations", headers=auth(settings, "alice"), json={}
+                )
+                assert posted.status_code == 503, (wrong, posted.text)
+                assert posted.headers["retry-after"]
+                assert "s3cret" not in posted.text and "wrong" not in posted.text
+        right = make_settings(REDIS_URL=url.replace("redis://", "redis://:s3cret@"))
+        async with app_client(create_app(right)) as client:
+            assert (await client.get("/health")).status_code == 200
+    finally:
+        plain.stop()

@@ -54,9 +54,17 @@ TRANSIENT_REPLIES: dict[str, int] = {
     "CLUSTERDOWN": 2,  # a cluster without a primary for a slot
     "MOVED": 1,  # redirections that did not settle (slot map changing)
     "ASK": 1,
+    # The deployment's credentials do not open the server (a password missing, wrong, or
+    # changed under a running service; an ACL that denies a command): nothing a request can
+    # fix, and nothing it did wrong. The service cannot serve: 503, /health unavailable.
+    "NOAUTH": 5,
+    "WRONGPASS": 5,
+    "NOPERM": 5,
 }
-# "ERR max number of clients reached" is the one transient `ERR`.
+# "ERR max number of clients reached" is the one transient `ERR`; and an `AUTH` sent to a server
+# that has no password ("ERR AUTH <password> called without any password configured…").
 _TOO_MANY_CLIENTS = "max number of clients reached"
+_NO_PASSWORD_SET = "without any password configured"
 
 # What the network and redis-py raise for the same conditions (no reply at all, a timeout,
 # a failover redis-py could not ride out, no node to learn a cluster's slot map from).
@@ -112,6 +120,8 @@ def retry_after(exc: BaseException) -> int | None:
         return TRANSIENT_REPLIES[code]
     if code == "ERR" and _TOO_MANY_CLIENTS in str(exc):
         return DEFAULT_RETRY_AFTER
+    if code == "ERR" and _NO_PASSWORD_SET in str(exc):
+        return TRANSIENT_REPLIES["WRONGPASS"]
     return None
 
 
