@@ -33,6 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"ANONYMOUS_RATE_LIMIT": "some"}, "ANONYMOUS_RATE_LIMIT"),
         ({"CORS_ALLOW_CREDENTIALS": "maybe"}, "CORS_ALLOW_CREDENTIALS"),
         ({"SENTRY_TRACES_SAMPLE_RATE": 2}, "SENTRY_TRACES_SAMPLE_RATE"),
+        ({"RATE_LIMIT": "0/minute"}, "RATE_LIMIT"),
+        ({"AI_RATE_LIMIT": "10/0 minutes"}, "AI_RATE_LIMIT"),
+        ({"DATA_DIR": " "}, "DATA_DIR"),
+        ({"LLM_REASONING_BUDGET_TOKENS": 5}, "LLM_REASONING_BUDGET_TOKENS"),
+        ({"LLM_MODEL_CONTEXT_TOKENS": {"m": -1}}, "LLM_MODEL_CONTEXT_TOKENS"),
+        ({"SENTRY_DSN": "not a dsn"}, "SENTRY_DSN"),
+        ({"REDIS_URL": "redis://localhost:port/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://localhost:6379/zero"}, "REDIS_URL"),
     ],
 )
 def test_invalid_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:
@@ -62,11 +70,20 @@ def test_production_refuses_development_key_and_wildcard_credentials() -> None:
     assert ok.CORS_ORIGINS == ["https://a.example", "https://b.example"]
 
 
-def test_run_py_refuses_to_start_with_a_readable_message() -> None:
-    env = {**os.environ, "PORT": "not-a-port", "REDIS_URL": ""}
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PORT": "not-a-port"}, "PORT"),
+        ({"LLM_MODEL_CONTEXT_TOKENS": "{not json"}, "LLM_MODEL_CONTEXT_TOKENS"),
+    ],
+)
+def test_run_py_refuses_to_start_with_a_readable_message(
+    env: dict[str, str], variable: str
+) -> None:
+    env = {**os.environ, **env, "REDIS_URL": ""}
     result = subprocess.run(
         [sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
-    assert "PORT" in result.stderr
+    assert variable in result.stderr
     assert "Traceback" not in result.stderr

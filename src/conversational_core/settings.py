@@ -11,15 +11,16 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 # Used when JWT_SECRET is unset in development so that `run.py token` works out of the box.
 # ENVIRONMENT=production refuses it (and any secret shorter than 32 bytes).
 DEV_JWT_SECRET = "conversational-core-development-secret-do-not-use-in-production"
 
-_RATE_RE = re.compile(r"^\s*\d+\s*/\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 
 
 class Environment(StrEnum):
@@ -188,9 +189,48 @@ class Settings(BaseSettings):
     @field_validator("RATE_LIMIT", "AI_RATE_LIMIT", "ANONYMOUS_RATE_LIMIT")
     @classmethod
     def _rate(cls, value: str) -> str:
-        if value.strip().lower() != "off" and not _RATE_RE.match(value):
+        if value.strip().lower() == "off":
+            return value.strip()
+        match = _RATE_RE.match(value)
+        if not match:
             raise ValueError("must look like '600/minute' (second|minute|hour|day) or 'off'")
+        if any(n is not None and int(n) == 0 for n in match.groups()[:2]):
+            raise ValueError("must allow at least 1 request in a window of at least 1 unit")
         return value.strip()
+
+    @field_validator("DATA_DIR", mode="before")
+    @classmethod
+    def _data_dir(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a directory (unset: ./data)")
+        return value
+
+    @field_validator("LLM_REASONING_BUDGET_TOKENS")
+    @classmethod
+    def _reasoning_budget(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError("must be 0 (off) or at least 1024 (Anthropic's least budget)")
+        return value
+
+    @field_validator("LLM_MODEL_CONTEXT_TOKENS")
+    @classmethod
+    def _model_contexts(cls, value: dict[str, int]) -> dict[str, int]:
+        small = sorted(model for model, tokens in value.items() if tokens < 256)
+        if small:
+            raise ValueError(f"context windows must be at least 256 tokens: {small}")
+        return value
+
+    @field_validator("SENTRY_DSN")
+    @classmethod
+    def _sentry_dsn(cls, value: str | None) -> str | None:
+        if value is not None:
+            from sentry_sdk.utils import BadDsn, Dsn
+
+            try:
+                Dsn(value)
+            except BadDsn:
+                raise ValueError("is not a Sentry DSN (https://<key>@<host>/<project>)") from None
+        return value
 
     @field_validator(
         "REDIS_URL",
@@ -212,8 +252,21 @@ class Settings(BaseSettings):
     @field_validator("REDIS_URL")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value is None:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)  # (what the client reads it with: port and database numbers)
+            database = urlsplit(value).path.strip("/")
+            if value.startswith("redis") and database and not database.isdigit():
+                raise ValueError(database)
+        except ValueError:
+            raise ValueError(
+                "is not a Redis URL (redis://[:password@]host[:port][/database])"
+            ) from None
         return value
 
     @model_validator(mode="after")
@@ -285,6 +338,10 @@ def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning validation errors into one message that names each variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:  # a value pydantic-settings parses as JSON and could not
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = found.group(1).upper() if found else "configuration"
+        raise ConfigError(f"invalid configuration: {name}: is not valid JSON") from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
