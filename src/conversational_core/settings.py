@@ -259,7 +259,7 @@ class Settings(BaseSettings):
         from redis.connection import parse_url
 
         try:
-            parse_url(value)  # (what the client reads it with: port and database numbers)
+            parse_url(value)  # type: ignore[no-untyped-call]  # (how the client reads it)
             database = urlsplit(value).path.strip("/")
             if value.startswith("redis") and database and not database.isdigit():
                 raise ValueError(database)
