@@ -87,3 +87,38 @@ def test_run_py_refuses_to_start_with_a_readable_message(
     assert result.returncode == 2
     assert variable in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_embedded_store_serves_one_process_and_says_what_it_cannot_use(
+    tmp_path: Path,
+) -> None:
+    """A second process on a data directory in use would write replies the first one's
+    clients never hear of (the embedded store's events live in its process): refused at
+    start, in one line, as are a data directory that is a file and WORKER_IN_API=false (no
+    process could write the replies)."""
+    from conversational_core.storage.embedded.lock import DataDirInUse, data_dir_lock
+
+    def start(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "run.py"],
+            cwd=ROOT,
+            env={**os.environ, "REDIS_URL": "", "PORT": "1", **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    busy = tmp_path / "busy"
+    with data_dir_lock(busy):
+        with pytest.raises(DataDirInUse), data_dir_lock(busy):
+            pass  # (another holder, even in this process)
+        refused = start(DATA_DIR=str(busy))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"DATA_DIR {busy} is in use by another process (process {os.getpid()})" in (
+        refused.stderr
+    )
+    (tmp_path / "file").write_text("")
+    refused = start(DATA_DIR=str(tmp_path / "file"))
+    assert refused.returncode == 2 and "not a directory" in refused.stderr
+    refused = start(DATA_DIR=str(tmp_path / "ok"), WORKER_IN_API="false")
+    assert refused.returncode == 2 and "WORKER_IN_API=false needs REDIS_URL" in refused.stderr

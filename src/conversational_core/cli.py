@@ -28,13 +28,39 @@ def _prepare_metrics_dir(workers: int) -> str | None:
     return None
 
 
-def _serve(settings: Settings) -> None:
-    own_dir = _prepare_metrics_dir(1 if settings.RELOAD else settings.WORKERS)
+def _embedded_problem(settings: Settings) -> str | None:
+    """What keeps the embedded store from serving, said before the server starts (else it
+    would be a traceback in the server's start-up)."""
+    from conversational_core.storage.embedded.lock import data_dir_problem
+
+    if not settings.WORKER_IN_API:
+        return (
+            "WORKER_IN_API=false needs REDIS_URL: on the embedded store the API process is the "
+            "only one that can write replies"
+        )
+    return data_dir_problem(settings.DATA_DIR)
+
+
+def _serve(settings: Settings) -> int:
+    if not settings.REDIS_URL:
+        problem = _embedded_problem(settings)
+        if problem is not None:
+            print(f"conversational-core: {problem}", file=sys.stderr)
+            return 2
+    try:
+        own_dir = _prepare_metrics_dir(1 if settings.RELOAD else settings.WORKERS)
+    except OSError as exc:
+        print(
+            f"conversational-core: PROMETHEUS_MULTIPROC_DIR cannot be used: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         _run_uvicorn(settings)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
+    return 0
 
 
 def _run_uvicorn(settings: Settings) -> None:
@@ -129,5 +155,5 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "worker":
         return _worker(settings)
     else:
-        _serve(settings)
+        return _serve(settings)
     return 0

@@ -74,6 +74,7 @@ from conversational_core.storage.embedded.database import (
 )
 from conversational_core.storage.embedded.events import MemoryEventLog
 from conversational_core.storage.embedded.jobs import MemoryJobQueue, recover
+from conversational_core.storage.embedded.lock import data_dir_lock
 from conversational_core.storage.embedded.messages import SqliteMessages
 from conversational_core.storage.embedded.records import (
     SELECT_CONVERSATION,
@@ -456,21 +457,24 @@ async def open_sqlite_store(
     lease_seconds: float = 15.0,
     recover_jobs: bool = True,
 ) -> AsyncIterator[SqliteStore]:
-    """The store in `data_dir` (created if needed), with its event log (`store.events`) and job
-    queue (`store.jobs`, signalled by every queued reply); closed on exit. With `recover_jobs`,
-    a job is signalled at once for every conversation with replies left by an earlier run."""
-    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-    events = MemoryEventLog(events_max_len, client_buffer)
-    store = await SqliteStore.open(
-        data_dir / DB_FILENAME, events=events, lease_seconds=lease_seconds
-    )
-    try:
-        if recover_jobs:
-            found = await recover(store)
-            if found:
-                logger.info("{} conversation(s) have replies left to write", found)
-        yield store
-    finally:
-        await events.close()
-        await store.jobs.close()
-        await store.close()
+    """The store in `data_dir` (created if needed; held by this process alone: DataDirInUse
+    otherwise), with its event log (`store.events`) and job queue (`store.jobs`, signalled by
+    every queued reply); closed on exit. With `recover_jobs`, a job is signalled at once for
+    every conversation with replies left by an earlier run."""
+    with contextlib.ExitStack() as locked:
+        # One process per data directory (lock.py says why); DataDirInUse otherwise.
+        await asyncio.to_thread(locked.enter_context, data_dir_lock(data_dir))
+        events = MemoryEventLog(events_max_len, client_buffer)
+        store = await SqliteStore.open(
+            data_dir / DB_FILENAME, events=events, lease_seconds=lease_seconds
+        )
+        try:
+            if recover_jobs:
+                found = await recover(store)
+                if found:
+                    logger.info("{} conversation(s) have replies left to write", found)
+            yield store
+        finally:
+            await events.close()
+            await store.jobs.close()
+            await store.close()
