@@ -379,3 +379,38 @@ async def test_every_event_matches_its_schema_in_the_document(
         data = orjson.loads(event.data)
         errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(data)]
         assert not errors, (event.type, errors)
+
+
+def test_the_documents_schemas_say_what_tools_read() -> None:
+    """Bounds as JSON Schema keywords (not pydantic's `ge`/`le`, which every tool ignores),
+    64-bit integer bounds as the integers they are (not 2**63 as a float), and fields an
+    answer leaves out when unset neither nullable nor with a default (generators make those
+    required, `T | null`)."""
+    from conversational_core.app import create_app
+
+    document = create_app(make_settings()).openapi()
+    found: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("ge", "le", "gt", "lt") and not where.endswith("/properties"):
+                    found.append(f"{where}/{key}")
+                if key in ("minimum", "maximum") and isinstance(value, float):
+                    found.append(f"{where}/{key}={value!r}")
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}/{i}")
+
+    walk(document, "")
+    assert not found, found
+    schemas = document["components"]["schemas"]
+    max_tokens = schemas["ConversationCreate"]["properties"]["max_tokens"]["anyOf"][0]
+    assert (max_tokens["minimum"], max_tokens["maximum"]) == (1, 1_000_000)
+    metadata = schemas["ConversationOut"]["properties"]["metadata"]
+    assert metadata["additionalProperties"]["anyOf"][1]["maximum"] == 2**63 - 1
+    for model, field in [("Problem", "errors"), ("DeltaEvent", "tool_call_id")]:
+        prop = schemas[model]["properties"][field]
+        assert "default" not in prop and "anyOf" not in prop, (model, prop)
+        assert field not in schemas[model].get("required", [])

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from conversational_core.observability import metrics
+from conversational_core.schemas import omitted_when_unset
 from conversational_core.storage import errors as store
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -55,7 +56,9 @@ class Problem(BaseModel):
     status: int
     detail: str = Field(description="What went wrong, written for the client.")
     errors: list[FieldProblem] | None = Field(
-        None, description="The fields at fault (400 for malformed JSON, 422)."
+        None,
+        description="The fields at fault (400 for malformed JSON, 422); left out otherwise.",
+        json_schema_extra=omitted_when_unset,
     )
 
 

@@ -27,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from conversational_core.errors import PROBLEM_MEDIA_TYPE, FieldProblem, Problem
+from conversational_core.schemas import INT64_MAX, INT64_MIN
 from conversational_core.settings import Settings
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -125,6 +126,7 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
         "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     }
     _limits(definitions, settings)
+    _exact_int64(schema)
     for path, operations in schema.get("paths", {}).items():
         operational = path.startswith("/health")
         for method, operation in operations.items():
@@ -180,6 +182,26 @@ def _limits(definitions: dict[str, Any], settings: Settings) -> None:
                 branch["maxLength"] = limit
             elif branch.get("type") == "array":
                 branch["maxItems"] = limit
+
+
+def _exact_int64(node: Any) -> None:
+    """FastAPI's document model holds `minimum` and `maximum` as floats: the 64-bit bounds of
+    integers come out as 9.223372036854776e18, which is 2**63 (one past the largest), written
+    as a float. Written back as the integers they are."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("minimum", "maximum") and isinstance(value, float):
+                if value == float(INT64_MAX):
+                    node[key] = INT64_MAX
+                elif value == float(INT64_MIN):
+                    node[key] = INT64_MIN
+                elif value.is_integer():
+                    node[key] = int(value)
+            else:
+                _exact_int64(value)
+    elif isinstance(node, list):
+        for item in node:
+            _exact_int64(item)
 
 
 def install(app: FastAPI, settings: Settings) -> None:

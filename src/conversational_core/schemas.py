@@ -43,7 +43,7 @@ _METADATA_SCHEMA = {
         "anyOf": [
             {"type": "string", "maxLength": METADATA_MAX_VALUE_CHARS},
             {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
-            {"type": "number"},
+            {"type": "number", "not": {"type": "integer"}},  # (integers: the bounds above)
             {"type": "boolean"},
             {"type": "null"},
         ]
@@ -54,11 +54,24 @@ _METADATA_SCHEMA = {
 Metadata = Annotated[
     dict[str, MetadataValue], AfterValidator(_check_metadata), WithJsonSchema(_METADATA_SCHEMA)
 ]
-# As answers carry it.
-MetadataOut = Annotated[dict[str, MetadataValue], WithJsonSchema({"type": "object"})]
+# As answers carry it (what was accepted: the same shape).
+MetadataOut = Annotated[dict[str, MetadataValue], WithJsonSchema(_METADATA_SCHEMA)]
 
 
-def _json_integer(value: Any) -> Any:
+def omitted_when_unset(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` of an answer's field that is left out when it has no value (never
+    sent as null): not nullable, no default (generators make a field with a default
+    required, and one that may be null `T | null`)."""
+    schema.pop("default", None)
+    branches = schema.get("anyOf")
+    if branches:
+        kept = [branch for branch in branches if branch.get("type") != "null"]
+        if len(kept) == 1:
+            del schema["anyOf"]
+            schema.update(kept[0])
+
+
+def json_integer(value: Any) -> Any:
     """1.0 is an integer to JSON Schema (and to clients whose numbers are all floats): read as
     1. Bodies are validated strictly (routing.py): strings and booleans stay refused."""
     if isinstance(value, float) and value.is_integer():
@@ -67,7 +80,7 @@ def _json_integer(value: Any) -> Any:
 
 
 # An integer field of a request body.
-JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+JsonInt = Annotated[int, BeforeValidator(json_integer)]
 
 
 class StrictModel(BaseModel):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from conversational_core.messages.parts import ToolChoice, ToolSpec
 from conversational_core.schemas import (
     ID_PATTERN,
     MODEL_PATTERN,
-    JsonInt,
     Metadata,
     MetadataOut,
     StrictModel,
+    json_integer,
 )
 
 # Generous hard caps; MAX_SYSTEM_PROMPT_CHARS (a setting) is checked by the service.
@@ -26,7 +26,11 @@ class ConversationSettings(StrictModel):
     system_prompt: str | None = Field(None, max_length=SYSTEM_PROMPT_HARD_MAX)
     model: str | None = Field(None, min_length=1, max_length=MODEL_MAX, pattern=MODEL_PATTERN)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_tokens: JsonInt | None = Field(None, ge=1, le=1_000_000)
+    # (The bounds on the int itself, before the JSON-integer reading: set on JsonInt, they
+    # would reach the schema as pydantic's names, `ge`/`le`, which no JSON Schema tool reads.)
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(json_integer)] | None = (
+        None
+    )
     tools: list[ToolSpec] | None = Field(
         None, max_length=10_000, description="Client-side tools the model may call."
     )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from conversational_core.conversations.schemas import ConversationOut
 from conversational_core.messages.schemas import MessageOut
+from conversational_core.schemas import omitted_when_unset
 
 
 class MessageEvent(BaseModel):
@@ -33,9 +34,15 @@ class DeltaEvent(BaseModel):
     part_index: int = Field(description="Which part of the message the text belongs to.")
     part_type: Literal["text", "reasoning", "tool_call"]
     tool_call_id: str | None = Field(
-        None, description="On the first delta of a tool call: its id (`name` too)."
+        None,
+        description="On the first delta of a tool call: its id (`name` too); left out otherwise.",
+        json_schema_extra=omitted_when_unset,
     )
-    name: str | None = Field(None, description="On the first delta of a tool call: the tool.")
+    name: str | None = Field(
+        None,
+        description="On the first delta of a tool call: the tool; left out otherwise.",
+        json_schema_extra=omitted_when_unset,
+    )
 
 
 class MessageDeletedEvent(BaseModel):
