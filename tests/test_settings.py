@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"SENTRY_DSN": "not a dsn"}, "SENTRY_DSN"),
         ({"REDIS_URL": "redis://localhost:port/0"}, "REDIS_URL"),
         ({"REDIS_URL": "redis://localhost:6379/zero"}, "REDIS_URL"),
+        ({"JWT_JWKS_URL": "keys.example.com/jwks.json"}, "JWT_JWKS_URL"),
+        ({"LLM_BASE_URL": "localhost:11434/v1"}, "LLM_BASE_URL"),
+        ({"JWT_PUBLIC_KEY": "not a key", "JWT_ALGORITHMS": "RS256"}, "JWT_PUBLIC_KEY"),
     ],
 )
 def test_invalid_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:

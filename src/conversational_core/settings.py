@@ -220,6 +220,27 @@ class Settings(BaseSettings):
             raise ValueError(f"context windows must be at least 256 tokens: {small}")
         return value
 
+    @field_validator("JWT_JWKS_URL", "LLM_BASE_URL")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("JWT_PUBLIC_KEY")
+    @classmethod
+    def _public_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            try:
+                load_pem_public_key(value.encode())
+            except ValueError:
+                raise ValueError("is not a PEM public key (-----BEGIN PUBLIC KEY-----…)") from None
+        return value
+
     @field_validator("SENTRY_DSN")
     @classmethod
     def _sentry_dsn(cls, value: str | None) -> str | None:
