@@ -30,7 +30,7 @@ from conversational_core.replies.generation import ReplyWriter
 from conversational_core.replies.providers import build_provider
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Job, JobQueue, Store
-from conversational_core.storage.errors import Unavailable
+from conversational_core.storage.errors import Unavailable, describe
 from conversational_core.storage.factory import Backend
 
 TAKE_AT_ONCE = 8  # jobs taken per read: a burst spreads over the worker processes
@@ -115,7 +115,7 @@ class Worker:
                 except Exception as exc:  # the loop must outlive any store hiccup
                     metrics.STORE_ERRORS.labels("worker").inc()
                     logger.warning(
-                        "worker {}: cannot take jobs ({}), retrying", self.name, type(exc).__name__
+                        "worker {}: cannot take jobs ({}), retrying", self.name, describe(exc)
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), backoff)
@@ -159,7 +159,7 @@ class Worker:
                         await self._jobs.remove_deadline(cid, mid)
             except Exception as exc:  # the watch must outlive any store hiccup
                 metrics.STORE_ERRORS.labels("worker").inc()
-                logger.warning("worker {}: deadlines: {}", self.name, type(exc).__name__)
+                logger.warning("worker {}: deadlines: {}", self.name, describe(exc))
 
     async def _take(self, count: int) -> list[Job]:
         """Jobs, waiting up to a second for some; nothing once :meth:`stop` is called (a

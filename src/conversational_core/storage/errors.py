@@ -89,6 +89,13 @@ class Unavailable(StoreError):
     """The store cannot serve right now (down, restarting, failing over, out of memory…);
     retry after `retry_after` seconds. Never a bug of the caller."""
 
-    def __init__(self, retry_after: int = 2) -> None:
+    def __init__(self, retry_after: int = 2, reason: str = "") -> None:
         super().__init__("The store is unavailable; retry shortly.")
         self.retry_after = retry_after
+        self.reason = reason  # for operators' logs: e.g. the store's error code (WRONGPASS)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log line names it: its type, and an outage's reason."""
+    reason = getattr(exc, "reason", "") if isinstance(exc, Unavailable) else ""
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__

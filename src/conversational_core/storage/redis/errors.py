@@ -129,4 +129,9 @@ def unavailable(exc: BaseException) -> None:
     """Raise Unavailable (from `exc`) when `exc` means Redis cannot serve right now."""
     wait = retry_after(exc)
     if wait is not None:
-        raise Unavailable(retry_after=wait) from exc
+        # The reason names the condition (a reply's code, or the exception's type), never its
+        # message (which may hold addresses).
+        reason = (
+            reply_code(exc) if isinstance(exc, (ResponseError, ReplyError)) else type(exc).__name__
+        )
+        raise Unavailable(retry_after=wait, reason=reason) from exc
