@@ -55,3 +55,16 @@ async def test_development_lines_are_readable(monkeypatch: pytest.MonkeyPatch) -
         r"GET /conversations/c1/messages 200 1\.2ms",
         first,
     ), first
+
+
+async def test_a_path_cannot_forge_a_development_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path decoded from %0a or %1b (any anonymous caller's) stays on its line, escaped: no
+    forged log line, no terminal escape codes."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    log = AccessLog()
+    log.write("GET", "/x\n2026-01-01 | INFO | forged\x1b[2J", "/x", 404, 0.5, None)
+    log.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "\x1b" not in lines[0]
+    assert lines[0].endswith("GET /x\\n2026-01-01 | INFO | forged\\x1b[2J 404 0.5ms")

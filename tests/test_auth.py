@@ -170,3 +170,60 @@ async def test_token_command_output_is_accepted(sqlite_store: Store) -> None:
 def test_verifier_does_not_accept_unlisted_algorithms() -> None:
     with pytest.raises(ValueError, match="JWT_ALGORITHMS"):
         make_settings(JWT_ALGORITHMS="HS512")
+
+
+async def test_a_signed_token_with_absurd_times_is_a_401(sqlite_store: Store) -> None:
+    """PyJWT takes `exp: 10**400` (JSON has no bound); the service answers it as any invalid
+    token: 401, never a 500."""
+    settings = make_settings()
+    for claims in ({"exp": 10**400}, {"nbf": -(10**400)}):
+        token = _token(settings.jwt_secret, "HS256", **claims)
+        assert await _status(sqlite_store, settings, token) == 401, claims
+
+
+async def test_a_withdrawn_jwks_key_stops_opening_tokens(
+    rsa_key: rsa.RSAPrivateKey, jwks_server: tuple[str, _Jwks]
+) -> None:
+    """A verified token is not trusted forever: once the key set is due to be fetched again it
+    is verified again, with the stale key while the new set is fetched beside the request,
+    and not at all once the new set no longer has its key."""
+    from conversational_core.auth.tokens import TokenVerifier
+    from conversational_core.errors import Unauthorized
+
+    url, state = jwks_server
+    state.keys = [{**json.loads(RSAAlgorithm.to_jwk(rsa_key.public_key())), "kid": "r1"}]
+    settings = make_settings(JWT_ALGORITHMS="RS256", JWT_JWKS_URL=url)
+    verifier = TokenVerifier(settings)
+    token = jwt.encode({"sub": "a", "exp": int(time.time()) + 600}, rsa_key, "RS256",
+                       headers={"kid": "r1"})  # fmt: skip
+    try:
+        assert (await verifier.verify(token)).sub == "a"
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        rotated = json.loads(RSAAlgorithm.to_jwk(other.public_key()))
+        state.keys = [{**rotated, "kid": "r2"}]  # r1 withdrawn by the identity provider
+        jwks = verifier._jwks
+        assert jwks is not None
+        jwks._fetched_at -= settings.JWT_JWKS_CACHE_SECONDS  # (the cache's time has passed)
+        assert (await verifier.verify(token)).sub == "a"  # the stale set, while it refetches
+        assert jwks._refreshing is not None
+        await jwks._refreshing
+        assert state.hits == 2
+        with pytest.raises(Unauthorized):
+            await verifier.verify(token)
+    finally:
+        await verifier.aclose()
+
+
+async def test_a_jwks_document_is_read_to_a_bound(
+    sqlite_store: Store, rsa_key: rsa.RSAPrivateKey, jwks_server: tuple[str, _Jwks]
+) -> None:
+    """A key set of megabytes (a broken or hostile server) is not read whole: the fetch fails,
+    the token is refused (401), the process stays up."""
+    url, state = jwks_server
+    key = {**json.loads(RSAAlgorithm.to_jwk(rsa_key.public_key())), "kid": "r1"}
+    state.keys = [key, *({**key, "kid": f"pad{i}"} for i in range(5000))]  # ~2.5 MB
+    settings = make_settings(JWT_ALGORITHMS="RS256", JWT_JWKS_URL=url)
+    token = jwt.encode({"sub": "a", "exp": int(time.time()) + 600}, rsa_key, "RS256",
+                       headers={"kid": "r1"})  # fmt: skip
+    assert await _status(sqlite_store, settings, token) == 401
+    state.keys = [key]

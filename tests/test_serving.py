@@ -312,3 +312,35 @@ async def test_headers_within_the_limit_pass(tmp_path: Path, size: int) -> None:
                 service.url + "/health/live", headers={"X-Filler": "a" * size}
             )
     assert response.status_code == (200 if size < 32_768 - 200 else 431)
+
+
+async def test_a_request_with_two_hosts_or_two_credentials_is_refused(tmp_path: Path) -> None:
+    """Two Host headers (RFC 9112: a 400; ALLOWED_HOSTS checked one while a proxy may route by
+    the other) and two Authorization headers (which one is meant?) are refused, not served."""
+    settings = make_settings()
+    bearer = auth(settings, "alice")["Authorization"].encode()
+    with _service(tmp_path, ALLOWED_HOSTS="api.example.com") as service:
+        for head, status in [
+            (b"Host: evil.example\r\nHost: api.example.com\r\n", 400),
+            (b"Host: api.example.com\r\nHost: api.example.com\r\n", 400),
+            (
+                b"Host: api.example.com\r\nAuthorization: Bearer x\r\nAuthorization: "
+                + bearer
+                + b"\r\n",
+                401,
+            ),
+            (b"Host: api.example.com\r\nAuthorization: " + bearer + b"\r\n", 200),
+        ]:
+            async with _connection(service) as (reader, writer):
+                writer.write(
+                    b"GET /conversations HTTP/1.1\r\n"
+                    + head
+                    + b"Authorization: "
+                    + bearer
+                    + b"\r\nConnection: close\r\n\r\n"
+                    if b"Authorization" not in head
+                    else b"GET /conversations HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n"
+                )
+                async with asyncio.timeout(10):
+                    raw = await reader.read()
+            assert raw.startswith(b"HTTP/1.1 %d " % status), (head, raw[:200])

@@ -51,6 +51,14 @@ def test_invalid_values_name_the_variable(overrides: dict[str, object], variable
         make_settings(**overrides)
 
 
+def test_production_refuses_a_jwks_url_over_plain_http() -> None:
+    strong = {"ENVIRONMENT": "production", "JWT_SECRET": "s" * 40, "JWT_ALGORITHMS": "RS256"}
+    with pytest.raises(ConfigError, match="JWT_JWKS_URL"):
+        make_settings(**strong, JWT_JWKS_URL="http://idp.example.com/jwks.json")
+    make_settings(**strong, JWT_JWKS_URL="https://idp.example.com/jwks.json")
+    make_settings(**strong, JWT_JWKS_URL="http://127.0.0.1:8080/jwks.json")  # a sidecar
+
+
 def test_production_refuses_development_key_and_wildcard_credentials() -> None:
     with pytest.raises(ConfigError, match="JWT_SECRET"):
         make_settings(ENVIRONMENT="production")

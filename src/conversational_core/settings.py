@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 # ENVIRONMENT=production refuses it (and any secret shorter than 32 bytes).
 DEV_JWT_SECRET = "conversational-core-development-secret-do-not-use-in-production"
 
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")  # (a sidecar: no network path to tamper with)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 
 
@@ -325,6 +326,12 @@ class Settings(BaseSettings):
                     "JWT_SECRET: ENVIRONMENT=production refuses the development signing key; "
                     "set JWT_SECRET to a random secret of at least 32 bytes (or drop HS256 from "
                     "JWT_ALGORITHMS)"
+                )
+            jwks = urlsplit(self.JWT_JWKS_URL) if self.JWT_JWKS_URL else None
+            if jwks is not None and jwks.scheme != "https" and jwks.hostname not in _LOOPBACK:
+                raise ConfigError(
+                    "JWT_JWKS_URL: ENVIRONMENT=production needs https:// (over plain http, "
+                    "anyone on the path could serve keys and sign tokens for any user)"
                 )
             if self.CORS_ALLOW_CREDENTIALS and "*" in self.CORS_ORIGINS:
                 raise ConfigError(

@@ -46,7 +46,9 @@ class AuthMiddleware:
         authorization = on_behalf = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                authorization = value.decode("latin-1")
+                # Two credentials: which one is meant? Neither (a proxy and the service might
+                # each read another one).
+                authorization = "" if authorization is not None else value.decode("latin-1")
             elif name == b"x-on-behalf-of":
                 on_behalf = value.decode("latin-1")
         try:

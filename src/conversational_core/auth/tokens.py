@@ -4,16 +4,21 @@
   `JWT_JWKS_URL`. The algorithm named in the token header picks the key family, and the token is
   then decoded with that single algorithm, so `alg: none` and algorithm confusion (an RS256 public
   key used as an HMAC secret) are rejected.
-- The JWKS document is fetched with an async HTTP client (never blocking the event loop) and
-  cached; an unknown `kid` triggers at most one refetch per 30 s.
+- The JWKS document is fetched with an async HTTP client (never blocking the event loop), in
+  at most 5 s and 1 MiB, and cached; an unknown `kid` triggers at most one refetch per 30 s. A
+  known key past the cache's time is used while the document is fetched again beside the
+  request (a slow identity provider holds no request).
 - Verified tokens are cached (bounded LRU) until they expire: a client sends the same token on
   every request and HMAC/RSA verification is the largest fixed cost of a request. `exp` and `nbf`
-  are re-checked against the clock on every use.
+  are re-checked against the clock on every use. A token verified with a JWKS key is verified
+  again once the document is due to be fetched anew (JWT_JWKS_CACHE_SECONDS), and after: a key
+  the identity provider withdrew stops opening tokens once the new document is in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 from jwt import PyJWK, PyJWKSet
 from loguru import logger
 
@@ -29,6 +35,8 @@ from conversational_core.settings import Settings
 
 _ASYMMETRIC = {"RS256", "ES256"}
 _JWKS_MIN_REFRESH_SECONDS = 30.0
+_JWKS_FETCH_SECONDS = 5.0  # a fetch in all (the client's timeout is per read)
+_JWKS_MAX_BYTES = 1024 * 1024  # a JWKS document of hundreds of keys is tens of kB
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,9 @@ class Claims:
     roles: frozenset[str]
     exp: float
     nbf: float | None
+    # The JWKS document its key came from (its generation), -1 for the other keys: a token is
+    # verified again once the document is fetched anew (or is due to be).
+    jwks_generation: int = -1
 
 
 class JwksCache:
@@ -49,22 +60,32 @@ class JwksCache:
         self._keys: dict[str, PyJWK] = {}
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Future[None] | None = None  # (a reference: kept alive)
+        self.generation = 0  # documents fetched so far
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self._fetched_at < self._ttl
 
     async def key(self, kid: str | None) -> PyJWK:
         now = time.monotonic()
         fresh = now - self._fetched_at < self._ttl
         found = self._lookup(kid)
-        if found is not None and fresh:
+        if found is not None:
+            if not fresh and (self._refreshing is None or self._refreshing.done()):
+                self._refreshing = asyncio.ensure_future(self._refresh_once(now))
             return found
         if found is None and now - self._fetched_at < _JWKS_MIN_REFRESH_SECONDS:
             raise Unauthorized("Unknown signing key.")
-        async with self._lock:
-            if self._fetched_at <= now:  # nobody refreshed while we waited
-                await self._refresh()
+        await self._refresh_once(now)
         found = self._lookup(kid)
         if found is None:
             raise Unauthorized("Unknown signing key.")
         return found
+
+    async def _refresh_once(self, asked_at: float) -> None:
+        async with self._lock:
+            if self._fetched_at <= asked_at:  # nobody refreshed while we waited
+                await self._refresh()
 
     def _lookup(self, kid: str | None) -> PyJWK | None:
         if kid is None:
@@ -73,16 +94,28 @@ class JwksCache:
 
     async def _refresh(self) -> None:
         try:
-            response = await self._client.get(self._url)
-            response.raise_for_status()
-            jwks = PyJWKSet.from_dict(response.json())
-        except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+            async with asyncio.timeout(_JWKS_FETCH_SECONDS):
+                body = await self._fetch()
+            jwks = PyJWKSet.from_dict(orjson.loads(body))
+        except (httpx.HTTPError, ValueError, jwt.PyJWTError, TimeoutError) as exc:
             # Keep serving the keys we had; the next unknown kid retries after the minimum delay.
             logger.warning("JWKS fetch failed: {}", type(exc).__name__)
             self._fetched_at = time.monotonic() - self._ttl + _JWKS_MIN_REFRESH_SECONDS
             return
         self._keys = {k.key_id or str(i): k for i, k in enumerate(jwks.keys)}
         self._fetched_at = time.monotonic()
+        self.generation += 1
+
+    async def _fetch(self) -> bytes:
+        """The document, read to at most _JWKS_MAX_BYTES (ValueError past it)."""
+        async with self._client.stream("GET", self._url) as response:
+            response.raise_for_status()
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > _JWKS_MAX_BYTES:
+                    raise ValueError("JWKS document too large")
+            return bytes(body)
 
 
 class TokenVerifier:
@@ -121,6 +154,16 @@ class TokenVerifier:
             self._cache[token] = claims
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        jwks = self._jwks
+        if (
+            claims.jwks_generation >= 0
+            and jwks is not None
+            and (claims.jwks_generation != jwks.generation or not jwks.fresh())
+        ):
+            # Verified with a key of an older (or stale) document: is it still published?
+            self._cache.pop(token, None)
+            claims = await self._decode(token)
+            self._cache[token] = claims
         if claims.exp + self._leeway < now:
             self._cache.pop(token, None)
             raise Unauthorized("The token has expired.", expired=True)
@@ -175,12 +218,18 @@ class TokenVerifier:
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthorized("Invalid roles claim.")
         nbf = payload.get("nbf")
-        return Claims(
-            sub=sub,
-            roles=frozenset(roles),
-            exp=float(payload["exp"]),
-            nbf=float(nbf) if isinstance(nbf, (int, float)) else None,
-        )
+        try:
+            exp = float(payload["exp"])
+            not_before = float(nbf) if isinstance(nbf, (int, float)) else None
+        except (OverflowError, TypeError, ValueError):  # e.g. exp: 10**400 (PyJWT took it)
+            raise Unauthorized("Invalid token.") from None
+        if not math.isfinite(exp) or (not_before is not None and not math.isfinite(not_before)):
+            raise Unauthorized("Invalid token.")
+        generation = -1
+        if alg in _ASYMMETRIC and self._jwks is not None:
+            generation = self._jwks.generation
+        return Claims(sub=sub, roles=frozenset(roles), exp=exp, nbf=not_before,
+                      jwks_generation=generation)  # fmt: skip
 
 
 def issue_token(

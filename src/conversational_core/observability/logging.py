@@ -171,6 +171,8 @@ class AccessLog:
                 }
             ).decode()
         else:
+            if not message.isprintable():  # (a path decoded from %0a or %1b: one line, no escapes)
+                message = message.encode("unicode_escape").decode("ascii")
             line = f"{self._readable}.{fraction // 1000:03d} | INFO     | {request_id} | {message}"
         self._pending.append(line)
         self._size += len(line)

@@ -186,9 +186,11 @@ class EdgeMiddleware:
         host: bytes | None = None
         chunked = encoded = False
         origin = False
+        hosts = 0
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
+                hosts += 1
             elif name == b"origin":
                 origin = True
             elif name == b"x-request-id":
@@ -262,7 +264,9 @@ class EdgeMiddleware:
         request_token = REQUEST_ID.set(rid)
         user_token = USER_ID.set("-")  # AuthMiddleware names the user
         try:
-            if not self.hosts.allows(host) and not _is_probe(scope["path"]):
+            if hosts > 1:  # RFC 9112 3.2: a request with more than one Host is a 400
+                await reject(400, "The request has more than one Host header.")
+            elif not self.hosts.allows(host) and not _is_probe(scope["path"]):
                 await reject(400, "The Host header names a host this service does not serve.")
             elif (
                 scope["method"] in _BODY_METHODS
