@@ -189,7 +189,14 @@ async def test_pagination_over_http(client: httpx.AsyncClient, settings: Setting
         f"/conversations/{cid}/messages", headers=alice, params={"after": ids[0], "before": ids[5]}
     )
     assert both.status_code == 400
-    tampered = [_cursor([0, 0, True]), _cursor([False, False, True]), _cursor([0, 0, 2**64])]
+    tampered = [
+        _cursor([0, 0, True]),
+        _cursor([False, False, True]),
+        _cursor([0, 0, 2**64]),
+        _cursor([0, 0, -1]),
+        _cursor([0, 0, 2**53]),
+        _cursor([2, 0, 3]),
+    ]
     for bad in (
         {"limit": 0},
         {"limit": 201},
@@ -200,13 +207,21 @@ async def test_pagination_over_http(client: httpx.AsyncClient, settings: Setting
         response = await client.get(f"/conversations/{cid}/messages", headers=alice, params=bad)
         assert response.status_code in (400, 422), bad
         assert response.headers["content-type"] == "application/problem+json"
-    for cursor in (_cursor([True]), _cursor([2**64])):
+    # Positions far from any a list has (negative ones, past what a Lua number holds exactly)
+    # are refused before the store: a walk from -2**63 held the Redis server for everyone.
+    for values in ([True], [2**64], [-(2**63)], [-(2**53) - 10], [-2], [2**63 - 1], [2**53]):
         response = await client.get(
             f"/conversations/{cid}/messages/{ids[0]}/siblings",
             headers=alice,
-            params={"cursor": cursor},
+            params={"cursor": _cursor(values)},
         )
-        assert response.status_code == 400, cursor
+        assert response.status_code == 400, values
+    far = await client.get(  # (a position no sibling has: an empty page, at once)
+        f"/conversations/{cid}/messages/{ids[0]}/siblings",
+        headers=alice,
+        params={"cursor": _cursor([2**53 - 1])},
+    )
+    assert far.status_code == 200 and far.json()["items"] == []
 
 
 async def test_message_validation(client: httpx.AsyncClient, settings: Settings) -> None:

@@ -26,7 +26,6 @@ from conversational_core.messages.schemas import (
 )
 from conversational_core.observability import metrics
 from conversational_core.ratelimit import Limits, RateLimited
-from conversational_core.schemas import INT64_MAX, INT64_MIN
 from conversational_core.settings import Settings
 from conversational_core.storage.base import (
     ACTIVE_LEAF,
@@ -82,7 +81,15 @@ def _encode_cursor(*values: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# A position or index a cursor may hold: what this service writes (positions and indexes count
+# up from 0), and exact in a Lua number (a double): past 2**53, `i + 1` is `i` again, and a
+# script walking from there never ends - a loop that would hold the Redis server for everyone.
+_CURSOR_MAX = 2**53 - 1
+
+
 def _decode_cursor(value: str, size: int) -> list[int]:
+    """The integers of a cursor this service wrote: [flags…, position], each flag 0 or 1, the
+    position 0 to 2**53-1. A 400 for anything else."""
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         values = orjson.loads(raw)
@@ -91,8 +98,10 @@ def _decode_cursor(value: str, size: int) -> list[int]:
     if (
         not isinstance(values, list)
         or len(values) != size
-        # (not a bool: JSON's true is a Python int too; nor past what Redis takes)
-        or not all(type(v) is int and INT64_MIN <= v <= INT64_MAX for v in values)
+        # (not a bool: JSON's true is a Python int too)
+        or not all(type(v) is int for v in values)
+        or not all(v in (0, 1) for v in values[:-1])
+        or not 0 <= values[-1] <= _CURSOR_MAX
     ):
         raise BadRequest("Invalid cursor.")
     return values

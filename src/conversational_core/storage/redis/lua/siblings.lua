@@ -15,7 +15,8 @@ if lin then
   if pid ~= '' then pseq = L.seq_of(pid) end
   kids = L.children_of(pid, pseq, lin)
 end
-local from, limit = tonumber(ARGV[4]) + 1, tonumber(ARGV[3])
+local from, limit = math.max(0, tonumber(ARGV[4]) + 1), tonumber(ARGV[3])
+from = math.min(from, #kids)  -- (never a walk from a far index: Redis would serve nothing else)
 local last = math.min(#kids, from + limit)
 local more = 0
 if #kids > last then more = 1 end
