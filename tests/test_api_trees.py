@@ -200,6 +200,18 @@ async def test_switching_branches(api: httpx.AsyncClient, llm: FakeLLM) -> None:
     assert unknown.json()["errors"][0]["loc"] == ["body", "active_leaf_id"]
     null = await api.put(f"/conversations/{cid}", json={"active_leaf_id": None})
     assert null.status_code == 422
+    # A change of settings beside a leaf that is no message: a 422 that changed nothing (the
+    # client's retry with its If-Match then works).
+    before = await api.get(f"/conversations/{cid}")
+    refused = await api.put(
+        f"/conversations/{cid}",
+        json={"title": "not applied", "active_leaf_id": "not-a-message"},
+        headers={"If-Match": before.headers["etag"]},
+    )
+    assert refused.status_code == 422
+    after = await api.get(f"/conversations/{cid}")
+    assert after.headers["etag"] == before.headers["etag"]
+    assert after.json()["title"] == before.json()["title"]
     both = await api.put(
         f"/conversations/{cid}", json={"title": "two at once", "active_leaf_id": tail["id"]}
     )

@@ -127,16 +127,24 @@ class ConversationService:
             if expected_version is not None and current.version != expected_version:
                 raise PreconditionFailed()
             return current
-        if leaf is None or changes:
-            updated = await self._store.update_conversation(
+        if leaf is None:
+            return await self._store.update_conversation(
                 conversation_id, owner, changes, expected_version, utcnow()
             )
-            if leaf is None:
-                return updated
-            # Both: the switch is based on the version the settings change produced.
-            expected_version = updated.version if expected_version is not None else None
-        return await self._store.set_active_leaf(
+        # The switch first: it is what can fail on the request's own account (a leaf that is
+        # not a message of the conversation: 422), and then nothing has changed. The settings
+        # change is based on the version the switch produced (the settings were checked above).
+        switched = await self._store.set_active_leaf(
             conversation_id, owner, leaf, expected_version, utcnow()
+        )
+        if not changes:
+            return switched
+        return await self._store.update_conversation(
+            conversation_id,
+            owner,
+            changes,
+            switched.version if expected_version is not None else None,
+            utcnow(),
         )
 
     async def fork(
