@@ -292,6 +292,36 @@ async def test_a_fork_copies_a_branch_into_a_new_conversation(
     assert (await api.post(f"/conversations/{cid}/fork", headers=bob)).status_code == 404
 
 
+async def test_forks_of_the_active_branch_while_a_writer_moves_it(api: httpx.AsyncClient) -> None:
+    """Forks that leave message_id out (the active leaf) while another client appends and
+    deletes at the leaf: each is a copy of a branch as it was (201), or a 409 to try again -
+    never a 422 about a message_id the client did not send."""
+    cid = await new_conversation(api)
+    for i in range(5):
+        await _post(api, cid, content=f"m{i}", respond=False)
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            added = await _post(api, cid, content="moving", respond=False)
+            await api.delete(f"/conversations/{cid}/messages/{added['id']}")
+
+    moving = asyncio.create_task(writer())
+    try:
+        forks = await asyncio.gather(
+            *(api.post(f"/conversations/{cid}/fork", json={}) for _ in range(40))
+        )
+    finally:
+        stop.set()
+        await moving
+    statuses = [f.status_code for f in forks]
+    assert set(statuses) <= {201, 409}, [f.text for f in forks if f.status_code not in (201, 409)]
+    assert 201 in statuses
+    for fork in forks:
+        if fork.status_code == 201:
+            assert fork.json()["message_count"] in (5, 6)
+
+
 @pytest.mark.parametrize("policy", ["reject", "interrupt", "queue"])
 async def test_a_message_while_a_reply_is_written_follows_on_busy(
     api: httpx.AsyncClient, llm: FakeLLM, policy: str

@@ -201,6 +201,7 @@ STORE_ERRORS: dict[type[store.StoreError], tuple[int, str]] = {
     store.UnknownAnchor: (400, "bad-request"),
     store.UnknownMessage: (422, "validation-error"),
     store.Busy: (409, "conflict"),
+    store.BranchChanged: (409, "conflict"),
     store.Unavailable: (503, "store-unavailable"),
 }
 

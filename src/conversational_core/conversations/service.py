@@ -20,7 +20,10 @@ from conversational_core.storage.base import (
     Store,
     decode_conversation_cursor,
 )
+from conversational_core.storage.errors import BranchChanged, UnknownMessage
 from conversational_core.storage.models import Conversation, Page, new_id, utcnow
+
+_FORK_TRIES = 3
 
 
 def read_owner(principal: Principal) -> str | None:
@@ -153,6 +156,23 @@ class ConversationService:
         """A new conversation of the caller's holding a copy of a branch. Only the
         conversation's owner (or a service acting for them) may fork it: a copy is a write."""
         owner = write_owner(principal)
+        # The conversation may move on under writers of its own while it is copied: a message
+        # of the branch goes (BranchChanged), or the active leaf, asked for by leaving
+        # message_id out, goes before the copy begins. Tried again (the leaf read anew); a 409
+        # if it keeps moving.
+        for _ in range(_FORK_TRIES):
+            try:
+                return await self._fork(principal, owner, conversation_id, body)
+            except UnknownMessage:
+                if body.message_id is not None:
+                    raise  # the client's message_id: not a message of the conversation
+            except BranchChanged:
+                pass
+        raise BranchChanged()
+
+    async def _fork(
+        self, principal: Principal, owner: str | None, conversation_id: str, body: ForkRequest
+    ) -> Conversation:
         source = await self._store.get_conversation(conversation_id, owner)
         # Absent: the active leaf (null is refused by the schema).
         message_id = body.message_id if body.message_id is not None else source.active_leaf_id

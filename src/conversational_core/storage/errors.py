@@ -69,6 +69,13 @@ class Busy(StoreError):
         )
 
 
+class BranchChanged(StoreError):
+    """A branch being copied (a fork) lost a message meanwhile: a conflict, to try again."""
+
+    def __init__(self) -> None:
+        super().__init__("The branch changed while it was copied; fork it again.")
+
+
 class Changed(StoreError):
     """A compare-and-set found the message changed since it was read."""
 

@@ -27,6 +27,7 @@ from conversational_core.storage.base import (
     replayed_messages,
 )
 from conversational_core.storage.errors import (
+    BranchChanged,
     Busy,
     Changed,
     IdempotencyMismatch,
@@ -447,7 +448,7 @@ class RedisMessages(RedisParts):
             batch = branch[start : start + _FORK_BATCH]
             docs = await self.redis.call("HMGET", keys.messages(conversation_id), *batch)
             if None in docs:
-                raise NotFound("The branch changed while it was copied; fork it again.")
+                raise BranchChanged()
             written: list[bytes] = []
             originals = [
                 message_from(doc, old, conversation_id)
