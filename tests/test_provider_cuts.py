@@ -64,10 +64,13 @@ class _CutServer(asyncio.Protocol):
     connection (`stall` False) or says nothing more (`stall` True); with `finish`, ends the
     body as a server that is done (the last chunk) instead."""
 
-    def __init__(self, events: list[bytes], stall: bool, finish: bool = False) -> None:
+    def __init__(
+        self, events: list[bytes], stall: bool, finish: bool = False, head: bytes = STREAM_HEAD
+    ) -> None:
         self.events = events
         self.stall = stall
         self.finish = finish
+        self.head = head
         self.buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,7 +80,7 @@ class _CutServer(asyncio.Protocol):
         self.buffer += data
         if not whole_request(self.buffer):
             return
-        self.transport.write(STREAM_HEAD + b"".join(map(http_chunk, self.events)))
+        self.transport.write(self.head + b"".join(map(http_chunk, self.events)))
         if self.finish:
             self.transport.write(LAST_CHUNK)
         elif not self.stall:
@@ -124,12 +127,14 @@ async def test_a_stream_cut_or_stalled_mid_reply_fails_with_a_provider_error(
     assert failed.value.retryable
 
 
-async def _anthropic_reads(events: list[bytes]) -> tuple[list[object], ProviderError | None]:
-    """What the Anthropic provider yields for a stream of `events` that then ends, and the
-    error it raised, if any."""
+async def _reads(
+    make: Callable[[int], Provider], events: list[bytes], head: bytes = STREAM_HEAD
+) -> tuple[list[object], ProviderError | None]:
+    """What a provider yields for a body of `events` under `head` that then ends as a server
+    that is done, and the error it raised, if any."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _CutServer(events, False, True), "127.0.0.1", 0)
-    provider = _anthropic(server.sockets[0].getsockname()[1])
+    server = await loop.create_server(lambda: _CutServer(events, False, True, head), "127.0.0.1", 0)
+    provider = make(server.sockets[0].getsockname()[1])
     items: list[object] = []
     try:
         async for item in provider.stream(CompletionRequest("m", [ChatMessage("user", "hi")],
@@ -141,6 +146,16 @@ async def _anthropic_reads(events: list[bytes]) -> tuple[list[object], ProviderE
         await provider.close()
         server.close()
     return items, None
+
+
+async def _anthropic_reads(events: list[bytes]) -> tuple[list[object], ProviderError | None]:
+    return await _reads(_anthropic, events)
+
+
+async def _openai_reads(
+    events: list[bytes], head: bytes = STREAM_HEAD
+) -> tuple[list[object], ProviderError | None]:
+    return await _reads(_openai, events, head)
 
 
 _DONE = [
@@ -189,34 +204,6 @@ async def test_anthropic_stream_ending_before_message_stop_is_a_cut() -> None:
     items, error = await _anthropic_reads([*_ANTHROPIC, *_DONE[:-1]])
     assert [getattr(i, "text", None) for i in items] == ["Hi", "Hi"]
     assert error is not None and error.message == CUT_OFF and error.retryable
-
-
-async def _openai_reads(
-    events: list[bytes], head: bytes = STREAM_HEAD
-) -> tuple[list[object], ProviderError | None]:
-    """What the OpenAI provider yields for a body of `events` under `head` that then ends as
-    a server that is done, and the error it raised, if any."""
-    loop = asyncio.get_running_loop()
-
-    class Server(_CutServer):
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            if whole_request(self.buffer):
-                self.transport.write(head + b"".join(map(http_chunk, events)) + LAST_CHUNK)
-
-    server = await loop.create_server(lambda: Server(events, False, True), "127.0.0.1", 0)
-    provider = _openai(server.sockets[0].getsockname()[1])
-    items: list[object] = []
-    try:
-        async for item in provider.stream(CompletionRequest("m", [ChatMessage("user", "hi")],
-                                                            None, 10)):  # fmt: skip
-            items.append(item)
-    except ProviderError as exc:
-        return items, exc
-    finally:
-        await provider.close()
-        server.close()
-    return items, None
 
 
 _FINISH = sse_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
