@@ -42,10 +42,13 @@ class IdempotencyMismatch(StoreError):
 
 
 class UnknownAnchor(StoreError):
-    """The message a page is anchored at (`after`/`before`) is not in the conversation."""
+    """The message a page is anchored at (`after`/`before`) is not on the listed branch."""
 
     def __init__(self) -> None:
-        super().__init__("The message given in after/before is not in this conversation.")
+        super().__init__(
+            "The message given in after/before is not on the listed branch (or not in this "
+            "conversation)."
+        )
 
 
 class UnknownMessage(StoreError):
