@@ -97,6 +97,7 @@ class _Jwks:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.hits = 0
+        self.failing = False
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def jwks_server() -> Iterator[tuple[str, _Jwks]]:
         def do_GET(self) -> None:
             state.hits += 1
             body = json.dumps({"keys": state.keys}).encode()
-            self.send_response(200)
+            self.send_response(503 if state.failing else 200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -203,7 +204,9 @@ async def test_a_withdrawn_jwks_key_stops_opening_tokens(
         state.keys = [{**rotated, "kid": "r2"}]  # r1 withdrawn by the identity provider
         jwks = verifier._jwks
         assert jwks is not None
-        jwks._fetched_at -= settings.JWT_JWKS_CACHE_SECONDS  # (the cache's time has passed)
+        # (The cache's time has passed.)
+        jwks._fetched_at -= settings.JWT_JWKS_CACHE_SECONDS
+        jwks._tried_at -= settings.JWT_JWKS_CACHE_SECONDS
         assert (await verifier.verify(token)).sub == "a"  # the stale set, while it refetches
         assert jwks._refreshing is not None
         await jwks._refreshing
@@ -227,3 +230,25 @@ async def test_a_jwks_document_is_read_to_a_bound(
                        headers={"kid": "r1"})  # fmt: skip
     assert await _status(sqlite_store, settings, token) == 401
     state.keys = [key]
+
+
+async def test_tokens_with_unknown_kids_do_not_make_it_fetch_each_time(
+    sqlite_store: Store, rsa_key: rsa.RSAPrivateKey, jwks_server: tuple[str, _Jwks]
+) -> None:
+    """Whether the identity provider answers or not, kids it does not know cost at most one
+    fetch per 30 s: a flood of made-up kids (or an outage of the provider) is not a fetch per
+    request, each holding the next."""
+    url, state = jwks_server
+    state.failing = True
+    settings = make_settings(JWT_ALGORITHMS="RS256", JWT_JWKS_URL=url)
+    async with app_client(
+        create_app(settings, backend=backend_for(sqlite_store, settings))
+    ) as client:
+        for i in range(5):
+            token = jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, rsa_key, "RS256",
+                               headers={"kid": f"made-up-{i}"})  # fmt: skip
+            answer = await client.get(
+                "/conversations", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == 401
+    assert state.hits == 1

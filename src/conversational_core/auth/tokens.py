@@ -58,23 +58,30 @@ class JwksCache:
         self._ttl = ttl
         self._client = client
         self._keys: dict[str, PyJWK] = {}
-        self._fetched_at = 0.0
+        self._fetched_at = -math.inf  # the last fetch that succeeded (monotonic)
+        self._tried_at = -math.inf  # the last fetch begun, whatever came of it
         self._lock = asyncio.Lock()
         self._refreshing: asyncio.Future[None] | None = None  # (a reference: kept alive)
         self.generation = 0  # documents fetched so far
 
     def fresh(self) -> bool:
-        return time.monotonic() - self._fetched_at < self._ttl
+        """Fetched within the cache's time, or tried within the last 30 s (a failed fetch:
+        the keys held are used meanwhile, and not fetched again on every request)."""
+        now = time.monotonic()
+        return (
+            now - self._fetched_at < self._ttl or now - self._tried_at < _JWKS_MIN_REFRESH_SECONDS
+        )
 
     async def key(self, kid: str | None) -> PyJWK:
         now = time.monotonic()
-        fresh = now - self._fetched_at < self._ttl
         found = self._lookup(kid)
         if found is not None:
-            if not fresh and (self._refreshing is None or self._refreshing.done()):
+            if not self.fresh() and (self._refreshing is None or self._refreshing.done()):
                 self._refreshing = asyncio.ensure_future(self._refresh_once(now))
             return found
-        if found is None and now - self._fetched_at < _JWKS_MIN_REFRESH_SECONDS:
+        if now - self._tried_at < _JWKS_MIN_REFRESH_SECONDS:
+            # At most one fetch per 30 s for kids it does not know, whether the last one
+            # succeeded or not (tokens with made-up kids must not make it fetch each time).
             raise Unauthorized("Unknown signing key.")
         await self._refresh_once(now)
         found = self._lookup(kid)
@@ -84,7 +91,7 @@ class JwksCache:
 
     async def _refresh_once(self, asked_at: float) -> None:
         async with self._lock:
-            if self._fetched_at <= asked_at:  # nobody refreshed while we waited
+            if self._tried_at <= asked_at:  # nobody fetched while we waited
                 await self._refresh()
 
     def _lookup(self, kid: str | None) -> PyJWK | None:
@@ -93,14 +100,14 @@ class JwksCache:
         return self._keys.get(kid)
 
     async def _refresh(self) -> None:
+        self._tried_at = time.monotonic()
         try:
             async with asyncio.timeout(_JWKS_FETCH_SECONDS):
                 body = await self._fetch()
             jwks = PyJWKSet.from_dict(orjson.loads(body))
         except (httpx.HTTPError, ValueError, jwt.PyJWTError, TimeoutError) as exc:
-            # Keep serving the keys we had; the next unknown kid retries after the minimum delay.
+            # Keep serving the keys we had; the next fetch after the minimum delay (`fresh`).
             logger.warning("JWKS fetch failed: {}", type(exc).__name__)
-            self._fetched_at = time.monotonic() - self._ttl + _JWKS_MIN_REFRESH_SECONDS
             return
         self._keys = {k.key_id or str(i): k for i, k in enumerate(jwks.keys)}
         self._fetched_at = time.monotonic()
