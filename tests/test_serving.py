@@ -344,3 +344,23 @@ async def test_a_request_with_two_hosts_or_two_credentials_is_refused(tmp_path: 
                 async with asyncio.timeout(10):
                     raw = await reader.read()
             assert raw.startswith(b"HTTP/1.1 %d " % status), (head, raw[:200])
+
+
+async def test_a_target_in_absolute_form_is_held_to_the_allowed_hosts(tmp_path: Path) -> None:
+    """`GET http://host/path` names the host it is for (RFC 9112): that host is the one held
+    to ALLOWED_HOSTS, not a Host header beside it."""
+    bearer = auth(make_settings(), "alice")["Authorization"].encode()
+    with _service(tmp_path, ALLOWED_HOSTS="api.example.com") as service:
+        for target, status in [
+            (b"http://evil.example/conversations", 400),
+            (b"http://api.example.com/conversations", 200),
+            (b"/conversations", 200),
+        ]:
+            async with _connection(service) as (reader, writer):
+                writer.write(
+                    b"GET " + target + b" HTTP/1.1\r\nHost: api.example.com\r\n"
+                    b"Authorization: " + bearer + b"\r\nConnection: close\r\n\r\n"
+                )
+                async with asyncio.timeout(10):
+                    raw = await reader.read()
+            assert raw.startswith(b"HTTP/1.1 %d " % status), (target, raw[:200])

@@ -41,6 +41,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import httptools
 import orjson
 import uuid_utils
 from loguru import logger
@@ -247,6 +248,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # ASGI does not give: uvicorn's `send` waits for it to read, forever.
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT] = self._reset
+        if self.url[:8].lower().startswith((b"http://", b"https://")):
+            self._target_is_the_host()
+
+    def _target_is_the_host(self) -> None:
+        """A request target in absolute form (`GET http://host/path`) names the host it is
+        for (RFC 9112 3.2.2: the Host header is then what the target says): the host the
+        edge checks against ALLOWED_HOSTS is the target's, not a Host header beside it."""
+        try:
+            target = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            return  # (uvicorn parsed it above: not reached)
+        authority = (target.host or b"") + (b":%d" % target.port if target.port else b"")
+        headers = [(name, value) for name, value in self.scope["headers"] if name != b"host"]
+        self.scope["headers"] = [*headers, (b"host", authority)]
 
     def _reset(self) -> None:
         """Close the connection at once, with a reset: closed the usual way, the kernel would
