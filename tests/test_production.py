@@ -3,6 +3,7 @@ headers, Sentry, health probes."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import signal
@@ -375,6 +376,24 @@ async def test_a_generous_rate_is_counted_in_leases_and_holds_exactly(store: Sto
         assert statuses.count(200) == 640, statuses.count(200)
         refused = await one.get("/conversations", headers=alice)
         assert refused.status_code == 429 and refused.headers["ratelimit-remaining"] == "0"
+    await active.events.close()
+
+
+async def test_requests_arriving_together_lease_one_share_at_a_time(store: Store) -> None:
+    """A user's requests that arrive together while this process has no lease: one of them
+    leases a share of the window, the others are counted one by one - not a share each,
+    which left this process holding most of the window unused while it refused the user."""
+    settings = make_settings(RATE_LIMIT="600/minute")
+    active = backend_for(store, settings)
+    alice = auth(settings, "alice")
+    async with app_client(create_app(settings, backend=active)) as http:
+        answers = await asyncio.gather(
+            *(http.get("/conversations", headers=alice) for _ in range(70))
+        )
+        assert [r.status_code for r in answers] == [200] * 70
+        if isinstance(store, RedisStore):
+            counted = int(await store.redis.call("GET", store.keys.rate("user", "alice", 600, 60)))
+            assert 70 <= counted <= 70 + 600 // 64, counted
     await active.events.close()
 
 

@@ -364,3 +364,27 @@ async def test_a_target_in_absolute_form_is_held_to_the_allowed_hosts(tmp_path: 
                 async with asyncio.timeout(10):
                     raw = await reader.read()
             assert raw.startswith(b"HTTP/1.1 %d " % status), (target, raw[:200])
+
+
+async def test_a_head_whose_end_straddles_two_reads_is_read_whole(tmp_path: Path) -> None:
+    """The blank line that ends a request's headers may come in two reads (TCP splits where
+    it likes); the body behind it is a body, not more headers (a 40 KB body got a 431)."""
+    settings = make_settings()
+    bearer = auth(settings, "alice")["Authorization"].encode()
+    metadata = {f"k{i}": "v" * 512 for i in range(16)}
+    body = orjson.dumps({"title": "t", "system_prompt": "x" * 32_000, "metadata": metadata})
+    assert len(body) > 32_768  # (past the header limit: counted as headers, it was a 431)
+    head = (
+        b"POST /conversations HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + bearer
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(body)
+    )  # fmt: skip
+    with _service(tmp_path) as service:
+        async with _connection(service) as (reader, writer):
+            writer.write(head[:-1])
+            await writer.drain()
+            await asyncio.sleep(0.1)  # (two reads on the server's side: time is the point)
+            writer.write(head[-1:] + body)
+            async with asyncio.timeout(10):
+                raw = await reader.read()
+    assert raw.startswith(b"HTTP/1.1 201 "), raw[:300]

@@ -30,6 +30,7 @@ _SKIP_AFTER_FAILURE_SECONDS = 1.0
 _SEEN_MAX = 10_000  # identities whose last count this process remembers (the oldest go first)
 _LEASE_SHARE = 64  # a lease counts this share of what is left of a window...
 _LEASE_MAX = 256  # ... and at most this many requests
+_SAME_WINDOW_SECONDS = 1.0  # a count whose window ends later than that is of a new window
 
 
 # The `limits` library's notation (parsed here: that library is only needed on the embedded
@@ -112,6 +113,10 @@ class RateLimiter:
         self._counters = counters
         self._skip_until = 0.0
         self._seen: dict[tuple[str, str], _Seen] = {}
+        # Identities with a lease being counted: one at a time (the requests meanwhile are
+        # counted one by one), or requests arriving together would each lease a share of the
+        # window, and this process would hold most of it unused while refusing the user.
+        self._leasing: set[tuple[str, str]] = set()
 
     def _current(self, scope: str, identity: str) -> _Seen | None:
         seen = self._seen.get((scope, identity))
@@ -147,14 +152,18 @@ class RateLimiter:
     def _note(self, scope: str, identity: str, left: int, leased: int, reset: float) -> None:
         key = (scope, identity)
         seen = self._current(scope, identity)
-        if seen is not None:  # (counts of the same window may land in any order)
+        until = time.monotonic() + reset
+        if seen is not None and until < seen.until + _SAME_WINDOW_SECONDS:
+            # (Counts of the same window may land in any order.)
             seen.left = min(seen.left, left)
             seen.leased += leased
             return
+        # The first count of the window here, or of a new window the store began while this
+        # process still saw the old one (its end measured a round trip late).
         if len(self._seen) >= _SEEN_MAX:
             for stale in list(self._seen)[: _SEEN_MAX // 2]:
                 del self._seen[stale]
-        self._seen[key] = _Seen(left, leased, time.monotonic() + reset)
+        self._seen[key] = _Seen(left, leased, until)
 
     async def hit(self, scope: str, identity: str, rate: Rate, lease: bool = False) -> Decision:
         """Count one request of `identity` against `rate`; whether it may pass. With `lease`,
@@ -162,10 +171,13 @@ class RateLimiter:
         if time.monotonic() < self._skip_until:
             return Decision(True, rate.amount, rate.amount, rate.seconds)
         want = 1
-        if lease:
+        key = (scope, identity)
+        leasing = lease and key not in self._leasing
+        if leasing:
             seen = self._current(scope, identity)
             left = rate.amount if seen is None else seen.left
             want = min(_LEASE_MAX, max(1, left // _LEASE_SHARE))
+            self._leasing.add(key)
         try:
             hits, reset, counted = await self._counters.hit(
                 scope, identity, rate.amount, rate.seconds, want
@@ -175,12 +187,19 @@ class RateLimiter:
             self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_SECONDS
             logger.warning("rate limiter: store unavailable, letting requests through")
             return Decision(True, rate.amount, rate.amount, rate.seconds)
+        finally:
+            if leasing:
+                self._leasing.discard(key)
         allowed = hits - counted < rate.amount  # (this request is the first of those counted)
         if not allowed:
             metrics.RATE_LIMITED.labels(scope).inc()
         left = max(0, rate.amount - hits)
         leased = counted - 1 if allowed else 0
         self._note(scope, identity, left, leased, reset)
+        if not allowed:
+            # Over the limit in the store, but this process may hold requests leased for the
+            # window (by a count that landed meanwhile): this request is one of them.
+            return self.take(scope, identity, rate) or Decision(False, rate.amount, 0, reset)
         return Decision(allowed, rate.amount, left + leased, reset)
 
     async def refund(self, scope: str, identity: str, rate: Rate) -> None:

@@ -176,6 +176,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Requests answered while a pipelined one came in behind them (see connection_lost).
         self._ahead: list[Any] = []
         self._deferred = b""  # a refusal waiting for the answers ahead of it (_DEFERRED)
+        self._head_tail = b""  # the last bytes of the request head read so far
 
     @classmethod
     def _resolve_limits(cls) -> ConnectionLimits:
@@ -217,8 +218,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if phase == _NEW:
                 self._phase = _HEAD
                 self._since = self.loop.time()
-            end = data.find(b"\r\n\r\n")
-            piece = data if end < 0 else data[: end + 4]
+            # (The blank line that ends them may straddle two reads: looked for with the last
+            # bytes of the head read so far.)
+            tail = self._head_tail
+            end = (tail + data).find(b"\r\n\r\n")
+            piece = data if end < 0 else data[: end + 4 - len(tail)]
+            self._head_tail = b"" if end >= 0 else (tail + piece)[-3:]
             if len(piece) > self._limits.max_header_bytes - self._head_bytes:
                 # Never parse (and so hold) more than the limit of request line and headers.
                 if not self.transport.is_closing():
@@ -259,7 +264,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             target = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:
             return  # (uvicorn parsed it above: not reached)
-        authority = (target.host or b"") + (b":%d" % target.port if target.port else b"")
+        host = target.host or b""
+        if b":" in host:  # an IPv6 address: in brackets, as in a Host header
+            host = b"[" + host + b"]"
+        authority = host + (b":%d" % target.port if target.port else b"")
         headers = [(name, value) for name, value in self.scope["headers"] if name != b"host"]
         self.scope["headers"] = [*headers, (b"host", authority)]
 

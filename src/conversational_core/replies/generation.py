@@ -38,7 +38,7 @@ from conversational_core.replies.providers.base import Provider, ProviderError, 
 from conversational_core.replies.titles import TitleWriter
 from conversational_core.settings import Settings
 from conversational_core.storage.base import JobQueue, MessageQuery, Store
-from conversational_core.storage.errors import NotFound, ReplyStopped
+from conversational_core.storage.errors import NotFound, ReplyStopped, Unavailable
 from conversational_core.storage.models import (
     TOOL_CALL,
     Conversation,
@@ -53,6 +53,20 @@ from conversational_core.storage.models import (
 # How often a reply's writer checks, while nothing is published, that the reply is still its to
 # write (ReplyWriter._watched).
 _WATCH_SECONDS = 1.0
+
+
+async def _stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait for it to end; a cancellation of the caller itself (meanwhile,
+    or before) goes on up, not swallowed with the task's."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise
+    except Exception:  # noqa: S110 - its failure is not ours: it was being stopped
+        pass
 
 
 def _json_object(text: str) -> bool:
@@ -431,9 +445,9 @@ class ReplyWriter:
                     return task.result()
                 now = time.monotonic()
                 if now >= deadline:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await _stopped(task)
+                    if await self._reread(conversation_id, current) is None:
+                        return False  # no longer this writer's (taken over, cancelled…)
                     logger.info("reply {} ran past LLM_REPLY_MAX_SECONDS", current.id)
                     # Exactly what its deltas published (stopped mid-publish, the builder may
                     # hold a piece more), and no delta after it.
@@ -449,16 +463,16 @@ class ReplyWriter:
                         parts=sent or [],
                     )
                     return False
-                if (
-                    now - published[0] >= _WATCH_SECONDS
-                    and await self._reread(conversation_id, current) is None
-                ):
-                    return False  # (the `finally` stops the work)
+                if now - published[0] >= _WATCH_SECONDS:
+                    try:
+                        ours = await self._reread(conversation_id, current)
+                    except Unavailable:
+                        continue  # the store's hiccup is no reason to stop a stream
+                    if ours is None:
+                        return False  # (the `finally` stops the work)
         finally:
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _stopped(task)
 
     async def expire(self, conversation_id: str, message_id: str) -> float | None:
         """A deadline came (JobQueue.due_deadlines): a reply still waiting for tool results

@@ -46,7 +46,6 @@ How a connection is opened and shared, and what durability it gives: database.py
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import sqlite3
@@ -463,7 +462,7 @@ async def open_sqlite_store(
     every conversation with replies left by an earlier run."""
     with contextlib.ExitStack() as locked:
         # One process per data directory (lock.py says why); DataDirInUse otherwise.
-        await asyncio.to_thread(locked.enter_context, data_dir_lock(data_dir))
+        locked.enter_context(data_dir_lock(data_dir))  # (non-blocking: no thread needed)
         events = MemoryEventLog(events_max_len, client_buffer)
         store = await SqliteStore.open(
             data_dir / DB_FILENAME, events=events, lease_seconds=lease_seconds
