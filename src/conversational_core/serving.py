@@ -221,7 +221,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # (The blank line that ends them may straddle two reads: looked for with the last
             # bytes of the head read so far.)
             tail = self._head_tail
-            end = (tail + data).find(b"\r\n\r\n")
+            end = (tail + data if tail else data).find(b"\r\n\r\n")
             piece = data if end < 0 else data[: end + 4 - len(tail)]
             self._head_tail = b"" if end >= 0 else (tail + piece)[-3:]
             if len(piece) > self._limits.max_header_bytes - self._head_bytes:

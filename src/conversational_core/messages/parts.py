@@ -28,6 +28,7 @@ from conversational_core.storage.models import (
     TOOL_RESULT,
     Part,
     Role,
+    is_json_object,
 )
 
 HARD_MAX_TEXT = 10_000_000
@@ -190,11 +191,7 @@ def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = 
             if part["id"] in call_ids:
                 raise invalid(["body", field, i, "id"], "tool call ids must be unique")
             call_ids.add(part["id"])
-            try:
-                arguments = orjson.loads(part["arguments"] or "{}")
-            except orjson.JSONDecodeError:
-                arguments = None
-            if not isinstance(arguments, dict):  # (what every provider takes: an object)
+            if not is_json_object(part["arguments"] or "{}"):
                 raise invalid(["body", field, i, "arguments"], "must be a JSON object as text")
             chars += len(part["arguments"])
         elif kind == TOOL_RESULT:

@@ -28,7 +28,6 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from loguru import logger
 
 from conversational_core.observability import metrics
@@ -46,6 +45,7 @@ from conversational_core.storage.models import (
     MessageStatus,
     Part,
     content_of,
+    is_json_object,
     rfc3339_to_ms,
     utcnow,
 )
@@ -53,6 +53,7 @@ from conversational_core.storage.models import (
 # How often a reply's writer checks, while nothing is published, that the reply is still its to
 # write (ReplyWriter._watched).
 _WATCH_SECONDS = 1.0
+_ENDS = (Usage, Stop)  # what a stream's last read holds beside its pieces (a tuple: per token)
 
 
 async def _stopped(task: asyncio.Future[Any]) -> None:
@@ -67,13 +68,6 @@ async def _stopped(task: asyncio.Future[Any]) -> None:
             raise
     except Exception:  # noqa: S110 - its failure is not ours: it was being stopped
         pass
-
-
-def _json_object(text: str) -> bool:
-    try:
-        return isinstance(orjson.loads(text), dict)
-    except orjson.JSONDecodeError:
-        return False
 
 
 def _attempt(message: Message) -> int:
@@ -272,7 +266,7 @@ class ReplyWriter:
                 batches = batched(reads, self._window)
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
-                        pieces = [i for i in batch if not isinstance(i, Usage | Stop)]
+                        pieces = [i for i in batch if not isinstance(i, _ENDS)]
                         if len(pieces) < len(batch):  # (the end of the stream)
                             for item in batch:
                                 if isinstance(item, Usage):
@@ -360,7 +354,7 @@ class ReplyWriter:
                 part["arguments"] = "{}"
         parts = built.snapshot()
         noted: dict[str, Any] = {}
-        broken = [p for p in built.tool_calls if not _json_object(p["arguments"])]
+        broken = [p for p in built.tool_calls if not is_json_object(p["arguments"])]
         if broken:
             # A call a client cannot run (its arguments cut at the output limit, or not JSON):
             # the reply fails, with what it wrote, rather than ask for the call's result.

@@ -106,6 +106,14 @@ def tool_calls_of(parts: list[Part]) -> list[Part]:
     return [p for p in parts if p["type"] == TOOL_CALL]
 
 
+def is_json_object(arguments: str) -> bool:
+    """Whether a tool call's arguments are what every provider takes: a JSON object, as text."""
+    try:
+        return isinstance(orjson.loads(arguments), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 @dataclass(slots=True)
 class Conversation:
     id: str

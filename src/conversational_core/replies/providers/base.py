@@ -323,8 +323,9 @@ def _event_data(event: bytes) -> bytes | None:
 
 
 class StreamEnd:
-    """Whether a stream said that it ended (OpenAI's `[DONE]`), set by stream_events: a body
-    that just stops is a cut, not an answer."""
+    """Whether a stream said that it ended (OpenAI's `[DONE]`, set by stream_events, or a
+    choice's `finish_reason`, set by the OpenAI provider): a body that just stops is a cut,
+    not an answer."""
 
     __slots__ = ("done",)
 

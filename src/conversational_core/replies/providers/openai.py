@@ -129,8 +129,7 @@ class OpenAIProvider(Provider):
             **options,
         }
         # Through the SDK's generic `post`, the events read raw (base.stream_events says why).
-        end = StreamEnd()
-        finished = False  # a choice said why it finished (`finish_reason`)
+        end = StreamEnd()  # `[DONE]` (stream_events), or a choice's `finish_reason` (chunk_items)
         events = stream_events(
             self._client, "/chat/completions", body, openai, openai.OpenAIError, pace, end
         )
@@ -140,11 +139,7 @@ class OpenAIProvider(Provider):
                     items: list[Item] = []
                     try:
                         for chunk in chunks:
-                            items += chunk_items(chunk)
-                            if not finished:
-                                finished = any(
-                                    c.get("finish_reason") for c in chunk.get("choices") or ()
-                                )
+                            items += chunk_items(chunk, end)
                     except (ProviderError, *MALFORMED):
                         if items:
                             yield items  # the pieces before the failing chunk first
@@ -154,7 +149,7 @@ class OpenAIProvider(Provider):
             # JSON of another shape than a chunk's
             except MALFORMED:
                 raise ProviderError(UNREADABLE, retryable=True) from None
-        if not (finished or end.done):
+        if not end.done:
             # The body ended with neither a finish reason nor `[DONE]`: cut short (a proxy
             # that closed it), or no answer at all.
             raise ProviderError(CUT_OFF, retryable=True)
@@ -163,16 +158,21 @@ class OpenAIProvider(Provider):
 _TOLD = ("length", "content_filter")  # finish reasons a user is told of (the others: an answer)
 
 
-def chunk_items(chunk: dict[str, Any]) -> list[Item]:
-    """What one chat-completion chunk (as JSON) holds for the reply. A chunk with an `error`
-    (vLLM reports a failure during the stream so) fails the reply."""
+def chunk_items(chunk: dict[str, Any], end: StreamEnd | None = None) -> list[Item]:
+    """What one chat-completion chunk (as JSON) holds for the reply; a choice that says why it
+    finished marks `end` done. A chunk with an `error` (vLLM reports a failure during the
+    stream so) fails the reply."""
     if chunk.get("error"):
         raise ProviderError("The AI provider failed while answering.", retryable=True)
     items: list[Item] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta")
-        if choice.get("finish_reason") in _TOLD:
-            items.append(Stop(choice["finish_reason"]))
+        finish = choice.get("finish_reason")
+        if finish:
+            if end is not None:
+                end.done = True
+            if finish in _TOLD:
+                items.append(Stop(finish))
         if not delta:
             continue
         # DeepSeek, vLLM and llama.cpp's server stream the model's thinking as
