@@ -59,6 +59,10 @@ async def prefix() -> AsyncIterator[str]:
     await cleaner.aclose()
 
 
+# Stores keep pages as the service's do (PAGE_CACHE_MB's default): every test that reads after a
+# write checks that a kept page is not served stale.
+PAGE_CACHE_BYTES = Settings.model_fields["PAGE_CACHE_MB"].default * 2**20
+
 # Generous: on a loaded CI machine (a cluster of six servers, four test processes, coverage) a
 # burst of requests can wait seconds; a store timeout there is a 503, not what the test checks.
 STORE_TIMEOUT = 20
@@ -73,7 +77,7 @@ async def redis_store(prefix: str) -> AsyncIterator[RedisStore]:
         await connection.ping()
     except Exception as exc:  # pragma: no cover - environment problem, not a test result
         pytest.fail(f"tests need Redis at {REDIS_URL} (make test starts one): {exc!r}")
-    store = RedisStore(connection, Keys(prefix))
+    store = RedisStore(connection, Keys(prefix), page_cache_bytes=PAGE_CACHE_BYTES)
     yield store
     await store.close()
 
@@ -94,7 +98,7 @@ async def cluster_store(cluster: RedisCluster, prefix: str) -> AsyncIterator[Red
         max_connections=200,
         cluster=True,
     )
-    store = RedisStore(connection, Keys(prefix))
+    store = RedisStore(connection, Keys(prefix), page_cache_bytes=PAGE_CACHE_BYTES)
     yield store
     await store.close()
 

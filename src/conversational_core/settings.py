@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     REDIS_MAX_CONNECTIONS: int = Field(128, ge=1, le=10_000)
     # REDIS_URL names one node of a Redis Cluster; the client discovers the others.
     REDIS_CLUSTER: bool = False
+    # Pages of messages kept in each process to be served again while their conversation is
+    # unchanged (storage/redis/pages.py); 0 keeps none.
+    PAGE_CACHE_MB: int = Field(64, ge=0, le=65_536)
     DATA_DIR: Path = Path("data")
 
     # Auth.

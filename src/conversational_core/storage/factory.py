@@ -39,6 +39,7 @@ async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
             events_max_len=settings.EVENTS_MAX_LEN,
             events_ttl_seconds=settings.EVENTS_TTL_SECONDS,
             cluster=settings.REDIS_CLUSTER,
+            page_cache_bytes=settings.PAGE_CACHE_MB * 2**20,
         ) as store:
             hub = RedisEventHub(
                 store,

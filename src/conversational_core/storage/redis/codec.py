@@ -21,6 +21,7 @@ from conversational_core.storage import events
 from conversational_core.storage.models import Conversation, Message, Part, text_parts
 from conversational_core.storage.redis.client import Connection
 from conversational_core.storage.redis.keys import Keys
+from conversational_core.storage.redis.pages import PageCopies
 
 PARENT_HEAD = b'{"parent_id":'
 
@@ -30,6 +31,7 @@ class RedisParts:
 
     redis: Connection
     keys: Keys
+    pages: PageCopies | None  # pages served lately (pages.py); None: none kept
     _max_len: int
     _events_ttl: int
 

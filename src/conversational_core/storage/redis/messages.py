@@ -62,6 +62,9 @@ _INNER = operator.itemgetter(slice(1, -1))  # a stored document without its brac
 # A fork's messages are written in batches before their conversation exists; keys of a fork
 # that never finished expire.
 _FORK_BATCH = 500
+# Where the page script's rows begin: after its status, more, width, pre-tree documents, queued
+# reply and page version (lua/page.lua).
+_ROWS = 6
 _FORK_UNFINISHED_TTL = 3600
 
 
@@ -206,6 +209,8 @@ class RedisMessages(RedisParts):
         self, conversation_id: str, owner: str | None, query: MessageQuery
     ) -> MessageSlice:
         messages = self.keys.messages(conversation_id)
+        key = (conversation_id, query)
+        copy = self.pages.get(key) if self.pages is not None else None
         result = await self.redis.script(
             scripts.PAGE,
             [*self.keys.tree_keys(conversation_id), self.keys.replies(conversation_id)],
@@ -218,9 +223,17 @@ class RedisMessages(RedisParts):
                 "1" if query.backward else "0",
                 query.leaf or "",
                 "1" if query.everything else "0",
+                b"" if copy is None else copy.version,
             ],
         )
         status = result[0]
+        if status == b"same":
+            assert copy is not None  # (only a copy's version is answered so)
+            page = copy.page
+            if page.array is not None and len(page.array) > 1:
+                # Served again: its pieces joined once, so that each later serving copies one.
+                page.array = (b"".join(page.array),)
+            return page
         if status == b"missing":
             raise NotFound("Conversation not found.")
         if status == b"noanchor":
@@ -230,7 +243,8 @@ class RedisMessages(RedisParts):
         more = bool(result[1])
         width = 4 if result[2] else 2  # id, position[, sibling count, sibling index]
         queued = bool(result[4])  # a reply queued or being written: it may be on this page
-        rows = result[5:]
+        version = result[5]
+        rows = result[_ROWS:]
         ids = rows[::width]
         if not ids:
             return MessageSlice([], [], more)
@@ -264,7 +278,10 @@ class RedisMessages(RedisParts):
             ),
             b"]",
         ]
-        return MessageSlice(None, edges, more, array=array, queued=queued)
+        page = MessageSlice(None, edges, more, array=array, queued=queued)
+        if self.pages is not None and version and not queued:
+            self.pages.put(key, version, page, sum(map(len, docs)))
+        return page
 
     async def _irregular_page(
         self,
@@ -436,7 +453,7 @@ class RedisMessages(RedisParts):
                 if page[0] == b"noleaf":
                     raise UnknownMessage("message_id")
                 width = 4 if page[2] else 2
-                rows = page[5:]
+                rows = page[_ROWS:]
                 branch.extend(i.decode() for i in rows[::width])
                 if not page[1]:
                     break

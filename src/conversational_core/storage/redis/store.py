@@ -46,6 +46,7 @@ from conversational_core.storage.redis.codec import (
 )
 from conversational_core.storage.redis.keys import Keys
 from conversational_core.storage.redis.messages import RedisMessages
+from conversational_core.storage.redis.pages import PageCopies
 from conversational_core.storage.redis.replies import RedisReplies, stream_event
 
 _CONV_FIELDS = ("user", "data", "updated_at", "count", "version", "leaf")
@@ -65,9 +66,11 @@ class RedisStore(RedisMessages, RedisReplies, Store):
         *,
         events_max_len: int = 10_000,
         events_ttl_seconds: int = 86_400,
+        page_cache_bytes: int = 0,
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self.pages = PageCopies(page_cache_bytes) if page_cache_bytes > 0 else None
         self._max_len = events_max_len
         self._events_ttl = events_ttl_seconds
 
@@ -315,6 +318,7 @@ async def open_redis_store(
     events_max_len: int = 10_000,
     events_ttl_seconds: int = 86_400,
     cluster: bool = False,
+    page_cache_bytes: int = 0,
 ) -> AsyncIterator[RedisStore]:
     connection = Connection.open(
         url,
@@ -328,6 +332,7 @@ async def open_redis_store(
         Keys(prefix),
         events_max_len=events_max_len,
         events_ttl_seconds=events_ttl_seconds,
+        page_cache_bytes=page_cache_bytes,
     )
     try:
         yield store

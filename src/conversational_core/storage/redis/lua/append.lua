@@ -17,6 +17,7 @@ if ARGV[4] ~= '' then
   local prev = redis.call('GET', KEYS[7])
   if prev then return {'replay', prev} end
 end
+redis.call('HINCRBY', C, 'pv', 1)  -- pages change (storage/redis/pages.py)
 local n = tonumber(ARGV[5])
 local answered = 12 + 2 * n
 if ARGV[answered + 1] then

@@ -1,21 +1,24 @@
 -- A page of a branch, or of every message (tree.lua comes before this).
 -- KEYS: c, m, i, b, t, f[, replies]
 -- ARGV: owner|'', limit, descending, anchor position|'', anchor id|'', backward, leaf|'',
---       everything
+--       everything, the page version of a copy the caller holds|''
 -- With the conversation's reply queue (KEYS[7]), the 5th value says whether a reply is queued
 -- or being written (a page then may hold one streaming, whose text so far the caller adds).
+-- Answers {'same'} when the caller's copy is of this version (storage/redis/pages.py) and no
+-- reply is queued or being written. Otherwise the 6th value is the page version ('' : none).
 -- Returns ids and positions in list order, with each one's sibling position once the
 -- conversation has branched (before, every message is an only child). The documents are read
 -- by the caller with one HMGET: building a large reply from Lua strings costs Redis ~5 us a
 -- message.
 local L  -- the tree's functions (tree.lua), once needed
-local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'v')
+local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'v', 'pv')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
 local lin, cut = tonumber(h[2]), tonumber(h[3])
 local function queued()
   if KEYS[7] and redis.call('LLEN', KEYS[7]) > 0 then return 1 end
   return 0
 end
+if ARGV[9] and ARGV[9] ~= '' and h[5] == ARGV[9] and queued() == 0 then return {'same'} end
 local limit = tonumber(ARGV[2])
 local up = (ARGV[3] == '1') == (ARGV[6] == '1')
 local anchor = nil
@@ -57,7 +60,7 @@ local backward = ARGV[6] == '1'
 if not lin then  -- one chain: ids and positions, in list order (backward reads reversed here)
   -- (3rd: whether documents written before trees may be here: a conversation created since
   -- has `v`.)
-  local out, n = {'ok', more, 0, h[4] and 0 or 1, queued()}, 5
+  local out, n = {'ok', more, 0, h[4] and 0 or 1, queued(), h[5] or ''}, 6
   local first, last, step = 1, count, 1
   if backward then first, last, step = count, 1, -1 end
   for k = first, last, step do
@@ -71,7 +74,7 @@ end
 -- (read just before it going up, just after it going down): only the page's first message
 -- needs its parent looked up; the parents' children lists are read with one HMGET.
 L = L or reader()
-local out, n = {'ok', more, 1, h[4] and 0 or 1, queued()}, 5
+local out, n = {'ok', more, 1, h[4] and 0 or 1, queued(), h[5] or ''}, 6
 local first, last, step = 1, count, 1
 if backward then first, last, step = count, 1, -1 end
 local branch = ARGV[8] ~= '1'

@@ -1,0 +1,237 @@
+"""Pages a process keeps (storage/redis/pages.py) are served again only while their conversation
+is unchanged: every write, by whichever process, is seen by the next read, and a kept page is
+served to nobody who may not read it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from conversational_core.auth.tokens import issue_token
+from conversational_core.storage.base import MessageQuery, MessageSlice
+from conversational_core.storage.errors import NotFound
+from conversational_core.storage.models import MessageStatus, Role, utcnow
+from conversational_core.storage.redis.client import Connection
+from conversational_core.storage.redis.pages import PageCopies
+from conversational_core.storage.redis.store import RedisStore
+from tests.conftest import PAGE_CACHE_BYTES, REDIS_URL, STORE_TIMEOUT, make_settings, url_of
+from tests.fixtures.server import start_service
+from tests.test_store_contract import conversation, message
+
+PAGE = MessageQuery(50)
+
+
+@contextlib.asynccontextmanager
+async def _other_process(store: RedisStore, page_cache_bytes: int) -> AsyncIterator[RedisStore]:
+    """A store on the same Redis and key prefix with its own connections and kept pages: what
+    another API process or a worker holds."""
+    connection = Connection.open(
+        url_of(store),
+        socket_timeout=STORE_TIMEOUT,
+        connect_timeout=2,
+        max_connections=8,
+        cluster=store.redis.cluster,
+    )
+    other = RedisStore(connection, store.keys, page_cache_bytes=page_cache_bytes)
+    try:
+        yield other
+    finally:
+        await other.close()
+
+
+def _texts(page: MessageSlice) -> list[str]:
+    return [m.content for m in page.items]
+
+
+async def _kept(store: RedisStore, cid: str, query: MessageQuery = PAGE) -> MessageSlice:
+    """The page, read twice: the second read is the kept copy (the same object)."""
+    first = await store.list_messages(cid, "alice", query)
+    again = await store.list_messages(cid, "alice", query)
+    assert again is first, "the second read of an unchanged page is the kept copy"
+    return again
+
+
+async def test_every_write_of_another_process_is_seen_by_the_next_read(
+    any_redis_store: RedisStore,
+) -> None:
+    reader = any_redis_store
+    async with _other_process(reader, PAGE_CACHE_BYTES) as writer:
+        conv, _ = await writer.create_conversation(conversation())
+        cid = conv.id
+        first = [message(cid, f"m{n}") for n in range(3)]
+        await writer.append_messages(cid, "alice", first, utcnow())
+        assert _texts(await _kept(reader, cid)) == ["m0", "m1", "m2"]
+
+        # A message appended.
+        await writer.append_messages(cid, "alice", [message(cid, "m3")], utcnow())
+        assert _texts(await _kept(reader, cid)) == ["m0", "m1", "m2", "m3"]
+
+        # A message edited in place.
+        stored = await writer.get_message(cid, "alice", first[1].id)
+        edited = stored.replace(content="m1 edited", version=stored.version + 1)
+        assert await writer.update_message(cid, "alice", edited, stored) is not None
+        assert _texts(await _kept(reader, cid)) == ["m0", "m1 edited", "m2", "m3"]
+
+        # A branch: another answer to m0 becomes the active branch, then the first one again.
+        await writer.append_messages(
+            cid, "alice", [message(cid, "b1")], utcnow(), parent=first[0].id
+        )
+        page = await _kept(reader, cid)
+        assert _texts(page) == ["m0", "b1"]
+        assert page.items[0].sibling_count == 1 and page.items[1].sibling_count == 2
+        await writer.set_active_leaf(cid, "alice", first[2].id, None, utcnow())
+        assert _texts(await _kept(reader, cid)) == ["m0", "m1 edited", "m2", "m3"]
+
+        # A message and its subtree deleted.
+        await writer.delete_message(cid, "alice", first[2].id)
+        assert _texts(await _kept(reader, cid)) == ["m0", "m1 edited"]
+
+        # A reply: while it is queued or being written its page is not kept (it carries live
+        # text); once it ended, its page shows it ended.
+        reply = message(cid, "", Role.ASSISTANT).replace(status=MessageStatus.PENDING)
+        await writer.append_messages(
+            cid, "alice", [message(cid, "ask"), reply], utcnow(), reply_id=reply.id
+        )
+        pending = await reader.list_messages(cid, "alice", PAGE)
+        assert pending.items[-1].status is MessageStatus.PENDING
+        assert await reader.list_messages(cid, "alice", PAGE) is not pending
+        streaming = reply.replace(status=MessageStatus.STREAMING, version=2)
+        assert await writer.start_attempt(cid, streaming, reply, 1) == streaming
+        assert await writer.publish_delta(cid, reply.id, "Hi", 1)
+        flushed = streaming.replace(content="Hi")
+        assert await writer.flush_reply(cid, flushed, streaming) == flushed
+        assert (await reader.list_messages(cid, "alice", PAGE)).items[-1].content == "Hi"
+        done = flushed.replace(status=MessageStatus.COMPLETED, version=3)
+        assert await writer.finish_reply(cid, done, flushed) == done
+        last = (await _kept(reader, cid)).items[-1]
+        assert (last.content, last.status) == ("Hi", MessageStatus.COMPLETED)
+
+        # The conversation deleted: the kept page is not served.
+        await writer.delete_conversation(cid, "alice")
+        with pytest.raises(NotFound):
+            await reader.list_messages(cid, "alice", PAGE)
+
+
+async def test_a_kept_page_is_served_only_to_who_may_read_it(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
+    conv, _ = await store.create_conversation(conversation())
+    await store.append_messages(conv.id, "alice", [message(conv.id, "private")], utcnow())
+    await _kept(store, conv.id)
+    with pytest.raises(NotFound):
+        await store.list_messages(conv.id, "mallory", PAGE)
+    # An admin reads every conversation (owner None): the same page.
+    assert _texts(await store.list_messages(conv.id, None, PAGE)) == ["private"]
+
+
+async def test_pages_of_every_kind_are_kept_apart(any_redis_store: RedisStore) -> None:
+    """Each query has its copy: every page, read from copies, equals the page read afresh."""
+    store = any_redis_store
+    conv, _ = await store.create_conversation(conversation())
+    cid = conv.id
+    chain = [message(cid, f"m{n}") for n in range(6)]
+    await store.append_messages(cid, "alice", chain, utcnow())
+    await store.append_messages(cid, "alice", [message(cid, "alt")], utcnow(), parent=chain[2].id)
+    queries = [
+        PAGE,
+        MessageQuery(2),
+        MessageQuery(2, descending=True),
+        MessageQuery(2, anchor_seq=1),
+        MessageQuery(3, anchor_id=chain[2].id, backward=True),
+        MessageQuery(50, leaf=chain[5].id),
+        MessageQuery(50, everything=True),
+    ]
+    async with _other_process(store, 0) as fresh:
+        assert fresh.pages is None  # (PAGE_CACHE_MB=0: nothing kept)
+        for query in queries:
+            kept = await _kept(store, cid, query)
+            afresh = await fresh.list_messages(cid, "alice", query)
+            assert kept.json_array() == afresh.json_array(), query
+            assert (kept.seqs, kept.has_more) == (afresh.seqs, afresh.has_more), query
+    assert len(store.pages or ()) == len(queries)
+
+
+async def test_pages_of_conversations_not_written_since_versions_are_not_kept(
+    redis_store: RedisStore,
+) -> None:
+    """A conversation last written by a version that did not count page versions (no `pv`)
+    might be written by such a process again: its pages are read afresh every time."""
+    store = redis_store
+    conv, _ = await store.create_conversation(conversation())
+    await store.append_messages(conv.id, "alice", [message(conv.id, "old")], utcnow())
+    await store.redis.call("HDEL", store.keys.conversation(conv.id), "pv")
+    first = await store.list_messages(conv.id, "alice", PAGE)
+    assert await store.list_messages(conv.id, "alice", PAGE) is not first
+    assert _texts(first) == ["old"]
+
+
+def test_two_api_processes_show_every_write_at_once(prefix: str) -> None:
+    """From the outside: the service in two processes, each page read on a new connection (the
+    kernel spreads them over both, and each keeps the pages it served); after every write, every
+    read shows it."""
+    secret = "a-secret-of-more-than-32-bytes-for-this-test!"
+    env = {
+        "REDIS_URL": REDIS_URL,
+        "REDIS_KEY_PREFIX": prefix,
+        "WORKERS": "2",
+        "JWT_SECRET": secret,
+        "RATE_LIMIT": "off",
+    }
+    headers = {"Authorization": f"Bearer {issue_token(make_settings(JWT_SECRET=secret), 'alice')}"}
+    with start_service(env) as service, httpx.Client(base_url=service.url, headers=headers) as http:
+        cid = http.post("/conversations", json={}).json()["id"]
+
+        def say(text: str) -> str:
+            answer = http.post(
+                f"/conversations/{cid}/messages", json={"content": text, "respond": False}
+            )
+            assert answer.status_code == 201
+            return str(answer.json()["id"])
+
+        def pages() -> list[list[str]]:
+            texts = []
+            for _ in range(12):
+                with httpx.Client(base_url=service.url, headers=headers) as one:
+                    page = one.get(f"/conversations/{cid}/messages")
+                    assert page.status_code == 200
+                    texts.append([m["content"] for m in page.json()["items"]])
+            return texts
+
+        first = say("one")
+        assert pages() == [["one"]] * 12
+        second = say("two")
+        assert pages() == [["one", "two"]] * 12
+        edited = http.put(f"/conversations/{cid}/messages/{first}", json={"content": "one!"})
+        assert edited.status_code == 200
+        assert pages() == [["one!", "two"]] * 12
+        assert http.delete(f"/conversations/{cid}/messages/{second}").status_code == 204
+        assert pages() == [["one!"]] * 12
+
+
+def _page(size: int) -> MessageSlice:
+    return MessageSlice(None, [1], False, array=[b"[", b"x" * size, b"]"])
+
+
+def test_kept_pages_stay_within_their_budget() -> None:
+    copies = PageCopies(max_bytes=64 * 1024)
+    for n in range(100):
+        copies.put(("c", n), b"1", _page(4096), 4096)
+        assert copies.size <= 64 * 1024
+    assert 0 < len(copies) < 100
+    assert copies.get(("c", 0)) is None  # the least recently used went first
+    assert copies.get(("c", 99)) is not None
+    copies.put(("big", 0), b"1", _page(9000), 9000)  # more than an eighth of the budget
+    assert copies.get(("big", 0)) is None
+    # A page kept again replaces its copy, and its size is counted once.
+    before = copies.size
+    copies.put(("c", 99), b"2", _page(4096), 4096)
+    copy = copies.get(("c", 99))
+    assert copy is not None and copy.version == b"2" and copies.size == before
+
+
+def test_a_copy_is_offered_only_while_young() -> None:
+    copies = PageCopies(max_bytes=1024 * 1024, max_age=0.0)
+    copies.put(("c", 0), b"1", _page(10), 10)
+    assert copies.get(("c", 0)) is None and len(copies) == 0 and copies.size == 0
