@@ -170,6 +170,8 @@ async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -
 
 
 def principal_of(request: Request) -> Principal:
-    """The authenticated caller of a request (set by AuthMiddleware)."""
-    principal: Principal = request.state.principal
+    """The authenticated caller of a request (set by AuthMiddleware). Read from the scope's
+    state itself: Starlette's `request.state` builds a wrapper (after a failed attribute
+    lookup) on each request, 1-2% of a page read."""
+    principal: Principal = request.scope["state"]["principal"]
     return principal

@@ -38,7 +38,7 @@ _ONE = success(200, "The conversation.", ETAG_HEADER)
 
 
 def _service(request: Request) -> ConversationService:
-    service: ConversationService = request.state.conversations
+    service: ConversationService = request.scope["state"]["conversations"]  # (principal_of)
     return service
 
 

@@ -46,7 +46,7 @@ _ONE = success(200, "The message.", ETAG_HEADER)
 
 
 def _service(request: Request) -> MessageService:
-    service: MessageService = request.state.messages
+    service: MessageService = request.scope["state"]["messages"]  # (see principal_of)
     return service
 
 

@@ -167,7 +167,13 @@ class EdgeMiddleware:
         if cors is not None:
             self.headers.append((b"vary", b"Origin"))  # (CORSMiddleware adds it when it runs)
         self.routes = routes
-        self._cors_headers = [h for h in self.headers if h != (b"vary", b"Origin")]
+        cors_headers = [h for h in self.headers if h != (b"vary", b"Origin")]
+        # What a response gets, by whether CORS answers it and whether it is /docs (which may
+        # run Swagger UI's scripts), built once.
+        self._api_headers = [*self.headers, _API_CSP]
+        self._docs_headers = list(self.headers)
+        self._cors_api_headers = [*cors_headers, _API_CSP]
+        self._cors_docs_headers = cors_headers
         self.access_log = access_log  # off when LOG_LEVEL is above INFO: skip building the line
         # Labelled children by (method, endpoint, status): prometheus_client's labels() takes a
         # lock and validates the values on every call; the set of keys is small and fixed.
@@ -217,9 +223,11 @@ class EdgeMiddleware:
         status = 500
         streaming = False
         cors = self.cors if origin else None
-        extra = self._cors_headers if cors is not None else self.headers
-        if not scope["path"].startswith("/docs"):
-            extra = [*extra, _API_CSP]
+        docs = scope["path"].startswith("/docs")
+        if cors is not None:
+            extra = self._cors_docs_headers if docs else self._cors_api_headers
+        else:
+            extra = self._docs_headers if docs else self._api_headers
 
         async def send_with_id(message: Message) -> None:
             nonlocal started, status, streaming

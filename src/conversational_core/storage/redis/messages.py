@@ -209,7 +209,18 @@ class RedisMessages(RedisParts):
         self, conversation_id: str, owner: str | None, query: MessageQuery
     ) -> MessageSlice:
         messages = self.keys.messages(conversation_id)
-        key = (conversation_id, query)
+        # (a tuple of plain values: hashed and compared in C, where the dataclass's own
+        # __hash__ and __eq__ are Python functions)
+        key = (
+            conversation_id,
+            query.limit,
+            query.descending,
+            query.anchor_seq,
+            query.anchor_id,
+            query.backward,
+            query.leaf,
+            query.everything,
+        )
         copy = self.pages.get(key) if self.pages is not None else None
         result = await self.redis.script(
             scripts.PAGE,
