@@ -153,6 +153,21 @@ async def test_pages_of_every_kind_are_kept_apart(any_redis_store: RedisStore) -
     assert len(store.pages or ()) == len(queries)
 
 
+async def test_a_conversation_created_again_with_its_id_shows_none_of_before(
+    any_redis_store: RedisStore,
+) -> None:
+    """An idempotent create retried after its conversation was deleted makes it again, same id:
+    its page versions start past every version of before."""
+    store = any_redis_store
+    conv, _ = await store.create_conversation(conversation())
+    await store.append_messages(conv.id, "alice", [message(conv.id, "before")], utcnow())
+    await _kept(store, conv.id)
+    await store.delete_conversation(conv.id, "alice")
+    await store.create_conversation(conv)
+    await store.append_messages(conv.id, "alice", [message(conv.id, "after")], utcnow())
+    assert _texts(await store.list_messages(conv.id, "alice", PAGE)) == ["after"]
+
+
 async def test_pages_of_conversations_not_written_since_versions_are_not_kept(
     redis_store: RedisStore,
 ) -> None:

@@ -82,13 +82,17 @@ return redis.call('GET', KEYS[2])
 # Creates only if absent. A fork's messages are written first (FORK_COPY, keys that expire) and
 # kept (PERSIST) once their conversation exists. `busy` repeats the on_busy setting of `data`
 # for the append script (which reads hash fields, not JSON); `v` 2 marks a conversation created
-# since trees (all its documents name their parent: pages need not look).
+# since trees (all its documents name their parent: pages need not look). Its page version
+# (pages.py) starts at the server's clock in microseconds: a conversation deleted and created
+# again with the same id (an idempotent create retried) cannot reach a version of before (it
+# would need more writes than microseconds went by).
 CREATE = Script(
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'user', ARGV[1], 'data', ARGV[2], 'updated_at', ARGV[3],
            'count', ARGV[6] or 0, 'seq', ARGV[6] or 0, 'version', ARGV[4], 'busy', ARGV[5],
-           'v', 2)
+           'v', 2, 'pv', now[1] .. string.format('%06d', tonumber(now[2])))
 if ARGV[7] then
   redis.call('HSET', KEYS[1], 'leaf', ARGV[7])
   redis.call('PERSIST', KEYS[2])
