@@ -5,6 +5,7 @@ served to nobody who may not read it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 
 from conversational_core.auth.tokens import issue_token
 from conversational_core.storage.base import MessageQuery, MessageSlice
-from conversational_core.storage.errors import NotFound
+from conversational_core.storage.errors import NotFound, UnknownMessage
 from conversational_core.storage.models import MessageStatus, Role, utcnow
 from conversational_core.storage.redis.client import Connection
 from conversational_core.storage.redis.pages import PageCopies
@@ -166,6 +167,41 @@ async def test_a_conversation_created_again_with_its_id_shows_none_of_before(
     await store.create_conversation(conv)
     await store.append_messages(conv.id, "alice", [message(conv.id, "after")], utcnow())
     assert _texts(await store.list_messages(conv.id, "alice", PAGE)) == ["after"]
+
+
+async def test_a_version_lost_by_redis_is_never_given_again(redis_store: RedisStore) -> None:
+    """A failover to a replica that missed the last writes, or a restart from a snapshot, takes
+    the conversation back to before a write, page version included: the next write must not
+    give the version of the lost one again (a copy of that page would be served)."""
+    store = redis_store
+    conv, _ = await store.create_conversation(conversation())
+    cid = conv.id
+    await store.append_messages(cid, "alice", [message(cid, "m0")], utcnow())
+    names = [name for name in store.keys.tree_keys(cid) if await store.redis.call("EXISTS", name)]
+    snapshot = {name: await store.redis.call("DUMP", name) for name in names}
+    await store.append_messages(cid, "alice", [message(cid, "lost")], utcnow())
+    assert _texts(await _kept(store, cid)) == ["m0", "lost"]
+    for name, dumped in snapshot.items():  # what the replica or the snapshot held
+        await store.redis.call("RESTORE", name, 0, dumped, "REPLACE")
+    await store.append_messages(cid, "alice", [message(cid, "new")], utcnow())
+    assert _texts(await store.list_messages(cid, "alice", PAGE)) == ["m0", "new"]
+
+
+async def test_a_refused_write_keeps_the_pages(any_redis_store: RedisStore) -> None:
+    store = any_redis_store
+    conv, _ = await store.create_conversation(conversation())
+    await store.append_messages(conv.id, "alice", [message(conv.id, "kept")], utcnow())
+    page = await _kept(store, conv.id)
+    with pytest.raises(UnknownMessage):
+        await store.append_messages(
+            conv.id, "alice", [message(conv.id, "x")], utcnow(), parent="no-such-message"
+        )
+    assert await store.list_messages(conv.id, "alice", PAGE) is page
+
+
+def test_a_kept_pages_key_has_every_field_of_its_query() -> None:
+    query = MessageQuery(7, True, 3, "a", True, "l", True)
+    assert query.key() == tuple(getattr(query, f.name) for f in dataclasses.fields(query))
 
 
 async def test_pages_of_conversations_not_written_since_versions_are_not_kept(

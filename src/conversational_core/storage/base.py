@@ -123,6 +123,19 @@ class MessageQuery:
     leaf: str | None = None
     everything: bool = False
 
+    def key(self) -> tuple[object, ...]:
+        """Every field, as a tuple of plain values (hashed and compared in C, where the
+        dataclass's own __hash__ and __eq__ are Python functions): a kept page's key."""
+        return (
+            self.limit,
+            self.descending,
+            self.anchor_seq,
+            self.anchor_id,
+            self.backward,
+            self.leaf,
+            self.everything,
+        )
+
 
 @dataclass(slots=True)
 class Appended:

@@ -209,19 +209,11 @@ class RedisMessages(RedisParts):
         self, conversation_id: str, owner: str | None, query: MessageQuery
     ) -> MessageSlice:
         messages = self.keys.messages(conversation_id)
-        # (a tuple of plain values: hashed and compared in C, where the dataclass's own
-        # __hash__ and __eq__ are Python functions)
-        key = (
-            conversation_id,
-            query.limit,
-            query.descending,
-            query.anchor_seq,
-            query.anchor_id,
-            query.backward,
-            query.leaf,
-            query.everything,
-        )
-        copy = self.pages.get(key) if self.pages is not None else None
+        # Pages read without an owner (a worker's, an admin's) are not kept: a worker reads
+        # the branch of the reply it writes once, and an admin's reads are rare.
+        pages = self.pages if owner is not None else None
+        key = (conversation_id, *query.key())
+        copy = pages.get(key) if pages is not None else None
         result = await self.redis.script(
             scripts.PAGE,
             [*self.keys.tree_keys(conversation_id), self.keys.replies(conversation_id)],
@@ -290,8 +282,9 @@ class RedisMessages(RedisParts):
             b"]",
         ]
         page = MessageSlice(None, edges, more, array=array, queued=queued)
-        if self.pages is not None and version and not queued:
-            self.pages.put(key, version, page, sum(map(len, docs)))
+        if pages is not None and version and not queued:
+            # What it holds: the documents, and per message its id and pieces (~250 bytes).
+            pages.put(key, version, page, sum(map(len, docs)) + 250 * len(ids))
         return page
 
     async def _irregular_page(

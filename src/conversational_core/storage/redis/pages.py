@@ -2,21 +2,25 @@
 conversation has not changed.
 
 Every script that changes what a page of a conversation can show (append, replace, switch,
-delete a message: lua/) adds one to the conversation's page version (`pv` in its hash), in the
-same script as the change. A page read names the version of the copy held here, if any; the page
-script answers `same` when the conversation is at that version and no reply of it is queued or
-being written (those pages carry live text), and this copy is served: one script call that
-answers a word, instead of the page's index reads, the documents' HMGET, ~50 KB of reply parsed
-and the JSON array assembled again (for a page of 50 messages, about half of what the request
-cost the API; README, benchmarks). The version is read by Redis where every writer writes it,
-so a page is never older than a write that answered before the read began, whichever process
-wrote it: read-your-writes holds across processes, as without copies.
+delete a message: lua/) gives the conversation a new page version (`pv` in its hash), in the
+same script as the change: the server's clock in microseconds, or one more than the last when
+the clock is not past it (lua/tree.lua), so that no version is ever given twice, not even after
+a failover or a restart that lost the last writes. A page read names the version of the copy
+held here, if any; the page script answers `same` when the conversation is at that version and
+no reply of it is queued or being written (those pages carry live text), and this copy is
+served: one script call that answers a word, instead of the page's index reads, the documents'
+HMGET, ~50 KB of reply parsed and the JSON array assembled again (for a page of 50 messages,
+about half of what the request cost the API; README, benchmarks). The version is read by Redis
+where every writer writes it, so a page is never older than a write that answered before the
+read began, whichever process wrote it: read-your-writes holds across processes, as without
+copies.
 
-Bounded: at most PAGE_CACHE_MB of documents in all (least recently used go first; a page
+Bounded: at most about PAGE_CACHE_MB in all (least recently used go first; a page
 larger than an eighth of it is not kept), and a copy is offered for at most MAX_AGE_SECONDS, so
-that a change made by a process that does not count versions (a version before this one, during a
-rolling upgrade) is seen at most that late. Conversations never written since this version
-have no `pv`: their pages are not kept.
+that a change made by a process that does not count versions (a version before this one,
+during a rolling upgrade) is seen at most that late. Conversations never written since this version
+have no `pv`: their pages are not kept. Nor are pages read without an owner (a worker reads the
+branch of the reply it writes once; an admin's reads are rare).
 """
 
 from __future__ import annotations

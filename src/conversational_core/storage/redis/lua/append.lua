@@ -17,7 +17,6 @@ if ARGV[4] ~= '' then
   local prev = redis.call('GET', KEYS[7])
   if prev then return {'replay', prev} end
 end
-redis.call('HINCRBY', C, 'pv', 1)  -- pages change (storage/redis/pages.py)
 local n = tonumber(ARGV[5])
 local answered = 12 + 2 * n
 if ARGV[answered + 1] then
@@ -26,6 +25,7 @@ if ARGV[answered + 1] then
     return {'changed'}
   end
   redis.call('HSET', M, aid, '{"parent_id":' .. apj .. ',' .. ARGV[answered + 4] .. '}')
+  pages_changed()
   local eid = redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.completed', 'd',
                         ARGV[answered + 5])
   redis.call('SPUBLISH', E, eid .. '\nmessage.completed\n' .. ARGV[answered + 5])
@@ -51,6 +51,7 @@ elseif parent == '-' then
 elseif redis.call('HEXISTS', M, parent) == 0 then
   return {'noparent'}
 end
+pages_changed()
 local seq = redis.call('HINCRBY', C, 'seq', n) - n
 local branched = lin ~= nil or parent ~= leaf
 if branched then

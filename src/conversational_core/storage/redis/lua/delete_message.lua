@@ -46,7 +46,7 @@ while k <= #todo do
 end
 table.sort(ids, function(a, b) return seqs[a] < seqs[b] end)
 
-redis.call('HINCRBY', C, 'pv', 1)  -- pages change (storage/redis/pages.py)
+pages_changed()
 L.del_all('HDEL', M, ids)
 L.del_all('ZREM', I, ids)
 L.del_all('ZREM', B, ids)

@@ -24,7 +24,7 @@ if ARGV[12] ~= '' and redis.call('EXISTS', KEYS[9]) == 1 then
   return {'stopped', redis.call('GET', KEYS[10])}
 end
 redis.call('HSET', M, id, '{"parent_id":' .. ARGV[5] .. ',' .. ARGV[6] .. '}')
-redis.call('HINCRBY', C, 'pv', 1)  -- pages change (storage/redis/pages.py)
+pages_changed()
 if ARGV[9] == '1' then
   redis.call('LREM', KEYS[8], 0, id)
   redis.call('SET', KEYS[9], '1', 'EX', ARGV[11])

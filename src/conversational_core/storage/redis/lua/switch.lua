@@ -19,7 +19,7 @@ else
   redis.call('HSET', C, 'cut', cut)
 end
 redis.call('HSET', C, 'leaf', leaf, 'updated_at', ARGV[4])
-redis.call('HINCRBY', C, 'pv', 1)  -- pages change (storage/redis/pages.py)
+pages_changed()
 local version = redis.call('HINCRBY', C, 'version', 1)
 local conv = L.conversation_json(h[5], ARGV[4], h[6], version, leaf)
 L.emit(KEYS[7], ARGV[6], ARGV[7], 'conversation.updated',

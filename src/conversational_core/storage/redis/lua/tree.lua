@@ -16,6 +16,18 @@
 
 local C, M, I, B, T, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
+-- What a page of the conversation shows changed (storage/redis/pages.py): its page version
+-- becomes the server's clock in microseconds, or one more than before when that is not past it.
+-- So a version is never given twice, not even after a failover or a restart that lost the last
+-- writes (and the version with them): the clock has moved past every version given before.
+local function pages_changed()
+  local now = redis.call('TIME')
+  local at = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local pv = tonumber(redis.call('HGET', C, 'pv') or '0')
+  if pv >= at then at = pv + 1 end
+  redis.call('HSET', C, 'pv', string.format('%.0f', at))
+end
+
 -- The tree's functions, made only when a script needs them: an append or a page of a
 -- conversation that never branched makes none. `reader()` makes those that read it (all a page
 -- needs), `tree()` all of them: making the functions costs every call that needs them (tree()
