@@ -7,7 +7,7 @@ rate limiter and the benchmarks all name keys through :class:`Keys`.
     P:{cid}:c          hash    user, data (JSON of the conversation's settings), updated_at,
                                count (messages), seq (last position given), version, leaf
                                (the active leaf), lin and cut (the tree, below), pv (the
-                               page version: one more with every change of its pages)
+                               page version: a new one with every change of its pages)
     P:{cid}:m          hash    message id -> {"parent_id":…, then the message's JSON from `role`
                                to `context`} (ids and sibling positions are not stored)
     P:{cid}:i          zset    message id scored by its position (seq): creation order

@@ -10,7 +10,7 @@ held here, if any; the page script answers `same` when the conversation is at th
 no reply of it is queued or being written (those pages carry live text), and this copy is
 served: one script call that answers a word, instead of the page's index reads, the documents'
 HMGET, ~50 KB of reply parsed and the JSON array assembled again (for a page of 50 messages,
-about half of what the request cost the API; README, benchmarks). The version is read by Redis
+about a third of what the request cost the API; README, benchmarks). The version is read by Redis
 where every writer writes it, so a page is never older than a write that answered before the
 read began, whichever process wrote it: read-your-writes holds across processes, as without
 copies.
