@@ -62,10 +62,10 @@ _INNER = operator.itemgetter(slice(1, -1))  # a stored document without its brac
 # A fork's messages are written in batches before their conversation exists; keys of a fork
 # that never finished expire.
 _FORK_BATCH = 500
+_FORK_UNFINISHED_TTL = 3600
 # Where the page script's rows begin: after its status, more, width, pre-tree documents, queued
 # reply and page version (lua/page.lua).
 _ROWS = 6
-_FORK_UNFINISHED_TTL = 3600
 
 
 class RedisMessages(RedisParts):
@@ -246,7 +246,7 @@ class RedisMessages(RedisParts):
         more = bool(result[1])
         width = 4 if result[2] else 2  # id, position[, sibling count, sibling index]
         queued = bool(result[4])  # a reply queued or being written: it may be on this page
-        version = result[5]
+        version = result[_ROWS - 1]
         rows = result[_ROWS:]
         ids = rows[::width]
         if not ids:
