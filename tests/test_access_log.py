@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from conversational_core.observability.logging import REQUEST_ID, AccessLog
+from conversational_core.observability.logging import REQUEST_ID, AccessLog, redact
 
 
 def _written(log: AccessLog, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -68,3 +68,24 @@ async def test_a_path_cannot_forge_a_development_line(monkeypatch: pytest.Monkey
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "\x1b" not in lines[0]
     assert lines[0].endswith("GET /x\\n2026-01-01 | INFO | forged\\x1b[2J 404 0.5ms")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/x?t=eyJhbGciOiJI.eyJzdWIiOiJh.c2ln&a=1", "/x?t=[redacted]&a=1"),
+        ("Authorization: Bearer abc.def-ghi_jkl", "Authorization: [redacted]"),
+        ("auth BEARER abcdefgh12345", "auth [redacted]"),
+        ("auth bEaReR\tabcdefgh12345", "auth [redacted]"),
+        ("key=sk-proj-abcdefghijkl0123", "key=[redacted]"),
+        ("rk-abcdefghijkl0123 and pk-abcdefghijkl0123", "[redacted] and [redacted]"),
+        # nothing shaped like a secret: unchanged (and no regex run, the common case)
+        ("/conversations/01a22fed-76a6-764c-8d7b-c15d90913781/messages", None),
+        ("ask-me later; the bearer of news; eyJ", None),
+        ("", None),
+    ],
+)
+def test_redact_masks_every_kind_of_secret_and_nothing_else(
+    text: str, expected: str | None
+) -> None:
+    assert redact(text) == (text if expected is None else expected)

@@ -7,6 +7,7 @@ import base64
 import json
 
 import httpx
+import pytest
 
 from conversational_core.settings import Settings
 from tests.fixtures.app import auth
@@ -249,3 +250,36 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
 def _cursor(values: list[object]) -> str:
     """A cursor of the service's form (base64url of a JSON array) holding `values`."""
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+async def test_a_query_sent_again_is_read_as_the_first_time(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validated queries are kept by their bytes (routing.Operation): the same query answers
+    alike every time, a different one is read afresh, a bad one is refused every time, and
+    more queries than are kept change nothing."""
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    for text in ("a", "b", "c"):
+        posted = await client.post(
+            f"/conversations/{cid}/messages",
+            headers=alice,
+            json={"content": text, "respond": False},
+        )
+        assert posted.status_code == 201
+
+    async def contents(query: str) -> list[str]:
+        response = await client.get(f"/conversations/{cid}/messages?{query}", headers=alice)
+        assert response.status_code == 200, response.text
+        return [m["content"] for m in response.json()["items"]]
+
+    for _ in range(2):
+        assert await contents("limit=2") == ["a", "b"]
+        assert await contents("limit=2&order=desc") == ["c", "b"]
+        assert await contents("order=desc&limit=1") == ["c"]
+        bad = await client.get(f"/conversations/{cid}/messages?limit=0", headers=alice)
+        assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "limit"]
+    monkeypatch.setattr("conversational_core.routing._CACHED_QUERIES", 8)
+    for limit in range(1, 30):  # past what one operation keeps (8 here)
+        assert len(await contents(f"limit={limit % 4 or 1}&n={limit}")) == min(limit % 4 or 1, 3)
+    assert await contents("limit=2&order=desc") == ["c", "b"]

@@ -133,7 +133,7 @@ class ConversationList(BaseModel):
 class ConversationListQuery(BaseModel):
     """Query parameters of a page of conversations (unknown ones are ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     limit: int = Field(20, ge=1, le=100)
     cursor: str | None = Field(None, max_length=512, description="A page's `next_cursor`.")

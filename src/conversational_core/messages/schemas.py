@@ -111,7 +111,9 @@ class MessageList(BaseModel):
 class MessageListQuery(BaseModel):
     """Query parameters of a message page (one model: validated in one pass)."""
 
-    model_config = ConfigDict(extra="ignore")  # like most APIs: unknown parameters are ignored
+    # Like most APIs: unknown parameters are ignored. Frozen: one validated query is shared by
+    # the requests that send the same (routing.Operation).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     limit: int = Field(50, ge=1, le=200)
     order: Literal["asc", "desc"] = "asc"
@@ -131,7 +133,7 @@ class MessageListQuery(BaseModel):
 
 
 class SiblingsQuery(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     limit: int = Field(50, ge=1, le=200)
     cursor: str | None = Field(None, max_length=256)

@@ -58,6 +58,8 @@ class MessagePage:
 
 
 _STREAMING = b'"status":"streaming"'
+# The counter's child per role, made once: labels() takes a lock and checks its values.
+_MESSAGES_BY_ROLE = {role: metrics.MESSAGES.labels(role.value) for role in Role}
 
 
 def _may_stream(page: MessageSlice) -> bool:
@@ -362,7 +364,7 @@ class MessageService:
             await self._refund_ai_budget(principal)
         if not appended.replayed:
             for created in messages:
-                metrics.MESSAGES.labels(created.role.value).inc()
+                _MESSAGES_BY_ROLE[created.role].inc()
         for running in appended.interrupted:  # on_busy=interrupt
             await self._stop(conversation_id, None, running)
         return appended.messages, appended.replayed

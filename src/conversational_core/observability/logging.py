@@ -39,7 +39,11 @@ _MASK = "[redacted]"
 
 
 def redact(text: str) -> str:
-    return _SECRETS.sub(_MASK, text) if text else text
+    # Each alternative of _SECRETS holds one of these literals ("earer" of "bearer" in any
+    # case): text without any (a path, most messages) skips the regex, 10x dearer.
+    if not text or ("eyJ" not in text and "k-" not in text and "earer" not in text.lower()):
+        return text
+    return _SECRETS.sub(_MASK, text)
 
 
 class InterceptHandler(logging.Handler):

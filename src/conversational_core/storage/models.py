@@ -8,6 +8,7 @@ validated by the pydantic schemas of the HTTP layer before a record is built.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -22,10 +23,23 @@ def new_id() -> str:
     return str(uuid_utils.uuid7())
 
 
+_second: tuple[int, str] = (-1, "")  # the last second rendered, and its `YYYY-MM-DDTHH:MM:SS.`
+
+
 def utcnow() -> str:
     """Now as an RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-24T13:29:52.123456Z`."""
-    # isoformat is C code; strftime is several times slower and this runs on every write.
-    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    # Runs several times on every write: the date and time are rendered once a second (one
+    # tuple, replaced whole: threads never pair a second with another's text), the
+    # microseconds each time: a quarter of datetime.now().isoformat()'s cost.
+    global _second
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    rendered = _second
+    if rendered[0] != second:
+        rendered = _second = (
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S."),
+        )
+    return f"{rendered[1]}{nanos // 1000:06d}Z"
 
 
 def rfc3339_to_ms(value: str) -> int:
