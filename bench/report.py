@@ -42,6 +42,13 @@ def throughput_line(c: Comparison) -> str:
         f"ratio {c.ratio:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}; "
         f"goal >= {c.goal}x: {_verdict(c.ratio >= c.goal)})"
     )
+    if c.cpu_ratio is not None:
+        cpu = c.cpu_us
+        redis = f" + Redis {cpu['ours_redis']:.0f}" if cpu["ours_redis"] is not None else ""
+        line += (
+            f"\n{'':<16} CPU per request: ours {cpu['ours']:.0f} us{redis} | bare "
+            f"{cpu['bare']:.0f} us | bare/ours {c.cpu_ratio:.2f}x"
+        )
     if errors:
         line += f"  [{errors:.0f} ERRORS]"
     return line
@@ -63,7 +70,14 @@ def edges_line(comparisons: list[Comparison]) -> str | None:
             by_name[production].summary(by_name[production].ours)["rps"]
             / by_name[plain].summary(by_name[plain].ours)["rps"]
         )
-        parts.append(f"{label} {ratio:.2f}x")
+        plain_cpu = by_name[plain].cpu_us["ours"]
+        production_cpu = by_name[production].cpu_us["ours"]
+        cpu = (
+            f" (CPU per request {plain_cpu / production_cpu:.2f}x)"
+            if plain_cpu and production_cpu
+            else ""
+        )
+        parts.append(f"{label} {ratio:.2f}x{cpu}")
     return (
         "Production edges (rate limit + access line): ours with them over ours without, "
         + ", ".join(parts)

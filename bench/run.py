@@ -444,13 +444,18 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             for child in (redis, ours, prod, bare):
                 child.check_alive()
 
+        def mine(child: Child, port: int, request: WrkRequest) -> Target:
+            return Target(port, request, child.proc.pid, redis.proc.pid)
+
+        bare_pid = bare.proc.pid
+
         throughput.compare(
             wrk,
             [
-                (comparisons[0], Target(ours_port, post), Target(bare_port, post)),
-                (comparisons[1], Target(ours_port, get), Target(bare_port, get)),
-                (comparisons[2], Target(prod_port, post), Target(bare_port, post)),
-                (comparisons[3], Target(prod_port, get), Target(bare_port, get)),
+                (comparisons[0], mine(ours, ours_port, post), Target(bare_port, post, bare_pid)),
+                (comparisons[1], mine(ours, ours_port, get), Target(bare_port, get, bare_pid)),
+                (comparisons[2], mine(prod, prod_port, post), Target(bare_port, post, bare_pid)),
+                (comparisons[3], mine(prod, prod_port, get), Target(bare_port, get, bare_pid)),
             ],
             check=alive,
         )
