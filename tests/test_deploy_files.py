@@ -124,7 +124,14 @@ def test_dashboard_panels_use_the_datasource_variable() -> None:
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids))
     rows = [panel["title"] for panel in panels if panel["type"] == "row"]
-    assert rows == ["Traffic", "Latency", "AI replies", "Queue & streaming", "Errors"]
+    assert rows == [
+        "Traffic",
+        "Latency",
+        "AI replies",
+        "Queue & streaming",
+        "Errors",
+        "Page copies",
+    ]
 
 
 def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from conversational_core import app
 from conversational_core.auth.tokens import issue_token
 from conversational_core.storage.base import MessageQuery, MessageSlice
 from conversational_core.storage.errors import NotFound, UnknownMessage
@@ -19,6 +21,7 @@ from conversational_core.storage.redis.client import Connection
 from conversational_core.storage.redis.pages import PageCopies
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import PAGE_CACHE_BYTES, REDIS_URL, STORE_TIMEOUT, make_settings, url_of
+from tests.fixtures.metrics import value
 from tests.fixtures.server import start_service
 from tests.test_store_contract import conversation, message
 
@@ -259,6 +262,22 @@ def test_two_api_processes_show_every_write_at_once(prefix: str) -> None:
         assert pages() == [["one!", "two"]] * 12
         assert http.delete(f"/conversations/{cid}/messages/{second}").status_code == 204
         assert pages() == [["one!"]] * 12
+
+        # The metrics count every one of those 48 page reads, whichever process served it: at
+        # most one read from Redis per process and version of the page, the rest copies. (The
+        # other process reports its counts every few seconds: awaited.)
+        def counts() -> tuple[float, float]:
+            text = http.get("/metrics").text
+            return tuple(  # type: ignore[return-value]
+                value(text, "conversational_core_page_reads_total", source=source)
+                for source in ("copy", "store")
+            )
+
+        deadline = time.monotonic() + 10 * app.PAGE_METER_SECONDS
+        while sum(counts()) < 48 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        copy, store = counts()
+        assert (copy + store, copy >= 40, 4 <= store <= 8) == (48, True, True), (copy, store)
 
 
 def _page(size: int) -> MessageSlice:

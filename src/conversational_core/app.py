@@ -4,9 +4,10 @@ worker, hands them to requests as typed state, and closes them in reverse order.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypedDict
 
 from fastapi import FastAPI
@@ -72,6 +73,22 @@ class State(TypedDict):
     conversations: ConversationService
     messages: MessageService
     streams: OpenStreams
+    page_meter: metrics.PageCopyMeter
+
+
+PAGE_METER_SECONDS = 5.0  # how often a process's page counts reach its metrics
+
+
+async def _every(seconds: float, call: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        call()
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
@@ -101,6 +118,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             # collector's full scans, which otherwise stall the loop as connections pile up.
             limits = Limits.build(settings, active.counters)
             stack.callback(metrics.process_exited, os.getpid())
+            page_meter = metrics.PageCopyMeter(active.store)
+            if active.store.page_copy_stats() is not None:
+                metering = asyncio.create_task(_every(PAGE_METER_SECONDS, page_meter.sync))
+                stack.push_async_callback(_stopped, metering)
             settle_gc()
             yield State(
                 settings=settings,
@@ -112,6 +133,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 conversations=ConversationService(active.store, settings),
                 messages=MessageService(active.store, settings, limits),
                 streams=OpenStreams(settings.SSE_MAX_STREAMS_PER_USER),
+                page_meter=page_meter,
             )
 
     docs = settings.docs_enabled

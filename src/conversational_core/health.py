@@ -134,4 +134,5 @@ async def live() -> Response:
 async def prometheus_metrics(request: Request) -> Response:
     # The queue's gauges are read from the store at scrape time (it is shared by all processes).
     await check_queue(request.state.jobs)
+    request.state.page_meter.sync()
     return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)

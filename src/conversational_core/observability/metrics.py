@@ -28,6 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from conversational_core.storage.base import Store
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _NS = "conversational_core"
@@ -92,6 +94,18 @@ WORKER_LOOP_LAG = Gauge(
     "How late a worker's event loop runs (smoothed); past WORKER_MAX_LAG_MS it admits no job.",
     multiprocess_mode="livemax",
 )
+PAGE_READS = Counter(
+    f"{_NS}_page_reads_total",
+    "Pages of messages read by their owners (Redis store, PAGE_CACHE_MB on), by source: "
+    "`copy` (this process's copy, still current: one round trip that answers a word) or "
+    "`store` (read and assembled from Redis).",
+    ["source"],
+)
+PAGE_COPIES_BYTES = Gauge(
+    f"{_NS}_page_copies_bytes",
+    "Memory held by kept pages of messages (about; at most PAGE_CACHE_MB per process).",
+    multiprocess_mode="livesum",
+)
 SSE_CONNECTIONS = Gauge(
     f"{_NS}_sse_connections",
     "Open event streams.",
@@ -142,6 +156,8 @@ METRIC_NAMES = tuple(
         WORKER_REPLIES,
         WORKER_LOOP_LAG,
         SSE_CONNECTIONS,
+        PAGE_READS,
+        PAGE_COPIES_BYTES,
         STORE_ERRORS,
         RATE_LIMITED,
         RATE_LIMITER_ERRORS,
@@ -172,6 +188,31 @@ def _forget_dead_processes(directory: str) -> None:
             process_exited(pid)
         except PermissionError:
             pass  # alive, another user's
+
+
+class PageCopyMeter:
+    """Moves a store's page counts (plain integers, counted per read at no cost) into
+    PAGE_READS and PAGE_COPIES_BYTES: now and then in every process (app.py), and just
+    before a scrape in the process that answers it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._served = self._read = 0
+
+    def sync(self) -> None:
+        stats = self._store.page_copy_stats()
+        if stats is None:
+            return
+        if stats.served > self._served:
+            _PAGE_COPY.inc(stats.served - self._served)
+        if stats.read > self._read:
+            _PAGE_STORE.inc(stats.read - self._read)
+        self._served, self._read = stats.served, stats.read
+        PAGE_COPIES_BYTES.set(stats.bytes)
+
+
+_PAGE_COPY = PAGE_READS.labels("copy")
+_PAGE_STORE = PAGE_READS.labels("store")
 
 
 def exposition() -> bytes:

@@ -212,10 +212,25 @@ class MessageSlice:
         return b"".join(itertools.chain((head,), pieces, (tail,)))
 
 
+@dataclass(frozen=True, slots=True)
+class PageCopyStats:
+    """A process's kept pages (Redis store: storage/redis/pages.py), counted since it began:
+    page reads served from a copy still current, and read from the store; copies held now."""
+
+    served: int
+    read: int
+    copies: int
+    bytes: int
+
+
 class Store(ABC):
     """Persistent storage of conversations and their messages."""
 
     backend: str
+
+    def page_copy_stats(self) -> PageCopyStats | None:
+        """What this process's kept pages did, when it keeps pages (for the metrics)."""
+        return None
 
     @abstractmethod
     async def ping(self) -> None:

@@ -232,6 +232,8 @@ class RedisMessages(RedisParts):
         status = result[0]
         if status == b"same":
             assert copy is not None  # (only a copy's version is answered so)
+            assert pages is not None
+            pages.served += 1
             page = copy.page
             if page.array is not None and len(page.array) > 1:
                 # Served again: its pieces joined once, so that each later serving copies one.
@@ -243,6 +245,8 @@ class RedisMessages(RedisParts):
             raise UnknownAnchor()
         if status == b"noleaf":
             raise UnknownMessage("leaf", "query")
+        if pages is not None:
+            pages.read += 1
         more = bool(result[1])
         width = 4 if result[2] else 2  # id, position[, sibling count, sibling index]
         queued = bool(result[4])  # a reply queued or being written: it may be on this page

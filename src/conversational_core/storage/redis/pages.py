@@ -55,6 +55,10 @@ class PageCopies:
         self._max_page = max_bytes // 8
         self._max_age = max_age
         self.size = 0
+        # Page reads by their owners, for the metrics (app.py reads them now and then): served
+        # from a copy still current, and read from Redis.
+        self.served = 0
+        self.read = 0
 
     def __len__(self) -> int:
         return len(self._copies)

@@ -32,6 +32,7 @@ from conversational_core.storage import events
 from conversational_core.storage.base import (
     ConversationCursor,
     Idempotency,
+    PageCopyStats,
     Store,
     encode_conversation_cursor,
 )
@@ -73,6 +74,12 @@ class RedisStore(RedisMessages, RedisReplies, Store):
         self.pages = PageCopies(page_cache_bytes) if page_cache_bytes > 0 else None
         self._max_len = events_max_len
         self._events_ttl = events_ttl_seconds
+
+    def page_copy_stats(self) -> PageCopyStats | None:
+        pages = self.pages
+        if pages is None:
+            return None
+        return PageCopyStats(pages.served, pages.read, len(pages), pages.size)
 
     async def ping(self) -> None:
         await self.redis.ping()
