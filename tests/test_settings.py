@@ -86,6 +86,7 @@ def test_production_refuses_development_key_and_wildcard_credentials() -> None:
     [
         ({"PORT": "not-a-port"}, "PORT"),
         ({"LLM_MODEL_CONTEXT_TOKENS": "{not json"}, "LLM_MODEL_CONTEXT_TOKENS"),
+        ({"HOST": "no-such-host.invalid"}, "HOST=no-such-host.invalid"),
     ],
 )
 def test_run_py_refuses_to_start_with_a_readable_message(

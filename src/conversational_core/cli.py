@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -41,7 +42,24 @@ def _embedded_problem(settings: Settings) -> str | None:
     return data_dir_problem(settings.DATA_DIR)
 
 
+def _host_problem(host: str) -> str | None:
+    """A HOST that names no address is said in one line, before the server starts (uvicorn
+    would start the app, then log only the resolver's words). Empty: every interface."""
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return f"HOST={host} is not an address this machine can listen on ({reason})"
+    return None
+
+
 def _serve(settings: Settings) -> int:
+    problem = _host_problem(settings.HOST)
+    if problem is not None:
+        print(f"conversational-core: {problem}", file=sys.stderr)
+        return 2
     if not settings.REDIS_URL:
         problem = _embedded_problem(settings)
         if problem is not None:
