@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -73,6 +74,22 @@ def _patterns(fields: Sequence[Any]) -> list[tuple[str, re.Pattern[str]]] | None
     return checks
 
 
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
+def _immutable(annotation: Any) -> bool:
+    """Whether every value of a field is immutable (str, int, float, bool, None, a literal
+    of them, or a union of those)."""
+    if annotation in _IMMUTABLE:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return all(isinstance(value, _IMMUTABLE) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return all(_immutable(arg) for arg in typing.get_args(annotation))
+    return False
+
+
 def _invalid(exc: ValidationError, where: str) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": (where, *e["loc"])} for e in exc.errors()])
 
@@ -110,12 +127,12 @@ class Operation(APIRoute):
         # parsing one costs ~15 us (Starlette's QueryParams, then the model), a twentieth of a
         # page read. Only models an endpoint cannot change are shared (frozen, or spread
         # into immutable values); cleared when full, so unique queries cost what they did.
-        self._query_cache: dict[bytes, BaseModel] | None = (
-            {}
-            if self._query is not None
-            and (self._query_name is None or self._query.model_config.get("frozen"))
-            else None
+        shareable = self._query is not None and all(
+            _immutable(f.annotation) for f in self._query.model_fields.values()
         )
+        if self._query_name is not None and self._query is not None:
+            shareable = shareable and bool(self._query.model_config.get("frozen"))
+        self._query_cache: dict[bytes, BaseModel] | None = {} if shareable else None
         self._header_aliases = [f.alias for f in dependant.header_params]
         self._body: type[BaseModel] | None = None
         self._body_name: str | None = None
