@@ -42,6 +42,8 @@ def throughput_line(c: Comparison) -> str:
         f"ratio {c.ratio:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}; "
         f"goal >= {c.goal}x: {_verdict(c.ratio >= c.goal)})"
     )
+    if errors:
+        line += f"  [{errors:.0f} ERRORS]"
     if c.cpu_ratio is not None:
         cpu = c.cpu_us
         redis = f" + Redis {cpu['ours_redis']:.0f}" if cpu["ours_redis"] is not None else ""
@@ -49,8 +51,6 @@ def throughput_line(c: Comparison) -> str:
             f"\n{'':<16} CPU per request: ours {cpu['ours']:.0f} us{redis} | bare "
             f"{cpu['bare']:.0f} us | bare/ours {c.cpu_ratio:.2f}x"
         )
-    if errors:
-        line += f"  [{errors:.0f} ERRORS]"
     return line
 
 

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from conversational_core import app
 from conversational_core.auth.tokens import issue_token
-from conversational_core.storage.base import MessageQuery, MessageSlice
+from conversational_core.observability import metrics
+from conversational_core.storage.base import MessageQuery, MessageSlice, PageCopyStats
 from conversational_core.storage.errors import NotFound, UnknownMessage
 from conversational_core.storage.models import MessageStatus, Role, utcnow
 from conversational_core.storage.redis.client import Connection
@@ -305,3 +307,35 @@ def test_a_copy_is_offered_only_while_young() -> None:
     copies = PageCopies(max_bytes=1024 * 1024, max_age=0.0)
     copies.put(("c", 0), b"1", _page(10), 10)
     assert copies.get(("c", 0)) is None and len(copies) == 0 and copies.size == 0
+
+
+def test_the_metrics_count_each_read_once_from_when_an_app_starts() -> None:
+    """PageCopyMeter moves the store's counts into Prometheus: only what was counted since the
+    app started (a store that served an app before is not counted again), never twice; the
+    memory gauge is the copies' size, and nothing once the app stops."""
+
+    class Counted:
+        stats = PageCopyStats(served=5, read=3, copies=1, bytes=100)
+
+        def page_copy_stats(self) -> PageCopyStats:
+            return self.stats
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    reads = "conversational_core_page_reads_total"
+    before = sample(reads, source="copy"), sample(reads, source="store")
+    store = Counted()
+    meter = metrics.PageCopyMeter(store)  # type: ignore[arg-type]
+    meter.sync()
+    assert (sample(reads, source="copy"), sample(reads, source="store")) == before
+    store.stats = PageCopyStats(served=7, read=4, copies=2, bytes=300)
+    meter.sync()
+    meter.sync()
+    assert (sample(reads, source="copy"), sample(reads, source="store")) == (
+        before[0] + 2,
+        before[1] + 1,
+    )
+    assert sample("conversational_core_page_copies_bytes") == 300
+    meter.close()
+    assert sample("conversational_core_page_copies_bytes") == 0

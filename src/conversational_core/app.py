@@ -82,7 +82,10 @@ PAGE_METER_SECONDS = 5.0  # how often a process's page counts reach its metrics
 async def _every(seconds: float, call: Callable[[], None]) -> None:
     while True:
         await asyncio.sleep(seconds)
-        call()
+        try:
+            call()
+        except Exception:  # (e.g. the metrics directory full): next time, and said
+            logger.exception("periodic {} failed", getattr(call, "__qualname__", call))
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:
@@ -121,6 +124,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             page_meter = metrics.PageCopyMeter(active.store)
             if active.store.page_copy_stats() is not None:
                 metering = asyncio.create_task(_every(PAGE_METER_SECONDS, page_meter.sync))
+                stack.callback(page_meter.close)
                 stack.push_async_callback(_stopped, metering)
             settle_gc()
             yield State(

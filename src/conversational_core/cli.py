@@ -49,10 +49,17 @@ def _host_problem(host: str) -> str | None:
         return None
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
-        return f"HOST={host} is not an address this machine can listen on ({reason})"
+    except socket.gaierror as exc:
+        if exc.errno not in _NO_SUCH_NAME:
+            return None  # (e.g. a resolver not ready yet: uvicorn tries, and says)
+        return f"HOST={host} is not an address this machine can listen on ({exc.strerror})"
+    except UnicodeError as exc:
+        return f"HOST={host} is not an address this machine can listen on ({exc})"
     return None
+
+
+# The resolver's answers that a name has no address (not that it could not ask).
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def _serve(settings: Settings) -> int:

@@ -197,7 +197,11 @@ class PageCopyMeter:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._served = self._read = 0
+        # From the store's counts now: a store that served another app before (tests) is not
+        # counted twice.
+        stats = store.page_copy_stats()
+        self._served = stats.served if stats is not None else 0
+        self._read = stats.read if stats is not None else 0
 
     def sync(self) -> None:
         stats = self._store.page_copy_stats()
@@ -209,6 +213,11 @@ class PageCopyMeter:
             _PAGE_STORE.inc(stats.read - self._read)
         self._served, self._read = stats.served, stats.read
         PAGE_COPIES_BYTES.set(stats.bytes)
+
+    def close(self) -> None:
+        """The app stops: its last counts in, and its copies no longer held by this app."""
+        self.sync()
+        PAGE_COPIES_BYTES.set(0)
 
 
 _PAGE_COPY = PAGE_READS.labels("copy")
