@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from conversational_core.ratelimit import Decision, Rate, RateLimiter
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import backend_for, make_settings
@@ -54,3 +56,14 @@ async def test_far_from_the_limit_the_next_lease_is_counted_before_this_one_is_s
     key = redis_store.keys.rate("user", "alice", 10_000_000, 60)
     stored = int(await redis_store.redis.call("GET", key))
     assert 6400 <= stored <= 6400 + 2 * 256, stored
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+@pytest.mark.parametrize("reset", [0.2, 1.0, 59.01])
+def test_quota_headers_as_sent_match_the_decision(allowed: bool, reset: float) -> None:
+    """The RateLimit-* headers a response carries (raw, lower-case) say what the decision's
+    own headers say."""
+    decision = Decision(allowed, 600, 0 if not allowed else 17, reset)
+    assert decision.raw_headers() == [
+        (name.lower().encode(), value.encode()) for name, value in decision.headers().items()
+    ]

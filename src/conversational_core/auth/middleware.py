@@ -150,7 +150,7 @@ class _Refused(Exception):
 
 
 def _quota(decision: Decision) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+    return decision.raw_headers()
 
 
 def _with_quota(send: Send, decision: Decision) -> Send:
