@@ -15,6 +15,9 @@ from typing import Any
 import orjson
 
 _HEAD_END = b"\r\n\r\n"
+# A connection idle this long is replaced before the next request: the service closes idle
+# keep-alive connections after KEEPALIVE_TIMEOUT_SECONDS (5 s by default).
+_IDLE_SECONDS = 2.0
 
 
 class HttpError(RuntimeError):
@@ -45,9 +48,14 @@ class RawClient:
 
     def __init__(self, port: int, timeout: float = 10.0) -> None:
         self.port = port
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._timeout = timeout
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", self.port), timeout=self._timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
+        self._used = time.monotonic()
 
     def close(self) -> None:
         self._sock.close()
@@ -66,6 +74,11 @@ class RawClient:
 
     def send(self, raw: bytes) -> tuple[int, bytes]:
         """Send one encoded request, read its response: (status, body)."""
+        if time.monotonic() - self._used > _IDLE_SECONDS and not self._buffer:
+            # Idle longer than a server keeps a connection (set-up calls after a long fill):
+            # a new one, rather than a request written to a connection being closed.
+            self._sock.close()
+            self._connect()
         self._sock.sendall(raw)
         while (end := self._buffer.find(_HEAD_END)) < 0:
             self._fill()
@@ -84,6 +97,7 @@ class RawClient:
             self._fill()
         body = self._buffer[start : start + length]
         self._buffer = self._buffer[start + length :]
+        self._used = time.monotonic()
         return status, body
 
     def timed(self, raw: bytes, expected: int) -> float:
