@@ -74,7 +74,8 @@ class AuthMiddleware:
         user, limiter = principal.user_id, limits.limiter
         leased = limiter.take("user", user, limits.user)
         if leased is not None:  # counted already, with an earlier request (RateLimiter)
-            await self.app(scope, receive, _with_quota(send, leased))
+            state["quota"] = leased.raw_headers()  # (EdgeMiddleware adds them to the answer)
+            await self.app(scope, receive, send)
             return
         read = scope["method"] in _READS
         # A read changes nothing, so it is counted while it runs rather than before: the
@@ -90,7 +91,8 @@ class AuthMiddleware:
                 self._refused_until(user, decision)
                 await _refuse(RateLimited(decision, "requests"), scope, receive, send)
                 return
-            await self.app(scope, receive, _with_quota(send, decision))
+            state["quota"] = decision.raw_headers()
+            await self.app(scope, receive, send)
             return
 
         # The answer waits for the count. Over the limit, a read's answer is a 429 (its result
@@ -151,17 +153,6 @@ class _Refused(Exception):
 
 def _quota(decision: Decision) -> list[tuple[bytes, bytes]]:
     return decision.raw_headers()
-
-
-def _with_quota(send: Send, decision: Decision) -> Send:
-    quota = _quota(decision)
-
-    async def send_with_quota(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), *quota]
-        await send(message)
-
-    return send_with_quota
 
 
 async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -238,7 +238,13 @@ class EdgeMiddleware:
                 streaming = any(
                     n == b"content-type" and v.startswith(b"text/event-stream") for n, v in headers
                 )
-                message["headers"] = [*headers, (b"x-request-id", request_id), *extra]
+                # (`quota`: the rate limit's headers, when AuthMiddleware counted the request)
+                message["headers"] = [
+                    *headers,
+                    (b"x-request-id", request_id),
+                    *extra,
+                    *state.get("quota", ()),
+                ]
             await send(message)
 
         async def reject(status: int, detail: str) -> None:
