@@ -134,9 +134,10 @@ class RateLimiter:
         self._counters = counters
         self._skip_until = 0.0
         self._seen: dict[tuple[str, str], _Seen] = {}
-        # Identities with a lease being counted: one at a time (the requests meanwhile are
-        # counted one by one), or requests arriving together would each lease a share of the
-        # window, and this process would hold most of it unused while refusing the user.
+        # Identities with a lease being counted, and its end: one at a time (the requests
+        # meanwhile wait for it, and are counted one by one if it is spent by then), or requests
+        # arriving together would each lease a share of the window, and this process would hold
+        # most of it unused while refusing the user.
         self._leasing: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._refills: set[asyncio.Task[None]] = set()
 
@@ -166,8 +167,8 @@ class RateLimiter:
     def _refill(self, scope: str, identity: str, rate: Rate) -> None:
         """Count the next lease now, in the background (see _REFILL_BELOW)."""
         key = (scope, identity)
-        counted = self._lease_begins(key)
-        task = asyncio.get_running_loop().create_task(self._lease(key, rate, counted))
+        done = self._lease_begins(key)
+        task = asyncio.get_running_loop().create_task(self._lease(key, rate, done))
         self._refills.add(task)
         task.add_done_callback(self._refills.discard)
 
