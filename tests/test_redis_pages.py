@@ -315,7 +315,7 @@ def test_the_metrics_count_each_read_once_from_when_an_app_starts() -> None:
     memory gauge is the copies' size, and nothing once the app stops."""
 
     class Counted:
-        stats = PageCopyStats(served=5, read=3, copies=1, bytes=100)
+        stats = PageCopyStats(served=5, read=3, bytes=100)
 
         def page_copy_stats(self) -> PageCopyStats:
             return self.stats
@@ -329,7 +329,7 @@ def test_the_metrics_count_each_read_once_from_when_an_app_starts() -> None:
     meter = metrics.PageCopyMeter(store)  # type: ignore[arg-type]
     meter.sync()
     assert (sample(reads, source="copy"), sample(reads, source="store")) == before
-    store.stats = PageCopyStats(served=7, read=4, copies=2, bytes=300)
+    store.stats = PageCopyStats(served=7, read=4, bytes=300)
     meter.sync()
     meter.sync()
     assert (sample(reads, source="copy"), sample(reads, source="store")) == (

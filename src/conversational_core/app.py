@@ -30,7 +30,7 @@ from conversational_core.ratelimit import Limits
 from conversational_core.replies.endpoints import OpenStreams
 from conversational_core.replies.endpoints import router as replies_router
 from conversational_core.replies.worker import run_worker
-from conversational_core.runtime import settle_gc
+from conversational_core.runtime import settle_gc, stopped
 from conversational_core.settings import Settings, load_settings
 from conversational_core.storage.base import EventHub, JobQueue, Store
 from conversational_core.storage.factory import Backend, open_backend
@@ -88,12 +88,6 @@ async def _every(seconds: float, call: Callable[[], None]) -> None:
             logger.exception("periodic {} failed", getattr(call, "__qualname__", call))
 
 
-async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """Build the ASGI app. `backend` lets tests inject an already-open one."""
     settings = settings or load_settings()
@@ -125,7 +119,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             if active.store.page_copy_stats() is not None:
                 metering = asyncio.create_task(_every(PAGE_METER_SECONDS, page_meter.sync))
                 stack.callback(page_meter.close)
-                stack.push_async_callback(_stopped, metering)
+                stack.push_async_callback(stopped, metering)
             settle_gc()
             yield State(
                 settings=settings,

@@ -42,6 +42,10 @@ def _embedded_problem(settings: Settings) -> str | None:
     return data_dir_problem(settings.DATA_DIR)
 
 
+# The resolver's answers that a name has no address (not that it could not ask).
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
 def _host_problem(host: str) -> str | None:
     """A HOST that names no address is said in one line, before the server starts (uvicorn
     would start the app, then log only the resolver's words). Empty: every interface."""
@@ -56,10 +60,6 @@ def _host_problem(host: str) -> str | None:
     except UnicodeError as exc:
         return f"HOST={host} is not an address this machine can listen on ({exc})"
     return None
-
-
-# The resolver's answers that a name has no address (not that it could not ask).
-_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def _serve(settings: Settings) -> int:

@@ -127,11 +127,12 @@ class Operation(APIRoute):
         # parsing one costs ~15 us (Starlette's QueryParams, then the model), a twentieth of a
         # page read. Only models an endpoint cannot change are shared (frozen, or spread
         # into immutable values); cleared when full, so unique queries cost what they did.
-        shareable = self._query is not None and all(
-            _immutable(f.annotation) for f in self._query.model_fields.values()
+        query = self._query
+        shareable = (
+            query is not None
+            and all(_immutable(f.annotation) for f in query.model_fields.values())
+            and (self._query_name is None or bool(query.model_config.get("frozen")))
         )
-        if self._query_name is not None and self._query is not None:
-            shareable = shareable and bool(self._query.model_config.get("frozen"))
         self._query_cache: dict[bytes, BaseModel] | None = {} if shareable else None
         self._header_aliases = [f.alias for f in dependant.header_params]
         self._body: type[BaseModel] | None = None

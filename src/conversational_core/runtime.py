@@ -1,8 +1,11 @@
-"""The garbage collector of a long-running service process (the API, a worker)."""
+"""The runtime of a long-running service process (the API, a worker): its garbage collector, and
+stopping its background tasks."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from typing import Any
 
 # Collections less often than Python's defaults (700, 10, 10). A process holding 10,000 event
 # streams keeps millions of objects alive, and each full collection walks them all (1-3 s of a
@@ -18,3 +21,17 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+
+
+async def stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait for it to end; a cancellation of the caller itself (meanwhile,
+    or before) goes on up, not swallowed with the task's."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise
+    except Exception:  # noqa: S110 - its failure is not ours: it was being stopped
+        pass

@@ -114,7 +114,7 @@ class AuthMiddleware:
                         refused = True
                         await _refuse(RateLimited(decision, "requests"), scope, receive, send)
                         raise _Refused()
-                message["headers"] = [*message.get("headers", ()), *_quota(decision)]
+                message["headers"] = [*message.get("headers", ()), *decision.raw_headers()]
             await send(message)
 
         try:
@@ -149,10 +149,6 @@ _REFUSED_MAX = 10_000
 
 class _Refused(Exception):
     """A read that was over the limit once it was counted: its answer was replaced by a 429."""
-
-
-def _quota(decision: Decision) -> list[tuple[bytes, bytes]]:
-    return decision.raw_headers()
 
 
 async def _refuse(error: AppError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -35,6 +35,7 @@ from conversational_core.replies.assembly import PartsBuilder, batched
 from conversational_core.replies.context import PromptTooLong, build_prompt, part_tokens
 from conversational_core.replies.providers.base import Provider, ProviderError, Stop, Usage
 from conversational_core.replies.titles import TitleWriter
+from conversational_core.runtime import stopped
 from conversational_core.settings import Settings
 from conversational_core.storage.base import JobQueue, MessageQuery, Store
 from conversational_core.storage.errors import NotFound, ReplyStopped, Unavailable
@@ -54,20 +55,6 @@ from conversational_core.storage.models import (
 # write (ReplyWriter._watched).
 _WATCH_SECONDS = 1.0
 _ENDS = (Usage, Stop)  # what a stream's last read holds beside its pieces (a tuple: per token)
-
-
-async def _stopped(task: asyncio.Future[Any]) -> None:
-    """Cancel `task` and wait for it to end; a cancellation of the caller itself (meanwhile,
-    or before) goes on up, not swallowed with the task's."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if me is not None and me.cancelling():
-            raise
-    except Exception:  # noqa: S110 - its failure is not ours: it was being stopped
-        pass
 
 
 def _attempt(message: Message) -> int:
@@ -439,7 +426,7 @@ class ReplyWriter:
                     return task.result()
                 now = time.monotonic()
                 if now >= deadline:
-                    await _stopped(task)
+                    await stopped(task)
                     if await self._reread(conversation_id, current) is None:
                         return False  # no longer this writer's (taken over, cancelled…)
                     logger.info("reply {} ran past LLM_REPLY_MAX_SECONDS", current.id)
@@ -466,7 +453,7 @@ class ReplyWriter:
                         return False  # (the `finally` stops the work)
         finally:
             if not task.done():
-                await _stopped(task)
+                await stopped(task)
 
     async def expire(self, conversation_id: str, message_id: str) -> float | None:
         """A deadline came (JobQueue.due_deadlines): a reply still waiting for tool results

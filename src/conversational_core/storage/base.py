@@ -215,11 +215,10 @@ class MessageSlice:
 @dataclass(frozen=True, slots=True)
 class PageCopyStats:
     """A process's kept pages (Redis store: storage/redis/pages.py), counted since it began:
-    page reads served from a copy still current, and read from the store; copies held now."""
+    page reads served from a copy still current, and read from the store; the copies' size."""
 
     served: int
     read: int
-    copies: int
     bytes: int
 
 

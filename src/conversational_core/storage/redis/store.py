@@ -79,7 +79,7 @@ class RedisStore(RedisMessages, RedisReplies, Store):
         pages = self.pages
         if pages is None:
             return None
-        return PageCopyStats(pages.served, pages.read, len(pages), pages.size)
+        return PageCopyStats(pages.served, pages.read, pages.size)
 
     async def ping(self) -> None:
         await self.redis.ping()
