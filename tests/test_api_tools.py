@@ -426,6 +426,28 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
         ({"parts": [{"type": "file", "url": "data:image/png;base64," + "A" * 20_000}]}, 422),
         ({"parts": [{"type": "file", "url": "file:///etc/passwd"}]}, 422),
         ({"parts": [{"type": "file", "url": "http://example.com/a.png"}]}, 422),  # https only
+        # Hosts the provider would be led to fetch inside its own network, however written,
+        # and credentials it would be handed.
+        *(
+            ({"parts": [{"type": "file", "url": f"https://{host}/a.png"}]}, 422)
+            for host in (
+                "localhost",
+                "api.localhost.",
+                "127.0.0.1",
+                "2130706433",  # 127.0.0.1
+                "0x7f.1",
+                "169.254.169.254",  # cloud metadata
+                "10.1.2.3",
+                "[::1]",
+                "[fe80::1%25eth0]",
+                "[::ffff:10.0.0.1]",
+                "\uff11\uff12\uff17.0.0.1",  # fullwidth digits
+                "%31%32%37.0.0.1",
+                "user:secret@example.com",
+                "example.com\\@10.0.0.1",
+                "",
+            )
+        ),
         ({"parts": [{"type": "file", "url": "data:image/png;base64,not base64!"}]}, 422),
         ({"parts": [{"type": "file", "url": "data:no-comma"}]}, 422),
         (
@@ -452,8 +474,13 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
     ):
         assert (await api.post("/conversations", json=conversation)).status_code == 422
     inline = {"type": "file", "url": "data:image/png;base64,iVBORw0KGgo=", "mime_type": "image/png"}
-    posted = await api.post(url, json={"parts": [inline], "respond": False})
+    public = [
+        {"type": "file", "url": f"https://{host}/a.png"}
+        for host in ("example.com", "b\u00fccher.example:8443", "1.1.1.1", "[2606:4700::1111]")
+    ]
+    posted = await api.post(url, json={"parts": [inline, *public], "respond": False})
     assert posted.status_code == 201, posted.text
+    assert [p["url"] for p in posted.json()["parts"][1:]] == [p["url"] for p in public]
     assert (await api.delete(f"{url}/{posted.json()['id']}")).status_code == 204
     too_many = [{**WEATHER, "name": f"t{i}"} for i in range(settings.MAX_TOOLS + 1)]
     assert (await api.post("/conversations", json={"tools": too_many})).status_code == 422

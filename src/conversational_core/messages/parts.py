@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
+import socket
+import urllib.parse
 from typing import Annotated, Any, Literal
 
 import jsonschema_rs
@@ -163,6 +166,61 @@ def _check_data_url(url: str, mime_type: str | None, loc: list[str | int]) -> No
         raise invalid([*loc, "mime_type"], "differs from the data: URL's media type")
 
 
+# A host as DNS names it (letters, digits, hyphens, underscores, dots), or an IPv6 literal.
+_HOST = re.compile(r"^(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])$", re.ASCII)
+
+
+def _check_https_url(url: str, loc: list[str | int]) -> None:
+    """A file by reference is fetched by the AI provider (a self-hosted vLLM or llama.cpp
+    server fetches image URLs from inside its own network): a URL that names a loopback,
+    private, link-local (cloud metadata, 169.254.169.254) or otherwise non-public address
+    would let a user make that server read it. So the host must be a DNS name other than
+    localhost, or a public IP address, written plainly; and the URL carries no credentials
+    (they would be sent on to the provider and kept in the history). A name is not resolved
+    here (what it resolves to when fetched is the fetcher's to check)."""
+    loc = [*loc, "url"]
+    if any(c <= " " or c in "\\\x7f" for c in url):
+        raise invalid(loc, "a URL has no spaces, control characters or backslashes")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (brackets that hold no IPv6 address, a name NFKC would change)
+        raise invalid(loc, "the URL is not valid") from None
+    if "@" in parts.netloc:
+        raise invalid(loc, "a file URL may not carry credentials (user:password@)")
+    host = parts.hostname or ""  # (lowercased, IPv6 without its brackets)
+    if not host.isascii():  # an international name: as DNS has it (fullwidth digits too)
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise invalid(loc, "the URL's host is not a valid name") from None
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise invalid(loc, "the URL's port is not valid") from None
+    literal = f"[{host}]" if ":" in host else host
+    if not host or not _HOST.match(literal):
+        raise invalid(loc, "the URL names no valid host")
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if ":" in host:
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise invalid(loc, "the URL's IPv6 address is not valid") from None
+    else:
+        try:  # every form a fetcher reads as IPv4: 127.1, 2130706433, 0x7f.0.0.1
+            address = ipaddress.IPv4Address(socket.inet_aton(host.rstrip(".")))
+        except OSError:
+            address = None  # a name
+    name = host.rstrip(".")
+    local = name == "localhost" or name.endswith(".localhost")
+    if local or (address is not None and (not address.is_global or address.is_multicast)):
+        raise invalid(
+            loc,
+            "a file URL must name a public host: not localhost, nor a loopback, private, "
+            "link-local, multicast or reserved address",
+        )
+
+
 def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = "parts") -> None:
     """Roles, counts and sizes of a message's parts (already validated by their schema)."""
     _json_size(parts, ["body", field])
@@ -186,6 +244,8 @@ def check_parts(settings: Settings, role: Role, parts: list[Part], field: str = 
                 )
             if url.startswith("data:"):
                 _check_data_url(url, part.get("mime_type"), ["body", field, i])
+            else:
+                _check_https_url(url, ["body", field, i])
             continue
         if kind == TOOL_CALL:
             if part["id"] in call_ids:
