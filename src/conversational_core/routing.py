@@ -34,10 +34,12 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, create_model
+from starlette._utils import get_route_path
+from starlette.convertors import StringConvertor
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 from conversational_core.errors import BadRequest
@@ -150,6 +152,28 @@ class Operation(APIRoute):
         self.methods: set[str] = self.methods or {"GET"}
         self.allow = sorted(self.methods)  # every method of the path (set by install)
         self.app = self._serve
+        self._plain = all(isinstance(c, StringConvertor) for c in self.param_convertors.values())
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """Starlette's and FastAPI's match, for a route whose parameters are plain strings
+        (every one here): ~0.5 us a route tried instead of ~1.5 (no convertor per
+        parameter, no lookup of an included router's context: routes are installed flat), and
+        a request tries every route before its own."""
+        if not self._plain:
+            return super().matches(scope)
+        if scope["type"] != "http":
+            return Match.NONE, {}
+        found = self.path_regex.match(
+            get_route_path(scope) if scope.get("root_path") else scope["path"]
+        )
+        if found is None:
+            return Match.NONE, {}
+        params = found.groupdict()
+        outer = scope.get("path_params")
+        if outer:
+            params = {**outer, **params}
+        child = {"endpoint": self.endpoint, "path_params": params, "route": self}
+        return (Match.FULL if scope["method"] in self.methods else Match.PARTIAL), child
 
     @staticmethod
     def _single_model_name(fields: Sequence[Any]) -> str | None:
@@ -261,8 +285,9 @@ class Operation(APIRoute):
 
 
 def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
-    """Add `routes` to the app flat, in order (the hottest first), and let each Operation's 405
-    name every method its path answers."""
+    """Add `routes` to the app flat, in order (the hottest first) and before FastAPI's own (its
+    documentation's: they are tried first otherwise), and let each Operation's 405 name every
+    method its path answers."""
     methods: dict[str, set[str]] = {}
     for route in routes:
         if isinstance(route, APIRoute):
@@ -270,4 +295,4 @@ def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     for route in routes:
         if isinstance(route, Operation):
             route.allow = sorted(methods[route.path])
-    app.router.routes.extend(routes)
+    app.router.routes[:0] = routes
