@@ -15,6 +15,7 @@ from conversational_core.http import (
     IF_MATCH,
     LOCATION_HEADER,
     REPLAYED_HEADER,
+    JSONBytes,
     expected_version,
     idempotency,
     json_response,
@@ -113,7 +114,7 @@ async def list_messages(
     # Assembled from the stored JSON of each message: no decode and re-encode on the hot path.
     tail = b',"next_cursor":' + orjson.dumps(page.next_cursor) + b"}"
     body = page.items.json_array(b'{"items":', tail)
-    return Response(body, media_type="application/json")
+    return JSONBytes(body)
 
 
 @router.get(
@@ -255,4 +256,4 @@ async def list_siblings(
         principal, conversation_id, message_id, limit=query.limit, cursor=query.cursor
     )
     tail = b',"next_cursor":' + orjson.dumps(page.next_cursor) + b"}"
-    return Response(page.items.json_array(b'{"items":', tail), media_type="application/json")
+    return JSONBytes(page.items.json_array(b'{"items":', tail))
