@@ -1,0 +1,114 @@
+"""serving._Cycle writes a response's head as uvicorn's own cycle does, byte for byte, with the
+same checks and the same state for the body that follows (it only does it with fewer calls)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    RequestResponseCycle,
+)
+
+from conversational_core.serving import _NAME_BYTES, _VALUE_BYTES, _Cycle
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Flow:
+    write_paused = False
+
+
+def _cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool) -> Any:
+    return kind(
+        scope={"method": method},  # type: ignore[typeddict-item]
+        transport=_Transport(),  # type: ignore[arg-type]
+        flow=_Flow(),  # type: ignore[arg-type]
+        logger=None,  # type: ignore[arg-type]
+        access_logger=None,  # type: ignore[arg-type]
+        access_log=False,
+        default_headers=[(b"date", b"Tue, 01 Dec 2026 07:28:48 GMT")],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: None,
+    )
+
+
+def _outcome(kind: type[RequestResponseCycle], method: str, keep_alive: bool, start: Any) -> Any:
+    """What sending `start` then a body does: the bytes written, the cycle's state, or the
+    error."""
+    cycle = _cycle(kind, method, keep_alive)
+
+    async def run() -> None:
+        await cycle.send(start)
+        await cycle.send({"type": "http.response.body", "body": b"x" * 5})
+
+    try:
+        asyncio.run(run())
+    except (RuntimeError, ValueError) as exc:
+        return type(exc), str(exc)
+    state = (cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
+    return cycle.transport.written, state, cycle.transport.closed
+
+
+_JSON = [(b"content-type", b"application/json"), (b"content-length", b"5")]
+_SECURITY = [
+    (b"x-request-id", b"533e8c7566f74ec4bc74cbe599bbb5b6"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"ratelimit-remaining", b"99"),
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("keep_alive", [True, False])
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (200, [*_JSON, *_SECURITY]),
+        (201, [(b"location", b"/conversations/a"), *_JSON]),
+        (200, [(b"content-type", b"text/event-stream"), *_SECURITY]),  # no length: chunked
+        (204, [(b"x-request-id", b"a")]),
+        (304, []),
+        (200, [(b"content-length", b"5"), (b"content-length", b"7")]),  # the first counts
+        (200, [(b"Content-Length", b"5")]),  # (not lower case: uvicorn's path)
+        (200, [(b"connection", b"close"), *_JSON]),  # (uvicorn's path)
+        (200, [(b"transfer-encoding", b"chunked")]),  # (uvicorn's path)
+        (200, [(b"x-tab", b"a\tb"), *_JSON]),  # a tab is allowed in a value
+        (200, [(b"bad name", b"v"), *_JSON]),
+        (200, [(b"x-split", b"a\r\nset-cookie: b"), *_JSON]),
+        (200, [(b"x-nul", b"a\x00"), *_JSON]),
+        (200, [(b"content-length", b"five")]),
+        (299, [*_JSON]),
+    ],
+)
+def test_the_head_is_uvicorns(
+    method: str, keep_alive: bool, status: int, headers: list[tuple[bytes, bytes]]
+) -> None:
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    ours = _outcome(_Cycle, method, keep_alive, start)
+    assert ours == _outcome(RequestResponseCycle, method, keep_alive, start)
+
+
+def test_the_refused_bytes_are_uvicorns() -> None:
+    for byte in range(256):
+        one = bytes([byte])
+        assert (HEADER_RE.search(b"x" + one) is not None) == (one in _NAME_BYTES), byte
+        assert (HEADER_VALUE_RE.search(b"x" + one) is not None) == (one in _VALUE_BYTES), byte
