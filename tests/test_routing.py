@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pytest
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
@@ -68,3 +69,33 @@ def test_operations_match_as_fastapi_routes_do(method: str, root_path: str) -> N
                 )
     websocket = {"type": "websocket", "path": f"/conversations/{_ID}/events"}
     assert all(r.matches(websocket) == (Match.NONE, {}) for r in operations)
+
+
+def _layers(app: FastAPI) -> list[str]:
+    names, layer = [], app.build_middleware_stack()
+    while hasattr(layer, "app"):
+        names.append(type(layer).__name__)
+        layer = layer.app
+    return names
+
+
+def test_fastapis_unused_layers_are_left_out_while_no_route_needs_them() -> None:
+    """Every request crosses the service's layers and Starlette's error handling, not
+    FastAPI's exception telemetry (off) nor its file stack (for its own handler, which
+    Operations replace); a route served by FastAPI's handler gets its stack back."""
+    app = create_app(make_settings())
+    layers = _layers(app)
+    assert layers == [
+        "ServerErrorMiddleware",
+        "EdgeMiddleware",
+        "AuthMiddleware",
+        "ExceptionMiddleware",
+        "APIRouter",
+    ]
+
+    @app.get("/served-by-fastapi")
+    async def plain() -> dict[str, str]:
+        return {}
+
+    assert "AsyncExitStackMiddleware" in _layers(app)
+    assert "ExceptionTelemetryMiddleware" not in _layers(app)
