@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,12 +212,14 @@ def service(
     workdir: Path,
     extra_env: Mapping[str, str] | None = None,
     name: str = "service",
+    prefix: Sequence[str] = (),
 ) -> Iterator[tuple[Child, int]]:
-    """The service as users start it, `python run.py`; yields it and its port."""
+    """The service as users start it, `python run.py` (after `prefix`, e.g. a valgrind
+    command); yields it and its port."""
     port = free_port()
     env = {**service_env(redis_url, port), **(extra_env or {})}
-    with spawn(name, [sys.executable, "run.py"], workdir, env) as child:
-        _wait(child, port, "/health")
+    with spawn(name, [*prefix, sys.executable, "run.py"], workdir, env) as child:
+        _wait(child, port, "/health", _STARTUP_SECONDS * (4 if prefix else 1))
         yield child, port
 
 
@@ -268,12 +270,16 @@ def _bench_python_path() -> str:
 
 
 @contextlib.contextmanager
-def bare_app(page_file: Path, workdir: Path) -> Iterator[tuple[Child, int]]:
-    """The baseline (`bench/bare_app.py`) on the same uvicorn settings; yields it and its port."""
+def bare_app(
+    page_file: Path, workdir: Path, prefix: Sequence[str] = (), name: str = "bare-app"
+) -> Iterator[tuple[Child, int]]:
+    """The baseline (`bench/bare_app.py`) on the same uvicorn settings (after `prefix`);
+    yields it and its port."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": _bench_python_path(), "BENCH_PAGE_FILE": str(page_file)}
-    with spawn("bare-app", _uvicorn_app("bench.bare_app:app", port), workdir, env) as child:
-        _wait(child, port, "/")
+    argv = [*prefix, *_uvicorn_app("bench.bare_app:app", port)]
+    with spawn(name, argv, workdir, env) as child:
+        _wait(child, port, "/", _STARTUP_SECONDS * (4 if prefix else 1))
         yield child, port
 
 
@@ -298,9 +304,12 @@ def fake_model(workdir: Path) -> Iterator[tuple[Child, int]]:
         yield child, port
 
 
-def _wait(child: Child, port: int, path: str) -> None:
+_STARTUP_SECONDS = 30.0
+
+
+def _wait(child: Child, port: int, path: str, timeout: float = _STARTUP_SECONDS) -> None:
     try:
-        wait_until_serving(port, path)
+        wait_until_serving(port, path, timeout)
     except RuntimeError as exc:
         raise RuntimeError(f"{child.name}: {exc}\n{child.tail()}") from None
     child.check_alive()

@@ -30,7 +30,17 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
-from bench import fanout, memory, relay, report, scaling, throughput, trees, ttft
+from bench import (
+    fanout,
+    instructions,
+    memory,
+    relay,
+    report,
+    scaling,
+    throughput,
+    trees,
+    ttft,
+)
 from bench.client import RawClient
 from bench.fixtures import create_conversation, fill, message_body, open_store
 from bench.procs import (
@@ -461,10 +471,12 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
         )
         bare.stop()
         prod.stop()
+        counts = _run_instructions(redis_url, workdir, notes)
         if os.environ.get("BENCH_ONLY") == "throughput":  # a quick check while tuning
             for comparison in comparisons:
                 print(comparison.name, orjson.dumps(comparison.to_json()).decode())
             print(report.edges_line(comparisons))
+            print("\n".join(_instruction_lines(counts)))
             return 0
 
         _step(
@@ -538,12 +550,40 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
             },
         },
         "relay": [r.to_json() for r in relays],
+        "instructions": counts.to_json() if counts is not None else None,
         "notes": notes,
     }
     path = report.write_json(results)
     print(report.table(comparisons, list(pairs.values()), mem, notes, replies, tree, relays))
+    print("\n".join(_instruction_lines(counts)))
     _step(f"done in {time.monotonic() - started:.0f} s ({path.relative_to(ROOT)})")
     return 0
+
+
+def _run_instructions(
+    redis_url: str, workdir: Path, notes: list[str]
+) -> instructions.Counts | None:
+    """Instructions a request, ours (production configuration) and bare, under callgrind."""
+    try:
+        ensure_binary("valgrind", "valgrind")
+    except MissingTool as exc:
+        notes.append(f"instructions a request not counted: {exc.code}")
+        return None
+    _step(
+        f"instructions a request (callgrind): {instructions.COUNTED} requests per route and "
+        "server, one at a time"
+    )
+    return instructions.measure(redis_url, workdir)
+
+
+def _instruction_lines(counts: instructions.Counts | None) -> list[str]:
+    if counts is None:
+        return ["Instructions a request: not counted (valgrind missing, see the notes)"]
+    return [
+        "Instructions a request (callgrind; ours in its production configuration, the "
+        "server's own, not the kernel's):",
+        *instructions.lines(counts),
+    ]
 
 
 def main() -> int:

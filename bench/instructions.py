@@ -1,0 +1,224 @@
+"""Benchmark: instructions a request, ours in its production configuration beside the bare app,
+counted by callgrind.
+
+Why: on this shared 2-core machine requests/s and CPU time per request move by a fifth between
+runs of the same code (the README's ranges), more than most changes to the request path. The
+number of instructions a server runs for a request does not: valgrind's callgrind counts them
+(the same count, within 0.1%, from run to run, whatever else the machine does). It counts the
+server process's own instructions (Python, its C extensions, libuv), not the kernel's (the
+socket calls, alike on both sides) nor time spent waiting, so bare/ours of it is the ratio the
+throughput benchmark would give on a quiet machine for the work in user space.
+
+Each server runs under `valgrind --tool=callgrind --instr-atstart=no`, is warmed with
+WARMUP requests, then counted over COUNTED requests of each route, one after the other on one
+keep-alive connection (`callgrind_control` switches counting on and off and dumps the count).
+Valgrind runs the server ~50 times slower: this takes about a minute.
+
+    PYTHONPATH=src:. python -m bench.instructions   (make bench runs it too)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from bench.client import RawClient
+from bench.fixtures import create_conversation, message_body
+from bench.procs import (
+    Child,
+    MissingTool,
+    bare_app,
+    edge_env,
+    ensure_binary,
+    issue_token,
+    redis_server,
+)
+from bench.procs import service as service_process
+
+WARMUP = 200
+COUNTED = 500
+PAGE_MESSAGES = 50
+USER = "bench-user"
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    method: str
+    path: str
+    body: bytes | None
+
+
+@dataclass
+class Counts:
+    """Instructions a request, by route name, for ours and for the bare app."""
+
+    ours: dict[str, float]
+    bare: dict[str, float]
+
+    def ratio(self, route: str) -> float:
+        return self.bare[route] / self.ours[route]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "requests_counted": COUNTED,
+            "ours_production": {k: round(v) for k, v in self.ours.items()},
+            "bare": {k: round(v) for k, v in self.bare.items()},
+            "bare_over_ours": {k: round(self.ratio(k), 3) for k in self.ours},
+        }
+
+
+def _callgrind(out_dir: Path, name: str) -> list[str]:
+    return [
+        ensure_binary("valgrind", "valgrind"),
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out_dir / name}.%p",
+    ]
+
+
+# valgrind names the pipes that callgrind_control talks through after the user and the host
+# in the environment: the same in the server's environment and in callgrind_control's.
+_NAMES = {
+    "USER": getpass.getuser(),
+    "LOGNAME": getpass.getuser(),
+    "HOST": socket.gethostname(),
+}
+
+
+def _control(pid: int, *args: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *args, str(pid)],
+        env={**os.environ, **_NAMES},
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+
+
+_TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
+
+
+def _dumped(out_dir: Path, stem: str) -> int:
+    """The count of the dump callgrind writes on `--dump` (`<stem><n>`), then removed."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for dump in out_dir.glob(stem + "*"):
+            found = _TOTALS.search(dump.read_bytes())
+            if found is not None:
+                dump.unlink()
+                return int(found.group(1))
+        time.sleep(0.1)  # written by valgrind in the server's process: no event to wait on
+    raise RuntimeError(f"callgrind wrote no count ({stem}*) within 60 s")
+
+
+def _count(
+    child: Child, out_dir: Path, name: str, port: int, routes: list[Route], token: str
+) -> dict[str, float]:
+    """Instructions a request of each route on a running server under callgrind."""
+    pid = child.proc.pid
+    counts: dict[str, float] = {}
+    with RawClient(port, timeout=120.0) as client:
+        for route in routes:
+            expected = 201 if route.method == "POST" else 200
+            json = None if route.body is None else orjson.loads(route.body)
+
+            for _ in range(WARMUP):
+                client.call(route.method, route.path, token=token, json=json, expected=expected)
+            _control(pid, "--zero")
+            _control(pid, "--instr=on")
+            for _ in range(COUNTED):
+                client.call(route.method, route.path, token=token, json=json, expected=expected)
+            _control(pid, "--instr=off")
+            _control(pid, "--dump")
+            counts[route.name] = _dumped(out_dir, f"{name}.{pid}.") / COUNTED
+    child.check_alive()
+    return counts
+
+
+def measure(redis_url: str, workdir: Path) -> Counts:
+    """Ours (production configuration) and the bare app, each under callgrind, on the
+    throughput benchmark's two routes: a POST of a 200-character message and a page of 50."""
+    os.environ.update(_NAMES)  # (the bare app's environment is this one)
+    token = issue_token(redis_url, USER)
+    out_dir = workdir / "callgrind"
+    out_dir.mkdir(exist_ok=True)
+    body = message_body()
+    ours: dict[str, float]
+    page_file = workdir / "instructions-page.json"
+    # No reply worker in the API: its timers (a loop-lag probe every 5 ms) would be counted
+    # against the requests, which valgrind makes ~50 times slower, as they are not at speed.
+    env = {**edge_env("on"), "WORKER_IN_API": "false", "PYTHONHASHSEED": "0", **_NAMES}
+    with service_process(
+        redis_url, workdir, env, name="service-callgrind", prefix=_callgrind(out_dir, "ours")
+    ) as (child, port):
+        with RawClient(port, timeout=120.0) as client:
+            posts = create_conversation(client, token, "instructions: posts")
+            page = create_conversation(client, token, "instructions: page")
+            for _ in range(PAGE_MESSAGES):
+                client.call(
+                    "POST",
+                    f"/conversations/{page}/messages",
+                    token=token,
+                    json=orjson.loads(body),
+                    expected=201,
+                )
+            page_path = f"/conversations/{page}/messages?limit={PAGE_MESSAGES}"
+            page_file.write_bytes(client.call("GET", page_path, token=token))
+        routes = [
+            Route("post_message", "POST", f"/conversations/{posts}/messages", body),
+            Route("get_page_50", "GET", page_path, None),
+        ]
+        ours = _count(child, out_dir, "ours", port, routes, token)
+    with bare_app(page_file, workdir, _callgrind(out_dir, "bare"), "bare-callgrind") as (
+        child,
+        port,
+    ):
+        bare = _count(child, out_dir, "bare", port, routes, token)
+    return Counts(ours, bare)
+
+
+def lines(counts: Counts) -> list[str]:
+    names = {"post_message": "POST message", "get_page_50": "GET page of 50"}
+    return [
+        f"{names[k]:<15} ours {counts.ours[k]:>9,.0f}  bare {counts.bare[k]:>9,.0f}  "
+        f"bare/ours {counts.ratio(k):.3f}"
+        for k in counts.ours
+    ]
+
+
+def main() -> int:
+    try:
+        ensure_binary("valgrind", "valgrind")
+        redis_binary = ensure_binary("redis-server", "redis-server")
+    except MissingTool as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if shutil.which("callgrind_control") is None:
+        print("bench: callgrind_control is missing (Debian package valgrind)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
+        workdir = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            _, redis_url = stack.enter_context(redis_server(redis_binary, workdir))
+            counts = measure(redis_url, workdir)
+    print(f"Instructions a request (callgrind, {COUNTED} requests after {WARMUP}):")
+    print("\n".join(lines(counts)))
+    print(orjson.dumps(counts.to_json(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
