@@ -252,11 +252,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         earlier = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or cycle is earlier:  # (an upgrade request: no cycle of its own)
-            return
-        cycle.__class__ = _Cycle  # (its task has not run yet: every `send` is _Cycle's)
-        if earlier is not None and not earlier.response_complete:
-            self._ahead.append(earlier)  # this request is pipelined behind it
+        if cycle is not None and cycle is not earlier:  # (else an upgrade: no cycle of its own)
+            cycle.__class__ = _Cycle  # (its task has not run yet: every `send` is _Cycle's)
+            if earlier is not None and not earlier.response_complete:
+                self._ahead.append(earlier)  # this request is pipelined behind it
         # The means to drop a client that stopped reading mid-response (replies/sse.py), which
         # ASGI does not give: uvicorn's `send` waits for it to read, forever.
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
