@@ -443,6 +443,13 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
                 "[::ffff:10.0.0.1]",
                 "\uff11\uff12\uff17.0.0.1",  # fullwidth digits
                 "%31%32%37.0.0.1",
+                "0x7f.0x.0x.0x1",  # (an empty hex part is 0 to WHATWG parsers: Node, browsers)
+                "0x",  # 0.0.0.0
+                "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
+                "[2002:a00:1::]",  # 6to4 of 10.0.0.1
+                "ip6-localhost",
+                "metadata.google.internal",
+                "example.123",  # (ends in a number that is no address: invalid)
                 "user:secret@example.com",
                 "example.com\\@10.0.0.1",
                 "",
@@ -476,7 +483,14 @@ async def test_a_plain_user_cannot_forge_tool_or_assistant_parts(
     inline = {"type": "file", "url": "data:image/png;base64,iVBORw0KGgo=", "mime_type": "image/png"}
     public = [
         {"type": "file", "url": f"https://{host}/a.png"}
-        for host in ("example.com", "b\u00fccher.example:8443", "1.1.1.1", "[2606:4700::1111]")
+        for host in (
+            "example.com",
+            "b\u00fccher.example:8443",
+            "\u05d0\u05ea\u05e82.example",  # (right to left, ending in a digit: IDNA 2008)
+            "1.1.1.1",
+            "134744072",  # 8.8.8.8
+            "[2606:4700::1111]",
+        )
     ]
     posted = await api.post(url, json={"parts": [inline, *public], "respond": False})
     assert posted.status_code == 201, posted.text

@@ -12,10 +12,10 @@ import base64
 import binascii
 import ipaddress
 import re
-import socket
 import urllib.parse
 from typing import Annotated, Any, Literal
 
+import idna
 import jsonschema_rs
 import orjson
 from pydantic import Field
@@ -168,16 +168,84 @@ def _check_data_url(url: str, mime_type: str | None, loc: list[str | int]) -> No
 
 # A host as DNS names it (letters, digits, hyphens, underscores, dots), or an IPv6 literal.
 _HOST = re.compile(r"^(?:[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])$", re.ASCII)
+# Names that are this machine or a cloud's metadata service wherever they are resolved (the
+# hosts files of Debian, Red Hat and Docker; GCP; AWS), beside `*.localhost` (RFC 6761).
+_LOCAL_NAMES = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "localhost4",
+        "localhost4.localdomain4",
+        "localhost6",
+        "localhost6.localdomain6",
+        "ip6-localhost",
+        "ip6-loopback",
+        "metadata",
+        "metadata.google.internal",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+_IPV4_NUMBER = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")  # (WHATWG: "ends in a number")
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052 and 8215;
+# IPv4-compatible and IPv4-translated): the IPv4 address is what is reached.
+_EMBEDDING = tuple(
+    ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
+def _whatwg_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a URL's host is, read as browsers, Node and other WHATWG URL parsers
+    read it (parts in decimal, octal with a leading 0, or hex with 0x, even an empty one; fewer
+    than four parts; e.g. `127.1`, `2130706433`, `0x7f.0x.0x.1`), or None for a name. ValueError
+    for a host that such a parser refuses (a name ending in a number that is no address)."""
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    if not _IPV4_NUMBER.match(parts[-1]):
+        return None
+    if len(parts) > 4:
+        raise ValueError(host)
+    numbers = []
+    for part in parts:
+        if part[:2] in ("0x", "0X"):
+            numbers.append(int(part[2:] or "0", 16))
+        elif len(part) > 1 and part[0] == "0":
+            numbers.append(int(part[1:], 8))
+        else:
+            numbers.append(int(part, 10))  # (ValueError for an empty part or a letter)
+    *first, last = numbers
+    if any(n > 255 for n in first) or last >= 256 ** (5 - len(numbers)):
+        raise ValueError(host)
+    return ipaddress.IPv4Address(last + sum(n << (8 * (3 - i)) for i, n in enumerate(first)))
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if not address.is_global or address.is_multicast or address.is_reserved:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return False
+        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        embedded += [
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+            for network in _EMBEDDING
+            if address in network
+        ]
+        return all(v4 is None or _public(v4) for v4 in embedded)
+    return True
 
 
 def _check_https_url(url: str, loc: list[str | int]) -> None:
-    """A file by reference is fetched by the AI provider (a self-hosted vLLM or llama.cpp
+    """A file by reference is fetched by the AI provider (a self-hosted vLLM, TGI or llama.cpp
     server fetches image URLs from inside its own network): a URL that names a loopback,
     private, link-local (cloud metadata, 169.254.169.254) or otherwise non-public address
     would let a user make that server read it. So the host must be a DNS name other than
-    localhost, or a public IP address, written plainly; and the URL carries no credentials
-    (they would be sent on to the provider and kept in the history). A name is not resolved
-    here (what it resolves to when fetched is the fetcher's to check)."""
+    this machine's or a metadata service's, or a public IP address, in whatever form a URL
+    parser reads it (WHATWG's IPv4 forms, fullwidth digits, an IPv4 address inside an IPv6
+    one); and the URL carries no credentials (they would be sent on to the provider and kept in
+    the history). A name is not resolved here (what it resolves to when fetched is the
+    fetcher's to check)."""
     loc = [*loc, "url"]
     if any(c <= " " or c in "\\\x7f" for c in url):
         raise invalid(loc, "a URL has no spaces, control characters or backslashes")
@@ -188,10 +256,10 @@ def _check_https_url(url: str, loc: list[str | int]) -> None:
     if "@" in parts.netloc:
         raise invalid(loc, "a file URL may not carry credentials (user:password@)")
     host = parts.hostname or ""  # (lowercased, IPv6 without its brackets)
-    if not host.isascii():  # an international name: as DNS has it (fullwidth digits too)
+    if not host.isascii():  # as WHATWG parsers map it (UTS #46: fullwidth digits and dots too)
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError:
             raise invalid(loc, "the URL's host is not a valid name") from None
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number in range
@@ -200,24 +268,18 @@ def _check_https_url(url: str, loc: list[str | int]) -> None:
     literal = f"[{host}]" if ":" in host else host
     if not host or not _HOST.match(literal):
         raise invalid(loc, "the URL names no valid host")
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    if ":" in host:
-        try:
-            address = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise invalid(loc, "the URL's IPv6 address is not valid") from None
-    else:
-        try:  # every form a fetcher reads as IPv4: 127.1, 2130706433, 0x7f.0.0.1
-            address = ipaddress.IPv4Address(socket.inet_aton(host.rstrip(".")))
-        except OSError:
-            address = None  # a name
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        address = ipaddress.IPv6Address(host) if ":" in host else _whatwg_ipv4(host)
+    except ValueError:
+        raise invalid(loc, "the URL's host is not a valid address") from None
     name = host.rstrip(".")
-    local = name == "localhost" or name.endswith(".localhost")
-    if local or (address is not None and (not address.is_global or address.is_multicast)):
+    local = name in _LOCAL_NAMES or name.endswith(".localhost")
+    if local or (address is not None and not _public(address)):
         raise invalid(
             loc,
-            "a file URL must name a public host: not localhost, nor a loopback, private, "
-            "link-local, multicast or reserved address",
+            "a file URL must name a public host: not localhost or a metadata service, nor a "
+            "loopback, private, link-local, multicast or reserved address",
         )
 
 
