@@ -62,8 +62,8 @@ def _outcome(kind: type[RequestResponseCycle], method: str, keep_alive: bool, st
 
     try:
         asyncio.run(run())
-    except (RuntimeError, ValueError) as exc:
-        return type(exc), str(exc)
+    except Exception as exc:
+        return type(exc), str(exc), cycle.response_started, cycle.waiting_for_100_continue
     state = (cycle.chunked_encoding, cycle.expected_content_length, cycle.keep_alive)
     return cycle.transport.written, state, cycle.transport.closed
 
@@ -97,6 +97,11 @@ _SECURITY = [
         (200, [(b"x-nul", b"a\x00"), *_JSON]),
         (200, [(b"content-length", b"five")]),
         (299, [*_JSON]),
+        (200, [(b"x-split", b"a\r\n"), (b"bad name", b"v")]),  # (uvicorn's order of errors)
+        (999, [(b"bad name", b"v")]),  # (no status line: uvicorn's KeyError)
+        (200, [(bytearray(b"x-mutable"), b"v"), *_JSON]),
+        (200, [(b"x-number", 5), *_JSON]),
+        (200, [(b"x-three", b"v", b"w"), *_JSON]),
     ],
 )
 def test_the_head_is_uvicorns(
