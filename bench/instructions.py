@@ -20,11 +20,9 @@ Valgrind runs the server ~50 times slower: this takes about a minute.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -89,19 +87,18 @@ def _callgrind(out_dir: Path, name: str) -> list[str]:
     ]
 
 
-# valgrind names the pipes that callgrind_control talks through after the user and the host
-# in the environment: the same in the server's environment and in callgrind_control's.
-_NAMES = {
-    "USER": getpass.getuser(),
-    "LOGNAME": getpass.getuser(),
-    "HOST": socket.gethostname(),
-}
+def _names() -> dict[str, str]:
+    """valgrind names the pipes that callgrind_control talks through after the user and the
+    host in the environment: the same in the servers' environment and in callgrind_control's.
+    (HOST is also the address the service listens on: the loopback one, as the benchmark's.)"""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or "bench"
+    return {"USER": user, "LOGNAME": user, "HOST": "127.0.0.1", "PYTHONHASHSEED": "0"}
 
 
 def _control(pid: int, *args: str) -> None:
     subprocess.run(
         ["callgrind_control", *args, str(pid)],
-        env={**os.environ, **_NAMES},
+        env={**os.environ, **_names()},
         capture_output=True,
         check=True,
         timeout=60,
@@ -151,7 +148,6 @@ def _count(
 def measure(redis_url: str, workdir: Path) -> Counts:
     """Ours (production configuration) and the bare app, each under callgrind, on the
     throughput benchmark's two routes: a POST of a 200-character message and a page of 50."""
-    os.environ.update(_NAMES)  # (the bare app's environment is this one)
     token = issue_token(redis_url, USER)
     out_dir = workdir / "callgrind"
     out_dir.mkdir(exist_ok=True)
@@ -160,7 +156,7 @@ def measure(redis_url: str, workdir: Path) -> Counts:
     page_file = workdir / "instructions-page.json"
     # No reply worker in the API: its timers (a loop-lag probe every 5 ms) would be counted
     # against the requests, which valgrind makes ~50 times slower, as they are not at speed.
-    env = {**edge_env("on"), "WORKER_IN_API": "false", "PYTHONHASHSEED": "0", **_NAMES}
+    env = {**edge_env("on"), "WORKER_IN_API": "false", **_names()}
     with service_process(
         redis_url, workdir, env, name="service-callgrind", prefix=_callgrind(out_dir, "ours")
     ) as (child, port):
@@ -182,7 +178,7 @@ def measure(redis_url: str, workdir: Path) -> Counts:
             Route("get_page_50", "GET", page_path, None),
         ]
         ours = _count(child, out_dir, "ours", port, routes, token)
-    with bare_app(page_file, workdir, _callgrind(out_dir, "bare"), "bare-callgrind") as (
+    with bare_app(page_file, workdir, _callgrind(out_dir, "bare"), "bare-callgrind", _names()) as (
         child,
         port,
     ):

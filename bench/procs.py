@@ -271,12 +271,21 @@ def _bench_python_path() -> str:
 
 @contextlib.contextmanager
 def bare_app(
-    page_file: Path, workdir: Path, prefix: Sequence[str] = (), name: str = "bare-app"
+    page_file: Path,
+    workdir: Path,
+    prefix: Sequence[str] = (),
+    name: str = "bare-app",
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Child, int]]:
     """The baseline (`bench/bare_app.py`) on the same uvicorn settings (after `prefix`);
     yields it and its port."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": _bench_python_path(), "BENCH_PAGE_FILE": str(page_file)}
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "PYTHONPATH": _bench_python_path(),
+        "BENCH_PAGE_FILE": str(page_file),
+    }
     argv = [*prefix, *_uvicorn_app("bench.bare_app:app", port)]
     with spawn(name, argv, workdir, env) as child:
         _wait(child, port, "/", _STARTUP_SECONDS * (4 if prefix else 1))
