@@ -35,9 +35,11 @@ class _Flow:
     write_paused = False
 
 
-def _cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool) -> Any:
+def _cycle(
+    kind: type[RequestResponseCycle], method: str, keep_alive: bool, version: str = "1.1"
+) -> Any:
     return kind(
-        scope={"method": method},  # type: ignore[typeddict-item]
+        scope={"method": method, "http_version": version},  # type: ignore[typeddict-item]
         transport=_Transport(),  # type: ignore[arg-type]
         flow=_Flow(),  # type: ignore[arg-type]
         logger=None,  # type: ignore[arg-type]
@@ -117,3 +119,32 @@ def test_the_refused_bytes_are_uvicorns() -> None:
         one = bytes([byte])
         assert (HEADER_RE.search(b"x" + one) is not None) == (one in _NAME_BYTES), byte
         assert (HEADER_VALUE_RE.search(b"x" + one) is not None) == (one in _VALUE_BYTES), byte
+
+
+def test_an_event_stream_to_an_http_10_client_is_not_chunked() -> None:
+    """HTTP/1.0 has no chunked coding (uvicorn sends it all the same): the events go as they
+    are, and the end of the connection is the end of the body."""
+    cycle = _cycle(_Cycle, "GET", keep_alive=False, version="1.0")
+    events = [b"event: message.delta\ndata: {}\n\n", b": keep-alive\n\n"]
+
+    async def stream() -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": _SECURITY}
+        await cycle.send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        for event in events:
+            await cycle.send({"type": "http.response.body", "body": event, "more_body": True})
+        assert not cycle.transport.closed
+        await cycle.send({"type": "http.response.body", "body": b""})
+        with pytest.raises(RuntimeError, match="after response already completed"):
+            await cycle.send({"type": "http.response.body", "body": b"late"})
+
+    asyncio.run(stream())
+    head, *body = cycle.transport.written
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding" not in head and b"connection: close\r\n" in head
+    assert body == events
+    assert cycle.transport.closed and cycle.response_complete
+    # The same stream to an HTTP/1.1 client is chunked, as uvicorn does it.
+    chunked = _cycle(_Cycle, "GET", keep_alive=True)
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    asyncio.run(chunked.send({**start, "headers": [(b"content-type", b"text/event-stream")]}))
+    assert b"transfer-encoding: chunked" in chunked.transport.written[0]

@@ -388,3 +388,31 @@ async def test_a_head_whose_end_straddles_two_reads_is_read_whole(tmp_path: Path
             async with asyncio.timeout(10):
                 raw = await reader.read()
     assert raw.startswith(b"HTTP/1.1 201 "), raw[:300]
+
+
+async def test_an_http_10_client_reads_an_event_stream_without_chunk_sizes(
+    tmp_path: Path,
+) -> None:
+    """HTTP/1.0 has no chunked coding: an event stream to a 1.0 client (an old proxy, a plain
+    socket client) is sent as it is and ends with the connection, not framed in chunk sizes
+    that the client would read as events."""
+    headers = auth(make_settings(), "alice")
+    with _service(tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.url, headers=headers) as api:
+            cid = (await api.post("/conversations", json={})).json()["id"]
+            async with _connection(service) as (reader, writer):
+                writer.write(
+                    f"GET /conversations/{cid}/events HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: {headers['Authorization']}\r\n\r\n".encode()
+                )
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    posted = await api.post(
+                        f"/conversations/{cid}/messages", json={"content": "hi", "respond": False}
+                    )
+                    assert posted.status_code == 201
+                    body = await reader.readuntil(b"event: message.created\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+            assert b"transfer-encoding" not in head.lower() and b"connection: close" in head
+            # The body is the events themselves: no chunk size (hex digits) before them.
+            assert body.startswith(b": connected\r\n"), body[:80]

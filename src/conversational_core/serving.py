@@ -412,9 +412,16 @@ class _Cycle(RequestResponseCycle):
     or a value with a byte its expressions refuse, a status it has no line for, headers that
     are not pairs of bytes): its error, in its order, and its state after it. (One difference
     left: a name given as a memoryview, which ASGI does not allow and uvicorn fails on, is
-    written.)"""
+    written.) And one thing uvicorn does wrong is not done with a head written here: an
+    answer of unknown length (an event stream) to an HTTP/1.0 request is not sent chunked, a
+    coding HTTP/1.0 does not have, but as it is, ended by closing the connection."""
+
+    _until_close = False  # an HTTP/1.0 answer of unknown length: its end is the connection's
 
     async def send(self, message: Any) -> None:
+        if self._until_close and message["type"] == "http.response.body":
+            await self._send_until_close(message)
+            return
         if (
             message["type"] != "http.response.start"
             or self.response_started
@@ -457,10 +464,35 @@ class _Cycle(RequestResponseCycle):
             and self.scope["method"] != "HEAD"
             and status_code not in (204, 304)
         ):
-            self.chunked_encoding = True
-            head.append(b"transfer-encoding: chunked\r\n")
+            if self.scope["http_version"] == "1.0":
+                # HTTP/1.0 has no chunked coding (RFC 9112 6.1: not to be sent to a 1.0
+                # client, which would read the chunk sizes as the body; uvicorn sends it): the
+                # body (an event stream) is sent as it is, and ends with the connection.
+                self._until_close = True
+            else:
+                self.chunked_encoding = True
+                head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
         self.transport.write(b"".join(head))
+
+    async def _send_until_close(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if self.response_complete:  # (uvicorn's error)
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent, after response already "
+                "completed."
+            )
+        body = message.get("body", b"")
+        if body:
+            self.transport.write(body)
+        if not message.get("more_body", False):
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()  # (after what is written: the end of the body)
+            self.on_response()
 
 
 # What uvicorn's HEADER_RE and HEADER_VALUE_RE refuse in a header's name and value.
