@@ -53,8 +53,8 @@ def test_serves_on_the_embedded_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_serves_on_redis(workers: str) -> None:
-    env = {"REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": f"serve-test-{workers}", "WORKERS": workers}
+def test_serves_on_redis(workers: str, prefix: str) -> None:
+    env = {"REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": prefix, "WORKERS": workers}
     with run_service(env) as base:
         _conversation_flow(base, _token(env, "alice"))
         assert httpx.get(f"{base}/health").json()["checks"]["store"]["backend"] == "redis"
