@@ -56,7 +56,7 @@ class Route:
     name: str
     method: str
     path: str
-    body: bytes | None
+    json: object = None  # the body, as JSON
 
 
 @dataclass
@@ -130,14 +130,16 @@ def _count(
     with RawClient(port, timeout=120.0) as client:
         for route in routes:
             expected = 201 if route.method == "POST" else 200
-            json = None if route.body is None else orjson.loads(route.body)
-
             for _ in range(WARMUP):
-                client.call(route.method, route.path, token=token, json=json, expected=expected)
+                client.call(
+                    route.method, route.path, token=token, json=route.json, expected=expected
+                )
             _control(pid, "--zero")
             _control(pid, "--instr=on")
             for _ in range(COUNTED):
-                client.call(route.method, route.path, token=token, json=json, expected=expected)
+                client.call(
+                    route.method, route.path, token=token, json=route.json, expected=expected
+                )
             _control(pid, "--instr=off")
             _control(pid, "--dump")
             counts[route.name] = _dumped(out_dir, f"{name}.{pid}.") / COUNTED
@@ -151,8 +153,7 @@ def measure(redis_url: str, workdir: Path) -> Counts:
     token = issue_token(redis_url, USER)
     out_dir = workdir / "callgrind"
     out_dir.mkdir(exist_ok=True)
-    body = message_body()
-    ours: dict[str, float]
+    body = orjson.loads(message_body())
     page_file = workdir / "instructions-page.json"
     # No reply worker in the API: its timers (a loop-lag probe every 5 ms) would be counted
     # against the requests, which valgrind makes ~50 times slower, as they are not at speed.
@@ -168,14 +169,14 @@ def measure(redis_url: str, workdir: Path) -> Counts:
                     "POST",
                     f"/conversations/{page}/messages",
                     token=token,
-                    json=orjson.loads(body),
+                    json=body,
                     expected=201,
                 )
             page_path = f"/conversations/{page}/messages?limit={PAGE_MESSAGES}"
             page_file.write_bytes(client.call("GET", page_path, token=token))
         routes = [
             Route("post_message", "POST", f"/conversations/{posts}/messages", body),
-            Route("get_page_50", "GET", page_path, None),
+            Route("get_page_50", "GET", page_path),
         ]
         ours = _count(child, out_dir, "ours", port, routes, token)
     with bare_app(page_file, workdir, _callgrind(out_dir, "bare"), "bare-callgrind", _names()) as (

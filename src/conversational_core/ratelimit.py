@@ -172,6 +172,12 @@ class RateLimiter:
         self._refills.add(task)
         task.add_done_callback(self._refills.discard)
 
+    def _lease_size(self, scope: str, identity: str, rate: Rate) -> int:
+        """How many requests the next count leases: a 64th of what is left, at most 256."""
+        seen = self._current(scope, identity)
+        left = rate.amount if seen is None else seen.left
+        return min(_LEASE_MAX, max(1, left // _LEASE_SHARE))
+
     def _lease_begins(self, key: tuple[str, str]) -> asyncio.Future[None]:
         """A lease of `key` is being counted: requests that find none wait for it (`hit`)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -187,9 +193,7 @@ class RateLimiter:
     async def _lease(self, key: tuple[str, str], rate: Rate, done: asyncio.Future[None]) -> None:
         scope, identity = key
         try:
-            seen = self._current(scope, identity)
-            left = rate.amount if seen is None else seen.left
-            want = min(_LEASE_MAX, max(1, left // _LEASE_SHARE))
+            want = self._lease_size(scope, identity, rate)
             hits, reset, counted = await self._counters.hit(
                 scope, identity, rate.amount, rate.seconds, want
             )
@@ -250,9 +254,7 @@ class RateLimiter:
             pending = self._leasing.get(key)
         counting = None
         if lease and pending is None:
-            seen = self._current(scope, identity)
-            left = rate.amount if seen is None else seen.left
-            want = min(_LEASE_MAX, max(1, left // _LEASE_SHARE))
+            want = self._lease_size(scope, identity, rate)
             counting = self._lease_begins(key)
         try:
             hits, reset, counted = await self._counters.hit(
