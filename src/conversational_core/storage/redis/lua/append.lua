@@ -11,7 +11,9 @@
 -- other slots: the index is updated beside the script, the signal sent after it.
 local L  -- the tree's functions (tree.lua), once needed
 local E, Q = KEYS[8], KEYS[9]
-local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'leaf', 'busy')
+-- c's fields are read here and written once at the end (pv, seq and count too: a call of
+-- Redis's costs more than the little arithmetic done here instead).
+local h = redis.call('HMGET', C, 'user', 'lin', 'cut', 'leaf', 'busy', 'pv', 'seq', 'count')
 if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {'missing'} end
 if ARGV[4] ~= '' then
   local prev = redis.call('GET', KEYS[7])
@@ -25,7 +27,8 @@ if ARGV[answered + 1] then
     return {'changed'}
   end
   redis.call('HSET', M, aid, '{"parent_id":' .. apj .. ',' .. ARGV[answered + 4] .. '}')
-  pages_changed()
+  h[6] = next_pv(h[6])  -- written now: the append may still be refused below
+  redis.call('HSET', C, 'pv', h[6])
   local eid = redis.call('XADD', E, 'MAXLEN', '~', ARGV[6], '*', 't', 'message.completed', 'd',
                         ARGV[answered + 5])
   redis.call('SPUBLISH', E, eid .. '\nmessage.completed\n' .. ARGV[answered + 5])
@@ -51,8 +54,8 @@ elseif parent == '-' then
 elseif redis.call('HEXISTS', M, parent) == 0 then
   return {'noparent'}
 end
-pages_changed()
-local seq = redis.call('HINCRBY', C, 'seq', n) - n
+local pv = next_pv(h[6])
+local seq = tonumber(h[7] or '0')
 local branched = lin ~= nil or parent ~= leaf
 if branched then
   L = L or tree()
@@ -106,8 +109,8 @@ if #KEYS >= 11 then
   redis.call('ZADD', KEYS[10], 'XX', 'GT', ARGV[9], cid)
   if ARGV[8] ~= '' then redis.call('XADD', KEYS[11], '*', 'c', cid) end
 end
-redis.call('HINCRBY', C, 'count', n)
-redis.call('HSET', C, 'updated_at', ARGV[2], 'leaf', prev)
+redis.call('HSET', C, 'updated_at', ARGV[2], 'leaf', prev, 'pv', pv, 'seq', seq + n,
+           'count', tonumber(h[8] or '0') + n)
 if ARGV[4] ~= '' then
   local ttl = tonumber(ARGV[3])
   redis.call('SET', KEYS[7], ARGV[4] .. '\n[' .. table.concat(record, ',') .. ']', 'EX', ttl)

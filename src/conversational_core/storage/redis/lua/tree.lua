@@ -20,12 +20,16 @@ local C, M, I, B, T, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- becomes the server's clock in microseconds, or one more than before when that is not past it.
 -- So a version is never given twice, not even after a failover or a restart that lost the last
 -- writes (and the version with them): the clock has moved past every version given before.
-local function pages_changed()
+local function next_pv(pv)  -- the version after `pv` (c's field, or nil)
   local now = redis.call('TIME')
   local at = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local pv = tonumber(redis.call('HGET', C, 'pv') or '0')
+  pv = tonumber(pv or '0')
   if pv >= at then at = pv + 1 end
-  redis.call('HSET', C, 'pv', string.format('%.0f', at))
+  return string.format('%.0f', at)
+end
+
+local function pages_changed()
+  redis.call('HSET', C, 'pv', next_pv(redis.call('HGET', C, 'pv')))
 end
 
 -- The tree's functions, made only when a script needs them: an append or a page of a
