@@ -108,14 +108,21 @@ def _control(pid: int, *args: str) -> None:
 _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
 
 
-def _dumped(out_dir: Path, stem: str) -> int:
-    """The count of the dump callgrind writes on `--dump` (`<stem><n>`), then removed."""
+def _dumped(out_dir: Path, stem: str, label: str) -> int:
+    """The count of the dump callgrind writes on `--dump` (`<stem><n>`), then removed, or kept
+    as `<label>.callgrind` in the folder named by BENCH_CALLGRIND_KEEP (for callgrind_annotate
+    or KCachegrind: where the instructions go)."""
+    keep = os.environ.get("BENCH_CALLGRIND_KEEP")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for dump in out_dir.glob(stem + "*"):
             found = _TOTALS.search(dump.read_bytes())
             if found is not None:
-                dump.unlink()
+                if keep:
+                    Path(keep).mkdir(parents=True, exist_ok=True)
+                    shutil.move(dump, Path(keep) / f"{label}.callgrind")
+                else:
+                    dump.unlink()
                 return int(found.group(1))
         time.sleep(0.1)  # written by valgrind in the server's process: no event to wait on
     raise RuntimeError(f"callgrind wrote no count ({stem}*) within 60 s")
@@ -142,7 +149,8 @@ def _count(
                 )
             _control(pid, "--instr=off")
             _control(pid, "--dump")
-            counts[route.name] = _dumped(out_dir, f"{name}.{pid}.") / COUNTED
+            dumped = _dumped(out_dir, f"{name}.{pid}.", f"{name}-{route.name}")
+            counts[route.name] = dumped / COUNTED
     child.check_alive()
     return counts
 
