@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
@@ -42,9 +42,18 @@ def utcnow() -> str:
     return f"{rendered[1]}{nanos // 1000:06d}Z"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def rfc3339_to_ms(value: str) -> int:
-    """Milliseconds since the epoch of a timestamp made by :func:`utcnow`."""
-    return int(datetime.fromisoformat(value).timestamp() * 1000)
+    """Milliseconds since the epoch of a timestamp made by :func:`utcnow` (truncated; without
+    a zone, UTC). In integers: `timestamp() * 1000` is a millisecond short for some times
+    (…:47.001000 gave …:47.000)."""
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MS
 
 
 class Role(StrEnum):
