@@ -34,6 +34,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Final, Literal
 
 import orjson
@@ -588,6 +589,14 @@ class SlowConsumer(Exception):
     """The client's buffer overflowed; it should reconnect with Last-Event-ID."""
 
 
+class Resume(Enum):
+    """What EventHub.resumes says of a Last-Event-ID."""
+
+    RESUMES = "resumes"
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+
+
 class EventHub(ABC):
     """Fans out conversation events to the clients connected to this process."""
 
@@ -602,11 +611,12 @@ class EventHub(ABC):
         client fell further behind than its buffer allows, and ends when the hub closes."""
 
     @abstractmethod
-    async def resumes(self, conversation_id: str, after: str) -> bool:
-        """Whether `after` can be the id of an event of the conversation (in this hub's form of
-        ids, and not later than its newest event): resuming after anything else would hide
-        every event until the conversation's passed it (an id from another store, or from the
-        future). Events that aged out of retention do not make an id unknown."""
+    async def resumes(self, conversation_id: str, after: str) -> Resume:
+        """Whether a client may resume after `after`: RESUMES (`0`: all that is retained);
+        UNKNOWN when it cannot be an id of the conversation's events (another store's form, or
+        later than its newest: resuming would hide every event until its passed it); EXPIRED
+        when it is before the oldest one kept (trimmed, expired, lost with a restart): events
+        after it may be gone, and resuming would skip them unseen."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -5,9 +5,8 @@ fanned out to the clients connected to it (the embedded store runs in one proces
 stream's `MAXLEN`) and is the process's EventHub. Event ids come from one process-wide counter,
 so they increase within a conversation however much of its deque was trimmed. The counter starts
 at the wall clock in microseconds, so that ids given after a restart are larger than those of
-the previous run (a client reconnecting with an old Last-Event-ID then gets what is retained,
-rather than nothing). Events are not kept across a restart: clients reconnecting get what
-happens from then on.
+the previous run. Events are not kept across a restart: a client reconnecting with an id of
+before is told that the events after it expired (`resumes`), and reads the conversation again.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
-from conversational_core.storage.base import Event, EventHub, SlowConsumer
+from conversational_core.storage.base import Event, EventHub, Resume, SlowConsumer
 
 _EVENT_ID: Final = re.compile(r"^[0-9]{1,20}$")
 
@@ -123,7 +122,8 @@ class MemoryEventLog(EventHub):
         self._idle_ttl = idle_ttl_seconds
         self._logs: dict[str, _Log] = {}
         self._subs: dict[str, set[_Subscriber]] = {}
-        self._ids = itertools.count(time.time_ns() // 1000)
+        self._first = time.time_ns() // 1000  # ids before it were given before a restart
+        self._ids = itertools.count(self._first)
         self._latest = 0  # the newest id given out
         self._last_sweep = time.monotonic()
         self._closed = False
@@ -186,11 +186,25 @@ class MemoryEventLog(EventHub):
 
     # Subscribing -------------------------------------------------------------------------------
 
-    async def resumes(self, conversation_id: str, after: str) -> bool:
+    async def resumes(self, conversation_id: str, after: str) -> Resume:
         try:
-            return parse_event_id(after) <= self._latest
+            number = parse_event_id(after)
         except ValueError:
-            return False  # (e.g. a Redis stream id, after a move between stores)
+            return Resume.UNKNOWN  # (e.g. a Redis stream id, after a move between stores)
+        if number == 0:
+            return Resume.RESUMES  # all that is retained
+        if number < self._first:
+            return Resume.EXPIRED  # given before a restart: events are not kept across one
+        if number > self._latest:
+            return Resume.UNKNOWN
+        log = self._logs.get(conversation_id)
+        if log is None:
+            return Resume.EXPIRED  # the log was dropped (idle for its TTL), its events with it
+        # Events go from the oldest only: after an id before the first one kept (trimmed, or of
+        # a log dropped since), some may be gone (as Redis's stream says it).
+        if log.entries and number < log.entries[0][0]:
+            return Resume.EXPIRED
+        return Resume.RESUMES
 
     def subscribe(
         self, conversation_id: str, after: str | None

@@ -42,7 +42,7 @@ from loguru import logger
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from conversational_core.storage.base import Event, EventHub, SlowConsumer
+from conversational_core.storage.base import Event, EventHub, Resume, SlowConsumer
 from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.redis.client import (
     Connection,
@@ -448,18 +448,33 @@ class RedisEventHub(EventHub):
                 with contextlib.suppress(asyncio.QueueFull):
                     sub.queue.put_nowait(None)
 
-    async def resumes(self, conversation_id: str, after: str) -> bool:
+    async def resumes(self, conversation_id: str, after: str) -> Resume:
         try:
             ms, seq = _stream_id(after)
         except ValueError:
-            return False  # (e.g. an id of the embedded store's form, after a move between stores)
+            return Resume.UNKNOWN  # (e.g. an id of the embedded store's form, after a move)
         if ms > _ID_PART_MAX or seq > _ID_PART_MAX:
-            return False  # not an id Redis can read
-        last = await self.store.last_event_id(conversation_id)
-        if last is not None:
-            return (ms, seq) <= _stream_id(last)
-        # No event retained (none yet, or the stream expired): its ids came from Redis's clock.
-        return ms <= time.time() * 1000 + _CLOCK_SKEW_MS
+            return Resume.UNKNOWN  # not an id Redis can read
+        key = (ms, seq)
+        if key == (0, 0):
+            return Resume.RESUMES  # all that is retained
+        bounds = await self.store.event_bounds(conversation_id)
+        if bounds is None:
+            # No stream (none yet, or it expired): its ids came from Redis's clock, and what
+            # came after this one, if anything, is gone with it.
+            if ms > time.time() * 1000 + _CLOCK_SKEW_MS:
+                return Resume.UNKNOWN
+            return Resume.EXPIRED
+        first, last = bounds
+        if key > _stream_id(last):
+            return Resume.UNKNOWN
+        # Entries go from the oldest only (MAXLEN; the service deletes none): events after an
+        # id before the first one kept may be gone, trimmed, or with a stream that expired and
+        # was written again since. (Only the last one trimmed would have lost nothing after it:
+        # its client is told to read again all the same.)
+        if first is None or key < _stream_id(first):
+            return Resume.EXPIRED if key < _stream_id(last) else Resume.RESUMES
+        return Resume.RESUMES
 
     @contextlib.asynccontextmanager
     async def subscribe(

@@ -132,6 +132,17 @@ class RedisReplies(RedisParts, CompareAndSet):
         )
         return rows[0][0].decode() if rows else None
 
+    async def event_bounds(self, conversation_id: str) -> tuple[str | None, str] | None:
+        """(the first retained event's id, None when none is, and the last id given) of the
+        conversation's events, or None when it has no stream (none yet, or it expired)."""
+        bounds = await self.redis.script(
+            scripts.EVENT_BOUNDS, [self.keys.events(conversation_id)], []
+        )
+        if bounds is None:
+            return None
+        first, last = bounds
+        return (first.decode() if first else None), last.decode()
+
     async def reply_queue_head(self, conversation_id: str) -> str | None:
         head = await self.redis.call("LINDEX", self.keys.replies(conversation_id), 0)
         return head.decode() if head is not None else None
