@@ -68,7 +68,7 @@ async def test_after_none_gets_only_new_events() -> None:
     assert [orjson.loads(e.data)["n"] for e in got] == [3, 4]
 
 
-async def test_ids_increase_across_trimming_and_old_after_yields_what_is_retained() -> None:
+async def test_ids_increase_across_trimming_and_an_old_after_resyncs() -> None:
     log = MemoryEventLog(3, 100)
     published = publish(log, 5)
     assert [int(e.id) for e in published] == sorted(int(e.id) for e in published)
@@ -77,9 +77,12 @@ async def test_ids_increase_across_trimming_and_old_after_yields_what_is_retaine
     assert log.read("c1", None, 10) == published[2:]
     assert log.read("c1", published[3].id, 10) == published[4:]
     assert log.read("c1", published[2].id, 1) == [published[3]]
-    async with subscribed(log, "c1", published[0].id) as it:
-        got = await asyncio.wait_for(collect(it, 3), 5)
-    assert got == published[2:]
+    async with subscribed(log, "c1", published[1].id) as it:  # the last one trimmed
+        (got,) = await asyncio.wait_for(collect(it, 1), 5)
+    assert (got.id, got.type) == (published[-1].id, "conversation.resync")
+    async with subscribed(log, "c1", published[2].id) as it:  # the oldest one kept
+        got_all = await asyncio.wait_for(collect(it, 2), 5)
+    assert got_all == published[3:]
     # A newer log still gives larger ids (a process-wide counter).
     later = MemoryEventLog(3, 100)
     assert int(later.publish("c1", "t", b"{}").id) > int(published[-1].id)

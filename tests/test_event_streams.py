@@ -230,38 +230,40 @@ async def test_a_resume_point_the_conversation_cannot_have_is_refused(redis_stor
                 assert response.headers["content-type"] == "application/problem+json"
 
 
-async def test_a_resume_point_whose_events_expired_is_a_410(redis_store: Store) -> None:
+async def test_a_resume_past_expired_events_opens_with_a_resync(redis_store: Store) -> None:
     """A Last-Event-ID after which events are no longer retained (here the stream expired; the
-    contract suite covers trimming) is a 410 before any stream starts, so that the client reads
-    the conversation again rather than resuming past events it never saw; without the id, or
-    with `0`, the stream opens."""
+    contract suite covers trimming): the stream opens with a `conversation.resync` event that
+    names it (read the conversation again), then goes on with what comes next, rather than
+    resuming as if nothing had been missed."""
     async with _conversation_served(redis_store) as (http, cid, alice):
         m = message(cid, "hello")
         await redis_store.append_messages(cid, "alice", [m], m.created_at)
         seen = await redis_store.last_event_id(cid)
         assert seen is not None
         await redis_store.redis.call("DEL", redis_store.keys.events(cid))  # (as its TTL does)
-        m = message(cid, "missed")
-        await redis_store.append_messages(cid, "alice", [m], m.created_at)
-        url = f"/conversations/{cid}/events"
-        for request in (
-            {"headers": {**alice, "Last-Event-ID": seen}},
-            {"headers": alice, "params": {"last_event_id": seen}},
-        ):
-            response = await http.get(url, **request)  # type: ignore[arg-type]
-            assert response.status_code == 410, response.text
-            assert response.headers["content-type"] == "application/problem+json"
-            problem = response.json()
-            assert problem["errors"][0]["type"] == "expired_event_id"
-            assert "read the conversation again" in problem["detail"]
-        async with http.stream("GET", url, headers=alice, params={"last_event_id": "0"}) as opened:
-            assert opened.status_code == 200
-            received = b""
+        headers = {**alice, "Last-Event-ID": seen}
+        async with http.stream("GET", f"/conversations/{cid}/events", headers=headers) as sse:
+            assert sse.status_code == 200
+            lines = sse.aiter_lines()
+            received: list[str] = []
             async with asyncio.timeout(10):
-                async for chunk in opened.aiter_bytes():
-                    received += chunk
-                    if b"missed" in received:
+                async for line in lines:
+                    received.append(line)
+                    if line.startswith("data:") and "conversation.resync" in "".join(received):
                         break
+                m = message(cid, "next")
+                await redis_store.append_messages(cid, "alice", [m], m.created_at)
+                async for line in lines:
+                    received.append(line)
+                    if line.startswith("data:") and '"next"' in line:
+                        break
+    events = [line for line in received if line.startswith(("id:", "event:", "data:"))]
+    assert events[:3] == [
+        f"id: {seen}",
+        "event: conversation.resync",
+        f'data: {{"conversation_id":"{cid}","last_event_id":"{seen}"}}',
+    ]
+    assert events[4] == "event: message.created"
 
 
 async def test_a_resume_id_may_come_with_blanks_around_it(redis_store: Store) -> None:

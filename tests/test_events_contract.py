@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conversational_core.storage.base import Event, EventHub, Resume, SlowConsumer, Store
+from conversational_core.storage.base import Event, EventHub, SlowConsumer, Store
 from conversational_core.storage.embedded.events import MemoryEventLog
 from conversational_core.storage.embedded.sqlite import open_sqlite_store
 from conversational_core.storage.redis.store import RedisStore
@@ -102,55 +102,96 @@ async def short_memory(store: Store, tmp_path: Path) -> AsyncIterator[Store]:
         yield short
 
 
-async def test_retention_keeps_the_newest_events_and_resume_gets_what_is_kept(
+def _resync_of(event: Event) -> str:
+    """The Last-Event-ID a `conversation.resync` event answers."""
+    assert event.type == "conversation.resync", event
+    data = orjson.loads(event.data)
+    assert set(data) == {"conversation_id", "last_event_id"}
+    last: str = data["last_event_id"]
+    return last
+
+
+async def test_retention_keeps_the_newest_events_and_a_resume_past_them_resyncs(
     short_memory: Store,
 ) -> None:
+    """A resume after an event still kept gets every event after it; after one trimmed, the
+    events between are gone: the client is told to resync (not handed what is left as if
+    nothing were missing), then gets the events after the newest."""
     store = short_memory
     cid = (await store.create_conversation(conversation()))[0].id
     first_batch = [f"m{i}" for i in range(400)]
-    ids = []
-    for content in first_batch:
-        await _append(store, cid, content)
-        ids.append(await store.last_event_id(cid))
-    oldest = ids[0]
+    await _append(store, cid, *first_batch[:1])
+    oldest = await store.last_event_id(cid)
+    assert oldest is not None
+    await _append(store, cid, *first_batch[1:])
     kept = await store.read_events(cid, None, 1000)
     # Trimmed (Redis trims whole nodes of its stream, `MAXLEN ~`: it keeps at least 10, and
     # a little more), the newest kept, none missing among those kept.
     assert 10 <= len(kept) < 400
     assert [_content(e) for e in kept] == first_batch[-len(kept) :]
     async with _hub(store) as hub:
+        async with subscribed(hub, cid, kept[0].id) as events:
+            resumed = await asyncio.wait_for(_collect(events, len(kept) - 1), 10)
+        assert [e.id for e in resumed] == [e.id for e in kept[1:]]
         async with subscribed(hub, cid, oldest) as events:
-            resumed = await asyncio.wait_for(_collect(events, len(kept)), 10)
-        assert [e.id for e in resumed] == [e.id for e in kept]
-        # What the API asks before it streams: after an id that was trimmed, events may be gone
-        # (after the last one trimmed none is, but neither store can tell: told all the same).
-        for gone in (oldest, ids[-len(kept) - 1]):
-            assert await hub.resumes(cid, gone) is Resume.EXPIRED
-        for kept_id in (kept[0].id, kept[-1].id, "0"):
-            assert await hub.resumes(cid, kept_id) is Resume.RESUMES
+            resync = await asyncio.wait_for(_collect(events, 1), 10)
+            assert _resync_of(resync[0]) == oldest
+            assert resync[0].id == kept[-1].id  # (a client resuming from it misses nothing)
+            await _append(store, cid, "after")
+            (new,) = await asyncio.wait_for(_collect(events, 1), 10)
+        assert _content(new) == "after"
+        now_kept = await store.read_events(cid, None, 1000)
+        async with subscribed(hub, cid, "0") as events:  # all that is kept: no resync
+            everything = await asyncio.wait_for(_collect(events, len(now_kept)), 10)
+        assert [e.id for e in everything] == [e.id for e in now_kept]
+        assert _content(everything[-1]) == "after"
 
 
-async def test_a_resume_after_the_events_expired_is_told_so(store: Store) -> None:
+async def test_a_resume_after_the_events_expired_resyncs(store: Store) -> None:
     """The conversation's events expired (Redis: the stream's TTL; embedded: an idle log
-    dropped, or a restart): an id from before cannot resume without a gap, whether events came
-    since or not; `0` (all that is retained) still can."""
+    dropped): the events after an id of before may be gone, whether more came since or not:
+    the client is told to resync, then gets what comes next."""
     cid = (await store.create_conversation(conversation()))[0].id
     await _append(store, cid, "a", "b")
     before = await store.last_event_id(cid)
     assert before is not None
     async with _hub(store) as hub:
-        assert await hub.resumes(cid, before) is Resume.RESUMES
         if isinstance(store, RedisStore):
             await store.redis.call("DEL", store.keys.events(cid))  # as its TTL does
         else:
             hub.forget(cid)  # type: ignore[attr-defined]  # (MemoryEventLog: as a sweep does)
-        assert await hub.resumes(cid, before) is Resume.EXPIRED
-        await _append(store, cid, "c")  # written again since
-        assert await hub.resumes(cid, before) is Resume.EXPIRED
-        assert await hub.resumes(cid, "0") is Resume.RESUMES
-        newest = await store.last_event_id(cid)
-        assert newest is not None
-        assert await hub.resumes(cid, newest) is Resume.RESUMES
+        assert await hub.resumes(cid, before)  # (not unknown: of the past)
+        async with subscribed(hub, cid, before) as events:
+            (resync,) = await asyncio.wait_for(_collect(events, 1), 10)
+            assert _resync_of(resync) == before
+            await _append(store, cid, "c")
+            (new,) = await asyncio.wait_for(_collect(events, 1), 10)
+        assert _content(new) == "c"
+        async with subscribed(hub, cid, before) as events:  # written again since: the same
+            (resync,) = await asyncio.wait_for(_collect(events, 1), 10)
+            assert _resync_of(resync) == before
+            assert resync.id == new.id
+
+
+async def test_an_id_of_before_a_restart_of_the_embedded_store_resyncs() -> None:
+    """The embedded store keeps its events in memory: after a restart, a client with an id of
+    the previous run is told to resync rather than resumed as if it had missed nothing."""
+    before = MemoryEventLog()
+    seen = before.publish("c1", "message.created", b"{}")
+    await before.close()
+    while time.time_ns() // 1000 <= int(seen.id):  # (ids are the clock's microseconds)
+        await asyncio.sleep(0)
+    after = MemoryEventLog()
+    try:
+        assert await after.resumes("c1", seen.id)
+        async with subscribed(after, "c1", seen.id) as events:
+            (resync,) = await asyncio.wait_for(_collect(events, 1), 10)
+            assert _resync_of(resync) == seen.id
+            later = after.publish("c1", "message.created", b"{}")
+            (new,) = await asyncio.wait_for(_collect(events, 1), 10)
+        assert new.id == later.id
+    finally:
+        await after.close()
 
 
 async def test_a_malformed_id_is_a_value_error(store: Store) -> None:
@@ -182,11 +223,11 @@ async def test_only_an_id_the_conversation_can_have_is_resumed(store: Store) -> 
     foreign = "1-0" if "-" not in last else str(time.time_ns() // 1000)
     async with _hub(store) as hub:
         for known in ("0", first, last):
-            assert await hub.resumes(cid, known) is Resume.RESUMES, known
-        assert await hub.resumes(quiet, "0") is Resume.RESUMES
+            assert await hub.resumes(cid, known), known
+        assert await hub.resumes(quiet, "0")
         for unknown in (_later(last, 3_600_000), foreign, "18446744073709551616", "abc", ""):
-            assert await hub.resumes(cid, unknown) is Resume.UNKNOWN, unknown
-            assert await hub.resumes(quiet, unknown) is Resume.UNKNOWN, unknown
+            assert not await hub.resumes(cid, unknown), unknown
+            assert not await hub.resumes(quiet, unknown), unknown
 
 
 async def test_a_slow_consumer_is_dropped_without_slowing_the_others(store: Store) -> None:
@@ -264,22 +305,3 @@ async def test_closing_the_hub_ends_every_subscription(store: Store) -> None:
             assert await asyncio.wait_for(asyncio.gather(*readers), 10) == [[], []]
         async with subscribed(hub, first, None) as late:
             assert await asyncio.wait_for(_collect(late, 1), 10) == []
-
-
-async def test_an_id_of_before_a_restart_of_the_embedded_store_expired() -> None:
-    """The embedded store keeps its events in memory: after a restart, an id of the previous
-    run is EXPIRED (its events after it are gone), not resumed as if none were missed."""
-    before = MemoryEventLog()
-    seen = before.publish("c1", "message.created", b"{}")
-    await before.close()
-    while time.time_ns() // 1000 <= int(seen.id):  # (ids are the clock's microseconds)
-        await asyncio.sleep(0)
-    after = MemoryEventLog()
-    try:
-        assert await after.resumes("c1", seen.id) is Resume.EXPIRED
-        later = after.publish("c1", "message.created", b"{}")
-        assert await after.resumes("c1", seen.id) is Resume.EXPIRED
-        assert await after.resumes("c1", later.id) is Resume.RESUMES
-        assert await after.resumes("c1", "0") is Resume.RESUMES
-    finally:
-        await after.close()

@@ -164,3 +164,35 @@ async def test_a_quiet_connection_is_pinged_and_kept(
             assert reader.channel is channel
     finally:
         await hub.close()
+
+
+async def test_events_trimmed_while_a_client_catches_up_are_not_skipped_unseen(
+    redis_store: RedisStore,
+) -> None:
+    """Whether the events after a client's id are all retained is asked in the catch-up read
+    itself: when they are trimmed between the client's request and the read (or between two
+    chunks of a long catch-up), the client is told to resync (`conversation.resync`, its id
+    the newest event's) rather than handed the events after the gap as if none were missing."""
+    store = RedisStore(redis_store.redis, redis_store.keys, events_max_len=10)
+    hub = RedisEventHub(store, url_of(store))
+    cid = (await store.create_conversation(conversation()))[0].id
+    m = message(cid, "seen")
+    await store.append_messages(cid, "alice", [m], m.created_at)
+    seen = await store.last_event_id(cid)
+    assert seen is not None
+    try:
+        async with hub.subscribe(cid, seen) as batches:  # (read on the first anext)
+            for i in range(300):  # trimmed past `seen` meanwhile (whole nodes: MAXLEN ~)
+                m = message(cid, f"m{i}")
+                await store.append_messages(cid, "alice", [m], m.created_at)
+            assert (await store.read_events(cid, None, 1))[0].id != seen
+            (resync,) = await asyncio.wait_for(anext(batches), 10)
+            assert resync.type == "conversation.resync"
+            assert orjson.loads(resync.data) == {"conversation_id": cid, "last_event_id": seen}
+            assert resync.id == await store.last_event_id(cid)
+            m = message(cid, "next")
+            await store.append_messages(cid, "alice", [m], m.created_at)
+            (batch,) = [await asyncio.wait_for(anext(batches), 10)]
+            assert [orjson.loads(e.data)["message"]["content"] for e in batch] == ["next"]
+    finally:
+        await hub.close()

@@ -28,7 +28,6 @@ _TITLES = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     409: "Conflict",
-    410: "Gone",
     412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -112,10 +111,6 @@ class NotFound(AppError):
 
 class Conflict(AppError):
     status, code = 409, "conflict"
-
-
-class Gone(AppError):
-    status, code = 410, "gone"
 
 
 class PreconditionFailed(AppError):

@@ -39,8 +39,6 @@ _WHY = {
     404: "Not found, or not yours.",
     408: "The request's headers or body arrived too slowly.",
     409: "Conflicts with the current state.",
-    410: "The events after `Last-Event-ID` are no longer retained: read the conversation "
-    "again and reconnect without it.",
     412: "The resource changed since the ETag given in If-Match.",
     413: "The request body is too large.",
     415: "The request body is not JSON.",

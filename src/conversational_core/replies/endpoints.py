@@ -2,9 +2,9 @@
 
 - `Last-Event-ID` (header, or `last_event_id` query parameter for clients that cannot set
   headers) resumes after that event: missed events within the retention window first, then live
-  ones, none twice. Without it, the stream starts with what happens from now on. An id that is
-  no event of the conversation is a 422; one after which events are no longer retained, a 410
-  (the client reads the conversation again and reconnects without it).
+  ones, none twice. Without it, the stream starts with what happens from now on. When events
+  after it are no longer retained, a `conversation.resync` event comes instead of them (the
+  client reads the conversation again; EventHub.subscribe).
 - A user holds at most SSE_MAX_STREAMS_PER_USER streams open on one process (then 429).
 - A keep-alive comment every SSE_KEEPALIVE_SECONDS; a connection ends after
   SSE_MAX_CONNECTION_SECONDS, or when the client falls SSE_CLIENT_BUFFER events behind, with a
@@ -21,7 +21,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from conversational_core import openapi
 from conversational_core.auth.middleware import principal_of
 from conversational_core.conversations.service import ConversationService
-from conversational_core.errors import AppError, Gone, Unprocessable
+from conversational_core.errors import AppError, Unprocessable
 from conversational_core.observability import metrics
 from conversational_core.openapi import problems
 from conversational_core.replies import sse
@@ -31,7 +31,7 @@ from conversational_core.routing import Operation
 from conversational_core.schemas import ID_PATTERN
 from conversational_core.settings import Settings
 from conversational_core.storage import events as event_types
-from conversational_core.storage.base import EventHub, Resume, SlowConsumer
+from conversational_core.storage.base import EventHub, SlowConsumer
 
 router = APIRouter(tags=["events"], route_class=Operation)
 
@@ -117,7 +117,7 @@ _SSE_EVENT = {
             "description": "Server-Sent Events: `message.*` and `conversation.*`, each with an "
             "`id:` to resume from.",
         },
-        **problems(404, 410),
+        **problems(404),
     },
 )
 async def conversation_events(
@@ -142,22 +142,13 @@ async def conversation_events(
     after = last_event_id.strip(" \t") if last_event_id else last_event_id_query
     settings: Settings = request.state.settings
     hub: EventHub = request.state.events
-    resume = Resume.RESUMES if after is None else await hub.resumes(conversation_id, after)
-    # Refused before the stream starts: an EventSource stops retrying on it (a stream that
-    # just ended would be resumed with the same id, every `retry`, for ever).
-    if resume is Resume.UNKNOWN:
+    if after is not None and not await hub.resumes(conversation_id, after):
+        # Refused before the stream starts: an EventSource stops retrying on it (a stream that
+        # just ended would be resumed with the same id, every `retry`, for ever).
         raise Unprocessable(
             "Last-Event-ID is no event of this conversation (one from the future, or of another "
             "store): read the conversation again and reconnect without it.",
             errors=[{"loc": where, "type": "unknown_event_id", "msg": "not an event id here"}],
-        )
-    if resume is Resume.EXPIRED:
-        # A stream that began with what is retained would skip the rest unseen: a client's
-        # view of the conversation (a reply's text made of its deltas) would be wrong.
-        raise Gone(
-            "Events after Last-Event-ID are no longer retained (EVENTS_MAX_LEN, "
-            "EVENTS_TTL_SECONDS): read the conversation again and reconnect without it.",
-            errors=[{"loc": where, "type": "expired_event_id", "msg": "events after it expired"}],
         )
     streams: OpenStreams = request.state.streams
     return EventStreamResponse(

@@ -73,6 +73,17 @@ class ConversationDeletedEvent(BaseModel):
     conversation_id: str
 
 
+class ConversationResyncEvent(BaseModel):
+    """`conversation.resync`: events after the client's Last-Event-ID (`last_event_id`) are
+    no longer retained (trimmed, or expired): read the conversation again; the events that
+    follow are those after this one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conversation_id: str
+    last_event_id: str
+
+
 EventType = Literal[
     "message.created",
     "message.delta",
@@ -84,6 +95,7 @@ EventType = Literal[
     "message.deleted",
     "conversation.updated",
     "conversation.deleted",
+    "conversation.resync",
 ]
 EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 EVENT_DATA = (
@@ -92,4 +104,5 @@ EVENT_DATA = (
     MessageDeletedEvent,
     ConversationEvent,
     ConversationDeletedEvent,
+    ConversationResyncEvent,
 )

@@ -34,7 +34,6 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Final, Literal
 
 import orjson
@@ -589,14 +588,6 @@ class SlowConsumer(Exception):
     """The client's buffer overflowed; it should reconnect with Last-Event-ID."""
 
 
-class Resume(Enum):
-    """What EventHub.resumes says of a Last-Event-ID."""
-
-    RESUMES = "resumes"
-    UNKNOWN = "unknown"
-    EXPIRED = "expired"
-
-
 class EventHub(ABC):
     """Fans out conversation events to the clients connected to this process."""
 
@@ -607,16 +598,22 @@ class EventHub(ABC):
         """Live events of one conversation for one client, strictly after `after` (retained ones
         first, then live ones, without gaps or duplicates); when `after` is None, only events
         that happen from now on. Each item is a batch, never empty: the events there were at
-        once (a client writes them in one go). Iteration raises :class:`SlowConsumer` when the
-        client fell further behind than its buffer allows, and ends when the hub closes."""
+        once (a client writes them in one go). When events after `after` are no longer retained
+        (it is older than the oldest one kept: trimmed, the stream expired, a restart of the
+        embedded store; also when that happens while the client catches up), the client gets a
+        `conversation.resync` event instead of them (events.resync_data; its id the newest
+        event's, or `after` when none is retained), then the events after it: it reads the
+        conversation again rather than going on with a gap. Iteration raises
+        :class:`SlowConsumer` when the client fell further behind than its buffer allows, and
+        ends when the hub closes."""
 
     @abstractmethod
-    async def resumes(self, conversation_id: str, after: str) -> Resume:
-        """Whether a client may resume after `after`: RESUMES (`0`: all that is retained);
-        UNKNOWN when it cannot be an id of the conversation's events (another store's form, or
-        later than its newest: resuming would hide every event until its passed it); EXPIRED
-        when it is before the oldest one kept (trimmed, expired, lost with a restart): events
-        after it may be gone, and resuming would skip them unseen."""
+    async def resumes(self, conversation_id: str, after: str) -> bool:
+        """Whether `after` can be the id of an event of the conversation (in this hub's form of
+        ids, and not later than its newest event): resuming after anything else would hide
+        every event until the conversation's passed it (an id from another store, or from the
+        future). Events that aged out of retention do not make an id unknown (subscribe tells
+        the client to resync)."""
 
     @abstractmethod
     async def close(self) -> None:

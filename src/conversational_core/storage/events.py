@@ -25,6 +25,9 @@ MESSAGE_REQUIRES_ACTION = "message.requires_action"
 MESSAGE_DELETED = "message.deleted"
 CONVERSATION_UPDATED = "conversation.updated"
 CONVERSATION_DELETED = "conversation.deleted"
+# Not stored: what a subscription says when events after a client's Last-Event-ID are no longer
+# retained (EventHub.subscribe).
+CONVERSATION_RESYNC = "conversation.resync"
 
 
 def message_data(message: Message) -> bytes:
@@ -89,3 +92,7 @@ def conversation_data(conversation: Conversation) -> bytes:
 
 def conversation_deleted_data(conversation_id: str) -> bytes:
     return orjson.dumps({"conversation_id": conversation_id})
+
+
+def resync_data(conversation_id: str, last_event_id: str) -> bytes:
+    return orjson.dumps({"conversation_id": conversation_id, "last_event_id": last_event_id})

@@ -6,7 +6,8 @@ stream's `MAXLEN`) and is the process's EventHub. Event ids come from one proces
 so they increase within a conversation however much of its deque was trimmed. The counter starts
 at the wall clock in microseconds, so that ids given after a restart are larger than those of
 the previous run. Events are not kept across a restart: a client reconnecting with an id of
-before is told that the events after it expired (`resumes`), and reads the conversation again.
+before is told to resync (`conversation.resync`, EventHub.subscribe), then gets what happens
+from then on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
-from conversational_core.storage.base import Event, EventHub, Resume, SlowConsumer
+from conversational_core.storage import events as event_types
+from conversational_core.storage.base import Event, EventHub, SlowConsumer
 
 _EVENT_ID: Final = re.compile(r"^[0-9]{1,20}$")
 
@@ -186,25 +188,13 @@ class MemoryEventLog(EventHub):
 
     # Subscribing -------------------------------------------------------------------------------
 
-    async def resumes(self, conversation_id: str, after: str) -> Resume:
+    async def resumes(self, conversation_id: str, after: str) -> bool:
         try:
             number = parse_event_id(after)
         except ValueError:
-            return Resume.UNKNOWN  # (e.g. a Redis stream id, after a move between stores)
-        if number == 0:
-            return Resume.RESUMES  # all that is retained
-        if number < self._first:
-            return Resume.EXPIRED  # given before a restart: events are not kept across one
-        if number > self._latest:
-            return Resume.UNKNOWN
-        log = self._logs.get(conversation_id)
-        if log is None:
-            return Resume.EXPIRED  # the log was dropped (idle for its TTL), its events with it
-        # Events go from the oldest only: after an id before the first one kept (trimmed, or of
-        # a log dropped since), some may be gone (as Redis's stream says it).
-        if log.entries and number < log.entries[0][0]:
-            return Resume.EXPIRED
-        return Resume.RESUMES
+            return False  # (e.g. a Redis stream id, after a move between stores)
+        # (an id of before a restart is of the past too: the subscription says to resync)
+        return number < self._first or number <= self._latest
 
     def subscribe(
         self, conversation_id: str, after: str | None
@@ -217,7 +207,17 @@ class MemoryEventLog(EventHub):
         self, conversation_id: str, after: int | None
     ) -> AsyncIterator[AsyncIterator[list[Event]]]:
         log = self._logs.get(conversation_id)
-        backlog = log.after(after) if after is not None and log is not None else []
+        backlog: list[Event] = []
+        if after is not None and after != 0 and self._lost(log, after):
+            # Events after the client's last may be gone: it resyncs, then goes on from the
+            # newest event (EventHub.subscribe).
+            newest = log.entries[-1][0] if log is not None and log.entries else after
+            at = max(newest, after)
+            data = event_types.resync_data(conversation_id, str(after))
+            backlog = [Event(str(at), event_types.CONVERSATION_RESYNC, data)]
+            after = at
+        elif after is not None and log is not None:
+            backlog = log.after(after)
         sub = _Subscriber(-1 if after is None else after, backlog, self._client_buffer)
         if self._closed:
             sub.end()
@@ -229,6 +229,14 @@ class MemoryEventLog(EventHub):
         finally:
             await iterator.aclose()
             self._unsubscribe(conversation_id, sub)
+
+    def _lost(self, log: _Log | None, after: int) -> bool:
+        """Whether events after `after` may be gone: it is of before a restart (events are not
+        kept across one), the log was dropped (idle), or it is older than the oldest event
+        kept (trimmed; only the last one trimmed would have lost nothing after it)."""
+        if after < self._first or log is None:
+            return True
+        return bool(log.entries) and after < log.entries[0][0]
 
     @staticmethod
     async def _iterate(sub: _Subscriber) -> AsyncGenerator[list[Event], None]:

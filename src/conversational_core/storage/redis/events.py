@@ -42,7 +42,8 @@ from loguru import logger
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from conversational_core.storage.base import Event, EventHub, Resume, SlowConsumer
+from conversational_core.storage import events as event_types
+from conversational_core.storage.base import Event, EventHub, SlowConsumer
 from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.redis.client import (
     Connection,
@@ -448,33 +449,18 @@ class RedisEventHub(EventHub):
                 with contextlib.suppress(asyncio.QueueFull):
                     sub.queue.put_nowait(None)
 
-    async def resumes(self, conversation_id: str, after: str) -> Resume:
+    async def resumes(self, conversation_id: str, after: str) -> bool:
         try:
             ms, seq = _stream_id(after)
         except ValueError:
-            return Resume.UNKNOWN  # (e.g. an id of the embedded store's form, after a move)
+            return False  # (e.g. an id of the embedded store's form, after a move between stores)
         if ms > _ID_PART_MAX or seq > _ID_PART_MAX:
-            return Resume.UNKNOWN  # not an id Redis can read
-        key = (ms, seq)
-        if key == (0, 0):
-            return Resume.RESUMES  # all that is retained
-        bounds = await self.store.event_bounds(conversation_id)
-        if bounds is None:
-            # No stream (none yet, or it expired): its ids came from Redis's clock, and what
-            # came after this one, if anything, is gone with it.
-            if ms > time.time() * 1000 + _CLOCK_SKEW_MS:
-                return Resume.UNKNOWN
-            return Resume.EXPIRED
-        first, last = bounds
-        if key > _stream_id(last):
-            return Resume.UNKNOWN
-        # Entries go from the oldest only (MAXLEN; the service deletes none): events after an
-        # id before the first one kept may be gone, trimmed, or with a stream that expired and
-        # was written again since. (Only the last one trimmed would have lost nothing after it:
-        # its client is told to read again all the same.)
-        if first is None or key < _stream_id(first):
-            return Resume.EXPIRED if key < _stream_id(last) else Resume.RESUMES
-        return Resume.RESUMES
+            return False  # not an id Redis can read
+        last = await self.store.last_event_id(conversation_id)
+        if last is not None:
+            return (ms, seq) <= _stream_id(last)
+        # No event retained (none yet, or the stream expired): its ids came from Redis's clock.
+        return ms <= time.time() * 1000 + _CLOCK_SKEW_MS
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -490,15 +476,44 @@ class RedisEventHub(EventHub):
         finally:
             self._unwatch(conversation_id, sub)
 
+    async def _catch_up(self, conversation_id: str, cursor: str) -> list[Event] | None:
+        """Up to a chunk of the retained events after `cursor`; None when some events after it
+        are no longer retained: `cursor` (an event the client has) is not the first one kept,
+        it was trimmed (or the stream expired). Asked in the read itself (from `cursor` on,
+        included), so that no trimming between a check and the read goes unseen."""
+        if cursor == "0-0":
+            return await self.store.read_events(conversation_id, None, _CATCH_UP_CHUNK)
+        events = await self.store.read_events_from(conversation_id, cursor, _CATCH_UP_CHUNK + 1)
+        if not events:
+            # None retained from `cursor` on: the stream expired (none left), or the id is later
+            # than the newest (one from the future, which the API refuses: nothing to catch up).
+            return None if await self.store.last_event_id(conversation_id) is None else []
+        if events[0].id != cursor:
+            return None
+        return events[1:]
+
+    async def _resync(self, conversation_id: str, after: str) -> Event:
+        """What a client whose events after `after` are gone is told (EventHub.subscribe)."""
+        newest = await self.store.last_event_id(conversation_id)
+        at = after if newest is None else max(newest, after, key=_stream_id)
+        data = event_types.resync_data(conversation_id, after)
+        return Event(at, event_types.CONVERSATION_RESYNC, data)
+
     async def _iterate(
         self, conversation_id: str, sub: _Subscriber, after: str
     ) -> AsyncIterator[list[Event]]:
         last = _stream_id(after)
         cursor = after
         # 1. Catch up at the client's pace, straight from the stream (not through the bounded
-        #    queue: a client far behind is not "slow", it just has more to read).
+        #    queue: a client far behind is not "slow", it just has more to read). Events gone
+        #    since the client's last: it is told to resync, and goes on from the newest event.
         while True:
-            events = await self.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
+            events = await self._catch_up(conversation_id, cursor)
+            if events is None:
+                resync = await self._resync(conversation_id, cursor)
+                last = _stream_id(resync.id)
+                yield [resync]
+                break
             if events:
                 last = _stream_id(events[-1].id)
                 yield events
@@ -506,7 +521,8 @@ class RedisEventHub(EventHub):
                 break
             cursor = events[-1].id
         # 2. Watch the stream from here, buffering; one more XRANGE closes the gap between the
-        #    last read and the moment the reader started handing events over.
+        #    last read and the moment the reader started handing events over. (Not checked for
+        #    trimming: that would take EVENTS_MAX_LEN events within this one round trip.)
         sub.buffering = True
         await self._watch(conversation_id, sub, _fmt(last))
         tail = await self.store.read_events(conversation_id, _fmt(last), 100_000)

@@ -126,22 +126,21 @@ class RedisReplies(RedisParts, CompareAndSet):
         )
         return [stream_event(entry_id, fields) for entry_id, fields in rows]
 
+    async def read_events_from(self, conversation_id: str, start: str, limit: int) -> list[Event]:
+        """Retained events from the id `start` on, itself included when it is retained: the
+        event hub tells by the first one whether what followed `start` is all there."""
+        if not _STREAM_ID.fullmatch(start):
+            raise ValueError("not an event id")
+        rows = await self.redis.call(
+            "XRANGE", self.keys.events(conversation_id), start, "+", "COUNT", limit
+        )
+        return [stream_event(entry_id, fields) for entry_id, fields in rows]
+
     async def last_event_id(self, conversation_id: str) -> str | None:
         rows = await self.redis.call(
             "XREVRANGE", self.keys.events(conversation_id), "+", "-", "COUNT", 1
         )
         return rows[0][0].decode() if rows else None
-
-    async def event_bounds(self, conversation_id: str) -> tuple[str | None, str] | None:
-        """(the first retained event's id, None when none is, and the last id given) of the
-        conversation's events, or None when it has no stream (none yet, or it expired)."""
-        bounds = await self.redis.script(
-            scripts.EVENT_BOUNDS, [self.keys.events(conversation_id)], []
-        )
-        if bounds is None:
-            return None
-        first, last = bounds
-        return (first.decode() if first else None), last.decode()
 
     async def reply_queue_head(self, conversation_id: str) -> str | None:
         head = await self.redis.call("LINDEX", self.keys.replies(conversation_id), 0)

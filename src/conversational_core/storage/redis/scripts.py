@@ -69,25 +69,6 @@ return 1
 """
 )
 
-# KEYS: a conversation's events.  What a resume needs of its stream: false when there is none,
-# else {its first entry's id (false when empty), the last id it gave}.
-EVENT_BOUNDS = Script(
-    """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local out = {false, '0-0'}
-for i = 1, #info, 2 do
-  local name, value = info[i], info[i + 1]
-  if name == 'first-entry' then
-    if value then out[1] = value[1] end
-  elseif name == 'last-generated-id' then
-    out[2] = value
-  end
-end
-return out
-"""
-)
-
 # KEYS: stop flag, published deltas.  ARGV: ttl.  Stops deltas; returns the deltas emitted so far.
 STOP = Script(
     """
