@@ -196,3 +196,26 @@ async def test_events_trimmed_while_a_client_catches_up_are_not_skipped_unseen(
             assert [orjson.loads(e.data)["message"]["content"] for e in batch] == ["next"]
     finally:
         await hub.close()
+
+
+async def test_a_resume_that_finds_the_conversation_deleted_gets_the_deletion(
+    redis_store: RedisStore,
+) -> None:
+    """Deleting a conversation empties its stream but for `conversation.deleted`: a client
+    resuming then (after the API's check that it exists, or between two chunks of its catch-up)
+    gets that event, which ends its stream, rather than a resync whose id would skip it."""
+    store = redis_store
+    hub = RedisEventHub(store, url_of(store))
+    cid = (await store.create_conversation(conversation()))[0].id
+    m = message(cid, "seen")
+    await store.append_messages(cid, "alice", [m], m.created_at)
+    seen = await store.last_event_id(cid)
+    assert seen is not None
+    try:
+        async with hub.subscribe(cid, seen) as batches:  # (read on the first anext)
+            await store.delete_conversation(cid, "alice")
+            (deleted,) = await asyncio.wait_for(anext(batches), 10)
+        assert deleted.type == "conversation.deleted"
+        assert deleted.id == await store.last_event_id(cid)
+    finally:
+        await hub.close()

@@ -74,9 +74,9 @@ class ConversationDeletedEvent(BaseModel):
 
 
 class ConversationResyncEvent(BaseModel):
-    """`conversation.resync`: events after the client's Last-Event-ID (`last_event_id`) are
-    no longer retained (trimmed, or expired): read the conversation again; the events that
-    follow are those after this one."""
+    """`conversation.resync`: events after the last one the client had (`last_event_id`: its
+    Last-Event-ID, or the last this stream sent it) are no longer retained (trimmed, or
+    expired): read the conversation again; the events that follow are those after this one."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -602,8 +602,9 @@ class EventHub(ABC):
         (it is older than the oldest one kept: trimmed, the stream expired, a restart of the
         embedded store; also when that happens while the client catches up), the client gets a
         `conversation.resync` event instead of them (events.resync_data; its id the newest
-        event's, or `after` when none is retained), then the events after it: it reads the
-        conversation again rather than going on with a gap. Iteration raises
+        event's, or `after` when none is retained; the deletion instead, when that is the
+        newest), then the events after it: it reads the conversation again rather than going
+        on with a gap. Iteration raises
         :class:`SlowConsumer` when the client fell further behind than its buffer allows, and
         ends when the hub closes."""
 

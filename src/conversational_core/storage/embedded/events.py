@@ -210,12 +210,15 @@ class MemoryEventLog(EventHub):
         backlog: list[Event] = []
         if after is not None and after != 0 and self._lost(log, after):
             # Events after the client's last may be gone: it resyncs, then goes on from the
-            # newest event (EventHub.subscribe).
-            newest = log.entries[-1][0] if log is not None and log.entries else after
-            at = max(newest, after)
-            data = event_types.resync_data(conversation_id, str(after))
-            backlog = [Event(str(at), event_types.CONVERSATION_RESYNC, data)]
-            after = at
+            # newest event (EventHub.subscribe), or gets the deletion when that is the newest.
+            newest = log.entries[-1] if log is not None and log.entries else None
+            if newest is not None and newest[1].type == event_types.CONVERSATION_DELETED:
+                backlog, after = [newest[1]], newest[0]
+            else:
+                at = after if newest is None else max(newest[0], after)
+                data = event_types.resync_data(conversation_id, str(after))
+                backlog = [Event(str(at), event_types.CONVERSATION_RESYNC, data)]
+                after = at
         elif after is not None and log is not None:
             backlog = log.after(after)
         sub = _Subscriber(-1 if after is None else after, backlog, self._client_buffer)

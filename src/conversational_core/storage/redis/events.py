@@ -466,13 +466,14 @@ class RedisEventHub(EventHub):
     async def subscribe(
         self, conversation_id: str, after: str | None
     ) -> AsyncIterator[AsyncIterator[list[Event]]]:
+        given = after is not None
         if after is not None:
             after = _fmt(_stream_id(after))  # ValueError for garbage; "5" means "5-0"
         else:
             after = await self.store.last_event_id(conversation_id) or "0-0"
         sub = _Subscriber(asyncio.Queue(self._client_buffer), buffer_limit=self._client_buffer)
         try:
-            yield self._iterate(conversation_id, sub, after)
+            yield self._iterate(conversation_id, sub, after, checked=given)
         finally:
             self._unwatch(conversation_id, sub)
 
@@ -487,20 +488,25 @@ class RedisEventHub(EventHub):
         if not events:
             # None retained from `cursor` on: the stream expired (none left), or the id is later
             # than the newest (one from the future, which the API refuses: nothing to catch up).
-            return None if await self.store.last_event_id(conversation_id) is None else []
+            return None if await self.store.newest_event(conversation_id) is None else []
         if events[0].id != cursor:
             return None
         return events[1:]
 
     async def _resync(self, conversation_id: str, after: str) -> Event:
-        """What a client whose events after `after` are gone is told (EventHub.subscribe)."""
-        newest = await self.store.last_event_id(conversation_id)
+        """What a client whose events after `after` are gone is told (EventHub.subscribe); the
+        conversation's deletion, when that is its newest event (it says more, and ends the
+        stream: deleting empties the stream but for it)."""
+        newest_event = await self.store.newest_event(conversation_id)
+        if newest_event is not None and newest_event.type == event_types.CONVERSATION_DELETED:
+            return newest_event
+        newest = newest_event.id if newest_event is not None else None
         at = after if newest is None else max(newest, after, key=_stream_id)
         data = event_types.resync_data(conversation_id, after)
         return Event(at, event_types.CONVERSATION_RESYNC, data)
 
     async def _iterate(
-        self, conversation_id: str, sub: _Subscriber, after: str
+        self, conversation_id: str, sub: _Subscriber, after: str, *, checked: bool
     ) -> AsyncIterator[list[Event]]:
         last = _stream_id(after)
         cursor = after
@@ -508,7 +514,11 @@ class RedisEventHub(EventHub):
         #    queue: a client far behind is not "slow", it just has more to read). Events gone
         #    since the client's last: it is told to resync, and goes on from the newest event.
         while True:
-            events = await self._catch_up(conversation_id, cursor)
+            if checked:
+                events = await self._catch_up(conversation_id, cursor)
+            else:  # (from the newest event when the client gave no id: it is owed nothing)
+                events = await self.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
+                checked = True
             if events is None:
                 resync = await self._resync(conversation_id, cursor)
                 last = _stream_id(resync.id)

@@ -137,10 +137,14 @@ class RedisReplies(RedisParts, CompareAndSet):
         return [stream_event(entry_id, fields) for entry_id, fields in rows]
 
     async def last_event_id(self, conversation_id: str) -> str | None:
+        newest = await self.newest_event(conversation_id)
+        return newest.id if newest is not None else None
+
+    async def newest_event(self, conversation_id: str) -> Event | None:
         rows = await self.redis.call(
             "XREVRANGE", self.keys.events(conversation_id), "+", "-", "COUNT", 1
         )
-        return rows[0][0].decode() if rows else None
+        return stream_event(*rows[0]) if rows else None
 
     async def reply_queue_head(self, conversation_id: str) -> str | None:
         head = await self.redis.call("LINDEX", self.keys.replies(conversation_id), 0)
