@@ -166,6 +166,16 @@ async def test_a_quiet_connection_is_pinged_and_kept(
         await hub.close()
 
 
+async def _one_event_seen(store: RedisStore) -> tuple[str, str]:
+    """A conversation of one message, and the id of its event (a client's Last-Event-ID)."""
+    cid = (await store.create_conversation(conversation()))[0].id
+    m = message(cid, "seen")
+    await store.append_messages(cid, "alice", [m], m.created_at)
+    seen = await store.last_event_id(cid)
+    assert seen is not None
+    return cid, seen
+
+
 async def test_events_trimmed_while_a_client_catches_up_are_not_skipped_unseen(
     redis_store: RedisStore,
 ) -> None:
@@ -175,11 +185,7 @@ async def test_events_trimmed_while_a_client_catches_up_are_not_skipped_unseen(
     the newest event's) rather than handed the events after the gap as if none were missing."""
     store = RedisStore(redis_store.redis, redis_store.keys, events_max_len=10)
     hub = RedisEventHub(store, url_of(store))
-    cid = (await store.create_conversation(conversation()))[0].id
-    m = message(cid, "seen")
-    await store.append_messages(cid, "alice", [m], m.created_at)
-    seen = await store.last_event_id(cid)
-    assert seen is not None
+    cid, seen = await _one_event_seen(store)
     try:
         async with hub.subscribe(cid, seen) as batches:  # (read on the first anext)
             for i in range(300):  # trimmed past `seen` meanwhile (whole nodes: MAXLEN ~)
@@ -206,11 +212,7 @@ async def test_a_resume_that_finds_the_conversation_deleted_gets_the_deletion(
     gets that event, which ends its stream, rather than a resync whose id would skip it."""
     store = redis_store
     hub = RedisEventHub(store, url_of(store))
-    cid = (await store.create_conversation(conversation()))[0].id
-    m = message(cid, "seen")
-    await store.append_messages(cid, "alice", [m], m.created_at)
-    seen = await store.last_event_id(cid)
-    assert seen is not None
+    cid, seen = await _one_event_seen(store)
     try:
         async with hub.subscribe(cid, seen) as batches:  # (read on the first anext)
             await store.delete_conversation(cid, "alice")
