@@ -604,9 +604,8 @@ class EventHub(ABC):
         `conversation.resync` event instead of them (events.resync_data; its id the newest
         event's, or `after` when none is retained; the deletion instead, when that is the
         newest), then the events after it: it reads the conversation again rather than going
-        on with a gap. Iteration raises
-        :class:`SlowConsumer` when the client fell further behind than its buffer allows, and
-        ends when the hub closes."""
+        on with a gap. Iteration raises :class:`SlowConsumer` when the client fell further
+        behind than its buffer allows, and ends when the hub closes."""
 
     @abstractmethod
     async def resumes(self, conversation_id: str, after: str) -> bool:
