@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"JWT_JWKS_URL": "keys.example.com/jwks.json"}, "JWT_JWKS_URL"),
         ({"LLM_BASE_URL": "localhost:11434/v1"}, "LLM_BASE_URL"),
         ({"JWT_PUBLIC_KEY": "not a key", "JWT_ALGORITHMS": "RS256"}, "JWT_PUBLIC_KEY"),
+        ({"EVENTS_MAX_LEN": 500, "SSE_CLIENT_BUFFER": 1000}, "EVENTS_MAX_LEN"),
     ],
 )
 def test_invalid_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:

@@ -312,6 +312,14 @@ class Settings(BaseSettings):
                 "LLM_API_KEY is required with LLM_PROVIDER=openai (or set LLM_BASE_URL for a "
                 "local OpenAI-compatible server)"
             )
+        if self.EVENTS_MAX_LEN < self.SSE_CLIENT_BUFFER:
+            # A client dropped for falling SSE_CLIENT_BUFFER events behind resumes from there:
+            # with fewer retained, it could never resume, only resync.
+            raise ConfigError(
+                f"EVENTS_MAX_LEN ({self.EVENTS_MAX_LEN}) must be at least SSE_CLIENT_BUFFER "
+                f"({self.SSE_CLIENT_BUFFER}): a client dropped for falling that far behind "
+                "resumes from the events retained"
+            )
         if self.REDIS_URL is None and self.REDIS_CLUSTER:
             raise ConfigError("REDIS_CLUSTER=true needs REDIS_URL (any one node of the cluster)")
         if self.REDIS_URL is None and self.WORKERS > 1:
