@@ -116,21 +116,16 @@ class RedisReplies(RedisParts, CompareAndSet):
     async def read_events(self, conversation_id: str, after: str | None, limit: int) -> list[Event]:
         if after is not None and not _STREAM_ID.fullmatch(after):
             raise ValueError("not an event id")
-        rows = await self.redis.call(
-            "XRANGE",
-            self.keys.events(conversation_id),
-            f"({after}" if after else "-",
-            "+",
-            "COUNT",
-            limit,
-        )
-        return [stream_event(entry_id, fields) for entry_id, fields in rows]
+        return await self._xrange(conversation_id, f"({after}" if after else "-", limit)
 
     async def read_events_from(self, conversation_id: str, start: str, limit: int) -> list[Event]:
         """Retained events from the id `start` on, itself included when it is retained: the
         event hub tells by the first one whether what followed `start` is all there."""
         if not _STREAM_ID.fullmatch(start):
             raise ValueError("not an event id")
+        return await self._xrange(conversation_id, start, limit)
+
+    async def _xrange(self, conversation_id: str, start: str, limit: int) -> list[Event]:
         rows = await self.redis.call(
             "XRANGE", self.keys.events(conversation_id), start, "+", "COUNT", limit
         )
