@@ -63,7 +63,7 @@ class Rate:
         return cls(int(amount), int(multiple or 1) * _UNIT_SECONDS[unit])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request; frozen, each field costs 10x to set
 class Decision:
     allowed: bool
     limit: int

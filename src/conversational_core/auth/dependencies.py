@@ -8,7 +8,7 @@ from conversational_core.auth.tokens import TokenVerifier
 from conversational_core.errors import BadRequest, Forbidden, Unauthorized
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request; frozen, each field costs 10x to set
 class Principal:
     """Who is calling and for whom.
 

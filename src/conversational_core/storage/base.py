@@ -101,7 +101,7 @@ def decode_conversation_cursor(value: str) -> ConversationCursor:
     return ConversationCursor(activity_ms, conversation_id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per page read; frozen, each field costs 10x to set
 class MessageQuery:
     """A page of a conversation's messages.
 
@@ -558,7 +558,7 @@ class CompareAndSet(Store):
         (ReplyStopped, nothing written). Raises NotFound."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per event; frozen, each field costs 10x to set
 class Event:
     """One event of a conversation's stream: `id` orders events within the conversation."""
 
@@ -620,7 +620,7 @@ class EventHub(ABC):
         """Stop fanning out and end every subscription."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per job; frozen, each field costs 10x to set
 class Job:
     """A signal that a conversation has replies to write. `id` acknowledges it."""
 
