@@ -29,7 +29,6 @@ from typing import Any
 import uuid_utils
 from fastapi import HTTPException
 from loguru import logger
-from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -175,10 +174,6 @@ class EdgeMiddleware:
         self._cors_api_headers = [*cors_headers, _API_CSP]
         self._cors_docs_headers = cors_headers
         self.access_log = access_log  # off when LOG_LEVEL is above INFO: skip building the line
-        # Labelled children by (method, endpoint, status): prometheus_client's labels() takes a
-        # lock and validates the values on every call; the set of keys is small and fixed.
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._timers: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -322,18 +317,8 @@ class EdgeMiddleware:
         elapsed = time.perf_counter() - began
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         endpoint = route_template(scope, self.routes)
-        counter = self._counters.get((method, endpoint, status))
-        if counter is None:
-            counter = metrics.REQUESTS.labels(method, endpoint, str(status))
-            self._counters[(method, endpoint, status)] = counter
-        counter.inc()
-        if not streaming:  # an event stream's duration is its connection time, not latency
-            timer = self._timers.get((method, endpoint))
-            if timer is None:
-                timer = self._timers[(method, endpoint)] = metrics.REQUEST_DURATION.labels(
-                    method, endpoint
-                )
-            timer.observe(elapsed)
+        # (an event stream's duration is its connection time, not latency: not timed)
+        metrics.REQUEST_TALLY.record(method, endpoint, status, None if streaming else elapsed)
         if not self.access_log:
             return
         principal = state.get("principal")
@@ -342,6 +327,6 @@ class EdgeMiddleware:
             scope["path"],  # never the query string: clients put secrets there
             endpoint,
             status,
-            round(elapsed * 1000, 2),
+            int(elapsed * 100_000 + 0.5) / 100,  # ms to 2 places (round(x, 2) costs 5 times more)
             getattr(principal, "user_id", None),
         )
