@@ -121,6 +121,16 @@ def test_the_refused_bytes_are_uvicorns() -> None:
         assert (HEADER_VALUE_RE.search(b"x" + one) is not None) == (one in _VALUE_BYTES), byte
 
 
+@pytest.mark.parametrize("where", ["name", "value"])
+def test_every_byte_in_a_head_is_taken_or_refused_as_uvicorn_does(where: str) -> None:
+    for byte in range(256):
+        one = bytes([byte])
+        header = (b"x-b" + one + b"c", b"v") if where == "name" else (b"x-b", b"v" + one + b"w")
+        start = {"type": "http.response.start", "status": 200, "headers": [header, *_JSON]}
+        ours = _outcome(_Cycle, "GET", True, start)
+        assert ours == _outcome(RequestResponseCycle, "GET", True, start), byte
+
+
 def test_an_event_stream_to_an_http_10_client_is_not_chunked() -> None:
     """HTTP/1.0 has no chunked coding (uvicorn sends it all the same): the events go as they
     are, and the end of the connection is the end of the body."""

@@ -439,8 +439,8 @@ class _Cycle(RequestResponseCycle):
             usual = (
                 joined == joined.lower()
                 and _UNUSUAL.isdisjoint(names)
-                and len(joined.translate(None, _NAME_BYTES)) == len(joined)
-                and len(values.translate(None, _VALUE_BYTES)) == len(values)
+                and 0 not in joined.translate(_NAME_MARKS)
+                and 0 not in values.translate(_VALUE_MARKS)
                 and message["status"] in STATUS_LINE
             )
         except Exception:  # (not pairs of bytes: uvicorn's code says what it says of them)
@@ -499,6 +499,17 @@ class _Cycle(RequestResponseCycle):
 _NAME_BYTES = bytes(range(0x20)) + b'\x7f()<>@,;:[]={} \\"'
 _VALUE_BYTES = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
 _UNUSUAL = frozenset({b"connection", b"transfer-encoding"})  # (uvicorn's code writes those)
+
+
+def _marks(refused: bytes) -> bytes:
+    """A `bytes.translate` table: 0 for each refused byte, 1 for the others. A head translated
+    by it holds a 0 exactly where it holds a refused byte: one pass in C and a memchr, where
+    `translate(None, refused)` builds its table again on every call (~40% dearer)."""
+    return bytes(0 if byte in refused else 1 for byte in range(256))
+
+
+_NAME_MARKS = _marks(_NAME_BYTES)
+_VALUE_MARKS = _marks(_VALUE_BYTES)
 
 
 class _Sweeper:
