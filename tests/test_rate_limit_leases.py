@@ -59,7 +59,7 @@ async def test_far_from_the_limit_the_next_lease_is_counted_before_this_one_is_s
 
 
 @pytest.mark.parametrize("allowed", [True, False])
-@pytest.mark.parametrize("reset", [0.2, 1.0, 59.01])
+@pytest.mark.parametrize("reset", [0.0, 0.2, 1.0, 59.01, 3600.000001])
 def test_quota_headers_as_sent_match_the_decision(allowed: bool, reset: float) -> None:
     """The RateLimit-* headers a response carries (raw, lower-case) say what the decision's
     own headers say."""

@@ -85,15 +85,23 @@ class Decision:
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         """The same, as ASGI headers: built on every limited request (a third of the cost of
         the dictionary above, encoded)."""
-        reset = b"%d" % max(1, math.ceil(self.reset_seconds))
+        whole = int(self.reset_seconds)  # (math.ceil and max cost twice the rest of this)
+        whole += whole < self.reset_seconds
+        reset = b"%d" % (whole if whole > 0 else 1)
+        limit = _LIMIT_HEADERS.get(self.limit)
+        if limit is None:
+            limit = _LIMIT_HEADERS[self.limit] = (b"ratelimit-limit", b"%d" % self.limit)
         headers = [
-            (b"ratelimit-limit", b"%d" % self.limit),
+            limit,
             (b"ratelimit-remaining", b"%d" % self.remaining),
             (b"ratelimit-reset", reset),
         ]
         if not self.allowed:
             headers.append((b"retry-after", reset))
         return headers
+
+
+_LIMIT_HEADERS: dict[int, tuple[bytes, bytes]] = {}  # by limit (one per configured rate)
 
 
 class RateLimited(AppError):
@@ -141,9 +149,9 @@ class RateLimiter:
         self._leasing: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._refills: set[asyncio.Task[None]] = set()
 
-    def _current(self, scope: str, identity: str) -> _Seen | None:
+    def _current(self, scope: str, identity: str, now: float | None = None) -> _Seen | None:
         seen = self._seen.get((scope, identity))
-        if seen is not None and seen.until <= time.monotonic():
+        if seen is not None and seen.until <= (time.monotonic() if now is None else now):
             del self._seen[(scope, identity)]
             return None
         return seen
@@ -151,7 +159,8 @@ class RateLimiter:
     def take(self, scope: str, identity: str, rate: Rate) -> Decision | None:
         """A request of `identity` let run on this process's lease (no count in the store), or
         None when the lease is spent (or there is none): then the request is counted (`hit`)."""
-        seen = self._current(scope, identity)
+        now = time.monotonic()
+        seen = self._current(scope, identity, now)
         if seen is None or seen.leased <= 0:
             return None
         seen.leased -= 1
@@ -159,10 +168,10 @@ class RateLimiter:
             seen.leased < _REFILL_BELOW
             and seen.left >= _REFILL_FROM
             and (scope, identity) not in self._leasing
-            and time.monotonic() >= self._skip_until
+            and now >= self._skip_until
         ):
             self._refill(scope, identity, rate)
-        return Decision(True, rate.amount, seen.left + seen.leased, seen.until - time.monotonic())
+        return Decision(True, rate.amount, seen.left + seen.leased, seen.until - now)
 
     def _refill(self, scope: str, identity: str, rate: Rate) -> None:
         """Count the next lease now, in the background (see _REFILL_BELOW)."""
