@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
+from urllib.parse import urlparse, urlunparse
 
 import orjson
 import pytest
@@ -221,3 +222,83 @@ async def test_a_resume_that_finds_the_conversation_deleted_gets_the_deletion(
         assert deleted.id == await store.last_event_id(cid)
     finally:
         await hub.close()
+
+
+class _Cuttable:
+    """A TCP relay to Redis for the event hub's reader: `cut` closes its connections and stops
+    taking new ones (the reader sees Redis gone, the store's own connections do not)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+
+async def test_events_trimmed_while_the_reader_was_cut_off_are_a_resync(
+    redis_store: RedisStore,
+) -> None:
+    """The reader catches up on what was written while it was cut off from Redis; when some of
+    that is no longer retained (EVENTS_MAX_LEN written meanwhile), its subscribers are told to
+    resync (its id the newest event's) rather than handed what follows the gap."""
+    store = RedisStore(redis_store.redis, redis_store.keys, events_max_len=10)
+    url = urlparse(url_of(store))
+    relay = _Cuttable(url.hostname or "127.0.0.1", url.port or 6379)
+    await relay.start()
+    hub = RedisEventHub(store, urlunparse(url._replace(netloc=f"127.0.0.1:{relay.port}")))
+    cid, _ = await _one_event_seen(store)
+    try:
+        async with subscribed(hub, cid, None) as events:
+            first = asyncio.ensure_future(anext(events))  # (the subscription starts)
+            while not hub._readers:
+                await asyncio.sleep(0)
+            (reader,) = hub._readers.values()
+            await asyncio.wait_for(reader.ready.wait(), 10)  # listening through the relay
+            m = message(cid, "before")
+            await store.append_messages(cid, "alice", [m], m.created_at)
+            before = await store.last_event_id(cid)
+            event = await asyncio.wait_for(first, 10)
+            while event.id != before:  # (the append's events, up to its last)
+                event = await asyncio.wait_for(anext(events), 10)
+            await relay.cut()
+            for i in range(300):  # trimmed past `before` meanwhile (whole nodes: MAXLEN ~)
+                m = message(cid, f"m{i}")
+                await store.append_messages(cid, "alice", [m], m.created_at)
+            assert (await store.read_events(cid, None, 1))[0].id != before
+            await relay.start()
+            resync = await asyncio.wait_for(anext(events), 10)
+            assert resync.type == "conversation.resync"
+            assert orjson.loads(resync.data) == {"conversation_id": cid, "last_event_id": before}
+            assert resync.id == await store.last_event_id(cid)
+            m = message(cid, "next")
+            await store.append_messages(cid, "alice", [m], m.created_at)
+            after = await asyncio.wait_for(anext(events), 10)
+            assert orjson.loads(after.data)["message"]["content"] == "next"
+    finally:
+        await hub.close()
+        await relay.cut()

@@ -323,10 +323,18 @@ class _Reader:
                     self.hub.deliver(self, cid, event)
 
     async def _read_from_cursor(self, conversation_id: str) -> list[Event]:
+        """The events after the cursor, written while this reader was not listening. When
+        some of them are no longer retained (EVENTS_MAX_LEN written during a long outage, a
+        failover that lost them), the conversation's subscribers are told to resync, as a
+        client resuming past them is (EventHub.subscribe), rather than handed what follows the
+        gap."""
         found: list[Event] = []
         cursor = self.cursors.get(conversation_id)
         while cursor is not None:
-            events = await self.hub.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
+            events = await self.hub._catch_up(conversation_id, cursor)
+            if events is None:
+                found.append(await self.hub._resync(conversation_id, cursor))
+                break
             found.extend(events)
             if len(events) < _CATCH_UP_CHUNK:
                 break
