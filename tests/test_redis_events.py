@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from urllib.parse import urlparse, urlunparse
+from typing import Any
+from urllib.parse import urlparse
 
 import orjson
 import pytest
 
 from conversational_core.storage.base import Event
-from conversational_core.storage.redis.events import RedisEventHub
+from conversational_core.storage.redis.events import RedisEventHub, _node_url
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import url_of
 from tests.fixtures.events import subscribed
@@ -225,20 +226,25 @@ async def test_a_resume_that_finds_the_conversation_deleted_gets_the_deletion(
 
 
 class _Cuttable:
-    """A TCP relay to Redis for the event hub's reader: `cut` closes its connections and stops
-    taking new ones (the reader sees Redis gone, the store's own connections do not)."""
+    """A TCP relay to Redis for the event hub's reader: while cut, its connections are closed
+    and new ones are closed as they come (the reader sees Redis gone, the store's own
+    connections do not)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self.port = 0
-        self.server: asyncio.Server | None = None
+        self.cut_off = False
         self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += [writer, up_writer]
 
@@ -251,54 +257,79 @@ class _Cuttable:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
+    def cut(self) -> None:
+        self.cut_off = True
         for writer in self.writers:
             writer.transport.abort()
         self.writers.clear()
-        await self.server.wait_closed()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
 
+@pytest.mark.parametrize("gone", ["trimmed", "expired"])
 async def test_events_trimmed_while_the_reader_was_cut_off_are_a_resync(
-    redis_store: RedisStore,
+    redis_store: RedisStore, gone: str
 ) -> None:
     """The reader catches up on what was written while it was cut off from Redis; when some of
     that is no longer retained (EVENTS_MAX_LEN written meanwhile), its subscribers are told to
-    resync (its id the newest event's) rather than handed what follows the gap."""
+    resync (its id the newest event's) rather than handed what follows the gap. When the
+    stream is gone altogether (expired), nothing is owed: the next event comes as usual."""
     store = RedisStore(redis_store.redis, redis_store.keys, events_max_len=10)
     url = urlparse(url_of(store))
     relay = _Cuttable(url.hostname or "127.0.0.1", url.port or 6379)
-    await relay.start()
-    hub = RedisEventHub(store, urlunparse(url._replace(netloc=f"127.0.0.1:{relay.port}")))
-    cid, _ = await _one_event_seen(store)
+    hub = RedisEventHub(store, _node_url(url_of(store), "127.0.0.1", await relay.start()))
     try:
+        cid, _ = await _one_event_seen(store)
         async with subscribed(hub, cid, None) as events:
             first = asyncio.ensure_future(anext(events))  # (the subscription starts)
-            while not hub._readers:
-                await asyncio.sleep(0)
-            (reader,) = hub._readers.values()
-            await asyncio.wait_for(reader.ready.wait(), 10)  # listening through the relay
+
+            async def reading() -> Any:
+                while not hub._readers:
+                    await asyncio.sleep(0)
+                (reader,) = hub._readers.values()
+                await reader.ready.wait()  # listening through the relay
+                return reader
+
+            reader = await asyncio.wait_for(reading(), 10)
             m = message(cid, "before")
             await store.append_messages(cid, "alice", [m], m.created_at)
             before = await store.last_event_id(cid)
             event = await asyncio.wait_for(first, 10)
             while event.id != before:  # (the append's events, up to its last)
                 event = await asyncio.wait_for(anext(events), 10)
-            await relay.cut()
-            for i in range(300):  # trimmed past `before` meanwhile (whole nodes: MAXLEN ~)
-                m = message(cid, f"m{i}")
-                await store.append_messages(cid, "alice", [m], m.created_at)
-            assert (await store.read_events(cid, None, 1))[0].id != before
-            await relay.start()
-            resync = await asyncio.wait_for(anext(events), 10)
-            assert resync.type == "conversation.resync"
-            assert orjson.loads(resync.data) == {"conversation_id": cid, "last_event_id": before}
-            assert resync.id == await store.last_event_id(cid)
+            relay.cut()
+
+            async def lost() -> None:
+                while reader.ready.is_set():
+                    await asyncio.sleep(0)
+
+            await asyncio.wait_for(lost(), 10)  # (the reader saw it)
+            if gone == "expired":
+                await store.redis.call("DEL", store.keys.events(cid))
+            else:
+                for i in range(300):  # trimmed past `before` meanwhile (whole nodes: MAXLEN ~)
+                    m = message(cid, f"m{i}")
+                    await store.append_messages(cid, "alice", [m], m.created_at)
+                assert (await store.read_events(cid, None, 1))[0].id != before
+            relay.cut_off = False
+            if gone == "trimmed":
+                resync = await asyncio.wait_for(anext(events), 10)
+                assert resync.type == "conversation.resync"
+                assert orjson.loads(resync.data) == {
+                    "conversation_id": cid,
+                    "last_event_id": before,
+                }
+                assert resync.id == await store.last_event_id(cid)
+            else:
+                await asyncio.wait_for(reader.ready.wait(), 10)  # back, and caught up
             m = message(cid, "next")
             await store.append_messages(cid, "alice", [m], m.created_at)
             after = await asyncio.wait_for(anext(events), 10)
             assert orjson.loads(after.data)["message"]["content"] == "next"
     finally:
         await hub.close()
-        await relay.cut()
+        await relay.close()

@@ -42,25 +42,51 @@ def _without_times(registry: CollectorRegistry) -> dict[object, float]:
     return {k: v for k, v in samples(text).items() if not k[0].endswith("_created")}
 
 
-def test_a_flush_gives_what_counting_each_request_gives() -> None:
+async def test_a_flush_gives_what_counting_each_request_gives() -> None:
     one_by_one, counter, histogram = _metrics()
-    for method, status, seconds in [*REQUESTS, *REQUESTS[4:5]]:
+    for method, status, seconds in REQUESTS * 3:
         counter.labels(method, ENDPOINT, str(status)).inc()
         if seconds is not None:
             histogram.labels(method, ENDPOINT).observe(seconds)
     tallied, counter, histogram = _metrics()
     tally = RequestTally(counter, histogram, _DURATION_BUCKETS)
-    for method, status, seconds in REQUESTS:
-        tally.record(method, ENDPOINT, status, seconds)  # (no loop: each handed over at once)
-    tally._scheduled = True  # as in a running loop: held until the flush
-    tally.record("GET", ENDPOINT, 200, 0.3)
-    assert _without_times(tallied) != _without_times(one_by_one)
+    for method, status, seconds in REQUESTS * 3:  # (in a loop: held until the flush)
+        tally.record(method, ENDPOINT, status, seconds)
+    assert value(generate_latest(tallied).decode(), "t_requests_total",
+                 method="GET", endpoint=ENDPOINT, status="200") == 0  # fmt: skip
     tally.flush()
     tally.flush()  # (nothing left: nothing added twice)
     assert _without_times(tallied) == _without_times(one_by_one)
     text = generate_latest(tallied).decode()
-    assert value(text, "t_request_duration_seconds_count", method="GET", endpoint=ENDPOINT) == 4
-    assert value(text, "t_requests_total", method="GET", endpoint=ENDPOINT, status="200") == 5
+    assert value(text, "t_request_duration_seconds_count", method="GET", endpoint=ENDPOINT) == 9
+    assert value(text, "t_requests_total", method="GET", endpoint=ENDPOINT, status="200") == 12
+
+
+async def _counted(registry: CollectorRegistry, n: int) -> float:
+    """The POST count once it is `n` (the loop's timer hands it over: a few turns of 5 ms)."""
+    for _ in range(200):
+        text = generate_latest(registry).decode()
+        count = value(text, "t_requests_total", method="POST", endpoint=ENDPOINT, status="201")
+        if count >= n:
+            return count
+        await asyncio.sleep(0.005)
+    return count
+
+
+def test_a_flush_due_on_a_loop_that_closed_is_due_again_on_the_next() -> None:
+    registry, counter, histogram = _metrics()
+    tally = RequestTally(counter, histogram, _DURATION_BUCKETS)
+
+    async def first() -> None:
+        tally.record("POST", ENDPOINT, 201, 0.004)  # due in a second: the loop is gone by then
+
+    async def second() -> float:
+        tally.FLUSH_SECONDS = 0.02
+        tally.record("POST", ENDPOINT, 201, 0.004)
+        return await _counted(registry, 2)
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == 2
 
 
 async def test_requests_reach_the_metrics_within_the_flush_time() -> None:
@@ -70,11 +96,7 @@ async def test_requests_reach_the_metrics_within_the_flush_time() -> None:
     tally.record("POST", ENDPOINT, 201, 0.004)
     text = generate_latest(registry).decode()
     assert value(text, "t_requests_total", method="POST", endpoint=ENDPOINT, status="201") == 0
-    for _ in range(200):  # (the loop's timer hands it over: at most a few turns of 5 ms)
-        await asyncio.sleep(0.005)
-        text = generate_latest(registry).decode()
-        if value(text, "t_requests_total", method="POST", endpoint=ENDPOINT, status="201"):
-            break
-    assert value(text, "t_requests_total", method="POST", endpoint=ENDPOINT, status="201") == 1
+    assert await _counted(registry, 1) == 1
+    text = generate_latest(registry).decode()
     count = value(text, "t_request_duration_seconds_count", method="POST", endpoint=ENDPOINT)
     assert count == 1

@@ -13,18 +13,22 @@ class Batched:
     FLUSH_SECONDS = 1.0
 
     def __init__(self) -> None:
-        self._scheduled = False
+        # The flush that is due, and the loop it is due on: a loop closed before it came (a
+        # test's, say) leaves it pending for ever, and the next item schedules one anew.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         atexit.register(self.flush)
 
     def flush(self) -> None:
         """Hand on what was gathered (an override begins by calling this)."""
-        self._scheduled = False
+        self._timer = None
 
     def _flush_soon(self) -> None:
-        if self._scheduled:
-            return
         try:
-            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
-            self._scheduled = True
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop
             self.flush()
+            return
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer = loop.call_later(self.FLUSH_SECONDS, self.flush)
+            self._timer_loop = loop

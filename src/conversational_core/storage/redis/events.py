@@ -327,13 +327,17 @@ class _Reader:
         some of them are no longer retained (EVENTS_MAX_LEN written during a long outage, a
         failover that lost them), the conversation's subscribers are told to resync, as a
         client resuming past them is (EventHub.subscribe), rather than handed what follows the
-        gap."""
+        gap; or get the deletion, when that is the newest event. (When none is retained at
+        all, the stream gone, there is nothing newer to hand over: a deleted conversation's
+        stream outlived by the outage leaves its clients to learn it when they reconnect.)"""
         found: list[Event] = []
         cursor = self.cursors.get(conversation_id)
         while cursor is not None:
             events = await self.hub._catch_up(conversation_id, cursor)
             if events is None:
-                found.append(await self.hub._resync(conversation_id, cursor))
+                told = await self.hub._resync(conversation_id, cursor)
+                if _stream_id(told.id) > _stream_id(cursor):  # (else nothing is retained)
+                    found.append(told)
                 break
             found.extend(events)
             if len(events) < _CATCH_UP_CHUNK:
