@@ -235,7 +235,7 @@ class RequestTally(Batched):
 
     prometheus_client has no way to add many observations at once: a histogram's are added
     to its child's `_buckets` and `_sum` (values with `inc`, the same since 0.4; the version is
-    pinned, and tests/test_production.py reads them back through `/metrics`)."""
+    pinned, and tests/test_request_tally.py compares the result with one-by-one counting)."""
 
     def __init__(self, counter: Counter, histogram: Histogram, bounds: tuple[float, ...]) -> None:
         self._counter = counter
