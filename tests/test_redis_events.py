@@ -146,7 +146,9 @@ async def test_a_quiet_connection_is_pinged_and_kept(
     connection it had is still the one that brings the next event (no reconnection)."""
     from conversational_core.storage.redis import events as hub_module
 
-    monkeypatch.setattr(hub_module, "_IDLE_SECONDS", 0.05)
+    # (A pong later than one idle period is taken for a dead connection: 50 ms was too short
+    # for a loaded machine running the suite in parallel, once.)
+    monkeypatch.setattr(hub_module, "_IDLE_SECONDS", 0.15)
     store = redis_store
     hub = RedisEventHub(store, url_of(store))
     hub.pooled_channels = pooled
@@ -159,7 +161,7 @@ async def test_a_quiet_connection_is_pinged_and_kept(
             (reader,) = hub._readers.values()
             await reader.ready.wait()
             channel = reader.channel
-            await asyncio.sleep(0.4)  # eight idle periods: the time is the point of the test
+            await asyncio.sleep(0.6)  # four idle periods: the time is the point of the test
             msg = message(cid, "after the quiet")
             await store.append_messages(cid, "alice", [msg], msg.created_at)
             assert await asyncio.wait_for(reading, 10) == ["after the quiet"]
