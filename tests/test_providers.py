@@ -4,7 +4,6 @@ such server accepts; replies through llama-cpp-python's real server (a tiny mode
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from conversational_core.storage.factory import Backend
 from tests.conftest import make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import collect_until_end, serve
+from tests.fixtures.tcp import pipe
 from tests.fixtures.tiny_gguf import REPLY, write_tiny_model
 
 
@@ -92,13 +92,6 @@ async def forward_proxy() -> AsyncIterator[tuple[str, list[bytes]]]:
     (`POST http://host:port/path`), sends each connection's bytes on to 127.0.0.1 at the
     port the first request names, and keeps the request lines it forwarded."""
     seen: list[bytes] = []
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
     async def handle(client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         head = await client_in.readuntil(b"\r\n")

@@ -19,6 +19,7 @@ from conversational_core.storage.redis.events import RedisEventHub, _node_url
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import url_of
 from tests.fixtures.events import subscribed
+from tests.fixtures.tcp import pipe
 from tests.test_store_contract import conversation, message
 
 _CONVERSATIONS = 12
@@ -249,14 +250,6 @@ class _Cuttable:
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     def cut(self) -> None:

@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
-from conversational_core.storage import events as event_types
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
+from conversational_core.storage.resync import resync_event
 
 _EVENT_ID: Final = re.compile(r"^[0-9]{1,20}$")
 
@@ -212,13 +212,9 @@ class MemoryEventLog(EventHub):
             # Events after the client's last may be gone: it resyncs, then goes on from the
             # newest event (EventHub.subscribe), or gets the deletion when that is the newest.
             newest = log.entries[-1] if log is not None and log.entries else None
-            if newest is not None and newest[1].type == event_types.CONVERSATION_DELETED:
-                backlog, after = [newest[1]], newest[0]
-            else:
-                at = after if newest is None else max(newest[0], after)
-                data = event_types.resync_data(conversation_id, str(after))
-                backlog = [Event(str(at), event_types.CONVERSATION_RESYNC, data)]
-                after = at
+            at = after if newest is None else max(newest[0], after)
+            told = resync_event(conversation_id, str(after), newest[1] if newest else None, str(at))
+            backlog, after = [told], at
         elif after is not None and log is not None:
             backlog = log.after(after)
         sub = _Subscriber(-1 if after is None else after, backlog, self._client_buffer)

@@ -42,7 +42,6 @@ from loguru import logger
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from conversational_core.storage import events as event_types
 from conversational_core.storage.base import Event, EventHub, SlowConsumer
 from conversational_core.storage.errors import Unavailable
 from conversational_core.storage.redis.client import (
@@ -53,6 +52,7 @@ from conversational_core.storage.redis.client import (
 )
 from conversational_core.storage.redis.keys import Keys, conversation_of
 from conversational_core.storage.redis.store import RedisStore
+from conversational_core.storage.resync import resync_event
 
 # A quiet connection is pinged after _IDLE_SECONDS; one that stays silent twice that long is
 # taken for gone (a node that went away says nothing).
@@ -334,10 +334,8 @@ class _Reader:
         cursor = self.cursors.get(conversation_id)
         while cursor is not None:
             events = await self.hub._catch_up(conversation_id, cursor)
-            if events is None:
-                told = await self.hub._resync(conversation_id, cursor)
-                if _stream_id(told.id) > _stream_id(cursor):  # (else nothing is retained)
-                    found.append(told)
+            if events is None:  # (none retained at all: its id is the cursor's, deliver drops it)
+                found.append(await self.hub._resync(conversation_id, cursor))
                 break
             found.extend(events)
             if len(events) < _CATCH_UP_CHUNK:
@@ -506,16 +504,10 @@ class RedisEventHub(EventHub):
         return events[1:]
 
     async def _resync(self, conversation_id: str, after: str) -> Event:
-        """What a client whose events after `after` are gone is told (EventHub.subscribe); the
-        conversation's deletion, when that is its newest event (it says more, and ends the
-        stream: deleting empties the stream but for it)."""
-        newest_event = await self.store.newest_event(conversation_id)
-        if newest_event is not None and newest_event.type == event_types.CONVERSATION_DELETED:
-            return newest_event
-        newest = newest_event.id if newest_event is not None else None
-        at = after if newest is None else max(newest, after, key=_stream_id)
-        data = event_types.resync_data(conversation_id, after)
-        return Event(at, event_types.CONVERSATION_RESYNC, data)
+        """What a client whose events after `after` are gone is told (resync_event)."""
+        newest = await self.store.newest_event(conversation_id)
+        at = after if newest is None else max(newest.id, after, key=_stream_id)
+        return resync_event(conversation_id, after, newest, at)
 
     async def _iterate(
         self, conversation_id: str, sub: _Subscriber, after: str, *, checked: bool
