@@ -8,6 +8,8 @@ chunks, Anthropic's events) and then cuts the connection or stops writing."""
 from __future__ import annotations
 
 import asyncio
+import gzip
+import zlib
 from collections.abc import Callable
 from typing import cast
 
@@ -219,6 +221,20 @@ async def test_an_openai_stream_is_an_answer_only_once_it_says_it_ended() -> Non
         items, error = await _openai_reads(events)
         assert items == ["Hi"] * len(events)
         assert error is not None and error.message == CUT_OFF and error.retryable
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"identity"])
+async def test_an_event_stream_is_read_whatever_its_content_encoding(encoding: bytes) -> None:
+    """An uncompressed body is read straight from the transport; a compressed one (a proxy
+    that gzips event streams) is decoded first: the same answer either way."""
+    body = b"".join([*_OPENAI, _FINISH, b"data: [DONE]\n\n"])
+    packed = {b"gzip": gzip.compress, b"deflate": zlib.compress}.get(encoding, bytes)(body)
+    assert (packed == body) == (encoding == b"identity")
+    head = STREAM_HEAD.replace(b"\r\n\r\n", b"\r\ncontent-encoding: " + encoding + b"\r\n\r\n")
+    # In pieces, each its own HTTP chunk, as a server writes as it compresses.
+    items, error = await _openai_reads([packed[:7], packed[7:20], packed[20:]], head)
+    assert error is None
+    assert items == ["Hi", "Hi"]
 
 
 async def test_a_200_that_is_not_an_event_stream_is_unreadable() -> None:
