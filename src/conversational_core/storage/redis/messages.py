@@ -106,7 +106,8 @@ class RedisMessages(RedisParts):
         one_script = not self.redis.cluster and owner is not None
         if one_script:
             script_keys += [keys.user_conversations(owner or ""), keys.jobs]
-        args: list[Any] = [
+        # The scalars as one JSON argument (append.lua says why).
+        scalars = [
             owner or "",
             now,
             ttl,
@@ -119,6 +120,9 @@ class RedisMessages(RedisParts):
             conversation_id,
             parent_arg,
             on_busy or "",
+        ]
+        args: list[Any] = [
+            orjson.dumps(scalars),
             *(m.id for m in messages),
             *(m.stored_parts()[1] for m in messages),
         ]
