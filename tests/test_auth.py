@@ -252,3 +252,12 @@ async def test_tokens_with_unknown_kids_do_not_make_it_fetch_each_time(
             )
             assert answer.status_code == 401
     assert state.hits == 1
+
+
+async def test_a_subject_that_is_not_text_is_a_401(store: Store) -> None:
+    """A `sub` with a lone surrogate (JSON's `\\ud800` escape: valid JSON, signed by the
+    issuer) names no user a store can key: 401, never a 500."""
+    settings = make_settings()
+    token = _token(settings.jwt_secret, "HS256", sub="a\ud800b")
+    assert await _status(store, settings, token) == 401
+    assert await _status(store, settings, _token(settings.jwt_secret, "HS256", sub="ünï")) == 200

@@ -220,7 +220,7 @@ class TokenVerifier:
             raise Unauthorized("Invalid token.") from None
         sub = payload.get("sub")
         roles = payload.get("roles", [])
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
+        if not isinstance(sub, str) or not sub or len(sub) > 256 or not _is_text(sub):
             raise Unauthorized("Invalid token subject.")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthorized("Invalid roles claim.")
@@ -252,3 +252,13 @@ def issue_token(
     if settings.JWT_ISSUER:
         payload["iss"] = settings.JWT_ISSUER
     return jwt.encode(payload, settings.jwt_secret, algorithm="HS256")
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is text (UTF-8 encodable): JSON's escapes can make a lone surrogate
+    (`\\ud800`), which names no user a store can key."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
