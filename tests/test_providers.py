@@ -11,13 +11,15 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlparse
 
+import anthropic
 import httpx
+import openai
 import pytest
 from testkit.fake_llm import FakeLLM, FakeLLMServer
 from testkit.ports import free_port
 
 from conversational_core.app import create_app
-from conversational_core.replies.providers.base import ChatMessage, CompletionRequest
+from conversational_core.replies.providers.base import ChatMessage, CompletionRequest, endpoint_url
 from conversational_core.replies.providers.openai import OpenAIProvider, default_max_tokens_param
 from conversational_core.settings import Settings
 from conversational_core.storage.base import Store
@@ -222,3 +224,27 @@ async def test_replies_complete_through_llama_cpp_python(
         tuned = await _reply(api, "Again", temperature=0.5, max_tokens=3, system_prompt="Be brief.")
         assert tuned["status"] == "completed", tuned
         assert tuned["content"] == " one two three"  # max_tokens reached the model
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        None,
+        "http://h:1",
+        "http://h:1/",
+        "http://h:1/v1",
+        "https://gw.example/a/b/",
+        "http://[::1]:8/x",
+    ],
+)
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/messages"])
+def test_the_endpoint_made_once_is_the_one_the_sdk_would_make_per_request(
+    base_url: str | None, path: str
+) -> None:
+    """The providers give the SDK an absolute URL made once (endpoint_url); it must be the URL
+    the SDK itself joins from its base URL and the path on every request."""
+    for client in (
+        openai.AsyncOpenAI(api_key="x", base_url=base_url),
+        anthropic.AsyncAnthropic(api_key="x", base_url=base_url),
+    ):
+        assert endpoint_url(client, path) == str(client._prepare_url(path))

@@ -31,6 +31,7 @@ from conversational_core.replies.providers.base import (
     Stop,
     Usage,
     each_item,
+    endpoint_url,
     is_image,
     stream_events,
     unsupported,
@@ -159,6 +160,8 @@ class AnthropicProvider(Provider):
             ),
         )
         self._reasoning_budget = reasoning_budget
+        # The endpoint as an absolute URL, made once (openai.py says why).
+        self._url = endpoint_url(self._client, "/v1/messages")
 
     async def close(self) -> None:
         await self._client.close()
@@ -200,7 +203,7 @@ class AnthropicProvider(Provider):
         # here also a pydantic snapshot of the whole message, updated on every event, which
         # re-parses a tool call's input so far on each piece of it).
         events = stream_events(
-            self._client, "/v1/messages", body, anthropic, anthropic.AnthropicError, pace
+            self._client, self._url, body, anthropic, anthropic.AnthropicError, pace
         )
         async with contextlib.aclosing(events):
             usage = Usage(0, 0)

@@ -264,6 +264,15 @@ def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
     return ProviderError(UNREADABLE, retryable=True)
 
 
+def endpoint_url(client: Any, path: str) -> str:
+    """`path` joined to an SDK client's base URL as the SDK joins it on every request
+    (`_prepare_url`: the base's raw path, then `path`), made once: given an absolute URL, the
+    SDK takes it as it is instead of parsing and joining a path each time (~3% of a worker's
+    CPU a reply, callgrind)."""
+    base = client.base_url
+    return str(base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode()))
+
+
 def _data_value(line: bytes) -> bytes:
     value = line[5:]  # after "data:", and one space if there is one
     return value[1:] if value.startswith(b" ") else value

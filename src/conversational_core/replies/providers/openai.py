@@ -43,6 +43,7 @@ from conversational_core.replies.providers.base import (
     StreamEnd,
     Usage,
     each_item,
+    endpoint_url,
     is_image,
     stream_events,
     unsupported,
@@ -100,6 +101,10 @@ class OpenAIProvider(Provider):
             ),
         )
 
+        # The endpoint as an absolute URL, made once: the SDK takes one as it is, where a path
+        # is parsed and joined to the base URL on every request.
+        self._url = endpoint_url(self._client, "/chat/completions")
+
     async def close(self) -> None:
         await self._client.close()
 
@@ -130,9 +135,7 @@ class OpenAIProvider(Provider):
         }
         # Through the SDK's generic `post`, the events read raw (base.stream_events says why).
         end = StreamEnd()  # `[DONE]` (stream_events), or a choice's `finish_reason` (chunk_items)
-        events = stream_events(
-            self._client, "/chat/completions", body, openai, openai.OpenAIError, pace, end
-        )
+        events = stream_events(self._client, self._url, body, openai, openai.OpenAIError, pace, end)
         async with contextlib.aclosing(events):
             try:
                 async for chunks in events:
