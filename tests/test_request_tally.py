@@ -1,4 +1,4 @@
-"""The request metrics' tally (observability/metrics.py:RequestTally): what it hands to
+"""The metrics' tallies (observability/metrics.py: RequestTally, CountTally): what they hand to
 prometheus_client is what the same requests counted one by one would have given."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from conversational_core.observability.metrics import _DURATION_BUCKETS, RequestTally
+from conversational_core.observability.metrics import _DURATION_BUCKETS, CountTally, RequestTally
 from tests.fixtures.metrics import samples, value
 
 ENDPOINT = "/conversations/{conversation_id}/messages"
@@ -100,3 +100,19 @@ async def test_requests_reach_the_metrics_within_the_flush_time() -> None:
     text = generate_latest(registry).decode()
     count = value(text, "t_request_duration_seconds_count", method="POST", endpoint=ENDPOINT)
     assert count == 1
+
+
+async def test_counter_increments_are_handed_over_added_up_once() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("t_messages_total", "t", ["role"], registry=registry)
+    tally = CountTally()
+    user, assistant = counter.labels("user"), counter.labels("assistant")
+    for _ in range(3):  # (in a loop: held until the flush)
+        tally.add(user)
+        tally.add(assistant, 2.5)
+    assert value(generate_latest(registry).decode(), "t_messages_total", role="user") == 0
+    tally.flush()
+    tally.flush()  # (nothing left: nothing added twice)
+    text = generate_latest(registry).decode()
+    assert value(text, "t_messages_total", role="user") == 3
+    assert value(text, "t_messages_total", role="assistant") == 7.5

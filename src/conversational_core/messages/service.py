@@ -364,7 +364,7 @@ class MessageService:
             await self._refund_ai_budget(principal)
         if not appended.replayed:
             for created in messages:
-                _MESSAGES_BY_ROLE[created.role].inc()
+                metrics.COUNTS.add(_MESSAGES_BY_ROLE[created.role])
         for running in appended.interrupted:  # on_busy=interrupt
             await self._stop(conversation_id, None, running)
         return appended.messages, appended.replayed

@@ -274,6 +274,31 @@ class RequestTally(Batched):
 
 REQUEST_TALLY = RequestTally(REQUESTS, REQUEST_DURATION, _DURATION_BUCKETS)
 
+
+class CountTally(Batched):
+    """Counter increments of the hot paths (a message appended, a reply ended, its tokens),
+    added up by counter child and handed to prometheus_client as RequestTally hands its own:
+    within FLUSH_SECONDS, before this process answers a scrape, and at exit (an `inc` costs
+    ~5,300 instructions, a dict entry here a sixth of that)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}  # a counter's child -> what to add to it
+        super().__init__()
+
+    def add(self, child: Any, amount: float = 1) -> None:
+        """`child.inc(amount)`, a little later."""
+        self._counts[child] = self._counts.get(child, 0) + amount
+        self._flush_soon()
+
+    def flush(self) -> None:
+        super().flush()
+        counts, self._counts = self._counts, {}
+        for child, amount in counts.items():
+            child.inc(amount)
+
+
+COUNTS = CountTally()
+
 _PAGE_COPY = PAGE_READS.labels("copy")
 _PAGE_STORE = PAGE_READS.labels("store")
 
@@ -281,6 +306,7 @@ _PAGE_STORE = PAGE_READS.labels("store")
 def exposition() -> bytes:
     """The text of `/metrics`: every process's samples in multi-process mode."""
     REQUEST_TALLY.flush()
+    COUNTS.flush()
     directory = multiprocess_dir()
     if directory is None:
         return generate_latest(REGISTRY)

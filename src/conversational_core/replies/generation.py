@@ -392,8 +392,8 @@ class ReplyWriter:
             metrics.GENERATION_DURATION.labels(provider, status.value).observe(
                 time.monotonic() - began
             )
-            metrics.TOKENS.labels(provider, "prompt").inc(usage.input_tokens)
-            metrics.TOKENS.labels(provider, "completion").inc(usage.output_tokens)
+            metrics.COUNTS.add(metrics.TOKENS.labels(provider, "prompt"), usage.input_tokens)
+            metrics.COUNTS.add(metrics.TOKENS.labels(provider, "completion"), usage.output_tokens)
             if self._settings.LOG_CONTENT:
                 logger.debug("reply {} text: {}", current.id, content_of(parts))
             return status is MessageStatus.COMPLETED
@@ -527,7 +527,7 @@ class ReplyWriter:
             )
             # Once the reply has ended no delta passes, not even a stale writer's.
             if await self._store.finish_reply(conversation_id, final, current):
-                metrics.REPLIES.labels(status.value).inc()
+                metrics.COUNTS.add(metrics.REPLIES.labels(status.value))
                 return True
             latest = await self._reread(conversation_id, current)
             if latest is None:
