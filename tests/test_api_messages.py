@@ -283,3 +283,28 @@ async def test_a_query_sent_again_is_read_as_the_first_time(
     for limit in range(1, 30):  # past what one operation keeps (8 here)
         assert len(await contents(f"limit={limit % 4 or 1}&n={limit}")) == min(limit % 4 or 1, 3)
     assert await contents("limit=2&order=desc") == ["c", "b"]
+
+
+async def test_a_written_message_is_answered_as_a_read_gives_it(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """The answer to a POST is the message as a GET right after gives it, byte for byte
+    (parent, sibling position, escaped text and metadata alike)."""
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    path = f"/conversations/{cid}/messages"
+    first_id = ""
+    for body in (
+        {"content": 'Hi "you" ü\n', "metadata": {"k": "é", "n": 1.5}, "respond": False},
+        {"content": "a second root", "parent_id": None, "respond": False},  # siblings 2/2
+        {"content": "under the first", "parent_id": "FIRST", "respond": False},
+        {"content": "at the active leaf", "respond": False},
+    ):
+        if body.get("parent_id") == "FIRST":
+            body["parent_id"] = first_id
+        created = await client.post(path, headers=alice, json=body)
+        assert created.status_code == 201, created.text
+        first_id = first_id or created.json()["id"]
+        got = await client.get(f"{path}/{created.json()['id']}", headers=alice)
+        assert created.content == got.content, body
+        assert created.headers["etag"] == got.headers["etag"]
