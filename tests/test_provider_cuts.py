@@ -15,6 +15,7 @@ from typing import cast
 
 import pytest
 
+from conversational_core.replies.providers import base
 from conversational_core.replies.providers.anthropic import AnthropicProvider
 from conversational_core.replies.providers.base import (
     CUT_OFF,
@@ -224,9 +225,19 @@ async def test_an_openai_stream_is_an_answer_only_once_it_says_it_ended() -> Non
 
 
 @pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"identity"])
-async def test_an_event_stream_is_read_whatever_its_content_encoding(encoding: bytes) -> None:
+async def test_an_event_stream_is_read_whatever_its_content_encoding(
+    encoding: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An uncompressed body is read straight from the transport; a compressed one (a proxy
     that gzips event streams) is decoded first: the same answer either way."""
+    straight: list[object] = []
+    raw_reads = base._raw_reads
+
+    def watched(content: object) -> object:
+        straight.append(content)
+        return raw_reads(content)
+
+    monkeypatch.setattr(base, "_raw_reads", watched)
     body = b"".join([*_OPENAI, _FINISH, b"data: [DONE]\n\n"])
     packed = {b"gzip": gzip.compress, b"deflate": zlib.compress}.get(encoding, bytes)(body)
     assert (packed == body) == (encoding == b"identity")
@@ -235,6 +246,24 @@ async def test_an_event_stream_is_read_whatever_its_content_encoding(encoding: b
     items, error = await _openai_reads([packed[:7], packed[7:20], packed[20:]], head)
     assert error is None
     assert items == ["Hi", "Hi"]
+    assert len(straight) == (encoding == b"identity")  # (the SDK's aiohttp transport reached)
+
+
+@pytest.mark.parametrize("make", [_openai, _anthropic], ids=["openai", "anthropic"])
+@pytest.mark.parametrize(
+    "head",
+    [STREAM_HEAD + b"ZZZ\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n", b"garbage\r\n\r\n"],
+    ids=["chunk size", "status", "not http"],
+)
+async def test_an_answer_that_is_not_http_fails_with_a_provider_error(
+    make: Callable[[int], Provider], head: bytes
+) -> None:
+    """A broken server or proxy: the reply fails with a ProviderError (retried before its
+    first token), never an unexpected exception that leaves it `streaming` until its job's
+    retry (the openai SDK lets aiohttp's parse error through)."""
+    items, error = await _reads(make, [], head)
+    assert items == []
+    assert error is not None and error.retryable
 
 
 async def test_a_200_that_is_not_an_event_stream_is_unreadable() -> None:

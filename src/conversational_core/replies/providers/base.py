@@ -385,6 +385,14 @@ async def stream_events(
         )
     except sdk_error as exc:
         raise translate_sdk_error(exc, sdk) from None
+    # What the SDK lets through from its aiohttp transport: an answer that is not HTTP (a bad
+    # status line, chunk size or header from a broken server or proxy).
+    except aiohttp.ServerTimeoutError:
+        raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
+    except aiohttp.ClientResponseError:
+        raise ProviderError(UNREADABLE, retryable=True) from None
+    except aiohttp.ClientError:
+        raise ProviderError(CONNECTION_ERROR, retryable=True) from None
     received = False  # events came: a failure from here on cuts an answer
     decoder = SSEData()
     holder = _Holder.of(response)
