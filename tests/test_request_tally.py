@@ -116,3 +116,17 @@ async def test_counter_increments_are_handed_over_added_up_once() -> None:
     text = generate_latest(registry).decode()
     assert value(text, "t_messages_total", role="user") == 3
     assert value(text, "t_messages_total", role="assistant") == 7.5
+
+
+def test_an_amount_below_zero_is_left_out_and_the_rest_counted() -> None:
+    """A provider's usage that makes no sense (negative tokens) must not cost the batch: a
+    counter's `inc` refuses it, and the flush would lose the other counts with it."""
+    registry = CollectorRegistry()
+    counter = Counter("t_tokens_total", "t", ["kind"], registry=registry)
+    tally = CountTally()
+    tally.add(counter.labels("prompt"), -3)
+    tally.add(counter.labels("completion"), 5)
+    tally.flush()
+    text = generate_latest(registry).decode()
+    assert value(text, "t_tokens_total", kind="completion") == 5
+    assert value(text, "t_tokens_total", kind="prompt") == 0

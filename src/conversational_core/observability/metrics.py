@@ -278,15 +278,20 @@ REQUEST_TALLY = RequestTally(REQUESTS, REQUEST_DURATION, _DURATION_BUCKETS)
 class CountTally(Batched):
     """Counter increments of the hot paths (a message appended, a reply ended, its tokens),
     added up by counter child and handed to prometheus_client as RequestTally hands its own:
-    within FLUSH_SECONDS, before this process answers a scrape, and at exit (an `inc` costs
-    ~5,300 instructions, a dict entry here a sixth of that)."""
+    within FLUSH_SECONDS, before the API's `/metrics` answers (a worker's own metrics port
+    shows them up to FLUSH_SECONDS late), and at exit; a process killed (SIGKILL) loses its
+    last second. An `inc` costs ~5,300 instructions, a dict entry here a sixth of that."""
 
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}  # a counter's child -> what to add to it
         super().__init__()
 
     def add(self, child: Any, amount: float = 1) -> None:
-        """`child.inc(amount)`, a little later."""
+        """`child.inc(amount)`, a little later. A counter only goes up: an amount below 0 (a
+        provider's usage that makes no sense) is left out, where `inc` would raise at the
+        flush and lose the batch's other counts with it."""
+        if amount < 0:
+            return
         self._counts[child] = self._counts.get(child, 0) + amount
         self._flush_soon()
 
