@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 
 import httpx
 import pytest
 
 from conversational_core.settings import Settings
+from conversational_core.storage.models import Conversation, Message
 from tests.fixtures.app import auth
 
 
@@ -308,3 +310,23 @@ async def test_a_written_message_is_answered_as_a_read_gives_it(
         got = await client.get(f"{path}/{created.json()['id']}", headers=alice)
         assert created.content == got.content, body
         assert created.headers["etag"] == got.headers["etag"]
+
+
+async def test_answers_hold_the_records_fields_and_nothing_else(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Messages and conversations are serialized from their dataclasses' attributes (no
+    `__slots__`: orjson writes every public attribute): an attribute set by mistake would show
+    in the API. Their answers hold exactly the declared fields, in order."""
+    alice = auth(settings, "alice")
+    cid = await _conversation(client, alice)
+    created = await client.post(
+        f"/conversations/{cid}/messages", headers=alice, json={"content": "x"}
+    )
+    reply_id = created.json()["reply_message_id"]
+    got = await client.get(f"/conversations/{cid}/messages/{reply_id}", headers=alice)
+    conversation = await client.get(f"/conversations/{cid}", headers=alice)
+    message_fields = [f.name for f in dataclasses.fields(Message)]
+    assert list(created.json()) == message_fields
+    assert list(got.json()) == message_fields
+    assert list(conversation.json()) == [f.name for f in dataclasses.fields(Conversation)]
