@@ -1,11 +1,12 @@
 """Benchmark: instructions a reply in a worker process, counted by callgrind.
 
 Why: the relay's CPU per token moves by a fifth between runs on this shared machine, more than
-most changes to the worker. The instructions a worker runs for a reply do not (within ~0.3%
-from run to run). A worker (`python run.py worker`) runs under `valgrind --tool=callgrind`
-beside Redis, the API and bench/fake_model.py at full speed; it writes replies one at a time
-(a conversation, a message, then the reply awaited), after WARMUP of them, and the count covers
-COUNT replies of each shape:
+most changes to the worker. The instructions a worker runs for a reply do not (within ~0.5%
+from run to run; ~2% for the 1-token reply, whose count holds more of the worker's timers). A
+worker (`python run.py worker`) runs under `valgrind --tool=callgrind` beside Redis, the API
+and bench/fake_model.py at full speed; it writes replies one at a time (a conversation, a
+message, then the reply awaited), after WARMUP of them, and the count covers COUNT replies of
+each shape:
 
 - `1 token`: a reply's fixed cost (the job, the lease, the reads, the provider's request, the
   start and the end);
@@ -16,7 +17,7 @@ COUNT replies of each shape:
 The count includes the worker's timers while it waits for the model (the loop-lag probe every
 5 ms), the same for both sides of a comparison made at the same shapes.
 
-    PYTHONPATH=src:. python -m bench.worker_instructions   (about two minutes)
+    PYTHONPATH=src:. python -m bench.worker_instructions   (about half a minute)
 """
 
 from __future__ import annotations
