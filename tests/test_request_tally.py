@@ -118,9 +118,10 @@ async def test_counter_increments_are_handed_over_added_up_once() -> None:
     assert value(text, "t_messages_total", role="assistant") == 7.5
 
 
-def test_an_amount_below_zero_is_left_out_and_the_rest_counted() -> None:
+async def test_an_amount_below_zero_is_left_out_and_the_rest_counted() -> None:
     """A provider's usage that makes no sense (negative tokens) must not cost the batch: a
-    counter's `inc` refuses it, and the flush would lose the other counts with it."""
+    counter's `inc` refuses it, and the flush would lose the other counts with it. (In a
+    loop: both are held for the same flush.)"""
     registry = CollectorRegistry()
     counter = Counter("t_tokens_total", "t", ["kind"], registry=registry)
     tally = CountTally()
