@@ -266,6 +266,45 @@ async def test_an_answer_that_is_not_http_fails_with_a_provider_error(
     assert error is not None and error.retryable
 
 
+@pytest.mark.parametrize(
+    ("make", "events"), [(_openai, _OPENAI), (_anthropic, _ANTHROPIC)], ids=["openai", "anthropic"]
+)
+@pytest.mark.parametrize("garbage", [b"ZZZ\r\n", b"3\r\nabcXX"], ids=["chunk size", "chunk end"])
+async def test_bytes_that_are_not_http_in_the_middle_of_a_body_fail_the_reply(
+    make: Callable[[int], Provider], events: list[bytes], garbage: bytes
+) -> None:
+    """A server or proxy that breaks the chunked coding after some tokens: the reply fails as
+    unreadable (retryable) within about a second, not at LLM_REPLY_MAX_SECONDS (aiohttp's
+    parser closes the connection and stops its read timer, but leaves the body waiting)."""
+    loop = asyncio.get_running_loop()
+    servers: list[_CutServer] = []
+
+    def serve() -> _CutServer:
+        servers.append(_CutServer(events, stall=True))
+        return servers[-1]
+
+    server = await loop.create_server(serve, "127.0.0.1", 0)
+    provider = make(server.sockets[0].getsockname()[1])
+    texts: list[str] = []
+
+    async def read() -> None:
+        async for item in provider.stream(CompletionRequest("m", [ChatMessage("user", "hi")],
+                                                            None, 10)):  # fmt: skip
+            texts.append(item if isinstance(item, str) else getattr(item, "text", ""))
+            if texts == ["Hi", "Hi"]:
+                servers[0].transport.write(garbage)  # after the tokens came: mid-body
+
+    try:
+        with pytest.raises(ProviderError) as failed:
+            async with asyncio.timeout(10):  # (the provider's timeout is 0.5 s)
+                await read()
+    finally:
+        await provider.close()
+        server.close()
+    assert texts == ["Hi", "Hi"]
+    assert failed.value.message == UNREADABLE and failed.value.retryable
+
+
 async def test_a_200_that_is_not_an_event_stream_is_unreadable() -> None:
     """A web page or a gateway's JSON error answered 200 (a wrong LLM_BASE_URL), or a server
     that ignored `stream`: not an empty answer, an error."""

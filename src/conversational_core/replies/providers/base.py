@@ -396,6 +396,8 @@ async def stream_events(
     received = False  # events came: a failure from here on cuts an answer
     decoder = SSEData()
     holder = _Holder.of(response)
+    if holder is not None:
+        holder.watch()
     try:
         media = response.headers.get("content-type", "text/event-stream").lower()
         if not media.startswith("text/event-stream"):
@@ -432,11 +434,13 @@ async def stream_events(
     # from aiohttp (_body) fails with aiohttp's own)
     except (httpx2.TimeoutException, aiohttp.ServerTimeoutError):
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
+    except (orjson.JSONDecodeError, EventTooLong, BrokenBody):
+        raise ProviderError(UNREADABLE, retryable=True) from None
     except (httpx2.HTTPError, aiohttp.ClientError):
         raise ProviderError(CUT_OFF if received else CONNECTION_ERROR, retryable=True) from None
-    except (orjson.JSONDecodeError, EventTooLong):
-        raise ProviderError(UNREADABLE, retryable=True) from None
     finally:
+        if holder is not None:
+            holder.unwatch()
         await response.aclose()
 
 
@@ -467,6 +471,12 @@ async def _raw_reads(content: Any) -> AsyncIterator[bytes]:
 
 
 READ_BYTES = 65_536  # (aiohttp's own read buffer size)
+WATCH_SECONDS = 1.0  # how often a body being read is checked for a connection gone (_Holder)
+
+
+class BrokenBody(aiohttp.ClientPayloadError):
+    """A response's connection closed while its body was being read, and the body neither
+    ended nor failed: aiohttp's parser found bytes that are not HTTP in it (see _Holder)."""
 
 
 class _Holder:
@@ -480,15 +490,44 @@ class _Holder:
     response's body is still coming and nothing else paused it: a finished response's
     connection goes back to the pool, where another request may take it.
 
+    It also watches the body while it is read (`watch`): when aiohttp's C parser meets bytes
+    that are not HTTP in the middle of a body (a chunk size that is not hexadecimal, a chunk
+    not ended by CRLF), aiohttp 3.14.5 closes the connection and drops its read timer but
+    leaves the body waiting for more, for ever: the reply would hang until
+    LLM_REPLY_MAX_SECONDS. Every WATCH_SECONDS a body that neither ended nor failed on a
+    connection that is gone is failed with BrokenBody (a timer a stream, not one a read: its
+    cost does not grow with the tokens).
+
     The connection is reached through the SDKs' aiohttp transport (the `httpx_aiohttp` that
     the openai and anthropic SDKs each vendor), whose stream keeps the aiohttp response as a
     private attribute: if a release of the SDK moves it, streams are read as they come, as
     before (tests/test_paced_reads.py checks that the pinned SDKs have it)."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_response", "_timer")
 
     def __init__(self, response: Any) -> None:
         self._response = response  # aiohttp's ClientResponse
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._check)
+
+    def unwatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        content = self._response.content
+        if content.is_eof() or content.exception() is not None:
+            return  # ended or failed: the reader will know
+        connection = self._response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None or protocol.transport is None:
+            content.set_exception(BrokenBody("the connection closed in the middle of the body"))
+            return
+        self.watch()
 
     @property
     def content(self) -> Any:
