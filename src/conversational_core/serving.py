@@ -417,8 +417,11 @@ class _Cycle(RequestResponseCycle):
     coding HTTP/1.0 does not have, but as it is, ended by closing the connection."""
 
     _until_close = False  # an HTTP/1.0 answer of unknown length: its end is the connection's
+    _held: bytes | None = None  # the head of an answer of known length, until its body comes
 
     async def send(self, message: Any) -> None:
+        if self._held is not None and self._send_whole(self._held, message):
+            return
         if self._until_close and message["type"] == "http.response.body":
             await self._send_until_close(message)
             return
@@ -437,9 +440,8 @@ class _Cycle(RequestResponseCycle):
             joined = b"".join(names)
             values = b"".join([value for _, value in headers])
             usual = (
-                joined == joined.lower()
-                and _UNUSUAL.isdisjoint(names)
-                and 0 not in joined.translate(_NAME_MARKS)
+                _UNUSUAL.isdisjoint(names)
+                and 0 not in joined.translate(_NAME_MARKS)  # (upper case too: see below)
                 and 0 not in values.translate(_VALUE_MARKS)
                 and message["status"] in STATUS_LINE
             )
@@ -473,7 +475,38 @@ class _Cycle(RequestResponseCycle):
                 self.chunked_encoding = True
                 head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
-        self.transport.write(b"".join(head))
+        if self.chunked_encoding is False and self.scope["method"] != "HEAD":
+            self._held = b"".join(head)  # written with the body (_send_whole)
+        else:
+            self.transport.write(b"".join(head))
+
+    def _send_whole(self, head: bytes, message: Any) -> bool:
+        """The held head and `message`, when it is the whole body it announced, in one write:
+        one system call and one TCP segment a response where uvicorn makes two of each (an
+        answer is sent as a head and then its body, each written as it is sent; a JSON answer
+        comes as both at once). True when it is done; otherwise the head is written (unless the
+        client has gone) and `message` is left to the usual path, as if it had not been held:
+        its checks and errors are uvicorn's."""
+        self._held = None
+        if self.disconnected:
+            return False
+        if (
+            message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+            and type(message.get("body", b"")) is bytes
+            and len(message.get("body", b"")) == self.expected_content_length
+        ):
+            # (writev: a page of 50 messages is ~50 kB, not copied to be joined to its head)
+            self.transport.writelines((head, message.get("body", b"")))
+            self.expected_content_length = 0
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+            return True
+        self.transport.write(head)
+        return False
 
     async def _send_until_close(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -508,7 +541,9 @@ def _marks(refused: bytes) -> bytes:
     return bytes(0 if byte in refused else 1 for byte in range(256))
 
 
-_NAME_MARKS = _marks(_NAME_BYTES)
+# A name in upper case is uvicorn's to write (it lowers it): marked with the refused bytes, so
+# that one pass finds both (a `lower()` to compare with was a pass and a copy more).
+_NAME_MARKS = _marks(_NAME_BYTES + bytes(range(ord("A"), ord("Z") + 1)))
 _VALUE_MARKS = _marks(_VALUE_BYTES)
 
 
