@@ -31,12 +31,12 @@ from tests.fixtures.server import Service, start_service
 # Valid requests may still be answered these, which schemathesis's default list leaves out: a
 # cursor or a message id (after/before) the service did not issue (400: unknown opaque values,
 # never a schema violation), a message id in a body or `leaf` that is not a message of the
-# conversation (422, as the contract says), a Last-Event-ID of the event id's form that is no
-# event of the conversation (422, before any stream starts: an EventSource stops retrying), and
-# an ETag in If-Match that is stale (412, by RFC 9110); tools and tool results that JSON Schema
-# cannot check (a tool_choice naming no declared tool, a result for no call of the message, the
-# size settings: 422). (Which cases hypothesis generates depends on the service's timing too:
-# the seed alone does not fix them.)
+# conversation (422, as the contract says), a Last-Event-ID of the event id's form that the
+# conversation cannot have (later than its newest event, or of the other store's form: 422
+# before any stream starts, README), and an ETag in If-Match that is stale (412, by RFC 9110);
+# tools and tool results that JSON Schema cannot check (a tool_choice naming no declared tool,
+# a result for no call of the message, the size settings: 422). (Which cases hypothesis
+# generates depends on the service's timing too: the seed alone does not fix them.)
 _ALSO_VALID = {
     "createConversation": ["422"],
     "submitToolResults": ["422"],

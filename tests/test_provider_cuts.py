@@ -266,21 +266,28 @@ async def test_an_answer_that_is_not_http_fails_with_a_provider_error(
     assert error is not None and error.retryable
 
 
-@pytest.mark.parametrize(
-    ("make", "events"), [(_openai, _OPENAI), (_anthropic, _ANTHROPIC)], ids=["openai", "anthropic"]
-)
-@pytest.mark.parametrize("garbage", [b"ZZZ\r\n", b"3\r\nabcXX"], ids=["chunk size", "chunk end"])
-async def test_bytes_that_are_not_http_in_the_middle_of_a_body_fail_the_reply(
-    make: Callable[[int], Provider], events: list[bytes], garbage: bytes
-) -> None:
-    """A server or proxy that breaks the chunked coding after some tokens: the reply fails as
-    unreadable (retryable) within about a second, not at LLM_REPLY_MAX_SECONDS (aiohttp's
-    parser closes the connection and stops its read timer, but leaves the body waiting)."""
-    loop = asyncio.get_running_loop()
-    servers: list[_CutServer] = []
+class _BreakingServer(_CutServer):
+    """A _CutServer that says when its connection is gone (the client closed it)."""
 
-    def serve() -> _CutServer:
-        servers.append(_CutServer(events, stall=True))
+    def __init__(self, events: list[bytes]) -> None:
+        super().__init__(events, stall=True)
+        self.gone = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone.set()
+
+
+async def _broken_reads(
+    make: Callable[[int], Provider], events: list[bytes], then: bytes, wait: bool
+) -> tuple[list[str], ProviderError]:
+    """The texts a provider yields for a body of `events` (two tokens) that goes on with
+    `then` once both are read (after the client has closed the connection on it, with
+    `wait`: as if the reader were busy elsewhere meanwhile), and the error it ends with."""
+    loop = asyncio.get_running_loop()
+    servers: list[_BreakingServer] = []
+
+    def serve() -> _BreakingServer:
+        servers.append(_BreakingServer(events))
         return servers[-1]
 
     server = await loop.create_server(serve, "127.0.0.1", 0)
@@ -292,7 +299,9 @@ async def test_bytes_that_are_not_http_in_the_middle_of_a_body_fail_the_reply(
                                                             None, 10)):  # fmt: skip
             texts.append(item if isinstance(item, str) else getattr(item, "text", ""))
             if texts == ["Hi", "Hi"]:
-                servers[0].transport.write(garbage)  # after the tokens came: mid-body
+                servers[0].transport.write(then)  # after the tokens came: mid-body
+                if wait:
+                    await servers[0].gone.wait()  # the client parsed it and closed
 
     try:
         with pytest.raises(ProviderError) as failed:
@@ -301,8 +310,42 @@ async def test_bytes_that_are_not_http_in_the_middle_of_a_body_fail_the_reply(
     finally:
         await provider.close()
         server.close()
+    return texts, failed.value
+
+
+@pytest.mark.parametrize(
+    ("make", "events"), [(_openai, _OPENAI), (_anthropic, _ANTHROPIC)], ids=["openai", "anthropic"]
+)
+@pytest.mark.parametrize("garbage", [b"ZZZ\r\n", b"3\r\nabcXX"], ids=["chunk size", "chunk end"])
+async def test_bytes_that_are_not_http_in_the_middle_of_a_body_fail_the_reply(
+    make: Callable[[int], Provider], events: list[bytes], garbage: bytes
+) -> None:
+    """A server or proxy that breaks the chunked coding after some tokens, while the reader
+    waits for more: the reply fails as unreadable (retryable) within about a second, not at
+    LLM_REPLY_MAX_SECONDS (aiohttp's parser closes the connection and stops its read timer,
+    but leaves a waiting read waiting)."""
+    texts, error = await _broken_reads(make, events, garbage, wait=False)
     assert texts == ["Hi", "Hi"]
-    assert failed.value.message == UNREADABLE and failed.value.retryable
+    assert error.message == UNREADABLE and error.retryable
+
+
+@pytest.mark.parametrize(
+    ("make", "events", "more"),
+    [
+        (_openai, _OPENAI, _OPENAI[0]),
+        (_anthropic, _ANTHROPIC, sse_event(_TEXT_DELTA, "content_block_delta")),
+    ],
+    ids=["openai", "anthropic"],
+)
+async def test_a_body_broken_between_two_reads_fails_the_reply_after_its_tokens(
+    make: Callable[[int], Provider], events: list[bytes], more: bytes
+) -> None:
+    """A token and the break in one segment, while the reader is busy elsewhere (the worker
+    publishing a delta): the token is read, then the reply fails as unreadable (aiohttp
+    refuses the next read with a RuntimeError of its own, which once escaped as is)."""
+    texts, error = await _broken_reads(make, events, http_chunk(more) + b"ZZZ\r\n", wait=True)
+    assert texts == ["Hi", "Hi", "Hi"]  # the token before the break was not lost
+    assert error.message == UNREADABLE and error.retryable
 
 
 async def test_a_200_that_is_not_an_event_stream_is_unreadable() -> None:

@@ -4,6 +4,7 @@ same checks and the same state for the body that follows (it only does it with f
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -181,6 +182,40 @@ def test_an_answer_of_known_length_is_one_write() -> None:
 
     asyncio.run(leave())
     assert gone.transport.written == [] and not gone.response_complete
+
+
+@pytest.mark.parametrize("ending", ["raise", "return"])
+@pytest.mark.parametrize("length", [True, False])
+def test_an_app_that_fails_after_its_head(ending: str, length: bool) -> None:
+    """An app that sends a head and then raises or returns without the body: uvicorn's cycle
+    writes the head and closes the connection. A head of known length is still unwritten
+    here, so the answer is a 500 (a close with nothing written would look like a stale
+    keep-alive connection, and a client may send the request again); a head of unknown
+    length (an event stream) has been written, and the connection is closed after it, as
+    uvicorn does."""
+    headers = _JSON if length else [(b"content-type", b"text/event-stream")]
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)
+        if ending == "raise":
+            raise RuntimeError("after the head")
+
+    wires = {}
+    for kind in (RequestResponseCycle, _Cycle):
+        cycle = _cycle(kind, "POST", keep_alive=True)
+        cycle.logger = logging.getLogger("tests.response_head")
+        asyncio.run(cycle.run_asgi(app))
+        wires[kind] = b"".join(cycle.transport.written), cycle.transport.closed
+    ours, uvicorns = wires[_Cycle], wires[RequestResponseCycle]
+    assert uvicorns[0].startswith(b"HTTP/1.1 200 OK\r\n") and uvicorns[1]
+    if not length:
+        assert ours == uvicorns
+        return
+    head, _, body = ours[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"connection: close" in head and body == b"Internal Server Error"
+    assert ours[1]  # (closed after it, as uvicorn's 500)
 
 
 def test_the_refused_bytes_are_uvicorns() -> None:

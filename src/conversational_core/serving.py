@@ -414,10 +414,53 @@ class _Cycle(RequestResponseCycle):
     left: a name given as a memoryview, which ASGI does not allow and uvicorn fails on, is
     written.) And one thing uvicorn does wrong is not done with a head written here: an
     answer of unknown length (an event stream) to an HTTP/1.0 request is not sent chunked, a
-    coding HTTP/1.0 does not have, but as it is, ended by closing the connection."""
+    coding HTTP/1.0 does not have, but as it is, ended by closing the connection. Nor is the
+    head of an answer of known length written before its body comes (`_send_whole`): an app
+    that fails between the two gets a 500, where uvicorn's cycle sends the head and closes
+    the connection (`run_asgi`)."""
 
     _until_close = False  # an HTTP/1.0 answer of unknown length: its end is the connection's
     _held: bytes | None = None  # the head of an answer of known length, until its body comes
+
+    async def run_asgi(self, app: Any) -> None:
+        """uvicorn's, but for an app that raised or returned after a head that is held: as
+        nothing of the answer has been written, it is a 500 (uvicorn writes the head and closes
+        the connection: a client may take that for a stale connection and send the request
+        again)."""
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started or self._unsend():
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                if self._unsend():
+                    await self.send_500_response()
+                else:
+                    self.transport.close()
+        finally:
+            self.on_response = lambda: None
+
+    def _unsend(self) -> bool:
+        """Drop a held head (nothing written yet: the answer can still be another); False when
+        there is none."""
+        if self._held is None or self.disconnected:
+            return False
+        self._held = None
+        self.response_started = False
+        self.chunked_encoding = None
+        self.expected_content_length = 0
+        return True
 
     async def send(self, message: Any) -> None:
         if self._held is not None and self._send_whole(self._held, message):

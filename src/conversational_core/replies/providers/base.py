@@ -436,6 +436,12 @@ async def stream_events(
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
     except (orjson.JSONDecodeError, EventTooLong, BrokenBody):
         raise ProviderError(UNREADABLE, retryable=True) from None
+    except RuntimeError:
+        # aiohttp's reader refuses a read begun once the connection is gone ("Connection
+        # closed."): how a body broken between two reads ends (see _Holder).
+        if holder is None or not holder.broken():
+            raise
+        raise ProviderError(UNREADABLE, retryable=True) from None
     except (httpx2.HTTPError, aiohttp.ClientError):
         raise ProviderError(CUT_OFF if received else CONNECTION_ERROR, retryable=True) from None
     finally:
@@ -493,10 +499,12 @@ class _Holder:
     It also watches the body while it is read (`watch`): when aiohttp's C parser meets bytes
     that are not HTTP in the middle of a body (a chunk size that is not hexadecimal, a chunk
     not ended by CRLF), aiohttp 3.14.5 closes the connection and drops its read timer but
-    leaves the body waiting for more, for ever: the reply would hang until
-    LLM_REPLY_MAX_SECONDS. Every WATCH_SECONDS a body that neither ended nor failed on a
-    connection that is gone is failed with BrokenBody (a timer a stream, not one a read: its
-    cost does not grow with the tokens).
+    neither ends nor fails the body. A read begun after that takes what was parsed before the
+    break, then is refused ("Connection closed.", a RuntimeError: stream_events asks `broken`);
+    but a read already waiting would wait for ever (the reply until LLM_REPLY_MAX_SECONDS).
+    Every WATCH_SECONDS such a waiting read is failed with BrokenBody (a timer a stream, not one
+    a read: its cost does not grow with the tokens; it waits only with nothing left unread, so
+    no token is lost).
 
     The connection is reached through the SDKs' aiohttp transport (the `httpx_aiohttp` that
     the openai and anthropic SDKs each vendor), whose stream keeps the aiohttp response as a
@@ -517,17 +525,28 @@ class _Holder:
             self._timer.cancel()
             self._timer = None
 
-    def _check(self) -> None:
-        self._timer = None
+    def broken(self) -> bool:
+        """Whether the body neither ended nor failed and its connection is gone."""
         content = self._response.content
         if content.is_eof() or content.exception() is not None:
-            return  # ended or failed: the reader will know
+            return False  # ended or failed: the reader knows
         connection = self._response.connection
         protocol = connection.protocol if connection is not None else None
-        if protocol is None or protocol.transport is None:
-            content.set_exception(BrokenBody("the connection closed in the middle of the body"))
+        return protocol is None or protocol.transport is None
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self.broken():
+            if not self._response.content.is_eof():
+                self.watch()
             return
-        self.watch()
+        # A read waiting now waits for ever; one not begun yet will be refused (see above).
+        # (aiohttp's reader keeps its waiting read private; if a release renames it, the body
+        # is failed as soon as it is seen broken: what was left unread of it is lost.)
+        if getattr(self._response.content, "_waiter", True) is not None:
+            self._response.content.set_exception(
+                BrokenBody("the connection closed in the middle of the body")
+            )
 
     @property
     def content(self) -> Any:
