@@ -525,11 +525,11 @@ class _Cycle(RequestResponseCycle):
 
     def _send_whole(self, head: bytes, message: Any) -> bool:
         """The held head and `message`, when it is the whole body it announced, in one write:
-        one system call and one TCP segment a response where uvicorn makes two of each (an
-        answer is sent as a head and then its body, each written as it is sent; a JSON answer
-        comes as both at once). True when it is done; otherwise the head is written (unless the
-        client has gone) and `message` is left to the usual path, as if it had not been held:
-        its checks and errors are uvicorn's."""
+        one system call a response where uvicorn makes two, and one TCP segment for an answer
+        that fits in one (uvicorn writes a head and then its body, each as it is sent; a JSON
+        answer comes as both at once). True when it is done; otherwise the head is written
+        (unless the client has gone) and `message` is left to the usual path, as if it had not
+        been held: its checks and errors are uvicorn's."""
         self._held = None
         if self.disconnected:
             return False
