@@ -533,23 +533,29 @@ class _Cycle(RequestResponseCycle):
         self._held = None
         if self.disconnected:
             return False
+        body = message.get("body", b"")
         if (
             message["type"] == "http.response.body"
             and not message.get("more_body", False)
-            and type(message.get("body", b"")) is bytes
-            and len(message.get("body", b"")) == self.expected_content_length
+            and type(body) is bytes
+            and len(body) == self.expected_content_length
         ):
             # (writev: a page of 50 messages is ~50 kB, not copied to be joined to its head)
-            self.transport.writelines((head, message.get("body", b"")))
+            self.transport.writelines((head, body))
             self.expected_content_length = 0
-            self.response_complete = True
-            self.message_event.set()
-            if not self.keep_alive:
-                self.transport.close()
-            self.on_response()
+            self._complete(close=not self.keep_alive)
             return True
         self.transport.write(head)
         return False
+
+    def _complete(self, *, close: bool) -> None:
+        """The response has all been written (uvicorn's steps): the next request may be read;
+        `close`: the connection ends with it (after what is written)."""
+        self.response_complete = True
+        self.message_event.set()
+        if close:
+            self.transport.close()
+        self.on_response()
 
     async def _send_until_close(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -565,10 +571,7 @@ class _Cycle(RequestResponseCycle):
         if body:
             self.transport.write(body)
         if not message.get("more_body", False):
-            self.response_complete = True
-            self.message_event.set()
-            self.transport.close()  # (after what is written: the end of the body)
-            self.on_response()
+            self._complete(close=True)  # (the end of the connection is the end of the body)
 
 
 # What uvicorn's HEADER_RE and HEADER_VALUE_RE refuse in a header's name and value.

@@ -528,25 +528,25 @@ class _Holder:
     def broken(self) -> bool:
         """Whether the body neither ended nor failed and its connection is gone."""
         content = self._response.content
-        if content.is_eof() or content.exception() is not None:
-            return False  # ended or failed: the reader knows
+        return not (content.is_eof() or content.exception() is not None) and self._gone()
+
+    def _gone(self) -> bool:
         connection = self._response.connection
         protocol = connection.protocol if connection is not None else None
         return protocol is None or protocol.transport is None
 
     def _check(self) -> None:
         self._timer = None
-        if not self.broken():
-            if not self._response.content.is_eof():
-                self.watch()
-            return
+        content = self._response.content
+        if content.is_eof() or content.exception() is not None:
+            return  # ended or failed: the reader knows
+        if not self._gone():
+            self.watch()
         # A read waiting now waits for ever; one not begun yet will be refused (see above).
         # (aiohttp's reader keeps its waiting read private; if a release renames it, the body
         # is failed as soon as it is seen broken: what was left unread of it is lost.)
-        if getattr(self._response.content, "_waiter", True) is not None:
-            self._response.content.set_exception(
-                BrokenBody("the connection closed in the middle of the body")
-            )
+        elif getattr(content, "_waiter", True) is not None:
+            content.set_exception(BrokenBody("the connection closed in the middle of the body"))
 
     @property
     def content(self) -> Any:
