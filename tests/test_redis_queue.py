@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from conversational_core.storage.redis.queue import RedisJobQueue
+import asyncio
+
+from conversational_core.storage.redis.queue import GROUP, RedisJobQueue
 from conversational_core.storage.redis.store import RedisStore
 from tests.test_store_contract import conversation, message
 
@@ -52,3 +54,39 @@ async def test_renewing_keeps_the_lease_and_the_job(any_redis_store: RedisStore)
     assert await jobs.renew(conv.id, "token", job)
     assert not await jobs.renew(conv.id, "another token", job)
     await jobs.close()
+
+
+async def _signalled(store: RedisStore) -> str:
+    conv, _ = await store.create_conversation(conversation())
+    ask, reply = message(conv.id), message(conv.id)
+    await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)
+    return conv.id
+
+
+async def test_a_dead_workers_jobs_are_reclaimed_behind_many_live_ones(
+    any_redis_store: RedisStore,
+) -> None:
+    # XAUTOCLAIM looks at ten times COUNT pending signals a call: one started from the
+    # beginning on every take would never get past those of live workers to a dead one's.
+    store = any_redis_store
+    lease = 0.3
+    alive = RedisJobQueue(store.redis, store.keys, lease_seconds=lease)
+    for _ in range(80):
+        await _signalled(store)
+    held = await alive.take("alive", 60, wait_seconds=0.1)
+    lost = await alive.take("dead", 20, wait_seconds=0.1)
+    assert (len(held), len(lost)) == (60, 20)
+    await asyncio.sleep(lease + 0.05)  # the dead worker's lease time passes: time is the point
+    # The live worker renews its signals (as Worker._keep_lease does: XCLAIM resets the idle time).
+    await store.redis.call(
+        "XCLAIM", store.keys.jobs, GROUP, "alive", 0, *[job.id for job in held], "JUSTID"
+    )
+    other = RedisJobQueue(store.redis, store.keys, lease_seconds=lease)
+    claimed: list[str] = []
+    for _ in range(20):
+        claimed += [job.id for job in await other.take("other", 4, wait_seconds=0.01)]
+        if len(claimed) >= len(lost):
+            break
+    assert sorted(claimed) == sorted(job.id for job in lost)
+    await alive.close()
+    await other.close()

@@ -73,6 +73,16 @@ class RedisJobQueue(JobQueue):
         self._sweep_seconds = sweep_seconds
         self._next_sweep = 0.0
         self._sweeper: asyncio.Task[None] | None = None
+        # Signals of dead workers: looked for through the whole list of pending signals, a
+        # part a take (XAUTOCLAIM reads ten times COUNT of them; from where the last take
+        # stopped, or the signals past the first few hundred would never be looked at while
+        # live workers hold those), then again _claim_every seconds after a whole pass (they
+        # are claimable only a lease time after their worker's last renewal) rather than on
+        # every take: a worker taking jobs a few at a time under load would spend a round
+        # trip on each.
+        self._claim_every = min(1.0, lease_seconds / 4)
+        self._next_claim = 0.0
+        self._claim_from: Any = "0-0"
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -92,11 +102,23 @@ class RedisJobQueue(JobQueue):
             self._next_sweep = time.monotonic() + self._sweep_seconds
             self._sweeper = asyncio.create_task(self._sweep_if_elected(), name="job-sweep")
         try:
-            # Jobs of workers that stopped renewing them first: they have waited longest.
-            claimed: Any = await self._redis.call(
-                "XAUTOCLAIM", self._key, GROUP, consumer, self._lease_ms, "0-0", "COUNT", count
-            )
-            rows = [row for row in claimed[1] if row and row[1]]
+            rows: list[Any] = []
+            if time.monotonic() >= self._next_claim:
+                # Jobs of workers that stopped renewing them first: they have waited longest.
+                claimed: Any = await self._redis.call(
+                    "XAUTOCLAIM",
+                    self._key,
+                    GROUP,
+                    consumer,
+                    self._lease_ms,
+                    self._claim_from,
+                    "COUNT",
+                    count,
+                )
+                rows = [row for row in claimed[1] if row and row[1]]
+                self._claim_from = claimed[0]
+                if claimed[0] == b"0-0":  # a whole pass
+                    self._next_claim = time.monotonic() + self._claim_every
             if not rows:
                 # A blocking read: on a pooled connection of its own.
                 response: Any = await self._redis.call_pooled(
