@@ -24,6 +24,10 @@ Reported per load:
 - how far the model fell behind its own schedule (its time over the nominal one), so that a
   reader sees when the fake and not the service was the limit;
 - Redis commands per token (commandstats), where the round trips went.
+
+`BENCH_RELAY_TRACE=<file>` appends each reply's first delta to that file as a JSON line: the
+model's first chunk (seconds after the first POST), the overhead and its split at the XADD;
+what the percentiles hide, e.g. whether the slowest first deltas came together, and when.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import uvloop
 from testkit.fake_llm import reply_text
 
@@ -223,6 +228,7 @@ async def _run(
     expected = reply_text(load.tokens)
     wall = time.time() - time.monotonic()  # this process's monotonic times as wall-clock ones
     ends: list[float] = []
+    firsts: list[dict[str, Any]] = []  # each reply's first delta (BENCH_RELAY_TRACE)
     for client in ready:
         protocol = client.protocol
         assert protocol is not None
@@ -262,7 +268,19 @@ async def _run(
                 xadd = int(protocol.first_delta_id.split("-")[0]) / 1000
                 result.model_to_xadd_ms.append((xadd - first) * 1000)
                 result.xadd_to_client_ms.append((protocol.first_delta_at + wall - xadd) * 1000)
+                firsts.append(
+                    {
+                        "load": load.name,
+                        "model_first_chunk_s": round(first - (started + wall), 4),
+                        "overhead_ms": round(overhead, 2),
+                        "model_to_xadd_ms": round(result.model_to_xadd_ms[-1], 2),
+                        "xadd_to_client_ms": round(result.xadd_to_client_ms[-1], 2),
+                    }
+                )
     result.seconds = (max(ends) if ends else time.monotonic()) - started
+    if os.environ.get("BENCH_RELAY_TRACE"):
+        with open(os.environ["BENCH_RELAY_TRACE"], "ab") as out:
+            out.writelines(orjson.dumps(row) + b"\n" for row in firsts)
 
     for client in clients:
         if client.protocol is not None:
