@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping, Sequence
 
 import httpx
 
@@ -129,13 +130,14 @@ async def test_list_pagination_and_limits(client: httpx.AsyncClient, settings: S
             break
     assert seen == ids[::-1]
     tampered = [_cursor([True, "x"]), _cursor([2**70, "x"]), _cursor(["1", "x"])]
-    for bad in (
+    cases: list[Mapping[str, str | int]] = [
         {"limit": 0},
         {"limit": 101},
         {"limit": "x"},
         {"cursor": "not-a-cursor"},
         *({"cursor": c} for c in tampered),
-    ):
+    ]
+    for bad in cases:
         response = await client.get("/conversations", headers=alice, params=bad)
         assert response.status_code in (400, 422), bad
         assert response.headers["content-type"] == "application/problem+json"
@@ -207,7 +209,7 @@ async def test_validation_errors_are_problems(
     assert len(listed) == 2  # the two accepted
 
 
-def _cursor(values: list[object]) -> str:
+def _cursor(values: Sequence[object]) -> str:
     """A cursor of the service's form (base64url of a JSON array) holding `values`."""
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 
 import httpx
 import pytest
@@ -200,13 +201,14 @@ async def test_pagination_over_http(client: httpx.AsyncClient, settings: Setting
         _cursor([0, 0, 2**53]),
         _cursor([2, 0, 3]),
     ]
-    for bad in (
+    cases: list[Mapping[str, str | int]] = [
         {"limit": 0},
         {"limit": 201},
         {"order": "sideways"},
         {"cursor": "!!"},
         *({"cursor": c} for c in tampered),
-    ):
+    ]
+    for bad in cases:
         response = await client.get(f"/conversations/{cid}/messages", headers=alice, params=bad)
         assert response.status_code in (400, 422), bad
         assert response.headers["content-type"] == "application/problem+json"
@@ -249,7 +251,7 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
     assert (await client.get(f"/conversations/{cid}", headers=alice)).json()["message_count"] == 0
 
 
-def _cursor(values: list[object]) -> str:
+def _cursor(values: Sequence[object]) -> str:
     """A cursor of the service's form (base64url of a JSON array) holding `values`."""
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
 

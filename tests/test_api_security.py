@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -207,7 +208,7 @@ async def test_body_limits(client: httpx.AsyncClient, settings: Settings) -> Non
     assert response.status_code == 413
     assert response.headers["content-type"] == "application/problem+json"
 
-    async def chunks() -> object:
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(settings.MAX_BODY_BYTES // 1024 + 2):
             yield b" " * 1024
 

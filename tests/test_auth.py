@@ -61,7 +61,7 @@ async def test_hs256_claims(sqlite_store: Store) -> None:
         "wrong issuer": _token("s" * 40, "HS256", aud="core", iss="https://evil"),
         "not yet valid": _token("s" * 40, "HS256", nbf=int(time.time()) + 3600, **good),
         "alg none": jwt.encode(
-            {"sub": "alice", "exp": int(time.time()) + 600, **good}, None, algorithm="none"
+            {"sub": "alice", "exp": int(time.time()) + 600, **good}, "", algorithm="none"
         ),
         "garbage": "abc.def.ghi",
     }

@@ -189,7 +189,8 @@ async def test_a_large_file_is_upgraded_across_batches(tmp_path: Path) -> None:
     with sqlite3.connect(data / DB_FILENAME) as db:
         db.executescript(_SCHEMA_2)
         for cid, seqs in positions.items():
-            settings = {"id": cid, "user_id": "alice", "title": None, "metadata": {}}
+            settings: dict[str, Any] = {"id": cid, "user_id": "alice", "title": None}
+            settings |= {"metadata": {}}
             settings |= {"system_prompt": None, "model": None, "temperature": None}
             settings |= {"max_tokens": None, "created_at": utcnow()}
             db.execute(

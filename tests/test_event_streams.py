@@ -14,6 +14,7 @@ import httpx
 from conversational_core.app import create_app
 from conversational_core.serving import GuardedHttpToolsProtocol
 from conversational_core.storage.base import Store
+from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import backend_for, make_settings
 from tests.fixtures.app import auth
 from tests.fixtures.live import serve
@@ -230,7 +231,7 @@ async def test_a_resume_point_the_conversation_cannot_have_is_refused(redis_stor
                 assert response.headers["content-type"] == "application/problem+json"
 
 
-async def test_a_resume_past_expired_events_opens_with_a_resync(redis_store: Store) -> None:
+async def test_a_resume_past_expired_events_opens_with_a_resync(redis_store: RedisStore) -> None:
     """A Last-Event-ID after which events are no longer retained (here the stream expired; the
     contract suite covers trimming): the stream opens with a `conversation.resync` event that
     names it (read the conversation again), then goes on with what comes next, rather than

@@ -239,7 +239,11 @@ async def test_an_event_stream_is_read_whatever_its_content_encoding(
 
     monkeypatch.setattr(base, "_raw_reads", watched)
     body = b"".join([*_OPENAI, _FINISH, b"data: [DONE]\n\n"])
-    packed = {b"gzip": gzip.compress, b"deflate": zlib.compress}.get(encoding, bytes)(body)
+    compressors: dict[bytes, Callable[[bytes], bytes]] = {
+        b"gzip": gzip.compress,
+        b"deflate": zlib.compress,
+    }
+    packed = compressors.get(encoding, bytes)(body)
     assert (packed == body) == (encoding == b"identity")
     head = STREAM_HEAD.replace(b"\r\n\r\n", b"\r\ncontent-encoding: " + encoding + b"\r\n\r\n")
     # In pieces, each its own HTTP chunk, as a server writes as it compresses.

@@ -124,7 +124,7 @@ async def test_a_subscriber_resuming_from_the_future_hides_nothing_from_the_othe
     channel = store.keys.events(cid)
     try:
         async with subscribed(hub, cid, future) as early:
-            waiting = asyncio.create_task(anext(early))  # it subscribes; it gets nothing
+            waiting = asyncio.ensure_future(anext(early))  # it subscribes; it gets nothing
             async with asyncio.timeout(10):
                 while (await store.redis.call("PUBSUB", "SHARDNUMSUB", channel))[1] != 1:
                     await asyncio.sleep(0.01)  # (polled: Redis's side has no hook to wait on)

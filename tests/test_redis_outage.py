@@ -51,7 +51,8 @@ async def test_store_outage_and_recovery(own_redis: RedisProcess) -> None:
             assert "127.0.0.1" not in response.text and "Error" not in response.json()["detail"]
         # The rate limiter could not count them either: it let them through (fail open), so
         # the answer is the store's 503, never a 429 or a 500.
-        assert REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total") > skipped
+        counted = REGISTRY.get_sample_value("conversational_core_rate_limiter_errors_total")
+        assert counted is not None and counted > skipped
         assert REGISTRY.get_sample_value("conversational_core_store_errors_total", errors) == (
             failed + 3
         )

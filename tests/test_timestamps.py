@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conversational_core.storage import models
 from conversational_core.storage.models import rfc3339_to_ms, utcnow
 
 _FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -38,7 +37,7 @@ def test_utcnow_is_now_in_rfc3339_with_microseconds() -> None:
 def test_utcnow_renders_each_second_and_its_microseconds(
     monkeypatch: pytest.MonkeyPatch, nanos: int, expected: str
 ) -> None:
-    monkeypatch.setattr(models.time, "time_ns", lambda: nanos)
+    monkeypatch.setattr("conversational_core.storage.models.time.time_ns", lambda: nanos)
     assert utcnow() == expected
     assert rfc3339_to_ms(expected) == nanos // 1_000_000
 

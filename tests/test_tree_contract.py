@@ -209,9 +209,9 @@ async def test_a_branch_is_paged_like_a_list(store: Store) -> None:
         old = [m.id for m in trunk]
         assert await walk(MessageQuery(limit, leaf=trunk[-1].id)) == old
         assert await walk(MessageQuery(limit, descending=True, leaf=trunk[-1].id)) == old[::-1]
-        everything = [m.id for m in trunk + side]
-        assert await walk(MessageQuery(limit, everything=True)) == everything
-        assert await walk(MessageQuery(limit, descending=True, everything=True)) == everything[::-1]
+        all_ids = [m.id for m in trunk + side]
+        assert await walk(MessageQuery(limit, everything=True)) == all_ids
+        assert await walk(MessageQuery(limit, descending=True, everything=True)) == all_ids[::-1]
 
     after = await store.list_messages(conv.id, "alice", MessageQuery(2, anchor_id=trunk[1].id))
     assert [m.id for m in after.items] == branch[2:4] and after.has_more

@@ -363,7 +363,7 @@ async def test_a_worker_killed_while_batching_several_replies(llm: FakeLLM, pref
     events still concatenate to exactly its final text once the reset is applied."""
     first = Reply([f"one{i} " for i in range(8)], hold_after=3)
     second = Reply(["second ", "attempt"])
-    llm.script = [first] * 3 + [second] * 3
+    llm.script = [*[first] * 3, *[second] * 3]
     config = _config(llm, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX=prefix, DELTA_BATCH_MS=40)
     async with api_and_workers(config) as (pool, api):
         doomed = await _start_worker(pool, config)
