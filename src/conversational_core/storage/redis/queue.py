@@ -141,6 +141,7 @@ class RedisJobQueue(JobQueue):
             if reply_code(exc) != "NOGROUP":
                 raise
             self._group_ready = False  # the stream is gone (e.g. Redis restarted empty)
+            self._claim_from, self._next_claim = "0-0", 0.0  # a new one: a pass from its start
             return []
         return [Job(entry_id.decode(), _field(fields, b"c"), consumer) for entry_id, fields in rows]
 
