@@ -73,16 +73,16 @@ class RedisJobQueue(JobQueue):
         self._sweep_seconds = sweep_seconds
         self._next_sweep = 0.0
         self._sweeper: asyncio.Task[None] | None = None
-        # Signals of dead workers: looked for through the whole list of pending signals, a
-        # part a take (XAUTOCLAIM reads ten times COUNT of them; from where the last take
-        # stopped, or the signals past the first few hundred would never be looked at while
-        # live workers hold those), then again _claim_every seconds after a whole pass (they
-        # are claimable only a lease time after their worker's last renewal) rather than on
-        # every take: a worker taking jobs a few at a time under load would spend a round
-        # trip on each.
+        # Signals of dead workers (not renewed for a lease time) are looked for every
+        # _claim_every seconds, and at once again after a look that found as many as it could
+        # take, rather than on every take (a worker taking jobs a few at a time under load
+        # would spend a round trip on each). XPENDING … IDLE reads the whole list of pending
+        # signals; XAUTOCLAIM reads ten times COUNT of them a call, so that from the start of
+        # the list it missed a dead worker's signals behind those of the live workers (~40
+        # with COUNT 4) for as long as those ran, and from where the last call stopped it
+        # would take a call a take, each after a blocking read, to get through hundreds.
         self._claim_every = min(1.0, lease_seconds / 4)
         self._next_claim = 0.0
-        self._claim_from: Any = "0-0"
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -104,21 +104,7 @@ class RedisJobQueue(JobQueue):
         try:
             rows: list[Any] = []
             if time.monotonic() >= self._next_claim:
-                # Jobs of workers that stopped renewing them first: they have waited longest.
-                claimed: Any = await self._redis.call(
-                    "XAUTOCLAIM",
-                    self._key,
-                    GROUP,
-                    consumer,
-                    self._lease_ms,
-                    self._claim_from,
-                    "COUNT",
-                    count,
-                )
-                rows = [row for row in claimed[1] if row and row[1]]
-                self._claim_from = claimed[0]
-                if claimed[0] == b"0-0":  # a whole pass
-                    self._next_claim = time.monotonic() + self._claim_every
+                rows = await self._claim(consumer, count)
             if not rows:
                 # A blocking read: on a pooled connection of its own.
                 response: Any = await self._redis.call_pooled(
@@ -141,9 +127,25 @@ class RedisJobQueue(JobQueue):
             if reply_code(exc) != "NOGROUP":
                 raise
             self._group_ready = False  # the stream is gone (e.g. Redis restarted empty)
-            self._claim_from, self._next_claim = "0-0", 0.0  # a new one: a pass from its start
             return []
         return [Job(entry_id.decode(), _field(fields, b"c"), consumer) for entry_id, fields in rows]
+
+    async def _claim(self, consumer: str, count: int) -> list[Any]:
+        """Up to `count` signals of dead workers, oldest first, now `consumer`'s."""
+        idle: Any = await self._redis.call(
+            "XPENDING", self._key, GROUP, "IDLE", self._lease_ms, "-", "+", count
+        )
+        if len(idle) < count:  # all there were: the next look in _claim_every
+            self._next_claim = time.monotonic() + self._claim_every
+        if not idle:
+            return []
+        # XCLAIM takes only those still idle for a lease time: one another worker claimed (or
+        # its worker renewed) meanwhile stays theirs. A signal deleted meanwhile comes back
+        # empty (and leaves the pending list).
+        claimed: Any = await self._redis.call(
+            "XCLAIM", self._key, GROUP, consumer, self._lease_ms, *(row[0] for row in idle)
+        )
+        return [row for row in claimed if row and row[1]]
 
     # Lease and acknowledgement calls go through the fast client (see client.py): a worker
     # writing hundreds of replies at once would otherwise hold as many pooled connections.
