@@ -25,7 +25,8 @@ Reported per load:
   reader sees when the fake and not the service was the limit;
 - Redis commands per token (commandstats), where the round trips went.
 
-`BENCH_RELAY_TRACE=<file>` appends each reply's first delta to that file as a JSON line: the
+`BENCH_RELAY_TRACE=<file>` appends the first delta of each reply that came complete and exact
+to that file as a JSON line: the run (the wall-clock time of its first POST) and load, the
 model's first chunk (seconds after the first POST), the overhead and its split at the XADD;
 what the percentiles hide, e.g. whether the slowest first deltas came together, and when.
 """
@@ -270,6 +271,7 @@ async def _run(
                 result.xadd_to_client_ms.append((protocol.first_delta_at + wall - xadd) * 1000)
                 firsts.append(
                     {
+                        "run": round(started + wall, 3),
                         "load": load.name,
                         "model_first_chunk_s": round(first - (started + wall), 4),
                         "overhead_ms": round(overhead, 2),
