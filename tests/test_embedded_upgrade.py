@@ -190,8 +190,7 @@ async def test_a_large_file_is_upgraded_across_batches(tmp_path: Path) -> None:
         db.executescript(_SCHEMA_2)
         for cid, seqs in positions.items():
             settings: dict[str, Any] = {"id": cid, "user_id": "alice", "title": None}
-            settings |= {"metadata": {}}
-            settings |= {"system_prompt": None, "model": None, "temperature": None}
+            settings |= {"metadata": {}, "system_prompt": None, "model": None, "temperature": None}
             settings |= {"max_tokens": None, "created_at": utcnow()}
             db.execute(
                 "INSERT INTO conversations VALUES (?, 'alice', ?, ?, 0, ?, ?, 1)",

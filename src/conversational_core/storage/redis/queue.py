@@ -135,8 +135,8 @@ class RedisJobQueue(JobQueue):
         if not idle:
             return []
         # XCLAIM takes only those still idle for a lease time: one another worker claimed (or
-        # its worker renewed) meanwhile stays theirs. A signal deleted meanwhile comes back
-        # empty (and leaves the pending list).
+        # its worker renewed) meanwhile stays theirs. A signal deleted meanwhile is left out
+        # (and leaves the pending list).
         claimed: Any = await self._redis.call(
             "XCLAIM", self._key, GROUP, consumer, self._lease_ms, *(row[0] for row in idle)
         )
