@@ -9,13 +9,19 @@ from conversational_core.storage.redis.store import RedisStore
 from tests.test_store_contract import conversation, message
 
 
-async def _queued_reply_without_signal(store: RedisStore) -> str:
-    """A reply queued by an API process that died before sending its signal."""
+async def _signalled(store: RedisStore) -> str:
+    """A conversation with a reply queued (and its job signalled)."""
     conv, _ = await store.create_conversation(conversation())
     ask, reply = message(conv.id), message(conv.id)
     await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)
-    await store.redis.call("DEL", store.keys.jobs)  # the signal never made it
     return conv.id
+
+
+async def _queued_reply_without_signal(store: RedisStore) -> str:
+    """A reply queued by an API process that died before sending its signal."""
+    cid = await _signalled(store)
+    await store.redis.call("DEL", store.keys.jobs)  # the signal never made it
+    return cid
 
 
 async def test_sweep_signals_queued_replies_that_lost_theirs(any_redis_store: RedisStore) -> None:
@@ -54,13 +60,6 @@ async def test_renewing_keeps_the_lease_and_the_job(any_redis_store: RedisStore)
     assert await jobs.renew(conv.id, "token", job)
     assert not await jobs.renew(conv.id, "another token", job)
     await jobs.close()
-
-
-async def _signalled(store: RedisStore) -> str:
-    conv, _ = await store.create_conversation(conversation())
-    ask, reply = message(conv.id), message(conv.id)
-    await store.append_messages(conv.id, "alice", [ask], ask.created_at, reply_id=reply.id)
-    return conv.id
 
 
 async def test_a_dead_workers_jobs_are_reclaimed_behind_many_live_ones(

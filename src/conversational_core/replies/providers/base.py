@@ -527,8 +527,12 @@ class _Holder:
 
     def broken(self) -> bool:
         """Whether the body neither ended nor failed and its connection is gone."""
+        return self._unsettled() and self._gone()
+
+    def _unsettled(self) -> bool:
+        """The body neither ended nor failed (else its reader knows)."""
         content = self._response.content
-        return not (content.is_eof() or content.exception() is not None) and self._gone()
+        return not (content.is_eof() or content.exception() is not None)
 
     def _gone(self) -> bool:
         connection = self._response.connection
@@ -537,16 +541,17 @@ class _Holder:
 
     def _check(self) -> None:
         self._timer = None
-        content = self._response.content
-        if content.is_eof() or content.exception() is not None:
-            return  # ended or failed: the reader knows
+        if not self._unsettled():
+            return
         if not self._gone():
             self.watch()
         # A read waiting now waits for ever; one not begun yet will be refused (see above).
         # (aiohttp's reader keeps its waiting read private; if a release renames it, the body
         # is failed as soon as it is seen broken: what was left unread of it is lost.)
-        elif getattr(content, "_waiter", True) is not None:
-            content.set_exception(BrokenBody("the connection closed in the middle of the body"))
+        elif getattr(self._response.content, "_waiter", True) is not None:
+            self._response.content.set_exception(
+                BrokenBody("the connection closed in the middle of the body")
+            )
 
     @property
     def content(self) -> Any:
