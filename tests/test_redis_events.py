@@ -15,7 +15,13 @@ import orjson
 import pytest
 
 from conversational_core.storage.base import Event
-from conversational_core.storage.redis.events import RedisEventHub, _node_url
+from conversational_core.storage.redis.client import PubSubConnection
+from conversational_core.storage.redis.events import (
+    RedisEventHub,
+    _node_url,
+    _RawChannel,
+    _stream_id,
+)
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import url_of
 from tests.fixtures.events import subscribed
@@ -328,3 +334,82 @@ async def test_events_trimmed_while_the_reader_was_cut_off_are_a_resync(
     finally:
         await hub.close()
         await relay.close()
+
+
+async def test_events_written_while_the_reader_reconnects_come_once_and_in_order(
+    redis_store: RedisStore,
+) -> None:
+    """Messages written without a pause (ten at a time) while the reader's connection is cut
+    ten times: the subscriber gets each exactly once, in the stream's order (those read on
+    reconnecting, those that came while it caught up, and those handed over live)."""
+    store = redis_store
+    url = urlparse(url_of(store))
+    relay = _Cuttable(url.hostname or "127.0.0.1", url.port or 6379)
+    hub = RedisEventHub(store, _node_url(url_of(store), "127.0.0.1", await relay.start()))
+    cid = (await store.create_conversation(conversation()))[0].id
+    written: list[str] = []
+    stop = asyncio.Event()
+
+    async def append(content: str) -> None:
+        m = message(cid, content)
+        await store.append_messages(cid, "alice", [m], m.created_at)
+        written.append(content)
+
+    async def write() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(append(f"m{len(written)}-{i}") for i in range(10)))
+
+    try:
+        async with subscribed(hub, cid, None) as events:
+            writer = asyncio.create_task(write())
+            got: list[tuple[str, str]] = []  # (event id, message content)
+            async with asyncio.timeout(30):
+                async for event in events:
+                    got.append((event.id, orjson.loads(event.data)["message"]["content"]))
+                    if len(got) % 25 == 0 and len(got) <= 250:
+                        relay.cut()  # the reader sees Redis gone, reconnects, catches up
+                        relay.cut_off = False
+                    if len(got) == 300:
+                        stop.set()
+                        await writer
+                    if stop.is_set() and len(got) == len(written):
+                        break
+    finally:
+        stop.set()
+        await hub.close()
+        await relay.close()
+    ids = [_stream_id(event_id) for event_id, _ in got]
+    assert ids == sorted(set(ids))  # in order, none twice
+    assert sorted(content for _, content in got) == sorted(written)  # none lost
+
+
+async def test_a_live_channel_hands_messages_over_as_read_and_those_before_it_first(
+    redis_store: RedisStore,
+) -> None:
+    """Once live, the reader's connection hands each message to the hub as it reads it (not
+    through the reader's task); the messages read before are returned, in order, for the
+    reader to hand over first, and the other replies (a pong) still go to the reader."""
+    store = redis_store
+    name = store.keys.events("live-channel-test")
+    connection = await PubSubConnection.open(url_of(store), io_timeout=5, connect_timeout=5)
+    channel = _RawChannel(connection)
+    try:
+        await channel.subscribe([name])
+        assert [kind for kind, _, _ in await channel.replies(5)] == ["ssubscribe"]
+        for n in range(3):
+            await store.redis.call("SPUBLISH", name, f"before {n}")
+        async with asyncio.timeout(10):
+            while len(connection.inbox) < 3:  # (read by the connection, not yet taken)
+                await asyncio.sleep(0.001)
+        handed: list[bytes] = []
+        before = channel.live(lambda kind, _, data: handed.append(data))
+        assert [data for _, _, data in before] == [b"before 0", b"before 1", b"before 2"]
+        assert handed == []
+        for n in range(2):
+            await store.redis.call("SPUBLISH", name, f"live {n}")
+        await channel.ping()
+        # The pong comes after both messages on the connection: by then they were handed over.
+        assert [kind for kind, _, _ in await channel.replies(5)] == ["pong"]
+        assert handed == [b"live 0", b"live 1"]
+    finally:
+        await channel.aclose()

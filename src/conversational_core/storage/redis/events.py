@@ -20,9 +20,10 @@ reads each watched stream from the last event it handed over before going live a
 event is lost or repeated. Each subscriber has a bounded queue; a subscriber whose queue is
 full is dropped (SlowConsumer) without slowing the others.
 
-The pub/sub connections are read by client.PubSubConnection on `redis://` URLs (messages handed
-over in batches as they are parsed) and by redis-py's PubSub on the others (TLS): redis-py's
-`get_message` per message was a fifth of the API's CPU while it relayed replies.
+The pub/sub connections are read by client.PubSubConnection on `redis://` URLs (once live,
+messages handed to their subscribers as they are parsed, the other replies to the reader's task)
+and by redis-py's PubSub on the others (TLS): redis-py's `get_message` per message was a fifth of
+the API's CPU while it relayed replies.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import contextlib
 import contextvars
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse, urlunparse
@@ -133,6 +134,12 @@ class _Channel(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
+    def live(self, message: Callable[[str, bytes, Any], None]) -> list[Reply]:
+        """From now on, hand each message (`smessage`) to `message` as soon as it is read, if
+        this channel can (then :meth:`replies` has the other replies only); returns what came
+        before, which the caller takes first, in the same turn, to keep the order."""
+        return []
+
 
 class _RawChannel(_Channel):
     def __init__(self, connection: PubSubConnection) -> None:
@@ -148,8 +155,26 @@ class _RawChannel(_Channel):
         self.connection.command("PING")
 
     async def replies(self, wait: float) -> list[Reply]:
+        return self._decoded(await self.connection.replies(wait))
+
+    def live(self, message: Callable[[str, bytes, Any], None]) -> list[Reply]:
+        # The event is handed to its subscribers by the connection's data_received, in the turn
+        # that read it: through the reader's task it waited for another turn of a busy loop
+        # before its SSE task's (bench/relay.py: the first delta's XADD → client time).
+        def take(reply: Any) -> bool:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
+                message("smessage", reply[1], reply[2])
+                return True
+            return False
+
+        early, self.connection.inbox = self.connection.inbox, []
+        self.connection.take = take
+        return self._decoded(early)
+
+    @staticmethod
+    def _decoded(replies: list[Any]) -> list[Reply]:
         out: list[Reply] = []
-        for reply in await self.connection.replies(wait):
+        for reply in replies:
             if isinstance(reply, list) and len(reply) == 3:
                 out.append((reply[0].decode(), reply[1], reply[2]))
             elif reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
@@ -371,6 +396,8 @@ class _Reader:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
+        for reply in channel.live(self._message):  # (what came before, first: in order)
+            self._message(*reply)
         while self.cursors:
             replies = await channel.replies(_IDLE_SECONDS)
             if not replies:
