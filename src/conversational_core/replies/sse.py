@@ -32,6 +32,11 @@ from conversational_core.serving import ABORT, draining
 _DRAIN_POLL_SECONDS = 0.25
 _LAST_WRITE_SECONDS = 1.0  # for the stream's last write (its reason to end): then it is cut
 
+# Bytes looked for as their values (`10 in data`): CPython 3.11's `bytes.__contains__` tries a
+# bytes operand as an integer first, and builds and drops a TypeError before it searches (~1,900
+# instructions, callgrind; once per event per client here). As in providers.base.SSEData.
+_LF, _CR = ord("\n"), ord("\r")
+
 _LIMIT, _SHUTDOWN, _GONE = "connection time limit", "the server is restarting", "gone"
 _BEHIND = "too far behind"
 
@@ -197,6 +202,6 @@ def comment(text: str, retry_ms: int | None = None) -> bytes:
 def event(id_: str, type_: str, data: bytes) -> bytes:
     """One event: `id`, `event` and `data` lines, CRLF, a `data` line per line of `data` (event
     data is one line of JSON, written as it is)."""
-    if b"\n" in data or b"\r" in data:
+    if _LF in data or _CR in data:
         data = b"\r\ndata: ".join(data.splitlines())
     return b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (id_.encode(), type_.encode(), data)

@@ -278,6 +278,13 @@ def _data_value(line: bytes) -> bytes:
     return value[1:] if value.startswith(b" ") else value
 
 
+# Bytes looked for as their values (`10 in data`): CPython 3.11's `bytes.__contains__` tries a
+# bytes operand (`b"\n" in data`) as an integer first, and builds and drops a TypeError with its
+# message before it searches: ~1,900 instructions (callgrind), 400 ns against 45 ns. Once a
+# model's event here.
+_LF, _CR = ord("\n"), ord("\r")
+
+
 class SSEData:
     """The `data` of each server-sent event of a byte stream fed to it a read at a time
     (comments, `event:` and other fields are skipped; the data lines of one event are joined
@@ -296,14 +303,14 @@ class SSEData:
     def feed(self, chunk: bytes) -> list[bytes]:
         """The data of the events that `chunk` completed."""
         buffer = self._buffer + chunk
-        if b"\r" in buffer:  # (a CR at the end stays: its LF may come in the next read)
+        if _CR in buffer:  # (a CR at the end stays: its LF may come in the next read)
             buffer = buffer.replace(b"\r\n", b"\n")
         *ended, self._buffer = buffer.split(b"\n\n")
         if len(self._buffer) > self.MAX_EVENT_BYTES:
             raise EventTooLong
         events: list[bytes] = []
         for event in ended:
-            if event.startswith(b"data: ") and b"\n" not in event:
+            if event.startswith(b"data: ") and _LF not in event:
                 events.append(event[6:])
             else:
                 data = _event_data(event)
