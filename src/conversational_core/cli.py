@@ -138,7 +138,10 @@ def _worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with open_backend(settings) as backend, run_worker(settings, backend) as worker:
+        async with (
+            open_backend(settings, worker=True) as backend,
+            run_worker(settings, backend) as worker,
+        ):
             settle_gc()  # start-up objects live forever: keep them out of full collections
             logger.info(
                 "worker {} started (concurrency {})", worker.name, settings.WORKER_CONCURRENCY

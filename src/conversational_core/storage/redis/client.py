@@ -444,8 +444,10 @@ class Connection:
         connect_timeout: float,
         max_connections: int,
         cluster: bool = False,
+        fast_connections: int = 2,
     ) -> Connection:
-        """Clients for `url` (nothing connects until the first command)."""
+        """Clients for `url` (nothing connects until the first command); `fast_connections`:
+        the RespClient's (see open_backend)."""
         client = build_client(
             url,
             socket_timeout=socket_timeout,
@@ -454,7 +456,12 @@ class Connection:
             cluster=cluster,
         )
         fast = (
-            RespClient(url, timeout=socket_timeout, connect_timeout=connect_timeout)
+            RespClient(
+                url,
+                connections=fast_connections,
+                timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+            )
             if RespClient.supports(url) and not cluster
             else None
         )

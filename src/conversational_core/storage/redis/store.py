@@ -326,6 +326,7 @@ async def open_redis_store(
     events_ttl_seconds: int = 86_400,
     cluster: bool = False,
     page_cache_bytes: int = 0,
+    fast_connections: int = 2,
 ) -> AsyncIterator[RedisStore]:
     connection = Connection.open(
         url,
@@ -333,6 +334,7 @@ async def open_redis_store(
         connect_timeout=connect_timeout,
         max_connections=max_connections,
         cluster=cluster,
+        fast_connections=fast_connections,
     )
     store = RedisStore(
         connection,
