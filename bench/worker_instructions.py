@@ -1,8 +1,10 @@
 """Benchmark: instructions a reply in a worker process, counted by callgrind.
 
 Why: the relay's CPU per token moves by a fifth between runs on this shared machine, more than
-most changes to the worker. The instructions a worker runs for a reply do not (within ~0.5%
-from run to run; ~2% for the 1-token reply, whose count holds more of the worker's timers). A
+most changes to the worker. The instructions a worker runs for a reply move less (within ~1%
+from run to run for the 1-token and 1,000-token shapes; the 100-token count moved by up to 7%:
+how many tokens a read finds depends on how fast the machine runs the worker, ~50 times slower
+under callgrind, while the model writes every 10 ms). A
 worker (`python run.py worker`) runs under `valgrind --tool=callgrind` beside Redis, the API
 and bench/fake_model.py at full speed; it writes replies one at a time (a conversation, a
 message, then the reply awaited), after WARMUP of them, and the count covers COUNT replies of
