@@ -20,6 +20,7 @@ from conversational_core.storage.redis.events import (
     RedisEventHub,
     _node_url,
     _RawChannel,
+    _Reader,
     _stream_id,
 )
 from conversational_core.storage.redis.store import RedisStore
@@ -337,11 +338,22 @@ async def test_events_trimmed_while_the_reader_was_cut_off_are_a_resync(
 
 
 async def test_events_written_while_the_reader_reconnects_come_once_and_in_order(
-    redis_store: RedisStore,
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Messages written without a pause (ten at a time) while the reader's connection is cut
-    ten times: the subscriber gets each exactly once, in the stream's order (those read on
-    reconnecting, those that came while it caught up, and those handed over live)."""
+    ten times, each time once it is live again on a new connection: the subscriber gets each
+    message exactly once, in the stream's order (those read on reconnecting, those that came
+    while it caught up, and those handed over live as they were read)."""
+    handed_live = 0
+    message_of = _Reader._message
+
+    def counted(reader: _Reader, kind: str, channel: bytes, raw: Any) -> None:
+        nonlocal handed_live
+        if kind == "smessage" and asyncio.current_task() is None:  # (from data_received)
+            handed_live += 1
+        message_of(reader, kind, channel, raw)
+
+    monkeypatch.setattr(_Reader, "_message", counted)
     store = redis_store
     url = urlparse(url_of(store))
     relay = _Cuttable(url.hostname or "127.0.0.1", url.port or 6379)
@@ -359,25 +371,38 @@ async def test_events_written_while_the_reader_reconnects_come_once_and_in_order
         while not stop.is_set():
             await asyncio.gather(*(append(f"m{len(written)}-{i}") for i in range(10)))
 
+    cuts, channels = 0, set()
     try:
         async with subscribed(hub, cid, None) as events:
             writer = asyncio.create_task(write())
             got: list[tuple[str, str]] = []  # (event id, message content)
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(20):
                 async for event in events:
                     got.append((event.id, orjson.loads(event.data)["message"]["content"]))
-                    if len(got) % 25 == 0 and len(got) <= 250:
+                    if stop.is_set():
+                        if len(got) == len(written):
+                            break
+                        continue
+                    reader = hub._readers.get(None)
+                    channel = reader.channel if reader is not None else None
+                    if reader is None or not reader.ready.is_set() or channel in channels:
+                        continue  # (not live again yet since the last cut)
+                    channels.add(channel)
+                    if cuts < 10:
                         relay.cut()  # the reader sees Redis gone, reconnects, catches up
                         relay.cut_off = False
-                    if len(got) == 300:
+                        cuts += 1
+                    else:
                         stop.set()
                         await writer
-                    if stop.is_set() and len(got) == len(written):
-                        break
+                        if len(got) == len(written):
+                            break
     finally:
         stop.set()
         await hub.close()
         await relay.close()
+    assert cuts == 10 and len(channels) == 11  # live on eleven connections in turn
+    assert handed_live > 0  # (messages did go live, straight from the connection)
     ids = [_stream_id(event_id) for event_id, _ in got]
     assert ids == sorted(set(ids))  # in order, none twice
     assert sorted(content for _, content in got) == sorted(written)  # none lost

@@ -401,7 +401,8 @@ class _Reader:
         while self.cursors:
             replies = await channel.replies(_IDLE_SECONDS)
             if not replies:
-                # Quiet: make sure the connection is alive (a node that went away says nothing).
+                # Nothing for the reader (quiet, or only messages, which go live without it):
+                # make sure the connection is alive (a node that went away says nothing).
                 if pinged and loop.time() - heard > 2 * _IDLE_SECONDS:
                     raise ConnectionError("Redis stopped answering")
                 if not pinged:
