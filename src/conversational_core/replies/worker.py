@@ -198,9 +198,7 @@ class Worker:
         try:
             last: str | None = None
             while True:
-                # After a write, no look at the head first: the release finds the queue empty
-                # (most often: the job ends) or keeps the lease, in the same one round trip.
-                reply_id = await self._store.reply_queue_head(cid) if last is None else None
+                reply_id = await self._store.reply_queue_head(cid)
                 if reply_id is None:
                     # Stop renewing first: a renewal racing the release would find the lease
                     # gone and cancel this job while it acknowledges.
@@ -208,9 +206,7 @@ class Worker:
                     if await self._jobs.release(cid, token):
                         break
                     keeper = asyncio.create_task(self._keep_lease(job, token, me))
-                    reply_id = await self._store.reply_queue_head(cid)  # replies are queued
-                    if reply_id is None:
-                        continue
+                    continue
                 if reply_id == last:
                     # The reply could not be ended (it keeps changing under us): leave the job
                     # unacknowledged so that it is retried after the lease time.
