@@ -32,9 +32,8 @@ from conversational_core.serving import ABORT, draining
 _DRAIN_POLL_SECONDS = 0.25
 _LAST_WRITE_SECONDS = 1.0  # for the stream's last write (its reason to end): then it is cut
 
-# Bytes looked for as their values (`10 in data`): CPython 3.11's `bytes.__contains__` tries a
-# bytes operand as an integer first, and builds and drops a TypeError before it searches (~1,900
-# instructions, callgrind; once per event per client here). As in providers.base.SSEData.
+# Bytes looked for as their values (`10 in data`, once an event a client): why, in
+# providers/base.py beside SSEData.
 _LF, _CR = ord("\n"), ord("\r")
 
 _LIMIT, _SHUTDOWN, _GONE = "connection time limit", "the server is restarting", "gone"

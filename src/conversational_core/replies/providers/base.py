@@ -538,8 +538,7 @@ class _Holder:
 
     def _unsettled(self) -> bool:
         """The body neither ended nor failed (else its reader knows)."""
-        content = self._response.content
-        return not (content.is_eof() or content.exception() is not None)
+        return not (self.content.is_eof() or self.content.exception() is not None)
 
     def _gone(self) -> bool:
         connection = self._response.connection
@@ -555,8 +554,8 @@ class _Holder:
         # A read waiting now waits for ever; one not begun yet will be refused (see above).
         # (aiohttp's reader keeps its waiting read private; if a release renames it, the body
         # is failed as soon as it is seen broken: what was left unread of it is lost.)
-        elif getattr(self._response.content, "_waiter", True) is not None:
-            self._response.content.set_exception(
+        elif getattr(self.content, "_waiter", True) is not None:
+            self.content.set_exception(
                 BrokenBody("the connection closed in the middle of the body")
             )
 
