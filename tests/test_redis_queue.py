@@ -62,6 +62,23 @@ async def test_renewing_keeps_the_lease_and_the_job(any_redis_store: RedisStore)
     await jobs.close()
 
 
+async def test_a_job_done_leaves_the_stream_and_is_not_taken_again(
+    any_redis_store: RedisStore,
+) -> None:
+    store = any_redis_store
+    jobs = RedisJobQueue(store.redis, store.keys, lease_seconds=0.05)
+    cid = await _signalled(store)
+    [job] = await jobs.take("w", 10, wait_seconds=0.1)
+    assert (job.conversation_id, await store.redis.call("XLEN", store.keys.jobs)) == (cid, 1)
+    await jobs.ack(job)
+    # Neither pending (a dead worker's job to reclaim, once its lease time has passed) nor in
+    # the stream (which keeps only jobs to do: a sweep would signal none).
+    assert await store.redis.call("XLEN", store.keys.jobs) == 0
+    await asyncio.sleep(0.1)  # past the lease time: time is the point
+    assert await jobs.take("w2", 10, wait_seconds=0.05) == []
+    await jobs.close()
+
+
 async def test_a_dead_workers_jobs_are_reclaimed_behind_many_live_ones(
     any_redis_store: RedisStore,
 ) -> None:

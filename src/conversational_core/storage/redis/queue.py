@@ -172,10 +172,7 @@ class RedisJobQueue(JobQueue):
         return int(result) != 0
 
     async def ack(self, job: Job) -> None:
-        await asyncio.gather(
-            self._redis.call("XACK", self._key, GROUP, job.id),
-            self._redis.call("XDEL", self._key, job.id),  # the stream keeps only jobs to do
-        )
+        await self._redis.script(scripts.ACK, [self._key], [GROUP, job.id])
 
     async def hand_back(self, job: Job, token: str) -> None:
         cid = job.conversation_id

@@ -195,6 +195,15 @@ return 0
 """
 )
 
+# KEYS: the job stream.  ARGV: group, entry id.  A job done: acknowledged, and deleted (the
+# stream keeps only jobs to do); one command where two took a round trip each or two tasks.
+ACK = Script(
+    """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+)
+
 # KEYS: lease.  ARGV: token, ttl ms
 RENEW = Script(
     """
