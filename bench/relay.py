@@ -62,6 +62,9 @@ from redis import Redis as SyncRedis
 FIRST_DELAY_MS = 20.0
 WORKERS = 2
 TIMEOUT = 300.0
+# Each load runs this many times (the loads in turn, round after round): on this shared machine
+# one run's figures move by a third from one minute to the next, and a median of runs by less.
+ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,15 @@ def selected_loads(spec: str | None) -> tuple[Load, ...]:
                 f"BENCH_RELAY_LOADS: {item!r} is not streams x tokens x ms (e.g. 500x200x2)"
             ) from None
     return tuple(loads)
+
+
+def selected_rounds(spec: str | None) -> int:
+    """ROUNDS, or the number BENCH_RELAY_ROUNDS names (1 to profile a load, say)."""
+    if not spec:
+        return ROUNDS
+    if not spec.isdigit() or int(spec) < 1:
+        raise SystemExit(f"BENCH_RELAY_ROUNDS: {spec!r} is not a number of rounds (e.g. 3)")
+    return int(spec)
 
 
 @dataclass
@@ -182,6 +194,74 @@ class RelayResult:
             "events_per_token": round(self.events_per_token, 3),
             "redis_calls_per_token": calls,
         }
+
+
+@dataclass(frozen=True)
+class RelaySummary:
+    """The runs of one load (rounds): each figure is the median of the runs' (a percentile's
+    median across runs, not a percentile of all their replies), with the runs' range beside
+    the goals' figures."""
+
+    load: Load
+    runs: tuple[RelayResult, ...]
+
+    def _median(self, figure: Any) -> float:
+        values = [v for v in (figure(r) for r in self.runs) if v is not None and v == v]
+        return statistics.median(values) if values else float("nan")
+
+    def _range(self, figure: Any) -> tuple[float, float]:
+        values = [v for v in (figure(r) for r in self.runs) if v is not None and v == v]
+        return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+    def figure(self, name: str, pick: str | None = None) -> float:
+        """The median over runs of a figure of RelayResult.to_json (`pick`: p50 or p99 of a
+        distribution)."""
+        return self._median(lambda r: _pick(r.to_json()[name], pick))
+
+    def spread(self, name: str, pick: str | None = None) -> tuple[float, float]:
+        return self._range(lambda r: _pick(r.to_json()[name], pick))
+
+    @property
+    def complete(self) -> bool:
+        return all(r.completed == r.load.streams for r in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        medians: dict[str, Any] = {
+            "tokens_per_second": round(self.figure("tokens_per_second")),
+            "cpu_us_per_token": round(self.figure("cpu_us_per_token"), 1),
+            "events_per_token": round(self.figure("events_per_token"), 3),
+        }
+        for name in (
+            "reply_time_over_model",
+            "first_delta_ms",
+            "first_delta_overhead_ms",
+            "first_delta_model_to_xadd_ms",
+            "first_delta_xadd_to_client_ms",
+            "post_to_model_request_ms",
+            "model_time_over_nominal",
+        ):
+            medians[name] = {q: round(self.figure(name, q), 2) for q in ("p50", "p99")}
+        return {
+            "load": self.runs[0].to_json()["load"],
+            "rounds": len(self.runs),
+            "all_complete": self.complete,
+            "medians_of_rounds": medians,
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+def _pick(value: Any, pick: str | None) -> float | None:
+    if pick is None:
+        return float(value) if value is not None else None
+    return None if value is None else float(value[pick])
+
+
+def summaries(results: list[RelayResult]) -> list[RelaySummary]:
+    """The runs grouped by load, in the order the loads first ran."""
+    by_load: dict[Load, list[RelayResult]] = {}
+    for result in results:
+        by_load.setdefault(result.load, []).append(result)
+    return [RelaySummary(load, tuple(runs)) for load, runs in by_load.items()]
 
 
 async def _run(

@@ -255,40 +255,54 @@ def relay_line(r: relay_bench.RelayResult) -> str:
     )
 
 
-def relay_goals(results: list[relay_bench.RelayResult]) -> list[str]:
-    """The goals of issue 12 against the loads they are set at."""
-    by_load = {(r.load.streams, r.load.tokens, r.load.token_delay_ms): r for r in results}
+def relay_median_line(s: relay_bench.RelaySummary) -> str:
+    """A load's medians over its runs, with the runs' range of the figures the goals are on."""
+    tps, (tps_lo, tps_hi) = s.figure("tokens_per_second"), s.spread("tokens_per_second")
+    cpu, (cpu_lo, cpu_hi) = s.figure("cpu_us_per_token"), s.spread("cpu_us_per_token")
+    ratio = "reply_time_over_model"
+    overhead = "first_delta_overhead_ms"
+    over_lo, over_hi = s.spread(overhead, "p99")
+    ratio_lo, ratio_hi = s.spread(ratio, "p99")
+    runs = f"{len(s.runs)} runs, " + ("all complete" if s.complete else "NOT all complete")
+    return (
+        f"{s.load.name:<20} {tps:>8,.0f} tok/s ({tps_lo:,.0f}-{tps_hi:,.0f})  {cpu:.1f} us "
+        f"CPU/token ({cpu_lo:.1f}-{cpu_hi:.1f})  reply/model p50 {s.figure(ratio, 'p50'):.2f}x "
+        f"p99 {s.figure(ratio, 'p99'):.2f}x ({ratio_lo:.2f}-{ratio_hi:.2f})  first-delta "
+        f"overhead p50 {s.figure(overhead, 'p50'):.1f} ms p99 {s.figure(overhead, 'p99'):.1f} "
+        f"ms ({over_lo:.1f}-{over_hi:.1f})  {s.figure('events_per_token'):.2f} events/token  "
+        f"[{runs}]"
+    )
+
+
+def relay_goals(summaries: list[relay_bench.RelaySummary]) -> list[str]:
+    """The goals of issue 12 against the loads they are set at (medians of the runs)."""
+    by_load = {(s.load.streams, s.load.tokens, s.load.token_delay_ms): s for s in summaries}
     lines = []
     heavy = by_load.get((500, 200, 2.0))
     if heavy is not None:
-        tps, cpu = heavy.tokens_per_second, heavy.cpu_us_per_token()
+        tps, cpu = heavy.figure("tokens_per_second"), heavy.figure("cpu_us_per_token")
         lines.append(
             f"  500 x 200 x 2 ms: {tps:,.0f} tok/s (goal >= 40,000: {_verdict(tps >= 40_000)}), "
             f"{cpu:.1f} us CPU/token (goal <= 30: {_verdict(cpu <= 30)})"
         )
-        j = heavy.to_json()
-        overhead = j["first_delta_overhead_ms"]
-        if overhead is not None:
-            split = ""
-            worker, api = j["first_delta_model_to_xadd_ms"], j["first_delta_xadd_to_client_ms"]
-            if worker is not None and api is not None:
-                split = (
-                    f"; split at the XADD: model -> XADD p50 {worker['p50']:.1f} ms p99 "
-                    f"{worker['p99']:.0f} ms, XADD -> client p50 {api['p50']:.1f} ms p99 "
-                    f"{api['p99']:.0f} ms"
-                )
-            lines.append(
-                f"  first-delta overhead p99 with 500 streams: {overhead['p99']:.0f} ms "
-                f"(goal <= 20: {_verdict(overhead['p99'] <= 20)}){split}"
-            )
+        overhead = heavy.figure("first_delta_overhead_ms", "p99")
+        worker = "first_delta_model_to_xadd_ms"
+        api = "first_delta_xadd_to_client_ms"
+        lines.append(
+            f"  first-delta overhead p99 with 500 streams: {overhead:.0f} ms "
+            f"(goal <= 20: {_verdict(overhead <= 20)}); split at the XADD: model -> XADD p50 "
+            f"{heavy.figure(worker, 'p50'):.1f} ms p99 {heavy.figure(worker, 'p99'):.0f} ms, "
+            f"XADD -> client p50 {heavy.figure(api, 'p50'):.1f} ms p99 "
+            f"{heavy.figure(api, 'p99'):.0f} ms"
+        )
     light = by_load.get((200, 200, 5.0))
-    if light is not None and light.reply_ratio:
-        p99 = light.to_json()["reply_time_over_model"]["p99"]
+    if light is not None:
+        p99 = light.figure("reply_time_over_model", "p99")
         lines.append(
             f"  200 x 200 x 5 ms: reply time p99 {p99:.2f}x the model's own "
             f"(goal <= 1.5: {_verdict(p99 <= 1.5)})"
         )
-    complete = all(r.completed == r.load.streams for r in results)
+    complete = all(s.complete for s in summaries)
     lines.append(f"  every reply complete and exact: {_verdict(complete)}")
     return lines
 
@@ -299,12 +313,16 @@ def relay_table(results: list[relay_bench.RelayResult]) -> str:
 
 def relay_lines(results: list[relay_bench.RelayResult]) -> list[str]:
     r = relay_bench
+    summaries = r.summaries(results)
+    rounds = max((len(s.runs) for s in summaries), default=0)
     return [
         f"Relay: streams x tokens x token delay (after {r.FIRST_DELAY_MS:g} ms), one SSE client "
         f"each; API (WORKER_IN_API=false) + {r.WORKERS} worker processes, default settings; CPU "
-        "of API + workers + Redis; bench/fake_model.py:",
+        "of API + workers + Redis; bench/fake_model.py; each run:",
         *(relay_line(x) for x in results),
-        *relay_goals(results),
+        f"Medians of {rounds} runs (the runs' range in brackets) and the goals of issue 12:",
+        *(relay_median_line(s) for s in summaries),
+        *relay_goals(summaries),
     ]
 
 

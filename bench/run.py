@@ -361,12 +361,15 @@ def _run_relay(redis_binary: str, workdir: Path) -> list[relay.RelayResult]:
         }
         results = []
         print("relay: pids " + orjson.dumps(pids).decode(), flush=True)  # (to attach a profiler)
-        for load in relay.selected_loads(os.environ.get("BENCH_RELAY_LOADS")):
-            _step(f"relay: {load.name}")
-            results.append(relay.measure(port, token, model_port, redis_url, pids, load))
-            for child in (redis, model, api, *workers):
-                child.check_alive()
-            print(report.relay_line(results[-1]), flush=True)
+        loads = relay.selected_loads(os.environ.get("BENCH_RELAY_LOADS"))
+        rounds = relay.selected_rounds(os.environ.get("BENCH_RELAY_ROUNDS"))
+        for number in range(1, rounds + 1):
+            for load in loads:
+                _step(f"relay: {load.name} (round {number}/{rounds})")
+                results.append(relay.measure(port, token, model_port, redis_url, pids, load))
+                for child in (redis, model, api, *workers):
+                    child.check_alive()
+                print(report.relay_line(results[-1]), flush=True)
         return results
 
 
@@ -384,7 +387,8 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
     if os.environ.get("BENCH_ONLY") == "relay":  # the relay benchmark alone
         relays = _run_relay(redis_binary, workdir / "relay")
         print(report.relay_table(relays))
-        print(orjson.dumps([r.to_json() for r in relays], option=orjson.OPT_INDENT_2).decode())
+        summaries = [s.to_json() for s in relay.summaries(relays)]
+        print(orjson.dumps(summaries, option=orjson.OPT_INDENT_2).decode())
         return 0
     if os.environ.get("BENCH_ONLY") == "replies":  # time to first token and the fan-out alone
         (workdir / "replies").mkdir()
@@ -549,7 +553,7 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
                 **replies.gc_pauses,
             },
         },
-        "relay": [r.to_json() for r in relays],
+        "relay": [s.to_json() for s in relay.summaries(relays)],
         "instructions": counts.to_json() if counts is not None else None,
         "notes": notes,
     }
