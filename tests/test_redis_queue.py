@@ -70,6 +70,8 @@ async def test_a_job_done_leaves_the_stream_and_is_not_taken_again(
     cid = await _signalled(store)
     [job] = await jobs.take("w", 10, wait_seconds=0.1)
     assert (job.conversation_id, await store.redis.call("XLEN", store.keys.jobs)) == (cid, 1)
+    # Its reply written and off the conversation's queue (else the sweep would signal it again).
+    await store.redis.call("DEL", store.keys.replies(cid))
     await jobs.ack(job)
     # Neither pending (a dead worker's job to reclaim, once its lease time has passed) nor in
     # the stream (which keeps only jobs to do: a sweep would signal none).
