@@ -7,12 +7,16 @@ import asyncio
 import gc
 from typing import Any
 
-# Collections less often than Python's defaults (700, 10, 10). A process holding 10,000 event
-# streams keeps millions of objects alive, and each full collection walks them all (1-3 s of a
-# stalled event loop); with the defaults it ran 27 of them during the 10,000-client benchmark
-# (12.5 s of pauses in all), with these 1 (3.2 s; POST -> first delta p99 1.4 s -> 1.0 s,
-# bench/fanout.py). A young collection then scans up to 50,000 new objects (a few ms).
-THRESHOLDS = (50_000, 20, 100)
+# Older generations collected less often than Python's defaults (700, 10, 10). A process
+# holding 10,000 event streams keeps millions of objects alive, and each full collection walks
+# them all (1-3 s of a stalled event loop); with the defaults it ran 27 of them during the
+# 10,000-client benchmark (12.5 s of pauses in all), with a middle generation every million
+# allocations and an old one every 100 of those, 1-2 (POST -> first delta p99 1.4 s -> 1.0 s,
+# bench/fanout.py). Young collections every 10,000 (x 100 = the same million): at 50,000 (x 20)
+# each took 13-24 ms of the API's loop while it set up hundreds of streams, and the API
+# paused 10 ms or more 38 and 49 times in that benchmark against 9 and 9 now, the full
+# collections alike (2), at +0.3-0.7% of a request's instructions (callgrind).
+THRESHOLDS = (10_000, 100, 100)
 
 
 def settle_gc() -> None:
