@@ -117,7 +117,7 @@ def _worker(settings: Settings) -> int:
     from conversational_core.observability.logging import configure_logging
     from conversational_core.observability.metrics import start_metrics_server
     from conversational_core.replies.worker import run_worker
-    from conversational_core.runtime import settle_gc
+    from conversational_core.runtime import WORKER_THRESHOLDS, settle_gc
     from conversational_core.storage.factory import open_backend
 
     if not settings.REDIS_URL:
@@ -142,7 +142,7 @@ def _worker(settings: Settings) -> int:
             open_backend(settings, worker=True) as backend,
             run_worker(settings, backend) as worker,
         ):
-            settle_gc()  # start-up objects live forever: keep them out of full collections
+            settle_gc(WORKER_THRESHOLDS)  # start-up objects live forever: frozen
             logger.info(
                 "worker {} started (concurrency {})", worker.name, settings.WORKER_CONCURRENCY
             )

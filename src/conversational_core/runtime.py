@@ -12,19 +12,23 @@ from typing import Any
 # them all (1-3 s of a stalled event loop); with the defaults it ran 27 of them during the
 # 10,000-client benchmark (12.5 s of pauses in all), with a middle generation every million
 # allocations and an old one every 100 of those, 1-2 (POST -> first delta p99 1.4 s -> 1.0 s,
-# bench/fanout.py). Young collections every 10,000 (x 100 = the same million): at 50,000 (x 20)
-# each took 13-24 ms of the API's loop while it set up hundreds of streams, and the API
-# paused 10 ms or more 38 and 49 times in that benchmark against 9 and 9 now, the full
-# collections alike (2), at +0.3-0.7% of a request's instructions (callgrind).
+# bench/fanout.py). The API's young collections every 10,000 allocations (x 100 = the same
+# million): at 50,000 (x 20) each took 13-24 ms of its loop while it set up hundreds of
+# streams, and it paused 10 ms or more 38 and 49 times in that benchmark against 9 and 9 at
+# 10,000, the full collections alike (2); its instructions a request the same within their
+# spread (callgrind).
 THRESHOLDS = (10_000, 100, 100)
+# A reply worker's: its young collections at 50,000 stayed under 3 ms in the relay, and at
+# 10,000 it paused 10 ms or more more often in the fan-out (3-6 times a worker against 2).
+WORKER_THRESHOLDS = (50_000, 20, 100)
 
 
-def settle_gc() -> None:
+def settle_gc(thresholds: tuple[int, int, int] = THRESHOLDS) -> None:
     """Once started: what start-up made never dies, so it is frozen out of the collector's
-    scans, and the collector runs at THRESHOLDS."""
+    scans, and the collector runs at `thresholds` (THRESHOLDS: the API's)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*THRESHOLDS)
+    gc.set_threshold(*thresholds)
 
 
 async def stopped(task: asyncio.Future[Any]) -> None:
