@@ -4,7 +4,7 @@ counted by callgrind.
 Why: on this shared 2-core machine requests/s and CPU time per request move by a fifth between
 runs of the same code (the README's ranges), more than most changes to the request path. The
 number of instructions a server runs for a request does not: valgrind's callgrind counts them
-(the same count, within 0.1%, from run to run, whatever else the machine does). It counts the
+(the same count, within 0.1-1%, from run to run, whatever else the machine does). It counts the
 server process's own instructions (Python, its C extensions, libuv), not the kernel's (the
 socket calls, alike on both sides) nor time spent waiting, so bare/ours of it is the ratio the
 throughput benchmark would give on a quiet machine for the work in user space.
