@@ -19,7 +19,7 @@ from typing import Any
 # spread (callgrind).
 THRESHOLDS = (10_000, 100, 100)
 # A reply worker's: its young collections at 50,000 stayed under 3 ms in the relay, and at
-# 10,000 it paused 10 ms or more more often in the fan-out (3-6 times a worker against 2).
+# 10,000 it paused 10 ms or more more often in the fan-out (2-6 times a worker against 2).
 WORKER_THRESHOLDS = (50_000, 20, 100)
 
 
