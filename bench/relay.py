@@ -205,21 +205,20 @@ class RelaySummary:
     load: Load
     runs: tuple[RelayResult, ...]
 
-    def _median(self, figure: Any) -> float:
-        values = [v for v in (figure(r) for r in self.runs) if v is not None and v == v]
-        return statistics.median(values) if values else float("nan")
-
-    def _range(self, figure: Any) -> tuple[float, float]:
-        values = [v for v in (figure(r) for r in self.runs) if v is not None and v == v]
-        return (min(values), max(values)) if values else (float("nan"), float("nan"))
+    def _values(self, name: str, pick: str | None) -> list[float]:
+        """A figure of RelayResult.to_json in each run that has it (`pick`: p50 or p99 of a
+        distribution)."""
+        values = (_pick(r.to_json()[name], pick) for r in self.runs)
+        return [v for v in values if v is not None and v == v]  # (v != v: NaN)
 
     def figure(self, name: str, pick: str | None = None) -> float:
-        """The median over runs of a figure of RelayResult.to_json (`pick`: p50 or p99 of a
-        distribution)."""
-        return self._median(lambda r: _pick(r.to_json()[name], pick))
+        """The median over runs of a figure of RelayResult.to_json."""
+        values = self._values(name, pick)
+        return statistics.median(values) if values else float("nan")
 
     def spread(self, name: str, pick: str | None = None) -> tuple[float, float]:
-        return self._range(lambda r: _pick(r.to_json()[name], pick))
+        values = self._values(name, pick)
+        return (min(values), max(values)) if values else (float("nan"), float("nan"))
 
     @property
     def complete(self) -> bool:
