@@ -4,6 +4,8 @@ of a batch's deltas."""
 
 from __future__ import annotations
 
+import orjson
+
 from conversational_core.replies.assembly import PartsBuilder
 from conversational_core.replies.providers.base import Piece
 
@@ -78,7 +80,7 @@ def test_calls_streamed_without_an_index_are_told_apart_by_their_ids() -> None:
     """Servers that send no `index` (Gemini's OpenAI-compatible endpoint) start each call with
     its id; pieces naming neither continue the last call, and a name sent after a call's first
     piece is kept."""
-    from conversational_core.replies.providers.openai import chunk_items
+    from conversational_core.replies.providers.openai import chunk_items, decode_chunk
 
     def call(**fields: object) -> dict[str, object]:
         return {"choices": [{"index": 0, "delta": {"tool_calls": [fields]}}]}
@@ -93,7 +95,7 @@ def test_calls_streamed_without_an_index_are_told_apart_by_their_ids() -> None:
     ]
     built = PartsBuilder()
     for chunk in chunks:
-        built.add_all(chunk_items(chunk))  # type: ignore[arg-type]
+        built.add_all(chunk_items(decode_chunk(orjson.dumps(chunk))))  # type: ignore[arg-type]
     assert [(p["id"], p["name"], p["arguments"]) for p in built.parts] == [
         ("call_x", "get_weather", '{"city": "Lisbon"}'),
         ("call_y", "get_weather", '{"city": "Porto"}'),

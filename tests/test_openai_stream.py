@@ -4,6 +4,7 @@ chunk that reports an error."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from conversational_core.replies.providers.base import (
@@ -13,7 +14,12 @@ from conversational_core.replies.providers.base import (
     SSEData,
     Usage,
 )
-from conversational_core.replies.providers.openai import chunk_items
+from conversational_core.replies.providers.openai import chunk_items, decode_chunk
+
+
+def _items(chunk: object) -> list[object]:
+    """What a chunk, sent as this JSON, holds for the reply."""
+    return list(chunk_items(decode_chunk(orjson.dumps(chunk))))
 
 
 def _all(*parts: bytes) -> list[bytes]:
@@ -56,12 +62,12 @@ def test_a_chunk_gives_text_reasoning_calls_and_usage() -> None:
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 4},
     }
-    assert chunk_items(chunk) == [
+    assert _items(chunk) == [
         Piece("reasoning", "hm", key="reasoning"),
         "Hi",
         Piece("tool_call", "", key=1, id="c", name="f"),
         Usage(3, 4),
     ]
-    assert chunk_items({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) == []
+    assert _items({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) == []
     with pytest.raises(ProviderError):
-        chunk_items({"error": {"message": "the engine died"}})
+        _items({"error": {"message": "the engine died"}})

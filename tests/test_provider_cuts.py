@@ -379,9 +379,11 @@ async def test_anthropic_error_event_mid_stream_fails_the_reply() -> None:
     ("make", "events"),
     [
         (_openai, [_OPENAI[0], sse_event({"choices": "not a list of choices"})]),
+        (_openai, [_OPENAI[0], sse_event({"choices": [{"delta": "not an object"}]})]),
+        (_openai, [_OPENAI[0], b'data: ["a", "list", "for", "a", "chunk"]\n\n']),
         (_anthropic, [*_ANTHROPIC, sse_event({"type": "content_block_delta", "index": 0})]),
     ],
-    ids=["openai", "anthropic"],
+    ids=["openai", "openai-delta", "openai-array", "anthropic"],
 )
 async def test_an_event_of_another_shape_is_an_unreadable_answer(
     make: Callable[[int], Provider], events: list[bytes]

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 
 import aiohttp
 import httpx2
+import msgspec
 import orjson
 
 from conversational_core.storage.models import Part, text_parts
@@ -252,6 +253,9 @@ UNREADABLE = "The AI provider sent a response that could not be read."
 # What reading an event of another shape than its protocol's raises (a field missing or of
 # another type): the answer is UNREADABLE, as bytes that are not JSON.
 MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
+# What a stream's decoder raises for an event that is not JSON, or (a typed decoder's
+# ValidationError, a DecodeError) JSON of another shape than its protocol's.
+UNDECODABLE = (orjson.JSONDecodeError, msgspec.DecodeError)
 
 
 def translate_sdk_error(exc: Exception, sdk: ModuleType) -> ProviderError:
@@ -372,8 +376,10 @@ async def stream_events(
     sdk_error: type[Exception],
     pace: Callable[[], float],
     end: StreamEnd | None = None,
+    decode: Callable[[bytes], Any] = orjson.loads,
 ) -> AsyncGenerator[list[Any], None]:
-    """The events of a streamed completion, each its JSON parsed with orjson, from a POST of
+    """The events of a streamed completion, each its JSON parsed by `decode` (orjson's, or a
+    typed decoder that builds only the fields read: providers/openai.py), from a POST of
     `body` made through an official SDK's generic `post` (`client`: the SDK's async client,
     `sdk`: its module, `sdk_error`: its base error): for each read of the response, the events
     it completed (a list; a read that completed none gives nothing). Ends at OpenAI's `[DONE]`
@@ -438,8 +444,8 @@ async def stream_events(
                         if events:
                             yield events
                         return
-                    events.append(orjson.loads(data))
-            except orjson.JSONDecodeError:
+                    events.append(decode(data))
+            except UNDECODABLE:
                 if events:
                     yield events  # the events before the unreadable one first
                 raise
@@ -451,14 +457,14 @@ async def stream_events(
                 finally:
                     if held is not None:
                         _Holder.release(held)  # (also when the reader stops here)
-        last = [orjson.loads(data) for data in decoder.end() if data != b"[DONE]"]
+        last = [decode(data) for data in decoder.end() if data != b"[DONE]"]
         if last:
             yield last
     # (the SDKs' HTTP layer is httpx2, whose errors are not httpx's; a body read straight
     # from aiohttp (_body) fails with aiohttp's own)
     except (httpx2.TimeoutException, aiohttp.ServerTimeoutError):
         raise ProviderError(TIMEOUT_ERROR, retryable=True) from None
-    except (orjson.JSONDecodeError, EventTooLong, BrokenBody):
+    except (*UNDECODABLE, EventTooLong, BrokenBody):
         raise ProviderError(UNREADABLE, retryable=True) from None
     except RuntimeError:
         # aiohttp's reader refuses a read begun once the connection is gone ("Connection
