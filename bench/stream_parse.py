@@ -150,7 +150,7 @@ async def main() -> None:
     print(f"Reading a model's stream, worker CPU per token ({ROUNDS} rounds of {REPLIES} replies "
           f"each, medians):")  # fmt: skip
     print(f"  openai SDK stream (a model per chunk)        {a:6.1f} us")
-    print(f"  raw events + orjson (providers/openai)       {b:6.1f} us   ({a / b:.1f}x less)")
+    print(f"  raw events + msgspec (providers/openai)      {b:6.1f} us   ({a / b:.1f}x less)")
     print(f"  anthropic SDK messages.stream (snapshots)    {c:6.1f} us")
     print(f"  raw events + orjson (providers/anthropic)    {d:6.1f} us   ({c / d:.1f}x less)")
 
