@@ -166,11 +166,12 @@ _TOLD = ("length", "content_filter")  # finish reasons a user is told of (the ot
 # A chunk as the fields a reply reads from it, decoded by msgspec straight from the event's
 # JSON: the others (`id`, `object`, `created`, `model`, `logprobs`, ...) are skipped without
 # being built, and no dict is made for the chunk, its choice or its delta. Against orjson's
-# dicts read with `get`: ~0.8 against ~1.9 us a token in the worker (a vLLM chunk, measured),
+# dicts read with `get`: ~0.8 against ~1.8 us a token in the worker (a vLLM chunk, measured),
 # where every token is one chunk. The fields are as lenient as a dict's `get` was (`Any`); a
-# chunk, choice or delta that is not an object (or null) fails the decode (UNDECODABLE), as it
-# failed the reads before (MALFORMED): UNREADABLE. No cycle can be made of decoded JSON, so the
-# structs are left out of the garbage collector's tracking (gc=False).
+# chunk or choice that is not an object, a delta neither an object nor null, or `choices`
+# neither an array nor null, fails the decode (UNDECODABLE), as it failed the reads before
+# (MALFORMED; but for `choices: {}`, read before as none): UNREADABLE. No cycle can be made of
+# decoded JSON, so the structs are left out of the garbage collector's tracking (gc=False).
 class _Delta(msgspec.Struct, gc=False):
     content: Any = None
     reasoning_content: Any = None
