@@ -34,6 +34,7 @@ what the percentiles hide, e.g. whether the slowest first deltas came together, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import statistics
 import time
@@ -205,10 +206,15 @@ class RelaySummary:
     load: Load
     runs: tuple[RelayResult, ...]
 
+    @functools.cached_property
+    def _jsons(self) -> list[dict[str, Any]]:
+        """Each run's RelayResult.to_json, made once (its percentiles sort every reply's)."""
+        return [r.to_json() for r in self.runs]
+
     def _values(self, name: str, pick: str | None) -> list[float]:
         """A figure of RelayResult.to_json in each run that has it (`pick`: p50 or p99 of a
         distribution)."""
-        values = (_pick(r.to_json()[name], pick) for r in self.runs)
+        values = (_pick(j[name], pick) for j in self._jsons)
         return [v for v in values if v is not None and v == v]  # (v != v: NaN)
 
     def figure(self, name: str, pick: str | None = None) -> float:
@@ -241,11 +247,11 @@ class RelaySummary:
         ):
             medians[name] = {q: round(self.figure(name, q), 2) for q in ("p50", "p99")}
         return {
-            "load": self.runs[0].to_json()["load"],
+            "load": self._jsons[0]["load"],
             "rounds": len(self.runs),
             "all_complete": self.complete,
             "medians_of_rounds": medians,
-            "runs": [r.to_json() for r in self.runs],
+            "runs": self._jsons,
         }
 
 
