@@ -40,6 +40,27 @@ def test_interleaved_calls_each_keep_their_arguments() -> None:
     assert batch.parts == built.parts
 
 
+def test_the_parts_read_at_any_point_hold_exactly_the_deltas_so_far() -> None:
+    """What a reply stopped mid-stream saves (the builder's snapshot): each part's text is the
+    concatenation of the deltas it had, read as often as it is, between deltas too."""
+    pieces: list[str | Piece] = [
+        *(f"t{i} " for i in range(300)),
+        Piece("tool_call", '{"n": ', key=0, id="a", name="f"),
+        *(Piece("tool_call", f"{i}", key=0) for i in range(50)),
+        "after",
+    ]
+    built = PartsBuilder()
+    sent: dict[int, str] = {}
+    for i, piece in enumerate(pieces):
+        for delta in built.add_all([piece]):
+            sent[delta.part_index] = sent.get(delta.part_index, "") + delta.text
+        if i % 7 == 0 or i == len(pieces) - 1:
+            snapshot = built.snapshot()
+            assert {n: p.get("text", p.get("arguments")) for n, p in enumerate(snapshot)} == sent
+    assert built.parts[0]["text"] == "".join(f"t{i} " for i in range(300))
+    assert built.parts[1]["arguments"] == '{"n": ' + "".join(str(i) for i in range(50))
+
+
 def test_a_signature_after_its_thinking_goes_on_that_part() -> None:
     built = PartsBuilder()
     built.add_all([Piece("reasoning", "Hm.", key=0)])
