@@ -12,7 +12,11 @@ throughput benchmark would give on a quiet machine for the work in user space.
 Each server runs under `valgrind --tool=callgrind --instr-atstart=no`, is warmed with
 WARMUP requests, then counted over COUNTED requests of each route, one after the other on one
 keep-alive connection (`callgrind_control` switches counting on and off and dumps the count).
-Valgrind runs the server ~50 times slower: this takes about a minute.
+Then the POST again as the throughput benchmark sends it, from wrk's CONCURRENT connections at
+once (CONCURRENT_SECONDS counted, over the requests wrk completed: the up to CONCURRENT
+requests it leaves unfinished at the end are counted too, ~1% of them, on both sides alike):
+what a request costs a server busy with many, where a turn of the event loop serves several.
+Valgrind runs the server ~50 times slower: this takes about a minute and a half.
 
     PYTHONPATH=src:. python -m bench.instructions   (make bench runs it too)
 """
@@ -44,9 +48,12 @@ from bench.procs import (
     redis_server,
 )
 from bench.procs import service as service_process
+from bench.wrk import WrkRequest, run_wrk
 
 WARMUP = 200
 COUNTED = 500
+CONCURRENT = 32  # wrk's connections, as in the throughput benchmark
+CONCURRENT_SECONDS = 20  # ~3,000 requests under valgrind
 PAGE_MESSAGES = 50
 USER = "bench-user"
 
@@ -72,6 +79,7 @@ class Counts:
     def to_json(self) -> dict[str, object]:
         return {
             "requests_counted": COUNTED,
+            "concurrent_connections": CONCURRENT,
             "ours_production": {k: round(v) for k, v in self.ours.items()},
             "bare": {k: round(v) for k, v in self.bare.items()},
             "bare_over_ours": {k: round(self.ratio(k), 3) for k in self.ours},
@@ -131,9 +139,11 @@ def _dumped(out_dir: Path, stem: str, label: str) -> int:
 def _count(
     child: Child, out_dir: Path, name: str, port: int, routes: list[Route], token: str
 ) -> dict[str, float]:
-    """Instructions a request of each route on a running server under callgrind."""
+    """Instructions a request of each route on a running server under callgrind, and of the
+    first route (the POST) from CONCURRENT connections (`<route>_concurrent`)."""
     pid = child.proc.pid
     counts: dict[str, float] = {}
+    wrk = ensure_binary("wrk", "wrk")
     with RawClient(port, timeout=120.0) as client:
         for route in routes:
             expected = 201 if route.method == "POST" else 200
@@ -151,6 +161,18 @@ def _count(
             _control(pid, "--dump")
             dumped = _dumped(out_dir, f"{name}.{pid}.", f"{name}-{route.name}")
             counts[route.name] = dumped / COUNTED
+    route = routes[0]
+    request = WrkRequest(route.method, route.path, token, orjson.dumps(route.json))
+    run_wrk(wrk, port, request, seconds=3, connections=CONCURRENT)  # its connections warmed
+    _control(pid, "--zero")
+    _control(pid, "--instr=on")
+    done = run_wrk(wrk, port, request, seconds=CONCURRENT_SECONDS, connections=CONCURRENT)
+    _control(pid, "--instr=off")
+    _control(pid, "--dump")
+    if done.errors > CONCURRENT or done.requests < COUNTED:
+        raise RuntimeError(f"{name}: {done.requests} requests, {done.errors} errors (wrk)")
+    dumped = _dumped(out_dir, f"{name}.{pid}.", f"{name}-{route.name}_concurrent")
+    counts[f"{route.name}_concurrent"] = dumped / done.requests
     child.check_alive()
     return counts
 
@@ -196,7 +218,11 @@ def measure(redis_url: str, workdir: Path) -> Counts:
 
 
 def lines(counts: Counts) -> list[str]:
-    names = {"post_message": "POST message", "get_page_50": "GET page of 50"}
+    names = {
+        "post_message": "POST message",
+        "get_page_50": "GET page of 50",
+        "post_message_concurrent": f"POST, {CONCURRENT} conns",
+    }
     return [
         f"{names[k]:<15} ours {counts.ours[k]:>9,.0f}  bare {counts.bare[k]:>9,.0f}  "
         f"bare/ours {counts.ratio(k):.3f}"
