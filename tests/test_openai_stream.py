@@ -9,6 +9,7 @@ import pytest
 
 from conversational_core.replies.providers.base import (
     EventTooLong,
+    Item,
     Piece,
     ProviderError,
     SSEData,
@@ -94,13 +95,13 @@ def test_a_read_s_chunks_give_what_each_gives_in_order() -> None:
         {"choices": None},
     ]  # fmt: skip
     chunks = [decode_chunk(orjson.dumps(body)) for body in bodies]
-    items: list[object] = []
-    add_items(items, chunks)  # type: ignore[arg-type]
+    items: list[Item] = []
+    add_items(items, chunks)
     assert items == [item for chunk in chunks for item in chunk_items(chunk)]
     assert items[:4] == ["Hel", "lo", Piece("reasoning", "hm", key="reasoning"),
                          Piece("reasoning", "so", key="reasoning")]  # fmt: skip
     failing = [chunks[1], decode_chunk(b'{"error": {"message": "died"}}'), chunks[2]]
     items = []
     with pytest.raises(ProviderError):
-        add_items(items, failing)  # type: ignore[arg-type]
+        add_items(items, failing)
     assert items == ["Hel"]
