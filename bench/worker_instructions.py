@@ -121,9 +121,8 @@ def measure() -> dict[str, float]:
                             _reply(client, token)
                         _control(pid, "--instr=off")
                         _control(pid, "--dump")
-                        counts[shape.name] = (
-                            _dumped(out, f"worker.{pid}.", f"worker-{shape.tokens}") / COUNT
-                        )
+                        dumped = _dumped(out, f"worker.{pid}.", f"worker-{shape.tokens}")
+                        counts[shape.name] = dumped["Ir"] / COUNT
                     worker.check_alive()
     return counts
 
