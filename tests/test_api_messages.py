@@ -176,6 +176,21 @@ async def test_pagination_over_http(client: httpx.AsyncClient, settings: Setting
 
     assert await walk() == ids
     assert await walk(order="desc") == ids[::-1]
+    # A cursor belongs to its conversation: passed to another one, a 400 that says so (not a
+    # page of that one from the position it held). One written before cursors were bound (its
+    # numbers without the last) still pages, as during an upgrade.
+    url = f"/conversations/{cid}/messages"
+    first = (await client.get(url, headers=alice, params={"limit": 5})).json()
+    other = await _conversation(client, alice)
+    elsewhere = await client.get(
+        f"/conversations/{other}/messages", headers=alice, params={"cursor": first["next_cursor"]}
+    )
+    assert elsewhere.status_code == 400
+    assert elsewhere.json()["detail"] == "The cursor was made for another conversation."
+    unbound = _cursor(_numbers(first["next_cursor"])[:-1])
+    for cursor in (first["next_cursor"], unbound):
+        page = (await client.get(url, headers=alice, params={"cursor": cursor})).json()
+        assert [m["id"] for m in page["items"]] == ids[5:]
     assert await walk(after=ids[3]) == ids[4:]
     # `before` walks back through history: the page right before the anchor, then earlier ones.
     assert await walk(before=ids[8]) == ids[3:8] + ids[:3]
@@ -254,6 +269,12 @@ async def test_message_validation(client: httpx.AsyncClient, settings: Settings)
 def _cursor(values: Sequence[object]) -> str:
     """A cursor of the service's form (base64url of a JSON array) holding `values`."""
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+def _numbers(cursor: str) -> list[int]:
+    """What a cursor of the service's form holds."""
+    values: list[int] = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    return values
 
 
 async def test_a_query_sent_again_is_read_as_the_first_time(

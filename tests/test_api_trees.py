@@ -128,6 +128,12 @@ async def test_edits_and_regenerates_are_siblings_and_the_model_gets_the_branch(
         )
     ).json()
     assert [m["content"] for m in rest["items"]] == ["A2 again"]
+    mixed = await api.get(  # (that cursor, for the siblings of another message)
+        f"/conversations/{cid}/messages/{two['id']}/siblings",
+        params={"cursor": first_page["next_cursor"]},
+    )
+    assert mixed.status_code == 400
+    assert mixed.json()["detail"] == "The cursor was made for the siblings of another message."
     old = await _messages(api, cid, leaf=two["reply_message_id"])
     assert [m["content"] for m in old] == ["one", "A1", "two", "A2"]
     everything = await _messages(api, cid, view="all")

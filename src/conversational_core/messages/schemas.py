@@ -105,7 +105,9 @@ class MessageList(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[MessageOut]
-    next_cursor: str | None = Field(description="Pass back as `cursor` for the next page.")
+    next_cursor: str | None = Field(
+        description="Pass back as `cursor` for the next page (of this list only: 400 elsewhere)."
+    )
 
 
 class MessageListQuery(BaseModel):

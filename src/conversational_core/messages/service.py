@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -83,15 +84,25 @@ def _encode_cursor(*values: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _cursor_tag(*names: str) -> int:
+    """What a cursor is bound to (its conversation; a siblings cursor, its message too), as the
+    cursor's last number: a cursor passed to another list is a clear 400 rather than a page of
+    that list from the position it held (CRC-32: a check against mistakes, not a secret; the
+    list's owner is checked as for any request)."""
+    return zlib.crc32("/".join(names).encode())
+
+
 # A position or index a cursor may hold: what this service writes (positions and indexes count
 # up from 0), and exact in a Lua number (a double): past 2**53, `i + 1` is `i` again, and a
 # script walking from there never ends - a loop that would hold the Redis server for everyone.
 _CURSOR_MAX = 2**53 - 1
 
 
-def _decode_cursor(value: str, size: int) -> list[int]:
-    """The integers of a cursor this service wrote: [flags…, position], each flag 0 or 1, the
-    position 0 to 2**53-1. A 400 for anything else."""
+def _decode_cursor(value: str, size: int, tag: int, other: str) -> list[int]:
+    """The integers of a cursor this service wrote: [flags…, position, tag], each flag 0 or 1,
+    the position 0 to 2**53-1, the tag `tag` (`_cursor_tag` of the list read: else a 400 that
+    says the cursor belongs to `other`). Without the tag (a cursor written before cursors were
+    bound, still valid during an upgrade), the `size` integers alone. A 400 for anything else."""
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         values = orjson.loads(raw)
@@ -99,14 +110,16 @@ def _decode_cursor(value: str, size: int) -> list[int]:
         raise BadRequest("Invalid cursor.") from None
     if (
         not isinstance(values, list)
-        or len(values) != size
+        or len(values) not in (size, size + 1)
         # (not a bool: JSON's true is a Python int too)
         or not all(type(v) is int for v in values)
-        or not all(v in (0, 1) for v in values[:-1])
-        or not 0 <= values[-1] <= _CURSOR_MAX
+        or not all(v in (0, 1) for v in values[: size - 1])
+        or not 0 <= values[size - 1] <= _CURSOR_MAX
     ):
         raise BadRequest("Invalid cursor.")
-    return values
+    if len(values) > size and values[size] != tag:
+        raise BadRequest(f"The cursor was made for {other}.")
+    return values[:size]
 
 
 def _assistant_reply(conversation_id: str, now: str) -> Message:
@@ -432,7 +445,9 @@ class MessageService:
         descending = order == "desc"
         anchor_seq, anchor_id, backward = None, None, False
         if cursor is not None:
-            cursor_desc, backward_flag, anchor_seq = _decode_cursor(cursor, 3)
+            cursor_desc, backward_flag, anchor_seq = _decode_cursor(
+                cursor, 3, _cursor_tag(conversation_id), "another conversation"
+            )
             if bool(cursor_desc) != descending:
                 raise BadRequest("The cursor was made for the other order.")
             backward = bool(backward_flag)
@@ -456,7 +471,9 @@ class MessageService:
             # Continue in the direction of travel: forward after the last item, backward before
             # the first.
             edge = page.seqs[0] if query.backward else page.seqs[-1]
-            next_cursor = _encode_cursor(int(descending), int(query.backward), edge)
+            next_cursor = _encode_cursor(
+                int(descending), int(query.backward), edge, _cursor_tag(conversation_id)
+            )
         return MessagePage(page, next_cursor)
 
     async def siblings(
@@ -468,14 +485,19 @@ class MessageService:
         limit: int,
         cursor: str | None,
     ) -> MessagePage:
-        after = -1 if cursor is None else _decode_cursor(cursor, 1)[0]
+        tag = _cursor_tag(conversation_id, message_id)
+        after = (
+            -1
+            if cursor is None
+            else _decode_cursor(cursor, 1, tag, "the siblings of another message")[0]
+        )
         page = await self._store.list_siblings(
             conversation_id, read_owner(principal), message_id, limit, after
         )
         page = await self._live_slice(conversation_id, page)
         next_cursor = None
         if page.has_more and page.seqs:
-            next_cursor = _encode_cursor(page.seqs[-1])
+            next_cursor = _encode_cursor(page.seqs[-1], tag)
         return MessagePage(page, next_cursor)
 
     async def update(
