@@ -192,6 +192,36 @@ async def test_a_version_lost_by_redis_is_never_given_again(redis_store: RedisSt
     assert _texts(await store.list_messages(cid, "alice", PAGE)) == ["m0", "new"]
 
 
+async def _redis_micros(store: RedisStore) -> int:
+    seconds, micros = await store.redis.call("TIME")
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+async def test_a_page_version_is_the_servers_clock_or_one_past_the_last(
+    redis_store: RedisStore,
+) -> None:
+    """The version a write gives is Redis's clock in microseconds (its digits joined as strings
+    by the script, micros zero-padded), or one more than the last when the clock is not past it:
+    never a version given before."""
+    store = redis_store
+    conv, _ = await store.create_conversation(conversation())
+    key = store.keys.conversation(conv.id)
+    padded = 0  # writes whose micros have fewer than 6 digits: written until some came by
+    k = 0
+    while padded < 3:  # (within the first tenth of a second: at most a second of writes)
+        before = await _redis_micros(store)
+        await store.append_messages(conv.id, "alice", [message(conv.id, f"m{k}")], utcnow())
+        after = await _redis_micros(store)
+        version = await store.redis.call("HGET", key, "pv")
+        assert version.isdigit() and before <= int(version) <= after
+        padded += after // 1_000_000 == before // 1_000_000 and after % 1_000_000 < 100_000
+        k += 1
+    ahead = await _redis_micros(store) + 10**9  # a version from a clock that ran ahead
+    await store.redis.call("HSET", key, "pv", str(ahead))
+    await store.append_messages(conv.id, "alice", [message(conv.id, "next")], utcnow())
+    assert int(await store.redis.call("HGET", key, "pv")) == ahead + 1
+
+
 async def test_a_refused_write_keeps_the_pages(any_redis_store: RedisStore) -> None:
     store = any_redis_store
     conv, _ = await store.create_conversation(conversation())

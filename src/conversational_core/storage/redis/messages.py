@@ -106,17 +106,18 @@ class RedisMessages(RedisParts):
         one_script = not self.redis.cluster and owner is not None
         if one_script:
             script_keys += [keys.user_conversations(owner or ""), keys.jobs]
-        # The scalars as one JSON argument (append.lua says why).
+        # The scalars as one JSON argument; those only handed on to Redis as strings (append.lua
+        # says why).
         scalars = [
             owner or "",
             now,
-            ttl,
+            str(ttl),
             fingerprint,
             len(messages),
-            self._max_len,
-            self._events_ttl,
+            str(self._max_len),
+            str(self._events_ttl),
             reply_id or "",
-            score,
+            str(score),
             conversation_id,
             parent_arg,
             on_busy or "",
