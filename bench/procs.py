@@ -140,10 +140,17 @@ def _redis_answers(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def redis_server(binary: str, workdir: Path) -> Iterator[tuple[Child, str]]:
-    """A private redis-server without persistence; yields it and its URL."""
+def redis_server(
+    binary: str,
+    workdir: Path,
+    prefix: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[Child, str]]:
+    """A private redis-server without persistence (after `prefix`, e.g. a valgrind command);
+    yields it and its URL."""
     port = free_port()
     argv = [
+        *prefix,
         binary,
         "--port",
         str(port),
@@ -157,9 +164,13 @@ def redis_server(binary: str, workdir: Path) -> Iterator[tuple[Child, str]]:
         "no",
         "--dir",
         str(workdir),
+        # (Under valgrind: Redis writes its process title over its environment, where
+        # valgrind's control pipes find the names they are made from.)
+        *(["--set-proc-title", "no"] if prefix else []),
     ]
-    with spawn("redis-server", argv, workdir) as child:
-        deadline = time.monotonic() + 10
+    env = {**os.environ, **extra_env} if extra_env is not None else None
+    with spawn("redis-server", argv, workdir, env) as child:
+        deadline = time.monotonic() + (60 if prefix else 10)
         while not _redis_answers(port):
             child.check_alive()
             if time.monotonic() > deadline:
