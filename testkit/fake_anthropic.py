@@ -4,7 +4,7 @@ the tests: the service talks to it through the real `anthropic` SDK over real HT
 
 A reply is scripted as content blocks (:class:`Block`): `text`, `thinking` (with its signature,
 sent as a `signature_delta` as Anthropic does) or `tool_use` (its input JSON in pieces, as
-`input_json_delta`). Every request body is recorded.
+`input_json_delta`). Every request's body and headers are recorded.
 
     async with FakeAnthropicServer(FakeAnthropic()) as fake:   # fake.url: the base URL
 """
@@ -39,12 +39,14 @@ class FakeAnthropic:
     script: list[list[Block]] = field(default_factory=list)
     default: list[Block] = field(default_factory=lambda: [Block("text", ["Hi", " there"])])
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # each request's, by name
     delay: float = 0.0
     url: str = ""
 
     async def _messages(self, request: Request) -> Response:
         body: dict[str, Any] = orjson.loads(await request.body())
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         if not body.get("stream"):
             return JSONResponse(
                 {"type": "error", "error": {"type": "invalid_request_error", "message": "stream"}},

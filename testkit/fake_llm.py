@@ -2,9 +2,10 @@
 benchmarks: the service talks to it through the real `openai` SDK over real HTTP.
 
 Replies are scripted (:class:`Reply`: tokens, their pace, a pause to hold a stream open;
-:class:`Fail`: an HTTP error), every request body is recorded, and the streams started, finished
-and aborted (the client closed it) are counted. Like llama-cpp-python's server, it can refuse any
-`null` in a request (`rejects_nulls`; that server answers such validation errors as HTTP 500).
+:class:`Fail`: an HTTP error), every request's body and headers are recorded, and the streams
+started, finished and aborted (the client closed it) are counted. Like llama-cpp-python's
+server, it can refuse any `null` in a request (`rejects_nulls`; that server answers such
+validation errors as HTTP 500).
 
 Two ways to run it:
 - in the test's event loop, controlled from Python: ``async with FakeLLMServer(FakeLLM()) as
@@ -107,6 +108,7 @@ class FakeLLM:
     default: Reply = field(default_factory=lambda: Reply(["Hello", ", ", "world", "!"]))
     script: list[Fail | Reply] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # each request's, by name
     rejects_nulls: bool = False
     streams_started: int = 0
     streams_finished: int = 0
@@ -125,6 +127,7 @@ class FakeLLM:
         body: dict[str, Any] = orjson.loads(await request.body())
         received = time.time()
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         if self.rejects_nulls and _has_null(body):
             return JSONResponse(
                 {"error": {"message": "Input should be a valid number", "type": "server_error"}},

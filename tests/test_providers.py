@@ -15,10 +15,12 @@ import anthropic
 import httpx
 import openai
 import pytest
+from testkit.fake_anthropic import FakeAnthropic, FakeAnthropicServer
 from testkit.fake_llm import FakeLLM, FakeLLMServer
 from testkit.ports import free_port
 
 from conversational_core.app import create_app
+from conversational_core.replies.providers.anthropic import AnthropicProvider
 from conversational_core.replies.providers.base import ChatMessage, CompletionRequest, endpoint_url
 from conversational_core.replies.providers.openai import OpenAIProvider, default_max_tokens_param
 from conversational_core.settings import Settings
@@ -129,6 +131,39 @@ async def test_the_model_is_reached_through_the_proxy_the_environment_names(
         await provider.close()
     assert "".join(i for i in items if isinstance(i, str)) == strict_llm.text()
     assert seen == [f"POST http://model.invalid:{port}/v1/chat/completions HTTP/1.1".encode()]
+
+
+async def _headers_sent(provider: OpenAIProvider | AnthropicProvider) -> None:
+    request = CompletionRequest("fake-model", [ChatMessage("user", "Hello")], None, 50)
+    try:
+        assert [item async for item in provider.stream(request)]
+    finally:
+        await provider.close()
+
+
+def _telemetry(headers: dict[str, str]) -> set[str]:
+    return {name for name in headers if name.startswith("x-stainless-")}
+
+
+async def test_requests_carry_the_sdks_headers_but_not_its_telemetry(strict_llm: FakeLLM) -> None:
+    """What a model server is sent: each SDK's credentials, user agent and read timeout, not
+    its telemetry (X-Stainless-*: its version, the OS, the architecture, the runtime, the retry
+    count), which no server acts on and which cost every reply's request a worker's CPU."""
+    await _headers_sent(OpenAIProvider(api_key="key", base_url=strict_llm.url, timeout=10))
+    sent = strict_llm.headers[-1]
+    assert sent["authorization"] == "Bearer key"
+    assert sent["content-type"] == "application/json"
+    assert sent["user-agent"].startswith("AsyncOpenAI/Python ")
+    assert _telemetry(sent) == {"x-stainless-read-timeout"}
+    async with FakeAnthropicServer(FakeAnthropic()) as claude:
+        await _headers_sent(AnthropicProvider(api_key="key", base_url=claude.url, timeout=10))
+    sent = claude.headers[-1]
+    # (the key where the SDK puts it: `x-api-key`, or a bearer token as this release does)
+    assert "key" in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
+    assert sent["content-type"] == "application/json"
+    assert sent["user-agent"].startswith("AsyncAnthropic/Python ")
+    assert "anthropic-version" in sent
+    assert _telemetry(sent) <= {"x-stainless-read-timeout", "x-stainless-timeout"}
 
 
 def test_the_output_limit_is_named_for_the_server() -> None:

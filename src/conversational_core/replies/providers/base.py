@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import itertools
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import httpx2
 import msgspec
 import orjson
 
+from conversational_core.replies.providers.sdk_options import request_options
 from conversational_core.storage.models import Part, text_parts
 
 
@@ -356,18 +355,6 @@ class StreamEnd:
         self.done = False
 
 
-# The SDKs make an idempotency key for each POST (`uuid4`: a read of the kernel's random
-# source, ~1% of a one-token reply's worker CPU) even though neither client sends one (neither
-# names a header for it) nor retries (max_retries=0): one is given instead, unique per request
-# as theirs are, should a release start sending it.
-_KEY_PREFIX = f"conversational-core-{uuid.uuid4().hex}-"
-_KEY_NUMBERS = itertools.count()
-
-
-def _idempotency_key() -> str:
-    return f"{_KEY_PREFIX}{next(_KEY_NUMBERS)}"
-
-
 async def stream_events(
     client: Any,
     path: str,
@@ -405,10 +392,7 @@ async def stream_events(
                 path,
                 cast_to=httpx2.Response,
                 content=orjson.dumps(body),
-                options={
-                    "headers": {"Content-Type": "application/json"},
-                    "idempotency_key": _idempotency_key(),
-                },
+                options=request_options(sdk),
                 stream=True,
                 stream_cls=None,
             ),
