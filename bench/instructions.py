@@ -230,7 +230,10 @@ def measure(redis_url: str, workdir: Path, simulate: bool = False) -> Counts:
     page_file = workdir / "instructions-page.json"
     # No reply worker in the API: its timers (a loop-lag probe every 5 ms) would be counted
     # against the requests, which valgrind makes ~50 times slower, as they are not at speed.
-    env = {**edge_env("on"), "WORKER_IN_API": "false", **_names()}
+    # (BENCH_INSTRUCTIONS_EDGES=off, logs or limits: ours without them, or with one of them,
+    # to count what each costs; `on`, the production configuration, by default.)
+    edges = os.environ.get("BENCH_INSTRUCTIONS_EDGES", "on")
+    env = {**edge_env(edges), "WORKER_IN_API": "false", **_names()}
     with service_process(
         redis_url,
         workdir,
@@ -327,7 +330,9 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             _, redis_url = stack.enter_context(redis_server(redis_binary, workdir))
             counts = measure(redis_url, workdir, simulate)
-    print(f"Instructions a request (callgrind, {COUNTED} requests after {WARMUP}):")
+    edges = os.environ.get("BENCH_INSTRUCTIONS_EDGES", "on")
+    configuration = "" if edges == "on" else f"; ours with BENCH_INSTRUCTIONS_EDGES={edges}"
+    print(f"Instructions a request (callgrind, {COUNTED} requests after {WARMUP}{configuration}):")
     print("\n".join([*lines(counts), *simulated_lines(counts)]))
     print(orjson.dumps(counts.to_json(), option=orjson.OPT_INDENT_2).decode())
     return 0
