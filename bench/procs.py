@@ -192,10 +192,13 @@ def service_env(redis_url: str, port: int = 8000) -> dict[str, str]:
 
 
 def edge_env(edges: str) -> dict[str, str]:
-    """The rate limit and access lines: both off (""), either ("limits", "logs") or both
-    ("on": the production configuration; the limit raised so that wrk is never refused)."""
+    """The rate limit and access lines: both off ("" or "off"), either ("limits", "logs") or
+    both ("on": the production configuration; the limit raised so that wrk is never refused).
+    With either, ENVIRONMENT=production, as a deployment runs: its access lines are JSON
+    (~1,500 ns a line more than the development format's) and its answers carry HSTS."""
     logs, limits = edges in ("on", "logs"), edges in ("on", "limits")
     return {
+        "ENVIRONMENT": "production" if logs or limits else "development",
         "LOG_LEVEL": "INFO" if logs else "WARNING",
         "RATE_LIMIT": "100000000/minute" if limits else "off",
     }
@@ -210,6 +213,8 @@ def _service_base(redis_url: str, port: int) -> dict[str, str]:
         "WORKERS": "1",
         "RELOAD": "false",
         "AI_RATE_LIMIT": "off",
+        # (A key of its own, which ENVIRONMENT=production takes; tokens are made with it too.)
+        "JWT_SECRET": "bench-signing-key-of-more-than-32-bytes",
         # The benchmarks' clients are one user: its thousands of event streams stand for as
         # many users' (the limit is per user).
         "SSE_MAX_STREAMS_PER_USER": "100000",
