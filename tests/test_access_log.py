@@ -3,6 +3,7 @@ writes, rendered by hand and written in batches."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -45,6 +46,33 @@ async def test_production_lines_are_json_with_an_iso_time(monkeypatch: pytest.Mo
     }
     assert (first["request_id"], first["endpoint"]) == ("req-7", "/conversations/{id}/messages")
     assert "eyJ" not in json.dumps(second)  # a token in a path never reaches a line
+
+
+async def test_lines_go_out_together_by_one_timed_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a running loop, the lines of many requests are written by one flush, FLUSH_SECONDS
+    after the first; a line after that flush is written by the next one (none is left
+    buffered for want of a timer)."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    log = AccessLog()
+    log.FLUSH_SECONDS = 0.01
+    flushed = asyncio.Event()
+    flush = log.flush
+
+    def flush_and_tell() -> None:
+        flush()
+        flushed.set()
+
+    monkeypatch.setattr(log, "flush", flush_and_tell)
+    for status in (200, 201, 202):
+        log.write("GET", "/x", "/x", status, 1.0, "al")
+    assert out.getvalue() == ""
+    await asyncio.wait_for(flushed.wait(), 5)
+    assert [line.split()[-2] for line in out.getvalue().splitlines()] == ["200", "201", "202"]
+    flushed.clear()
+    log.write("GET", "/x", "/x", 203, 1.0, "al")
+    await asyncio.wait_for(flushed.wait(), 5)
+    assert out.getvalue().splitlines()[-1].split()[-2] == "203"
 
 
 async def test_development_lines_are_readable(monkeypatch: pytest.MonkeyPatch) -> None:

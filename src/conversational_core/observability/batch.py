@@ -24,6 +24,12 @@ class Batched:
         self._timer = None
 
     def _flush_soon(self) -> None:
+        # A flush due on a loop that still runs (a process serves on one): nothing to ask. (The
+        # running loop is asked for otherwise, and on Python 3.11 that is a `getpid` system call:
+        # twice a request, for its metrics and its access line.)
+        timer_loop = self._timer_loop
+        if self._timer is not None and timer_loop is not None and timer_loop.is_running():
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop
