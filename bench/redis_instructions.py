@@ -13,7 +13,7 @@ an idle Redis waits for its next event and timed out here); the count is zeroed 
 requests and dumped after COUNTED, one after the other on one keep-alive connection, so that
 it includes Redis's timer (10 times a second: a few hundred instructions a request while
 valgrind runs it ~50 times slower). Our server runs at full speed, its Redis timeouts raised.
-About a minute.
+About ten seconds.
 
     PYTHONPATH=src:. python -m bench.redis_instructions
     BENCH_CALLGRIND_KEEP=<folder>: the callgrind files kept (`redis-post_message`, ...)
