@@ -308,6 +308,21 @@ def simulated_lines(counts: Counts) -> list[str]:
     return out
 
 
+def callgrind_tools() -> str | None:
+    """redis-server's path once valgrind, callgrind_control and redis-server are there
+    (installed when missing and it can); None, having said what is missing, otherwise."""
+    try:
+        ensure_binary("valgrind", "valgrind")
+        redis_binary = ensure_binary("redis-server", "redis-server")
+    except MissingTool as exc:
+        print(exc, file=sys.stderr)
+        return None
+    if shutil.which("callgrind_control") is None:
+        print("bench: callgrind_control is missing (Debian package valgrind)", file=sys.stderr)
+        return None
+    return redis_binary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Instructions a request, ours beside bare.")
     parser.add_argument(
@@ -316,14 +331,8 @@ def main() -> int:
         help="simulate the caches and the branch predictor (the one-at-a-time counts only)",
     )
     simulate = parser.parse_args().simulate
-    try:
-        ensure_binary("valgrind", "valgrind")
-        redis_binary = ensure_binary("redis-server", "redis-server")
-    except MissingTool as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if shutil.which("callgrind_control") is None:
-        print("bench: callgrind_control is missing (Debian package valgrind)", file=sys.stderr)
+    redis_binary = callgrind_tools()
+    if redis_binary is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         workdir = Path(tmp)

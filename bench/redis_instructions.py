@@ -22,7 +22,6 @@ About ten seconds.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -31,8 +30,17 @@ import orjson
 
 from bench.client import RawClient
 from bench.fixtures import create_conversation, message_body
-from bench.instructions import COUNTED, PAGE_MESSAGES, USER, WARMUP, _control, _dumped, _names
-from bench.procs import MissingTool, edge_env, ensure_binary, issue_token, redis_server
+from bench.instructions import (
+    COUNTED,
+    PAGE_MESSAGES,
+    USER,
+    WARMUP,
+    _control,
+    _dumped,
+    _names,
+    callgrind_tools,
+)
+from bench.procs import edge_env, issue_token, redis_server
 from bench.procs import service as service_process
 
 
@@ -78,14 +86,8 @@ def measure(redis_binary: str, workdir: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    try:
-        ensure_binary("valgrind", "valgrind")
-        redis_binary = ensure_binary("redis-server", "redis-server")
-    except MissingTool as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    if shutil.which("callgrind_control") is None:
-        print("bench: callgrind_control is missing (Debian package valgrind)", file=sys.stderr)
+    redis_binary = callgrind_tools()
+    if redis_binary is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-redis-instructions-") as tmp:
         counts = measure(redis_binary, Path(tmp))

@@ -429,7 +429,10 @@ def _run(wrk: str, redis_binary: str, workdir: Path) -> int:
                 "POST", post_path, token=token, json=orjson.loads(body), expected=201
             )
 
-        _step("starting the service in its production configuration (rate limit, access lines)")
+        _step(
+            "starting the service in its production configuration (ENVIRONMENT=production: "
+            "rate limit, JSON access lines)"
+        )
         prod, prod_port = stack.enter_context(
             service_process(redis_url, workdir, edge_env("on"), name="service-production")
         )
