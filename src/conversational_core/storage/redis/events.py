@@ -545,12 +545,11 @@ class RedisEventHub(EventHub):
         # 1. Catch up at the client's pace, straight from the stream (not through the bounded
         #    queue: a client far behind is not "slow", it just has more to read). Events gone
         #    since the client's last: it is told to resync, and goes on from the newest event.
-        while True:
-            if checked:
-                events = await self._catch_up(conversation_id, cursor)
-            else:  # (from the newest event when the client gave no id: it is owed nothing)
-                events = await self.store.read_events(conversation_id, cursor, _CATCH_UP_CHUNK)
-                checked = True
+        #    A client that gave no id starts at 2.: it is owed what came after the newest event
+        #    when it connected (`after`), which 2.'s read brings (a read here would be one more
+        #    round trip for each client connecting, for the few events of one round trip).
+        while checked:
+            events = await self._catch_up(conversation_id, cursor)
             if events is None:
                 resync = await self._resync(conversation_id, cursor)
                 last = _stream_id(resync.id)
