@@ -15,6 +15,7 @@ import httpx
 from conversational_core.app import create_app
 from conversational_core.serving import GuardedHttpToolsProtocol
 from conversational_core.storage.base import Store
+from conversational_core.storage.redis.events import _Reader
 from conversational_core.storage.redis.store import RedisStore
 from tests.conftest import backend_for, make_settings
 from tests.fixtures.app import auth
@@ -68,13 +69,18 @@ async def test_a_closed_connection_is_freed_at_once(redis_store: Store) -> None:
     close, not left to the garbage collector: a process holding thousands of streams collects
     its oldest objects rarely (runtime.THRESHOLDS), and each connection left in a reference
     cycle kept ~30 objects, its last request's credentials among them, until then (tens of MB
-    more after each 10,000 streams)."""
+    more after each 10,000 streams); so is the event reader (a Redis connection) that a
+    stream's leaving stopped, the stream having been its last."""
 
-    def closed_connections() -> int:
-        return sum(
-            1
-            for o in gc.get_objects()
-            if isinstance(o, GuardedHttpToolsProtocol) and o.transport.is_closing()
+    def held() -> tuple[int, int]:
+        objects = gc.get_objects()
+        return (
+            sum(
+                1
+                for o in objects
+                if isinstance(o, GuardedHttpToolsProtocol) and o.transport.is_closing()
+            ),
+            sum(1 for o in objects if isinstance(o, _Reader)),
         )
 
     async with _conversation_served(redis_store) as (http, cid, alice):
@@ -93,12 +99,12 @@ async def test_a_closed_connection_is_freed_at_once(redis_store: Store) -> None:
                     assert (await own.get(f"/conversations/{cid}")).status_code == 200
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while (left := closed_connections()) and loop.time() < deadline:
+            while (left := held()) != (0, 0) and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # (polled: the server's side of a close has no hook)
             during = value((await http.get("/metrics")).text, "conversational_core_sse_connections")
         finally:
             gc.enable()
-    assert left == 0, f"{left} closed connections still held"
+    assert left == (0, 0), f"held: {left[0]} closed connections, {left[1]} event readers"
     assert during == before
 
 

@@ -634,13 +634,16 @@ class RedisEventHub(EventHub):
 
     def _stop(self, reader: _Reader) -> None:
         reader.cursors.clear()
-        if reader.unsubscriber is not None:
-            reader.unsubscriber.cancel()
         reader.ready.set()  # (a subscription waiting for it ends: the hub is closing)
-        if reader.task is not None and not reader.task.done():
-            reader.task.cancel()
-            self._stopping.add(reader.task)
-            reader.task.add_done_callback(self._stopping.discard)
+        for task in (reader.unsubscriber, reader.task):
+            if task is not None and not task.done():
+                task.cancel()
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+        # Let go of them: each ends with a CancelledError whose traceback holds the reader (its
+        # frames' `self`), a reference cycle through the reader that would keep both, and the
+        # connection, until a full collection, each time the last client of a slot leaves.
+        reader.task = reader.unsubscriber = None
 
     def deliver(self, reader: _Reader, conversation_id: str, event: Event) -> None:
         """Hand one event of a watched conversation to its subscribers (once: an event at or
